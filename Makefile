@@ -1,0 +1,49 @@
+# llmd: the two commands are `make run` and `make test` (see README.md).
+SHELL := /bin/bash
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := .venv
+RUN := $(UV) run --frozen --no-sync
+
+.PHONY: setup run test lint typecheck test-unit test-vllm bench-protocol vllm-env clean help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+$(UV):
+	@echo "==> bootstrapping uv $(UV_VERSION) into $(TOOLS)/"
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+setup: $(UV) ## install the workspace (all packages, dev tools) into .venv from uv.lock
+	$(UV) sync --locked --all-packages
+
+run: setup ## set up, then start the main job
+	$(RUN) llmd-dev up
+
+lint: setup ## ruff (lint + format check)
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+typecheck: setup ## mypy --strict over every package
+	$(RUN) mypy libs/protocol/src libs/runtime/src tools/vllm-cpu/src tools/dev/src benchmarks
+
+test-unit: setup ## unit + integration tiers
+	$(RUN) pytest -m "not vllm"
+
+vllm-env: setup ## build the real vLLM CPU virtualenv in the user cache (once per machine)
+	$(RUN) llmd-vllm-cpu install
+
+test-vllm: setup vllm-env ## the real-vLLM tier (marker vllm)
+	$(RUN) pytest -m vllm
+
+test: lint typecheck test-unit test-vllm ## set up, then ruff, mypy and every test tier
+
+bench-protocol: setup ## hashing/decoding throughput of llmd.protocol
+	$(RUN) python benchmarks/protocol_throughput.py
+
+clean: ## remove local environments (not the vLLM cache)
+	rm -rf .venv $(TOOLS) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,60 @@
+"""HTTP header names llm-d components exchange (all lower case, as Envoy presents them)."""
+
+from typing import Final
+
+REQUEST_ID: Final = "x-request-id"
+DESTINATION_ENDPOINT: Final = "x-gateway-destination-endpoint"
+"""`ip:port[,ip:port...]`: the picked endpoint, then an ordered fallback list."""
+DESTINATION_ENDPOINT_SERVED: Final = "x-gateway-destination-endpoint-served"
+DESTINATION_ENDPOINT_SUBSET: Final = "x-gateway-destination-endpoint-subset"
+DESTINATION_ENDPOINT_SCORES: Final = "x-gateway-destination-endpoint-scores"
+ENVOY_LB_NAMESPACE: Final = "envoy.lb"
+"""Dynamic-metadata namespace carrying the destination for Envoy's ORIGINAL_DST cluster."""
+ENVOY_LB_SUBSET_HINT: Final = "envoy.lb.subset_hint"
+
+REQUEST_DROPPED_REASON: Final = "x-llm-d-request-dropped-reason"
+INFERENCE_OBJECTIVE: Final = "x-llm-d-inference-objective"
+INFERENCE_OBJECTIVE_LEGACY: Final = "x-gateway-inference-objective"
+MODEL_NAME_REWRITE: Final = "x-llm-d-model-name-rewrite"
+MODEL_NAME_REWRITE_LEGACY: Final = "x-gateway-model-name-rewrite"
+FAIRNESS_ID: Final = "x-llm-d-inference-fairness-id"
+FAIRNESS_ID_LEGACY: Final = "x-gateway-inference-fairness-id"
+SLO_TTFT_MS: Final = "x-llm-d-slo-ttft-ms"
+SLO_TPOT_MS: Final = "x-llm-d-slo-tpot-ms"
+SESSION_ID: Final = "x-session-id"
+SESSION_TOKEN: Final = "x-session-token"
+
+# P/D and friends (set by the scheduler, read by the decode-side sidecar).
+PREFILLER_HOST_PORT: Final = "x-prefiller-host-port"
+ENCODER_HOSTS_PORTS: Final = "x-encoder-hosts-ports"
+KV_CACHE_SOURCE_HOST_PORT: Final = "x-kv-cache-source-host-port"
+DATA_PARALLEL_HOST_PORT: Final = "x-data-parallel-host-port"
+
+# Values of x-llm-d-request-dropped-reason.
+DROPPED_SATURATED: Final = "rejected-saturated"
+DROPPED_NO_ENDPOINTS: Final = "rejected-no-endpoints"
+DROPPED_TTL_EXPIRED: Final = "rejected-ttl-expired"
+DROPPED_CONTEXT_CANCELLED: Final = "rejected-context-cancelled"
+DROPPED_SHUTTING_DOWN: Final = "rejected-shutting-down"
+DROPPED_EVICTED: Final = "evicted"
+DROPPED_EVICTED_QUEUE_PRESSURE: Final = "evicted-queue-pressure"
+DROPPED_EVICTED_PRIORITY: Final = "evicted-priority"
+
+SYSTEM_OWNED: Final = frozenset(
+    {
+        FAIRNESS_ID,
+        FAIRNESS_ID_LEGACY,
+        INFERENCE_OBJECTIVE,
+        INFERENCE_OBJECTIVE_LEGACY,
+        MODEL_NAME_REWRITE,
+        MODEL_NAME_REWRITE_LEGACY,
+        DESTINATION_ENDPOINT_SUBSET,
+        SLO_TTFT_MS,
+        SLO_TPOT_MS,
+        DESTINATION_ENDPOINT,
+        DESTINATION_ENDPOINT_SERVED,
+        REQUEST_DROPPED_REASON,
+        "content-length",
+    }
+)
+"""Headers the scheduler strips before forwarding so they never leak to model servers."""

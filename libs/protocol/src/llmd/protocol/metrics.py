@@ -1,0 +1,257 @@
+"""vLLM 0.32 metric names and a Prometheus text parser that yields a typed engine snapshot.
+
+The scheduler scrapes every endpoint every 50 ms, so parsing is on a hot path: `parse_samples`
+skips every line whose metric is not wanted before looking at its labels, which makes a scrape
+of vLLM's ~600-line page cheap (see the package README for figures against prometheus_client).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from typing import Final
+
+from llmd.protocol.errors import DecodeError
+
+# Names as exposed (counters carry `_total`). All core metrics are labelled model_name, engine.
+NUM_REQUESTS_RUNNING: Final = "vllm:num_requests_running"
+NUM_REQUESTS_WAITING: Final = "vllm:num_requests_waiting"
+NUM_REQUESTS_WAITING_BY_REASON: Final = "vllm:num_requests_waiting_by_reason"
+KV_CACHE_USAGE_PERC: Final = "vllm:kv_cache_usage_perc"
+PREFIX_CACHE_QUERIES: Final = "vllm:prefix_cache_queries_total"
+PREFIX_CACHE_HITS: Final = "vllm:prefix_cache_hits_total"
+EXTERNAL_PREFIX_CACHE_QUERIES: Final = "vllm:external_prefix_cache_queries_total"
+EXTERNAL_PREFIX_CACHE_HITS: Final = "vllm:external_prefix_cache_hits_total"
+NUM_PREEMPTIONS: Final = "vllm:num_preemptions_total"
+PROMPT_TOKENS: Final = "vllm:prompt_tokens_total"
+GENERATION_TOKENS: Final = "vllm:generation_tokens_total"
+REQUEST_SUCCESS: Final = "vllm:request_success_total"
+CACHE_CONFIG_INFO: Final = "vllm:cache_config_info"
+LORA_REQUESTS_INFO: Final = "vllm:lora_requests_info"
+TIME_TO_FIRST_TOKEN: Final = "vllm:time_to_first_token_seconds"
+INTER_TOKEN_LATENCY: Final = "vllm:inter_token_latency_seconds"
+TIME_PER_OUTPUT_TOKEN: Final = "vllm:request_time_per_output_token_seconds"
+E2E_REQUEST_LATENCY: Final = "vllm:e2e_request_latency_seconds"
+REQUEST_QUEUE_TIME: Final = "vllm:request_queue_time_seconds"
+REQUEST_PREFILL_TIME: Final = "vllm:request_prefill_time_seconds"
+REQUEST_DECODE_TIME: Final = "vllm:request_decode_time_seconds"
+REQUEST_INFERENCE_TIME: Final = "vllm:request_inference_time_seconds"
+REQUEST_PROMPT_TOKENS: Final = "vllm:request_prompt_tokens"
+REQUEST_GENERATION_TOKENS: Final = "vllm:request_generation_tokens"
+
+# Histogram buckets vLLM 0.32 uses (for the simulator and for reading).
+TTFT_BUCKETS: Final = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+ITL_BUCKETS: Final = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+REQUEST_LATENCY_BUCKETS: Final = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
+    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+
+SNAPSHOT_METRICS: Final = frozenset(
+    {
+        NUM_REQUESTS_RUNNING,
+        NUM_REQUESTS_WAITING,
+        KV_CACHE_USAGE_PERC,
+        PREFIX_CACHE_QUERIES,
+        PREFIX_CACHE_HITS,
+        CACHE_CONFIG_INFO,
+        LORA_REQUESTS_INFO,
+    }
+)
+"""The metrics an EngineSnapshot is built from."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One exposition line: metric name (with suffix), labels and value."""
+
+    name: str
+    labels: dict[str, str]
+    value: float
+
+
+_ESCAPES = {"\\": "\\", '"': '"', "n": "\n"}
+
+
+def _parse_labels(text: str, pos: int, line: str) -> tuple[dict[str, str], int]:
+    """Parse `{k="v",...}` starting after '{'; returns labels and the index after '}'."""
+    labels: dict[str, str] = {}
+    n = len(text)
+    while True:
+        while pos < n and text[pos] in " ,":
+            pos += 1
+        if pos >= n:
+            raise DecodeError(f"unterminated label set in {line[:120]!r}")
+        if text[pos] == "}":
+            return labels, pos + 1
+        eq = text.find("=", pos)
+        if eq < 0 or eq + 1 >= n or text[eq + 1] != '"':
+            raise DecodeError(f"malformed label in {line[:120]!r}")
+        key = text[pos:eq].strip()
+        pos = eq + 2
+        end = text.find('"', pos)
+        if end < 0:
+            raise DecodeError(f"unterminated label value in {line[:120]!r}")
+        if text.find("\\", pos, end) < 0:
+            labels[key] = text[pos:end]
+            pos = end + 1
+            continue
+        chars: list[str] = []
+        while True:
+            if pos >= n:
+                raise DecodeError(f"unterminated label value in {line[:120]!r}")
+            c = text[pos]
+            if c == "\\" and pos + 1 < n:
+                chars.append(_ESCAPES.get(text[pos + 1], "\\" + text[pos + 1]))
+                pos += 2
+            elif c == '"':
+                pos += 1
+                break
+            else:
+                chars.append(c)
+                pos += 1
+        labels[key] = "".join(chars)
+
+
+def _parse_value(text: str, line: str) -> float:
+    parts = text.split()
+    if not parts:
+        raise DecodeError(f"missing value in {line[:120]!r}")
+    try:
+        return float(parts[0])  # float() reads NaN, +Inf, -Inf and exponents
+    except ValueError:
+        raise DecodeError(f"bad value {parts[0]!r} in {line[:120]!r}") from None
+
+
+def parse_samples(text: str, wanted: Collection[str] | None = None) -> Iterator[Sample]:
+    """Samples of a Prometheus text exposition, optionally only those named in `wanted`.
+
+    Comment and blank lines are skipped; a malformed wanted line raises DecodeError.
+    """
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        brace = line.find("{")
+        space = line.find(" ")
+        if brace >= 0 and (space < 0 or brace < space):
+            name = line[:brace]
+            if wanted is not None and name not in wanted:
+                continue
+            labels, end = _parse_labels(line, brace + 1, line)
+            value = _parse_value(line[end:], line)
+        else:
+            if space < 0:
+                raise DecodeError(f"line without a value: {line[:120]!r}")
+            name = line[:space]
+            if wanted is not None and name not in wanted:
+                continue
+            labels = {}
+            value = _parse_value(line[space:], line)
+        yield Sample(name, labels, value)
+
+
+@dataclass(frozen=True, slots=True)
+class LoraInfo:
+    """vLLM's `lora_requests_info`: adapters being served or waiting, and the slot limit."""
+
+    max_lora: int
+    running: tuple[str, ...]
+    waiting: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSnapshot:
+    """What a scheduler needs to know about one engine, from one /metrics scrape.
+
+    Fields are None when the engine did not publish the metric. With several engine cores
+    (data parallel) queue sizes and counters are summed and KV usage is the highest.
+    """
+
+    waiting: int | None = None
+    running: int | None = None
+    kv_cache_usage: float | None = None
+    prefix_cache_hits: float | None = None
+    prefix_cache_queries: float | None = None
+    block_size: int | None = None
+    num_gpu_blocks: int | None = None
+    lora: LoraInfo | None = None
+    cache_config: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def prefix_cache_hit_rate(self) -> float | None:
+        if not self.prefix_cache_queries or self.prefix_cache_hits is None:
+            return None
+        return self.prefix_cache_hits / self.prefix_cache_queries
+
+
+def _int_label(labels: dict[str, str], key: str) -> int | None:
+    raw = labels.get(key)
+    if raw is None or raw == "None":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise DecodeError(f"label {key}={raw!r} is not an integer") from None
+
+
+def _csv(raw: str | None) -> tuple[str, ...]:
+    return tuple(s for s in (raw or "").split(",") if s)
+
+
+def _add(current: float | None, value: float) -> float:
+    return value if current is None else current + value
+
+
+def parse_engine_snapshot(text: str) -> EngineSnapshot:
+    """Build an EngineSnapshot from a vLLM /metrics page; DecodeError on malformed input."""
+    waiting: float | None = None
+    running: float | None = None
+    kv: float | None = None
+    hits: float | None = None
+    queries: float | None = None
+    cache_config: dict[str, str] = {}
+    lora_best: tuple[float, dict[str, str]] | None = None
+    for s in parse_samples(text, SNAPSHOT_METRICS):
+        name, value = s.name, s.value
+        if math.isnan(value):
+            continue
+        if name == NUM_REQUESTS_WAITING:
+            waiting = _add(waiting, value)
+        elif name == NUM_REQUESTS_RUNNING:
+            running = _add(running, value)
+        elif name == KV_CACHE_USAGE_PERC:
+            kv = value if kv is None else max(kv, value)
+        elif name == PREFIX_CACHE_HITS:
+            hits = _add(hits, value)
+        elif name == PREFIX_CACHE_QUERIES:
+            queries = _add(queries, value)
+        elif name == CACHE_CONFIG_INFO:
+            cache_config = s.labels
+        elif name == LORA_REQUESTS_INFO and (lora_best is None or value > lora_best[0]):
+            lora_best = (value, s.labels)
+    lora = None
+    if lora_best is not None:
+        labels = lora_best[1]
+        lora = LoraInfo(
+            max_lora=_int_label(labels, "max_lora") or 0,
+            running=_csv(labels.get("running_lora_adapters")),
+            waiting=_csv(labels.get("waiting_lora_adapters")),
+        )
+    return EngineSnapshot(
+        waiting=None if waiting is None else int(waiting),
+        running=None if running is None else int(running),
+        kv_cache_usage=kv,
+        prefix_cache_hits=hits,
+        prefix_cache_queries=queries,
+        block_size=_int_label(cache_config, "block_size"),
+        num_gpu_blocks=_int_label(cache_config, "num_gpu_blocks"),
+        lora=lora,
+        cache_config=cache_config,
+    )

@@ -1,0 +1,366 @@
+"""The OpenAI API essentials llmd reads and writes, with vLLM 0.32's extensions.
+
+Requests are parsed leniently (unknown fields are kept by the caller's raw body, ignored here)
+but typed strictly where llmd relies on a field. Responses mirror vLLM's field sets so that a
+simulator built on these types is indistinguishable from vLLM to an OpenAI client.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypeAlias
+
+import msgspec
+
+from llmd.protocol.errors import DecodeError, ProtocolError
+
+COMPLETIONS_PATH = "/v1/completions"
+CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
+MODELS_PATH = "/v1/models"
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+class StreamOptions(msgspec.Struct, omit_defaults=True):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+
+class ContentPart(msgspec.Struct, omit_defaults=True):
+    """One part of a multi-part chat message (text, image_url, ...)."""
+
+    type: str
+    text: str | None = None
+    image_url: dict[str, Any] | None = None
+
+
+class ChatMessage(msgspec.Struct, omit_defaults=True):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text content (text parts concatenated)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text or "" for p in self.content if p.type == "text")
+
+
+Prompt: TypeAlias = str | list[Any]
+"""A text, a list of texts, a list of token ids, or a list of token-id lists (checked on parse)."""
+
+
+class _RequestCommon(msgspec.Struct, omit_defaults=True, kw_only=True):
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    cache_salt: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    priority: int | None = None
+    user: str | None = None
+
+
+class CompletionRequest(_RequestCommon, kw_only=True):
+    """POST /v1/completions."""
+
+    prompt: Prompt
+    echo: bool = False
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of texts or token-id lists (one entry per prompt)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(type(t) is int for t in p):
+            return [p]
+        return list(p)
+
+
+class ChatCompletionRequest(_RequestCommon, kw_only=True):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def output_limit(self) -> int | None:
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
+
+
+InferenceRequest: TypeAlias = CompletionRequest | ChatCompletionRequest
+
+
+class PromptTokensDetails(msgspec.Struct):
+    cached_tokens: int | None = 0
+    created_cache_tokens: int | None = None
+    multimodal_tokens: int | None = None
+
+
+class Usage(msgspec.Struct):
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: dict[str, Any] | None = None
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache (0 when the server did not say)."""
+        d = self.prompt_tokens_details
+        return d.cached_tokens or 0 if d is not None else 0
+
+
+FinishReason: TypeAlias = Literal["stop", "length", "abort", "error", "repetition"] | None
+
+
+class CompletionChoice(msgspec.Struct):
+    index: int
+    text: str
+    logprobs: Any = None
+    finish_reason: FinishReason = None
+    stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
+    prompt_logprobs: Any = None
+    prompt_token_ids: list[int] | None = None
+    routed_experts: Any = None
+
+
+class CompletionResponse(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None
+    object: str = "text_completion"
+    service_tier: str | None = None
+    system_fingerprint: str | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+    ec_transfer_params: dict[str, Any] | None = None
+    metrics: Any = None
+
+
+class ChatResponseMessage(msgspec.Struct):
+    role: str
+    content: str | None
+    refusal: str | None = None
+    annotations: Any = None
+    audio: Any = None
+    function_call: Any = None
+    tool_calls: list[Any] = msgspec.field(default_factory=list)
+    reasoning: str | None = None
+
+
+class ChatChoice(msgspec.Struct):
+    index: int
+    message: ChatResponseMessage
+    logprobs: Any = None
+    finish_reason: FinishReason = None
+    stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionResponse(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None
+    object: str = "chat.completion"
+    service_tier: str | None = None
+    system_fingerprint: str | None = None
+    prompt_logprobs: Any = None
+    prompt_token_ids: list[int] | None = None
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+class CompletionStreamChoice(msgspec.Struct):
+    index: int
+    text: str
+    logprobs: Any = None
+    finish_reason: FinishReason = None
+    stop_reason: int | str | None = None
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
+
+
+class CompletionChunk(msgspec.Struct):
+    """One SSE event of a streamed completion (`choices` empty on the final usage chunk)."""
+
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
+    object: str = "text_completion"
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(msgspec.Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+    reasoning: str | None = None
+
+
+class ChatStreamChoice(msgspec.Struct):
+    index: int
+    delta: ChatDelta
+    logprobs: Any = None
+    finish_reason: FinishReason = None
+    stop_reason: int | str | None = None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionChunk(msgspec.Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    object: str = "chat.completion.chunk"
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+    prompt_token_ids: list[int] | None = None
+
+
+class NixlTransferParams(msgspec.Struct, omit_defaults=False):
+    """`kv_transfer_params` as vLLM 0.32's NixlConnector returns them from a prefill leg.
+
+    Routers must forward the dict verbatim; this type exists to check shapes and to let the
+    simulator produce the same keys.
+    """
+
+    do_remote_prefill: bool
+    do_remote_decode: bool
+    remote_block_ids: list[list[int]] | None
+    remote_engine_id: str | None
+    remote_request_id: str | None
+    remote_host: str | None
+    remote_port: int | None
+    tp_size: int = 1
+    dcp_size: int = 1
+    pp_size: int = 1
+    remote_num_tokens: int | None = None
+    remote_blocks_expiry_time: float | None = None
+    transfer_mode: str = "pull"
+    remote_prefill_cached_tokens: int | None = None
+
+
+NIXL_DECODE_REQUIRED = (
+    "remote_block_ids",
+    "remote_engine_id",
+    "remote_request_id",
+    "remote_host",
+    "remote_port",
+)
+"""Fields a decode leg needs, or vLLM falls back to a local prefill."""
+
+PREFILL_REQUEST_PARAMS: dict[str, Any] = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+"""What a P/D router sends to a prefill leg as `kv_transfer_params`."""
+
+
+class ErrorInfo(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None = None
+    code: int = 400
+
+
+class ErrorResponse(msgspec.Struct):
+    """vLLM's error body: {"error": {"message", "type", "param", "code"}}."""
+
+    error: ErrorInfo
+
+
+_completion_decoder = msgspec.json.Decoder(CompletionRequest)
+_chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
+_json_encoder = msgspec.json.Encoder()
+
+
+def parse_request(path: str, body: bytes) -> InferenceRequest:
+    """Parse an inference request body for `path`; ProtocolError says what is wrong and where."""
+    if path.startswith(CHAT_COMPLETIONS_PATH):
+        decoder: msgspec.json.Decoder[Any] = _chat_decoder
+    elif path.startswith(COMPLETIONS_PATH):
+        decoder = _completion_decoder
+    else:
+        raise ProtocolError(f"unsupported inference path {path!r}")
+    try:
+        request: InferenceRequest = decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise DecodeError(f"invalid request body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"request body is not valid JSON: {exc}") from None
+    if isinstance(request, CompletionRequest):
+        _check_prompt(request.prompt)
+    if request.stream_options is not None and not request.stream:
+        raise ProtocolError("stream_options can only be set when stream is true")
+    return request
+
+
+def _check_prompt(prompt: Prompt) -> None:
+    if isinstance(prompt, str):
+        return
+    if not prompt:
+        raise ProtocolError("prompt must not be empty")
+    if all(type(t) is int for t in prompt) or all(isinstance(t, str) for t in prompt):
+        return
+    for item in prompt:
+        if not isinstance(item, list) or not all(type(t) is int for t in item):
+            raise ProtocolError(
+                "prompt must be a string, a list of strings, a list of token ids "
+                "or a list of token-id lists"
+            )
+
+
+def error_body(message: str, *, kind: str = "BadRequestError", code: int = 400) -> bytes:
+    """A vLLM-style error response body."""
+    return _json_encoder.encode(ErrorResponse(ErrorInfo(message=message, type=kind, code=code)))
+
+
+def encode_json(obj: Any) -> bytes:
+    return _json_encoder.encode(obj)
+
+
+def sse_event(obj: Any) -> bytes:
+    """One server-sent event as vLLM writes it: `data: <json>\\n\\n`."""
+    return b"data: " + _json_encoder.encode(obj) + b"\n\n"
+
+
+def iter_sse_data(stream: bytes) -> list[bytes]:
+    """The `data:` payloads of a complete SSE body, `[DONE]` included."""
+    out: list[bytes] = []
+    for block in stream.split(b"\n\n"):
+        for line in block.split(b"\n"):
+            if line.startswith(b"data:"):
+                out.append(line[5:].strip())
+    return out
+
+
+def decode_usage(obj: dict[str, Any]) -> Usage | None:
+    """The `usage` of a decoded response or chunk, or None."""
+    raw = obj.get("usage")
+    if raw is None:
+        return None
+    try:
+        return msgspec.convert(raw, Usage)
+    except msgspec.ValidationError as exc:
+        raise DecodeError(f"invalid usage object: {exc}") from None

@@ -1,0 +1,97 @@
+"""Prometheus parsing into engine snapshots, checked against prometheus_client's parser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmd.protocol import DecodeError
+from llmd.protocol.metrics import (
+    CACHE_CONFIG_INFO,
+    KV_CACHE_USAGE_PERC,
+    NUM_REQUESTS_RUNNING,
+    SNAPSHOT_METRICS,
+    parse_engine_snapshot,
+    parse_samples,
+)
+
+REAL_PAGE = (Path(__file__).parent / "data" / "vllm-0.32-metrics.txt").read_text()
+
+
+def test_all_samples_agree_with_prometheus_client() -> None:
+    ours = {(s.name, tuple(sorted(s.labels.items())), s.value) for s in parse_samples(REAL_PAGE)}
+    theirs = {
+        (s.name, tuple(sorted(s.labels.items())), s.value)
+        for fam in text_string_to_metric_families(REAL_PAGE)
+        for s in fam.samples
+    }
+    assert ours == theirs
+    assert len(ours) > 300
+
+
+def test_snapshot_from_a_real_vllm_page() -> None:
+    snap = parse_engine_snapshot(REAL_PAGE)
+    assert snap.waiting == 0
+    assert snap.running == 0
+    assert snap.kv_cache_usage == 0.0
+    assert snap.prefix_cache_queries == 244.0
+    assert snap.prefix_cache_hits == 96.0
+    assert snap.prefix_cache_hit_rate == pytest.approx(96 / 244)
+    assert snap.block_size == 32
+    assert snap.num_gpu_blocks == 16384
+    assert snap.cache_config["prefix_caching_hash_algo"] == "sha256"
+    assert snap.lora is None
+
+
+def test_data_parallel_engines_are_summed_and_lora_takes_the_newest_series() -> None:
+    page = "\n".join(
+        [
+            "# TYPE vllm:num_requests_running gauge",
+            'vllm:num_requests_running{engine="0",model_name="m"} 3',
+            'vllm:num_requests_running{engine="1",model_name="m"} 4.0',
+            'vllm:num_requests_waiting{engine="0",model_name="m"} 2',
+            'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25',
+            'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.5',
+            'vllm:lora_requests_info{max_lora="4",running_lora_adapters="a,b",'
+            'waiting_lora_adapters=""} 100',
+            'vllm:lora_requests_info{max_lora="4",running_lora_adapters="c",'
+            'waiting_lora_adapters="d"} 200',
+        ]
+    )
+    snap = parse_engine_snapshot(page)
+    assert (snap.running, snap.waiting, snap.kv_cache_usage) == (7, 2, 0.5)
+    assert snap.lora is not None
+    assert (snap.lora.max_lora, snap.lora.running, snap.lora.waiting) == (4, ("c",), ("d",))
+    assert snap.block_size is None
+
+
+def test_escaped_label_values_timestamps_and_special_values() -> None:
+    page = 'x{a="q\\"u\\\\o\\nte",b="2"} +Inf 1700000000\ny NaN\nz{} -1.5e3\n'
+    samples = list(parse_samples(page))
+    assert samples[0].labels == {"a": 'q"u\\o\nte', "b": "2"}
+    assert samples[0].value == float("inf")
+    assert samples[1].value != samples[1].value
+    assert samples[2].value == -1500.0
+
+
+def test_filtering_skips_unwanted_lines_even_when_malformed() -> None:
+    page = "garbage{{{ line\n" + f'{NUM_REQUESTS_RUNNING}{{engine="0"}} 1\n'
+    assert [s.value for s in parse_samples(page, SNAPSHOT_METRICS)] == [1.0]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        f'{KV_CACHE_USAGE_PERC}{{engine="0"',
+        f"{KV_CACHE_USAGE_PERC}{{engine=0}} 1",
+        KV_CACHE_USAGE_PERC + '{engine="0} 1',
+        f"{KV_CACHE_USAGE_PERC} abc",
+        f"{KV_CACHE_USAGE_PERC}{{}}",
+        f'{CACHE_CONFIG_INFO}{{block_size="x"}} 1',
+    ],
+)
+def test_malformed_lines_raise_decode_error(line: str) -> None:
+    with pytest.raises(DecodeError):
+        parse_engine_snapshot(line)

@@ -1,0 +1,1 @@
+"""Real vLLM 0.32 CPU for llmd tests."""

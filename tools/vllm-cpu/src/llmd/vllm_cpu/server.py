@@ -1,0 +1,219 @@
+"""Start and stop real vLLM 0.32 CPU servers as processes (for tests and local runs).
+
+Each server gets unique ports (HTTP, KV-event PUB, replay ROUTER), prefix caching, ZMQ KV events
+on topic `kv@<pod>@<model>`, `cached_tokens` in usage, float32 and eager mode (the settings that
+work on these CPUs, see ENVIRONMENT.md), and its own CPU core for OpenMP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from llmd.protocol.kv_events import format_topic
+from llmd.vllm_cpu.install import VllmEnv
+
+DEFAULT_BLOCK_SIZE = 32  # vLLM's CPU backend needs a multiple of 32
+DEFAULT_MAX_MODEL_LEN = 4096
+STARTUP_TIMEOUT_S = 420.0
+
+
+def free_port() -> int:
+    """An unused TCP port on loopback (the OS picks; a tiny race with other binders remains)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class VllmStartError(RuntimeError):
+    """A vLLM server exited or did not become healthy in time."""
+
+
+@dataclass
+class VllmServerSpec:
+    """How to start one server."""
+
+    pod: str
+    model_dir: Path
+    served_model_name: str = "tiny"
+    block_size: int = DEFAULT_BLOCK_SIZE
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN
+    kv_cache_gib: int = 1
+    hash_algo: str = "sha256"
+    cpu_core: int | None = None
+    extra_args: Sequence[str] = ()
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class VllmServer:
+    """A running vLLM server process and its addresses."""
+
+    spec: VllmServerSpec
+    port: int
+    kv_events_port: int
+    replay_port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def kv_events_endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.kv_events_port}"
+
+    @property
+    def replay_endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.replay_port}"
+
+    @property
+    def topic(self) -> str:
+        return format_topic(self.spec.pod, self.spec.served_model_name)
+
+    def command(self, env: VllmEnv) -> list[str]:
+        events = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": f"tcp://*:{self.kv_events_port}",
+            "replay_endpoint": f"tcp://*:{self.replay_port}",
+            "topic": self.topic,
+        }
+        s = self.spec
+        return [
+            *env.server_command(),
+            "--model",
+            str(s.model_dir),
+            "--served-model-name",
+            s.served_model_name,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            str(s.max_model_len),
+            "--block-size",
+            str(s.block_size),
+            "--enable-prefix-caching",
+            "--prefix-caching-hash-algo",
+            s.hash_algo,
+            "--enforce-eager",
+            "--enable-prompt-tokens-details",
+            "--kv-events-config",
+            json.dumps(events),
+            *s.extra_args,
+        ]
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(self.spec.kv_cache_gib)
+        if self.spec.cpu_core is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = str(self.spec.cpu_core)
+        env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+        env.update(self.spec.env)
+        return env
+
+    def start(self, env: VllmEnv) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command(env),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.environment(),
+                start_new_session=True,  # so stop() can signal vLLM's engine-core child too
+            )
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait_healthy(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        """Block until /health answers 200; VllmStartError if the process dies or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    raise VllmStartError(
+                        f"vLLM {self.spec.pod} exited with {self.process.returncode}; "
+                        f"log {self.log_path}:\n{self.log_tail()}"
+                    )
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.get(f"{self.url}/health").status_code == 200:
+                        return
+                time.sleep(1.0)
+        raise VllmStartError(
+            f"vLLM {self.spec.pod} not healthy after {timeout_s:.0f}s; log {self.log_path}:\n"
+            f"{self.log_tail()}"
+        )
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def new_server(spec: VllmServerSpec, log_dir: Path) -> VllmServer:
+    """A server with fresh ports (not started)."""
+    return VllmServer(
+        spec=spec,
+        port=free_port(),
+        kv_events_port=free_port(),
+        replay_port=free_port(),
+        log_path=log_dir / f"vllm-{spec.pod}.log",
+    )
+
+
+def start_servers(env: VllmEnv, specs: Sequence[VllmServerSpec], log_dir: Path) -> list[VllmServer]:
+    """Start several servers at once and wait for all; on failure stop them all and raise."""
+    servers = [new_server(spec, log_dir) for spec in specs]
+    try:
+        for server in servers:
+            server.start(env)
+        for server in servers:
+            server.wait_healthy()
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
+
+
+@contextlib.contextmanager
+def running_servers(
+    env: VllmEnv, specs: Sequence[VllmServerSpec], log_dir: Path
+) -> Iterator[list[VllmServer]]:
+    servers = start_servers(env, specs, log_dir)
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
