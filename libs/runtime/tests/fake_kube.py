@@ -1,0 +1,149 @@
+"""A minimal Kubernetes API server on loopback: pods list/watch and the Deployment scale subresource.
+
+It speaks the real wire format, so the official `kubernetes` client is exercised end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+
+def pod(
+    name: str,
+    ip: str,
+    *,
+    ready: bool = True,
+    phase: str = "Running",
+    labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "llm", "labels": labels or {"app": "vllm"}},
+        "status": {
+            "phase": phase,
+            "podIP": ip,
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+class FakeKube:
+    def __init__(self) -> None:
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.events: list[tuple[int, str, dict[str, Any]]] = []
+        self.version = 1
+        self.replicas: dict[str, int] = {"vllm": 2}
+        self.cond = threading.Condition()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> FakeKube:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+        self.server.shutdown()
+        self.server.server_close()
+
+    def apply(self, kind: str, obj: dict[str, Any]) -> None:
+        with self.cond:
+            self.version += 1
+            obj["metadata"]["resourceVersion"] = str(self.version)
+            name = obj["metadata"]["name"]
+            if kind == "DELETED":
+                self.pods.pop(name, None)
+            else:
+                self.pods[name] = obj
+            self.events.append((self.version, kind, json.loads(json.dumps(obj))))
+            self.cond.notify_all()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        kube = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _json(self, status: int, body: dict[str, Any]) -> None:
+                raw = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def _scale(self, name: str) -> dict[str, Any]:
+                return {
+                    "apiVersion": "autoscaling/v1",
+                    "kind": "Scale",
+                    "metadata": {"name": name, "namespace": "llm"},
+                    "spec": {"replicas": kube.replicas[name]},
+                    "status": {"replicas": kube.replicas[name]},
+                }
+
+            def do_GET(self) -> None:
+                url = urlparse(self.path)
+                query = parse_qs(url.query)
+                parts = url.path.strip("/").split("/")
+                if url.path.endswith("/pods"):
+                    if query.get("watch") == ["true"]:
+                        self._watch(
+                            int(query.get("resourceVersion", ["0"])[0]),
+                            float(query.get("timeoutSeconds", ["5"])[0]),
+                        )
+                        return
+                    with kube.cond:
+                        items = list(kube.pods.values())
+                        version = kube.version
+                    self._json(
+                        200,
+                        {
+                            "apiVersion": "v1",
+                            "kind": "PodList",
+                            "metadata": {"resourceVersion": str(version)},
+                            "items": items,
+                        },
+                    )
+                elif parts[-1] == "scale":
+                    self._json(200, self._scale(parts[-2]))
+                else:
+                    self._json(404, {"kind": "Status", "code": 404})
+
+            def do_PATCH(self) -> None:
+                parts = urlparse(self.path).path.strip("/").split("/")
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                kube.replicas[parts[-2]] = body["spec"]["replicas"]
+                self._json(200, self._scale(parts[-2]))
+
+            def _watch(self, since: int, timeout_s: float) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                deadline = time.monotonic() + min(timeout_s, 5.0)
+                sent = since
+                while time.monotonic() < deadline:
+                    with kube.cond:
+                        fresh = [e for e in kube.events if e[0] > sent]
+                        if not fresh:
+                            kube.cond.wait(0.2)
+                            continue
+                    for version, kind, obj in fresh:
+                        self.wfile.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
+                        self.wfile.flush()
+                        sent = version
+
+        return Handler
