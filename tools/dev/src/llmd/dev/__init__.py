@@ -1,0 +1,1 @@
+"""llmd-dev: the local stack."""
