@@ -120,6 +120,7 @@ def api_client(kube: FakeKube) -> client.ApiClient:
     return client.ApiClient(config)
 
 
+@pytest.mark.integration
 async def test_kubernetes_discovery_follows_pod_readiness(kube: FakeKube) -> None:
     kube.apply("ADDED", pod("vllm-0", "10.0.0.1"))
     kube.apply("ADDED", pod("vllm-1", "10.0.0.2", ready=False))
@@ -147,6 +148,7 @@ async def test_kubernetes_discovery_follows_pod_readiness(kube: FakeKube) -> Non
     await it.close()
 
 
+@pytest.mark.integration
 async def test_kubernetes_discovery_survives_an_unreachable_api() -> None:
     config = client.Configuration(host="http://127.0.0.1:9")  # nothing listens on port 9
     registry = CollectorRegistry()
@@ -167,6 +169,7 @@ async def test_kubernetes_discovery_survives_an_unreachable_api() -> None:
     await it.close()
 
 
+@pytest.mark.integration
 async def test_kubernetes_cluster_scales_and_reports_status(kube: FakeKube) -> None:
     kube.apply("ADDED", pod("vllm-0", "10.0.0.1"))
     kube.apply("ADDED", pod("vllm-1", "10.0.0.2", ready=False))

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
@@ -73,12 +74,14 @@ def run_and_signal(tmp_path: Path, *args: str) -> tuple[int, list[str]]:
     return proc.returncode, out.split("\n")
 
 
+@pytest.mark.integration
 def test_sigterm_drains_then_runs_hooks_newest_first(tmp_path: Path) -> None:
     code, lines = run_and_signal(tmp_path)
     assert code == 0
     assert lines[:3] == ["draining False", "closed server", "closed db"]
 
 
+@pytest.mark.integration
 def test_a_hook_past_the_deadline_makes_the_exit_code_non_zero(tmp_path: Path) -> None:
     code, lines = run_and_signal(tmp_path, "--stuck")
     assert code == 1

@@ -69,6 +69,7 @@ def test_unknown_exporter_is_a_clear_error() -> None:
         setup_tracing("svc", env={"OTEL_TRACES_EXPORTER": "jaeger"})
 
 
+@pytest.mark.integration
 def test_otlp_spans_reach_the_configured_collector(monkeypatch: pytest.MonkeyPatch) -> None:
     received: list[tuple[str, str, bytes]] = []
 
