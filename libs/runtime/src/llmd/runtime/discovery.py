@@ -205,10 +205,29 @@ def pod_endpoint(pod: Any, port: int) -> Endpoint | None:
     )
 
 
+class _Latest:
+    """A one-slot mailbox on the event loop: `put` replaces, `get` waits for a value."""
+
+    def __init__(self) -> None:
+        self._value: EndpointSet | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, value: EndpointSet) -> None:
+        self._value = value
+        self._ready.set()
+
+    async def get(self) -> EndpointSet:
+        await self._ready.wait()
+        self._ready.clear()
+        assert self._value is not None
+        return self._value
+
+
 class KubernetesPodDiscovery:
     """Pods matching a label selector, kept current with list + watch (official client).
 
-    The client is blocking, so list/watch run in a worker thread that feeds an asyncio queue.
+    The client is blocking, so list/watch run in a worker thread that hands the newest snapshot
+    to the event loop through a single slot (older, unconsumed snapshots are superseded).
     Only ready pods are reported. Watch errors (expired resourceVersion, dropped connection)
     trigger a fresh list after `retry_s`; the last snapshot stays in force meanwhile.
     """
@@ -252,10 +271,10 @@ class KubernetesPodDiscovery:
                 state[ep.name] = ep
         return state, pods.metadata.resource_version
 
-    def _run(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[EndpointSet]) -> None:
+    def _run(self, loop: asyncio.AbstractEventLoop, handoff: _Latest) -> None:
         def publish(state: dict[str, Endpoint]) -> None:
             snapshot = tuple(sorted((e for e in state.values() if e.ready), key=lambda e: e.name))
-            loop.call_soon_threadsafe(queue.put_nowait, snapshot)
+            loop.call_soon_threadsafe(handoff.put, snapshot)
 
         while not self._stop.is_set():
             try:
@@ -290,17 +309,15 @@ class KubernetesPodDiscovery:
                 self._stop.wait(self.retry_s)
 
     async def watch(self) -> AsyncIterator[EndpointSet]:
-        queue: asyncio.Queue[EndpointSet] = asyncio.Queue(maxsize=0)
+        handoff = _Latest()
         loop = asyncio.get_running_loop()
         self._stop.clear()
-        thread = threading.Thread(target=self._run, args=(loop, queue), daemon=True)
+        thread = threading.Thread(target=self._run, args=(loop, handoff), daemon=True)
         thread.start()
         last: EndpointSet | None = None
         try:
             while True:
-                snapshot = await queue.get()
-                while not queue.empty():  # collapse bursts to the newest state
-                    snapshot = queue.get_nowait()
+                snapshot = await handoff.get()
                 if snapshot != last:
                     last = snapshot
                     yield snapshot

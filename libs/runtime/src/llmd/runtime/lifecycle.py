@@ -8,6 +8,7 @@ registered shutdown hooks newest-first within a deadline and cancels whatever is
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
@@ -88,8 +89,6 @@ def health_router(health: Health, registry: CollectorRegistry) -> APIRouter:
 
     @router.get("/readyz")
     async def readyz() -> Response:
-        import json
-
         body = json.dumps(health.report())
         return Response(
             body, status_code=200 if health.ready else 503, media_type="application/json"
