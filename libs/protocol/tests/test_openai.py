@@ -42,6 +42,11 @@ VLLM_PREFILL_PARAMS = {
 }
 
 
+def test_model_is_optional_as_on_vllm() -> None:
+    req = parse_request("/v1/completions", b'{"prompt":"x"}')
+    assert req.model is None
+
+
 def test_completion_and_chat_requests_parse_with_unknown_fields() -> None:
     req = parse_request(
         "/v1/completions",
@@ -82,7 +87,7 @@ def test_token_id_prompts_are_accepted() -> None:
     ("path", "body", "error", "message"),
     [
         ("/v1/completions", b"{not json", DecodeError, "not valid JSON"),
-        ("/v1/completions", b'{"prompt":"x"}', DecodeError, "model"),
+        ("/v1/completions", b'{"model":"m"}', DecodeError, "prompt"),
         (
             "/v1/completions",
             b'{"model":"m","prompt":"x","max_tokens":"ten"}',

@@ -51,7 +51,8 @@ Prompt: TypeAlias = str | list[Any]
 
 
 class _RequestCommon(msgspec.Struct, omit_defaults=True, kw_only=True):
-    model: str
+    model: str | None = None
+    """vLLM serves its one base model when a request names none."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = None

@@ -59,8 +59,13 @@ def _corpus() -> list[str]:
 
 
 def build_tokenizer(out: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """Write tokenizer.json, tokenizer_config.json and chat_template.jinja with `tokenizers` only.
+
+    The files are what transformers' PreTrainedTokenizerFast.save_pretrained writes for this
+    tokenizer, produced without transformers so that llmd-sim can build the same tokenizer in the
+    workspace environment.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -72,16 +77,22 @@ def build_tokenizer(out: Path) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="</s>",
-        model_max_length=MAX_POSITIONS,
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A", pair="$A $B:1", special_tokens=[]
     )
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(str(out))
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "backend": "tokenizers",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "model_max_length": MAX_POSITIONS,
+        "pad_token": "</s>",
+        "tokenizer_class": "TokenizersBackend",
+        "unk_token": "<unk>",
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
 
 
 def build_model(out: Path, vocab_size: int, bos: int, eos: int) -> None:
