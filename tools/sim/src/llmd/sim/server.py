@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -113,17 +114,7 @@ class SimServer:
             self._zmq = zmq.asyncio.Context()
         transfer = cfg.kv_transfer_config
         role = transfer.kv_role if transfer and transfer.kv_connector else None
-        cache_config = {
-            "block_size": str(cfg.block_size),
-            "cache_dtype": "auto",
-            "enable_prefix_caching": str(cfg.enable_prefix_caching),
-            "gpu_memory_utilization": "0.9",
-            "num_cpu_blocks": "None",
-            "num_gpu_blocks": str(cfg.num_gpu_blocks()),
-            "num_gpu_blocks_override": str(cfg.num_gpu_blocks_override),
-            "prefix_caching_hash_algo": cfg.prefix_caching_hash_algo,
-            "sliding_window": "None",
-        }
+        cache_config = self._cache_config_labels()
         self.metrics = EngineMetrics(
             self.model_name,
             max_model_len=self.max_model_len,
@@ -204,6 +195,50 @@ class SimServer:
             cfg.profile,
             cfg.speed,
         )
+
+    def _cache_config_labels(self) -> dict[str, str]:
+        """vllm:cache_config_info's labels: vLLM 0.32's CacheConfig fields, as it prints them."""
+        cfg = self.cfg
+        blocks = cfg.num_gpu_blocks()
+        tokens = blocks * cfg.block_size
+        return {
+            "_block_size_resolved": "True",
+            "block_size": str(cfg.block_size),
+            "cache_dtype": "auto",
+            "cache_hit_alignment_tokens": "None",
+            "effective_attention_block_size": str(cfg.block_size),
+            "enable_mamba_shared_prefix_checkpoint": "False",
+            "enable_prefix_caching": str(cfg.enable_prefix_caching),
+            "gpu_memory_utilization": "0.92",
+            "hash_block_size": "None",
+            "is_attention_free": "False",
+            "kv_cache_dtype_skip_layers": "[]",
+            "kv_cache_layout": "None",
+            "kv_cache_max_concurrency": str(round(tokens / self.max_model_len, 2)),
+            "kv_cache_memory_bytes": "None",
+            "kv_cache_size_tokens": str(tokens),
+            "kv_offloading_backend": "native",
+            "kv_offloading_size": "None",
+            "kv_sharing_fast_prefill": "False",
+            "mamba_block_size": "None",
+            "mamba_cache_dtype": "auto",
+            "mamba_cache_mode": "none",
+            "mamba_page_size_padded": "None",
+            "mamba_ssm_cache_dtype": "float32",
+            "num_cpu_blocks": "None",
+            "num_gpu_blocks": str(blocks),
+            "num_gpu_blocks_override": str(cfg.num_gpu_blocks_override),
+            "prefix_cache_retention_interval": "0",
+            "prefix_caching_hash_algo": cfg.prefix_caching_hash_algo,
+            "prefix_match_unit": "None",
+            "replayssm_buffer_len": "16",
+            "skip_page_size_padded": "None",
+            "sliding_window": "None",
+            "swa_bounded_replay": "True",
+            "use_kda_recoverssm": "False",
+            "use_replayssm": "False",
+            "user_specified_block_size": "True",
+        }
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -344,7 +379,9 @@ class SimServer:
         try:
             data = msgspec.json.decode(body)
         except msgspec.DecodeError as exc:
-            raise _BadRequestError(f"JSON decode error: {exc}", "Bad Request", "body") from None
+            raise _BadRequestError(
+                f"JSON decode error: {exc}", "Bad Request", _json_error_param(str(exc))
+            ) from None
         if not isinstance(data, dict):
             raise _BadRequestError("the request body must be a JSON object", "Bad Request", "body")
         return data
@@ -797,12 +834,18 @@ def _from_protocol_error(message: str) -> _BadRequestError:
             param="stream_options",
         )
     if "not valid JSON" in message:
-        return _BadRequestError(message, "Bad Request", "body")
+        return _BadRequestError(message, "Bad Request", _json_error_param(message))
     if "prompt must not be empty" in message:
         return _BadRequestError(
             "Either prompt or prompt_embeds must be provided and non-empty.", param="prompt"
         )
     return _BadRequestError(message)
+
+
+def _json_error_param(message: str) -> str:
+    """FastAPI's `loc` for a JSON syntax error: body.<offset of the error>."""
+    match = re.search(r"\((?:byte|char) (\d+)\)", message)
+    return f"body.{match.group(1)}" if match else "body"
 
 
 def _content(value: object) -> str:
