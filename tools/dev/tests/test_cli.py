@@ -17,7 +17,7 @@ def test_help_documents_every_flag() -> None:
         text=True,
         check=True,
     ).stdout
-    for flag in ("--engine", "--count", "--block-size", "--duration"):
+    for flag in ("--engine", "--count", "--block-size", "--duration", "--profile"):
         assert flag in out
 
 
@@ -25,15 +25,25 @@ def test_status_says_plainly_what_runs(capsys: pytest.CaptureFixture[str]) -> No
     assert main(["status"]) == 0
     out = capsys.readouterr().out
     assert "not built yet" in out
+    assert "llmd-sim" in out
     assert "real vLLM" in out
 
 
-def test_simulated_engines_are_refused_until_they_exist(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["up", "--engine", "sim"]) == 2
-    assert "issue #3" in capsys.readouterr().err
+@pytest.mark.integration
+def test_up_runs_simulated_engines_by_default_and_stops_cleanly(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["up", "--count", "2", "--duration", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "sim-0" in out
+    assert "sim-1" in out
+    assert "curl" in out
+    assert "engines stopped" in out
 
 
-@pytest.mark.parametrize("argv", [["up", "--count", "0"], ["up", "--block-size", "16"]])
+@pytest.mark.parametrize(
+    "argv", [["up", "--count", "0"], ["up", "--engine", "vllm", "--block-size", "16"]]
+)
 def test_bad_arguments_exit_with_usage(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)

@@ -19,6 +19,8 @@ from llmd.sim.server import SimServer
 
 from .conftest import StartFleet, events_config
 
+pytestmark = pytest.mark.integration
+
 LONG = "people write the long document context " * 12
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from llmd.dev.monitor import EngineAddress, monitor
+from llmd.dev.sim_engines import SimFleetProcess, SimStartError
 from llmd.runtime.lifecycle import Health, ServiceRunner
 from llmd.vllm_cpu.install import ensure_vllm_env
 from llmd.vllm_cpu.server import VllmServer, VllmServerSpec, VllmStartError, start_servers
@@ -20,8 +21,8 @@ from llmd.vllm_cpu.tiny_model import ensure_tiny_model
 
 STATUS = """\
 llmd local stack: what runs today
-  engines     real vLLM 0.32 CPU servers on a generated tiny model  (--engine vllm)
-  simulated   llmd-sim engines are not built yet (issue #3); --engine sim is refused
+  engines     llmd-sim simulated vLLM 0.32 servers (default, --engine sim, H100-class timing)
+              or real vLLM 0.32 CPU servers on a generated tiny model (--engine vllm)
   gateway     Envoy + llmd-scheduler are not built yet (issue #4): requests go straight
               to an engine, and this console shows the KV events and load the router will use
 """
@@ -43,13 +44,11 @@ def write_endpoints_file(servers: Sequence[VllmServer], path: Path) -> None:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def banner(servers: Sequence[VllmServer], endpoints_file: Path) -> str:
-    first = servers[0]
+def banner(engines: Sequence[EngineAddress], endpoints_file: Path) -> str:
+    first = engines[0]
     lines = ["", "engines ready:"]
-    for s in servers:
-        lines.append(
-            f"  {s.spec.pod:<8} {s.url}   KV events {s.kv_events_endpoint}   topic {s.topic}"
-        )
+    for e in engines:
+        lines.append(f"  {e.pod:<8} {e.url}   KV events {e.kv_events_endpoint}")
     lines += [
         f"discovery file: {endpoints_file}",
         "",
@@ -62,11 +61,57 @@ def banner(servers: Sequence[VllmServer], endpoints_file: Path) -> str:
     return "\n".join(lines)
 
 
+def run_until_stopped(
+    engines: Sequence[EngineAddress], stop_engines: Callable[[], None], duration: float
+) -> int:
+    """Show live KV events and load until Ctrl-C (or `duration`), then stop the engines."""
+
+    def wire(runner: ServiceRunner) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
+        async def stop_all() -> None:
+            await asyncio.to_thread(stop_engines)
+            print("engines stopped", flush=True)
+
+        runner.on_shutdown("engines", stop_all)
+
+        async def main(stop: asyncio.Event) -> None:
+            if duration:
+                asyncio.get_running_loop().call_later(
+                    duration, runner.request_stop, "--duration elapsed"
+                )
+            await monitor(engines, stop, lambda line: print(line, flush=True))
+
+        return main
+
+    async def run() -> int:
+        runner = ServiceRunner("llmd-dev", Health(), shutdown_timeout_s=30)
+        return await runner.run(wire(runner))
+
+    try:
+        return asyncio.run(run())
+    finally:
+        stop_engines()
+
+
+def cmd_up_sim(args: argparse.Namespace) -> int:
+    work = Path(tempfile.mkdtemp(prefix="llmd-dev-"))
+    print(f"starting {args.count} simulated vLLM server(s) (llmd-sim, profile {args.profile})")
+    try:
+        fleet = SimFleetProcess.start(
+            count=args.count, block_size=args.block_size or 16, profile=args.profile, work=work
+        )
+    except SimStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(banner(fleet.engines, fleet.endpoints_file), flush=True)
+    return run_until_stopped(fleet.engines, fleet.stop, args.duration)
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     print(STATUS, flush=True)
     if args.engine == "sim":
-        print("error: --engine sim needs llmd-sim (issue #3); use --engine vllm", file=sys.stderr)
-        return 2
+        return cmd_up_sim(args)
+    if args.block_size is None:
+        args.block_size = 32
     print(
         "preparing the vLLM CPU environment and tiny model (first run: ~2 minutes)...", flush=True
     )
@@ -85,34 +130,14 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     endpoints_file = work / "endpoints.yaml"
     write_endpoints_file(servers, endpoints_file)
-    print(banner(servers, endpoints_file), flush=True)
     engines = [EngineAddress(s.spec.pod, s.url, s.kv_events_endpoint) for s in servers]
+    print(banner(engines, endpoints_file), flush=True)
 
-    def wire(runner: ServiceRunner) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
-        async def stop_engines() -> None:
-            await asyncio.gather(*(asyncio.to_thread(s.stop) for s in servers))
-            print("engines stopped", flush=True)
-
-        runner.on_shutdown("engines", stop_engines)
-
-        async def main(stop: asyncio.Event) -> None:
-            if args.duration:
-                asyncio.get_running_loop().call_later(
-                    args.duration, runner.request_stop, "--duration elapsed"
-                )
-            await monitor(engines, stop, lambda line: print(line, flush=True))
-
-        return main
-
-    async def run() -> int:
-        runner = ServiceRunner("llmd-dev", Health(), shutdown_timeout_s=30)
-        return await runner.run(wire(runner))
-
-    try:
-        return asyncio.run(run())
-    finally:
+    def stop_engines() -> None:
         for s in servers:
             s.stop()
+
+    return run_until_stopped(engines, stop_engines, args.duration)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -123,15 +148,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     up = sub.add_parser("up", help="start the local stack and show live routing data until Ctrl-C")
     up.add_argument(
         "--engine",
-        choices=["vllm", "sim"],
-        default="vllm",
-        help="engine kind: vllm = real vLLM CPU on the tiny model (sim lands with llmd-sim)",
+        choices=["sim", "vllm"],
+        default="sim",
+        help="sim = llmd-sim simulated vLLM servers (default); vllm = real vLLM CPU, tiny model",
     )
     up.add_argument(
-        "-n", "--count", type=int, default=1, help="number of engines (default 1; 2 cores fit 2)"
+        "-n",
+        "--count",
+        type=int,
+        default=None,
+        help="number of engines (default 4 simulated, 1 real; 2 cores fit 2 real ones)",
     )
     up.add_argument(
-        "--block-size", type=int, default=32, help="KV block size in tokens (multiple of 32)"
+        "--block-size",
+        type=int,
+        default=None,
+        help="KV block size in tokens (default 16 simulated, 32 real; real needs a multiple of 32)",
+    )
+    up.add_argument(
+        "--profile",
+        default="h100-8b",
+        help="llmd-sim latency profile (llmd-sim --list-profiles); default h100-8b",
     )
     up.add_argument(
         "--duration", type=float, default=0.0, help="stop by itself after this many seconds"
@@ -141,9 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "status":
         print(STATUS)
         return 0
+    if args.count is None:
+        args.count = 4 if args.engine == "sim" else 1
     if args.count < 1:
         parser.error("--count must be at least 1")
-    if args.block_size % 32:
+    if args.engine == "vllm" and args.block_size is not None and args.block_size % 32:
         parser.error("--block-size must be a multiple of 32 on vLLM's CPU backend")
     return cmd_up(args)
 

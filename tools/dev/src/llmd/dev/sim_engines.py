@@ -1,0 +1,109 @@
+"""A fleet of simulated engines for the local stack: one `llmd-sim --count N` process."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from llmd.dev.monitor import EngineAddress
+from llmd.vllm_cpu.server import free_port
+
+READY_TIMEOUT_S = 60.0
+
+
+class SimStartError(RuntimeError):
+    """llmd-sim exited or did not report ready in time."""
+
+
+def _free_run(count: int) -> int:
+    """A base port with `count` free consecutive ports after it (best effort, loopback)."""
+    for _ in range(50):
+        base = free_port()
+        if base + count >= 65536:
+            continue
+        ok = True
+        for port in range(base, base + count):
+            with contextlib.closing(socket.socket()) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise SimStartError(f"no run of {count} free ports found")
+
+
+@dataclass
+class SimFleetProcess:
+    """The process, its engines' addresses and its discovery file."""
+
+    process: subprocess.Popen[bytes]
+    engines: list[EngineAddress]
+    endpoints_file: Path
+    log_path: Path
+
+    @classmethod
+    def start(cls, *, count: int, block_size: int, profile: str, work: Path) -> SimFleetProcess:
+        http = _free_run(count)
+        events = _free_run(count)
+        replay = _free_run(count)
+        side = _free_run(count)
+        endpoints_file = work / "endpoints.yaml"
+        log_path = work / "llmd-sim.log"
+        cmd = [
+            sys.executable, "-m", "llmd.sim.cli",
+            "--count", str(count), "--port", str(http), "--served-model-name", "tiny",
+            "--block-size", str(block_size), "--profile", profile,
+            "--enable-prompt-tokens-details", "--side-channel-port", str(side),
+            "--kv-events-config", json.dumps({
+                "enable_kv_cache_events": True,
+                "endpoint": f"tcp://*:{events}",
+                "replay_endpoint": f"tcp://*:{replay}",
+            }),
+            "--fleet-file", str(endpoints_file),
+        ]  # fmt: skip
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise SimStartError(
+                    f"llmd-sim exited with {proc.returncode}: {log_path.read_text()[-2000:]}"
+                )
+            if endpoints_file.is_file() and "ready" in log_path.read_text():
+                break
+            time.sleep(0.1)
+        else:
+            proc.kill()
+            raise SimStartError(f"llmd-sim not ready after {READY_TIMEOUT_S:.0f}s; log {log_path}")
+        doc = yaml.safe_load(endpoints_file.read_text())
+        engines = [
+            EngineAddress(
+                e["name"],
+                f"http://{e['address']}:{e['port']}",
+                e["labels"]["llmd.ai/kv-events-endpoint"],
+            )
+            for e in doc["endpoints"]
+        ]
+        return cls(proc, engines, endpoints_file, log_path)
+
+    def stop(self) -> None:
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=5)
