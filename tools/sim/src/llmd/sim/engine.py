@@ -88,7 +88,8 @@ class SimRequest(BlockOwner):
     arrival: float = 0.0
     lora: LoraAdapter | None = None
     cache_salt: str | None = None
-    seed: int | None = None
+    rng: random.Random | None = None
+    """Set for requests with a `seed`: their tokens then depend on nothing else."""
     params_n: int = 1
     params_max_tokens: int | None = None
     do_remote_decode: bool = False
@@ -250,7 +251,7 @@ class Engine:
             arrival=self.clock.now(),
             lora=lora,
             cache_salt=cache_salt,
-            seed=seed,
+            rng=None if seed is None else random.Random(seed),
             all_ids=list(prompt_ids),
         )
         self._extend_hashes(req)
@@ -312,12 +313,12 @@ class Engine:
             plan, shape = self._schedule()
             if not plan:
                 self._flush_events()
-                self._update_gauges()
+                self.refresh_gauges()
                 self._work.clear()
                 await self._work.wait()
                 continue
             start = self.clock.now()
-            self._update_gauges()
+            self.refresh_gauges()
             await self.clock.sleep_until(start + self.latency.step_time(shape))
             await self._resume.wait()  # a hang fault freezes a step in flight, too
             self._commit(plan, shape, self.clock.now())
@@ -485,8 +486,7 @@ class Engine:
                 item.request.on_update()
 
     def _sample(self, req: SimRequest, now: float) -> None:
-        rng = self._rng if req.seed is None else random.Random(req.seed + len(req.output_ids))
-        token = rng.choice(self._vocab)
+        token = (req.rng or self._rng).choice(self._vocab)
         req.output_ids.append(token)
         req.all_ids.append(token)
         self._extend_hashes(req)
@@ -561,7 +561,8 @@ class Engine:
         if events and self._publish is not None:
             self._publish(events)
 
-    def _update_gauges(self) -> None:
+    def refresh_gauges(self) -> None:
+        """Copy queue sizes and KV usage into the metrics (each step, and on every scrape)."""
         m = self.metrics
         m.running = len(self.running)
         m.waiting = len(self.waiting) + len(self.fetching)

@@ -332,7 +332,7 @@ class SimServer:
     async def prometheus(self, request: web.Request) -> web.Response:
         assert self.metrics is not None
         assert self.engine is not None
-        self.metrics.kv_usage = self.engine.pool.usage
+        self.engine.refresh_gauges()
         return web.Response(
             body=self.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE}
         )
@@ -715,10 +715,6 @@ class SimServer:
             )
             return None
 
-    async def _wait(self, children: list[SimRequest], waiter: asyncio.Event) -> None:
-        await waiter.wait()
-        waiter.clear()
-
     def _usage(
         self, children: list[SimRequest], chat: bool, stream: bool, n_prompts: int
     ) -> dict[str, Any]:
@@ -748,7 +744,8 @@ class SimServer:
         for child in children:
             child.on_update = waiter.set
         while not all(c.finished for c in children):
-            await self._wait(children, waiter)
+            await waiter.wait()
+            waiter.clear()
         failed = next((c for c in children if c.finish_reason == "error"), None)
         if failed is not None:
             return self._error(failed.error or "request failed", "GenerationError", 500)
@@ -784,7 +781,8 @@ class SimServer:
             for i in range(len(children)):
                 await resp.write(writer.role(i))
         while not all(done):
-            await self._wait(children, waiter)
+            await waiter.wait()
+            waiter.clear()
             out: list[bytes] = []
             for i, child in enumerate(children):
                 if done[i]:

@@ -9,10 +9,7 @@ tokenizer that llmd's real-vLLM tests use, generated once into the user cache.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +21,7 @@ from tokenizers import Tokenizer
 
 from llmd.vllm_cpu import tiny_model_build
 from llmd.vllm_cpu.install import cache_root
+from llmd.vllm_cpu.tiny_model import build_cached, builder_digest
 
 
 class TokenizerError(ValueError):
@@ -32,18 +30,8 @@ class TokenizerError(ValueError):
 
 def default_tokenizer_dir() -> Path:
     """The tiny tokenizer (the one the generated tiny model uses), built on first use."""
-    digest = hashlib.sha256(Path(tiny_model_build.__file__).read_bytes()).hexdigest()[:12]
-    target = cache_root() / "models" / f"tiny-tokenizer-{digest}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with (target.parent / f".{target.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "tokenizer.json").is_file():
-            staging = target.with_name(target.name + ".tmp")
-            shutil.rmtree(staging, ignore_errors=True)
-            tiny_model_build.build_tokenizer(staging)
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
-    return target
+    target = cache_root() / "models" / f"tiny-tokenizer-{builder_digest()}"
+    return build_cached(target, ("tokenizer.json",), tiny_model_build.build_tokenizer)
 
 
 def _raise_exception(message: str) -> None:
