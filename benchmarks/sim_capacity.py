@@ -122,7 +122,8 @@ def start_sim(count: int) -> tuple[subprocess.Popen[bytes], list[str]]:
     line = proc.stdout.readline().decode()
     if "ready" not in line:
         proc.kill()
-        raise RuntimeError(f"llmd-sim did not start: {line}")
+        rest = proc.stdout.read().decode(errors="replace")
+        raise RuntimeError(f"llmd-sim did not start: {line}{rest[-3000:]}")
     return proc, [f"http://127.0.0.1:{port + i}" for i in range(count)]
 
 
