@@ -1,0 +1,449 @@
+"""`EndpointPickerConfig` (llm-d.ai/v1alpha1): the schema, llm-d's defaults, and the builder
+that turns a document into ready plugin instances and scheduling profiles.
+
+Every problem is reported at once with its YAML path (`plugins[2].parameters.threshold: ...`).
+Accepted but not acted on (logged once): `featureGates`, `flowControl`, `dataLayer.sources`,
+`dataLayer.peerDiscovery`, cross-replica sync. `llmd:` holds this implementation's own settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from llmd.runtime.config import ConfigError, ConfigIssue, StrictModel
+from llmd.scheduler.framework import (
+    DataProducer,
+    Filter,
+    Picker,
+    Plugin,
+    PluginHandle,
+    PluginRegistry,
+    PreRequest,
+    ProfileHandler,
+    ResponseHook,
+    Scorer,
+)
+
+log = logging.getLogger(__name__)
+
+API_VERSIONS = ("llm-d.ai/v1alpha1", "inference.networking.x-k8s.io/v1alpha1")
+MAX_CONFIG_BYTES = 1024 * 1024
+
+DEFAULT_CONFIG = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+"""
+"""llm-d's optimized baseline (queue 2, kv 2, prefix 3). llmd adds, without config: in-flight
+accounting at pick time and least-loaded tie-breaking (the herding fix)."""
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from `50ms`, `1s`, `2m`, `1h` or a number of seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    m = _DURATION.match(value)
+    if m is None:
+        raise ValueError(f"{value!r} is not a duration (e.g. 50ms, 1s, 2m)")
+    unit = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2) or "s"]
+    return float(m.group(1)) * unit
+
+
+Duration = str | float
+
+
+class PluginSpec(StrictModel):
+    name: str | None = None
+    type: str = Field(min_length=1)
+    parameters: dict[str, Any] | None = None
+
+
+class ProfilePluginRef(StrictModel):
+    plugin_ref: str = Field(alias="pluginRef", min_length=1)
+    weight: float | None = Field(default=None, ge=0)
+
+
+class ProfileSpec(StrictModel):
+    name: str = Field(min_length=1)
+    plugins: list[ProfilePluginRef] = Field(default_factory=list)
+
+
+class PluginRefSpec(StrictModel):
+    plugin_ref: str = Field(alias="pluginRef", min_length=1)
+
+
+class DataSourceSpec(StrictModel):
+    plugin_ref: str = Field(alias="pluginRef")
+    extractors: list[PluginRefSpec] = Field(default_factory=list)
+
+
+class DataLayerSpec(StrictModel):
+    inject_defaults: bool = Field(default=True, alias="injectDefaults")
+    sources: list[DataSourceSpec] = Field(default_factory=list)
+    discovery: PluginRefSpec | None = None
+    peer_discovery: PluginRefSpec | None = Field(default=None, alias="peerDiscovery")
+    cross_replica_syncer_plugin_ref: str | None = Field(
+        default=None, alias="crossReplicaSyncerPluginRef"
+    )
+    cross_replica_sync_interval: Duration | None = Field(
+        default=None, alias="crossReplicaSyncInterval"
+    )
+
+
+class RequestHandlerSpec(StrictModel):
+    parsers: list[PluginRefSpec] = Field(default_factory=list)
+
+
+class LlmdOptions(StrictModel):
+    """llmd's own settings (not in llm-d's schema)."""
+
+    pick_time_accounting: bool = Field(default=True, alias="pickTimeAccounting")
+    """Count a request against its endpoint the moment it is picked (the herding fix). False
+    reproduces llm-d, whose load scorers see only scraped metrics."""
+    metrics_staleness_threshold: Duration = Field(default="1s", alias="metricsStalenessThreshold")
+    """An endpoint whose last good scrape is older is stale: it leaves the candidates while any
+    endpoint is fresh (if none is, every endpoint stays a candidate: never fail closed)."""
+    max_request_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0, alias="maxRequestBodyBytes")
+    models_interval: Duration = Field(default="2s", alias="modelsInterval")
+    emit_endpoint_scores: bool = Field(default=False, alias="emitEndpointScores")
+
+    @field_validator("metrics_staleness_threshold", "models_interval")
+    @classmethod
+    def _duration(cls, v: Duration) -> Duration:
+        parse_duration(v)
+        return v
+
+
+class EndpointPickerConfig(StrictModel):
+    api_version: str = Field(default="llm-d.ai/v1alpha1", alias="apiVersion")
+    kind: Literal["EndpointPickerConfig"] = "EndpointPickerConfig"
+    feature_gates: list[str] = Field(default_factory=list, alias="featureGates")
+    plugins: list[PluginSpec] = Field(default_factory=list)
+    scheduling_profiles: list[ProfileSpec] = Field(default_factory=list, alias="schedulingProfiles")
+    data_layer: DataLayerSpec = Field(default_factory=DataLayerSpec, alias="dataLayer")
+    request_handler: RequestHandlerSpec | None = Field(default=None, alias="requestHandler")
+    flow_control: dict[str, Any] | None = Field(default=None, alias="flowControl")
+    saturation_detector: dict[str, Any] | None = Field(default=None, alias="saturationDetector")
+    parser: dict[str, Any] | None = None
+    llmd: LlmdOptions = Field(default_factory=LlmdOptions)
+
+    @field_validator("api_version")
+    @classmethod
+    def _api(cls, v: str) -> str:
+        if v not in API_VERSIONS:
+            raise ValueError(f"apiVersion must be one of {', '.join(API_VERSIONS)}")
+        return v
+
+
+# --- building ------------------------------------------------------------------------------
+
+
+@dataclass
+class Profile:
+    """A named pipeline: filters in order, weighted scorers, one picker."""
+
+    name: str
+    filters: list[Filter]
+    scorers: list[tuple[Scorer, float]]
+    picker: Picker
+
+
+@dataclass
+class BuiltConfig:
+    """The plugin instances and profiles a Director runs."""
+
+    source: EndpointPickerConfig
+    plugins: dict[str, Plugin]
+    profiles: dict[str, Profile]
+    handler: ProfileHandler
+    producers: list[DataProducer]
+    pre_request: list[PreRequest]
+    response_hooks: list[ResponseHook]
+    parsers: list[str]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _loc(parts: tuple[Any, ...]) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _validation_issues(exc: ValidationError, prefix: str = "") -> list[ConfigIssue]:
+    issues = []
+    for err in exc.errors():
+        path = _loc(tuple(err["loc"]))
+        if prefix:
+            path = f"{prefix}.{path}" if path else prefix
+        issues.append(ConfigIssue(path, err["msg"]))
+    return issues
+
+
+def read_config_text(text: str, origin: str) -> EndpointPickerConfig:
+    """Parse and validate a config document (schema only); ConfigError lists every issue."""
+    if len(text.encode()) > MAX_CONFIG_BYTES:
+        raise ConfigError([ConfigIssue("", f"over {MAX_CONFIG_BYTES} bytes")], origin)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([ConfigIssue("", f"not valid YAML{where}: {problem}")], origin) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [ConfigIssue("", f"must be a mapping, got {type(data).__name__}")], origin
+        )
+    try:
+        return EndpointPickerConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_validation_issues(exc), origin) from None
+
+
+def load_config_file(
+    path: str | Path | None, text: str | None = None
+) -> tuple[EndpointPickerConfig, str]:
+    """The config from a file, inline text, or llm-d's default when neither is given."""
+    if path is not None and text is not None:
+        raise ConfigError([ConfigIssue("", "give either a config file or config text, not both")])
+    if path is not None:
+        p = Path(path)
+        try:
+            raw = p.read_text()
+        except OSError as exc:
+            raise ConfigError([ConfigIssue("", f"cannot read {p}: {exc.strerror}")]) from None
+        except UnicodeDecodeError:
+            raise ConfigError([ConfigIssue("", f"{p} is not UTF-8 text")]) from None
+        return read_config_text(raw, f"scheduler config {p}"), str(p)
+    if text is not None:
+        return read_config_text(text, "scheduler config text"), "--config-text"
+    return read_config_text(DEFAULT_CONFIG, "default scheduler config"), "built-in default"
+
+
+_PARSERS = ("openai-parser", "passthrough-parser")
+_DATALAYER_TYPES = frozenset(
+    {
+        "metrics-data-source",
+        "core-metrics-extractor",
+        "models-data-source",
+        "models-data-extractor",
+        "file-discovery",
+        "endpoint-notification-source",
+        "k8s-notification-source",
+    }
+)
+_INERT_TYPES = frozenset(_PARSERS) | _DATALAYER_TYPES
+
+
+def build(
+    cfg: EndpointPickerConfig,
+    registry: PluginRegistry,
+    handle: PluginHandle,
+    *,
+    allow_experimental: bool = False,
+) -> BuiltConfig:
+    """Instantiate plugins and profiles, applying llm-d's defaults; ConfigError on any issue."""
+    issues: list[ConfigIssue] = []
+    plugins: dict[str, Plugin] = {}
+    inert: dict[str, str] = {}
+    specs = list(enumerate(cfg.plugins))
+
+    for i, spec in specs:
+        name = spec.name or spec.type
+        where = f"plugins[{i}]"
+        if name in plugins or name in inert:
+            issues.append(ConfigIssue(f"{where}.name", f"duplicate plugin name {name!r}"))
+            continue
+        if spec.type in _INERT_TYPES:
+            inert[name] = spec.type
+            continue
+        cls, canonical = registry.resolve(spec.type)
+        if cls is None:
+            known = ", ".join(registry.types() + sorted(_INERT_TYPES))
+            issues.append(
+                ConfigIssue(f"{where}.type", f"unknown plugin type {spec.type!r}; known: {known}")
+            )
+            continue
+        if canonical is not None:
+            log.warning("plugin type %r is deprecated; use %r", spec.type, canonical)
+        if cls.experimental and not allow_experimental:
+            issues.append(
+                ConfigIssue(
+                    f"{where}.type",
+                    f"{spec.type!r} is experimental (Alpha); start with "
+                    "--allow-experimental-plugins to use it",
+                )
+            )
+            continue
+        try:
+            params = cls.Params.model_validate(spec.parameters or {})
+        except ValidationError as exc:
+            issues.extend(_validation_issues(exc, f"{where}.parameters"))
+            continue
+        plugins[name] = cls(name, params, handle)
+
+    def auto(type_name: str) -> Plugin:
+        """llm-d auto-creates a default producer a consumer needs but the config lacks."""
+        if type_name in plugins:
+            return plugins[type_name]
+        cls, _ = registry.resolve(type_name)
+        assert cls is not None
+        plugin = cls(type_name, cls.Params.model_validate({}), handle)
+        plugins[type_name] = plugin
+        return plugin
+
+    index_of = {spec.name or spec.type: i for i, spec in specs}
+    for name, plugin in list(plugins.items()):
+        wanted = getattr(plugin.params, "prefix_match_info_producer_name", None)
+        if wanted is not None and wanted not in plugins:
+            if wanted == "approx-prefix-cache-producer":
+                auto(wanted)
+            else:
+                issues.append(
+                    ConfigIssue(
+                        f"plugins[{index_of.get(name, name)}]"
+                        ".parameters.prefixMatchInfoProducerName",
+                        f"no plugin named {wanted!r}",
+                    )
+                )
+
+    profile_specs = cfg.scheduling_profiles
+    if not profile_specs:
+        refs = [
+            ProfilePluginRef(pluginRef=n)
+            for n, p in plugins.items()
+            if isinstance(p, Filter | Scorer | Picker)
+        ]
+        profile_specs = [ProfileSpec(name="default", plugins=refs)]
+
+    profiles: dict[str, Profile] = {}
+    for pi, ps in enumerate(profile_specs):
+        where = f"schedulingProfiles[{pi}]"
+        if ps.name in profiles:
+            issues.append(ConfigIssue(f"{where}.name", f"duplicate profile name {ps.name!r}"))
+            continue
+        filters: list[Filter] = []
+        scorers: list[tuple[Scorer, float]] = []
+        pickers: list[Picker] = []
+        for ri, ref in enumerate(ps.plugins):
+            rwhere = f"{where}.plugins[{ri}].pluginRef"
+            found = plugins.get(ref.plugin_ref)
+            if found is None:
+                if ref.plugin_ref in inert:
+                    issues.append(
+                        ConfigIssue(rwhere, f"{ref.plugin_ref!r} cannot be used in a profile")
+                    )
+                else:
+                    issues.append(ConfigIssue(rwhere, f"no plugin named {ref.plugin_ref!r}"))
+                continue
+            plugin = found
+            matched = False
+            if isinstance(plugin, Filter):
+                filters.append(plugin)
+                matched = True
+            if isinstance(plugin, Scorer):
+                scorers.append((plugin, 1.0 if ref.weight is None else ref.weight))
+                matched = True
+            if isinstance(plugin, Picker):
+                pickers.append(plugin)
+                matched = True
+            if not matched:
+                issues.append(
+                    ConfigIssue(
+                        rwhere,
+                        f"{ref.plugin_ref!r} ({plugin.type_name}) is not a filter, "
+                        "scorer or picker",
+                    )
+                )
+        if len(pickers) > 1:
+            issues.append(
+                ConfigIssue(f"{where}.plugins", f"a profile takes one picker, got {len(pickers)}")
+            )
+        picker = pickers[0] if pickers else auto("max-score-picker")
+        if not isinstance(picker, Picker):  # pragma: no cover - auto() returns the type
+            raise TypeError("max-score-picker is not a Picker")
+        profiles[ps.name] = Profile(ps.name, filters, scorers, picker)
+
+    handlers = [p for p in plugins.values() if isinstance(p, ProfileHandler)]
+    if len(handlers) > 1:
+        issues.append(ConfigIssue("plugins", "at most one profile handler may be configured"))
+    handler: ProfileHandler | None = None
+    if handlers:
+        handler = handlers[0]
+    elif len(profiles) <= 1:
+        h = auto("single-profile-handler")
+        assert isinstance(h, ProfileHandler)
+        handler = h
+    else:
+        issues.append(
+            ConfigIssue(
+                "plugins",
+                f"{len(profiles)} scheduling profiles need a profile handler plugin",
+            )
+        )
+
+    parsers = [p.plugin_ref for p in (cfg.request_handler.parsers if cfg.request_handler else [])]
+    parser_types = []
+    for i, parser in enumerate(parsers):
+        t = inert.get(parser, parser if parser in _PARSERS else "")
+        if t not in _PARSERS:
+            issues.append(
+                ConfigIssue(
+                    f"requestHandler.parsers[{i}].pluginRef",
+                    f"{parser!r} is not a supported parser ({', '.join(_PARSERS)})",
+                )
+            )
+        parser_types.append(t)
+    if not parsers:
+        parser_types = list(_PARSERS)
+
+    for gate in cfg.feature_gates:
+        log.warning("feature gate %r is accepted but has no effect in llmd-scheduler", gate)
+    if cfg.flow_control is not None:
+        log.warning("flowControl is accepted but not implemented yet; requests are not queued")
+
+    if issues or handler is None:
+        raise ConfigError(issues, "scheduler config")
+
+    ordered = list(plugins.values())
+    return BuiltConfig(
+        source=cfg,
+        plugins=plugins,
+        profiles=profiles,
+        handler=handler,
+        producers=[p for p in ordered if isinstance(p, DataProducer)],
+        pre_request=[p for p in ordered if isinstance(p, PreRequest)],
+        response_hooks=[p for p in ordered if isinstance(p, ResponseHook)],
+        parsers=parser_types,
+        settings={
+            "pick_time_accounting": cfg.llmd.pick_time_accounting,
+            "staleness_s": parse_duration(cfg.llmd.metrics_staleness_threshold),
+            "max_body_bytes": cfg.llmd.max_request_body_bytes,
+            "models_interval_s": parse_duration(cfg.llmd.models_interval),
+            "emit_endpoint_scores": cfg.llmd.emit_endpoint_scores,
+        },
+    )

@@ -1,0 +1,471 @@
+"""The Director: one request's path through the scheduler, independent of Envoy.
+
+    parse -> model rewrite -> candidates (fresh endpoints, subset hint) -> data producers
+          -> profile handler loop (filters -> weighted scorers -> picker) -> pre-request plugins
+          -> pick-time accounting -> Decision
+    response headers / first byte / completion -> response hooks, release of the accounting
+
+Everything here is synchronous and allocation-light: one decision is a few hundred
+microseconds of CPU and never awaits, so concurrent decisions are serialized on the event loop
+and each one sees the accounting of the one before (the herding fix).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from opentelemetry import trace
+
+from llmd.protocol import headers as hdr
+from llmd.scheduler.config import BuiltConfig, Profile
+from llmd.scheduler.datalayer import Datastore
+from llmd.scheduler.framework import (
+    EndpointState,
+    Filter,
+    LLMRequest,
+    PrefixMatch,
+    ProfileResult,
+    SchedulingError,
+    SchedulingResult,
+    ScoredEndpoint,
+    clamp01,
+)
+from llmd.scheduler.metrics import SchedulerMetrics
+from llmd.scheduler.parsing import ParseError, is_inference_path, parse_openai, rewrite_model
+from llmd.scheduler.plugins.filters import UtilizationFilter
+from llmd.scheduler.plugins.producers import InflightLoadProducer
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("llmd.scheduler")
+
+DECISION_BUFFER = 512
+
+
+@dataclass(slots=True)
+class Decision:
+    """Where a request goes and what to add to it; carried until the response completes."""
+
+    request: LLMRequest
+    endpoints: list[EndpointState]
+    set_headers: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    """A replacement body (model rewrite), or None to forward the original."""
+    result: SchedulingResult | None = None
+    tokens: int = 0
+    status: int = 0
+    first_byte_at: float = 0.0
+    completed: bool = False
+    accounted: bool = False
+
+    @property
+    def destination(self) -> str:
+        return ",".join(e.key for e in self.endpoints)
+
+
+@dataclass(slots=True)
+class _Explanation:
+    """Raw material of a decision's explanation, rendered only when someone asks."""
+
+    seq: int
+    request_id: str
+    model: str
+    at: float
+    candidates: list[str]
+    profiles: dict[
+        str,
+        tuple[
+            list[tuple[str, int]],
+            list[tuple[str, float, list[float]]],
+            list[str],
+            list[float],
+            list[str],
+        ],
+    ]
+    prefix: dict[str, PrefixMatch] | None
+    error: str | None = None
+
+    def render(self) -> dict[str, Any]:
+        profiles: dict[str, Any] = {}
+        for name, (filters, scorers, eps, totals, picked) in self.profiles.items():
+            profiles[name] = {
+                "filters": [{"plugin": f, "kept": n} for f, n in filters],
+                "scores": {
+                    s: {
+                        "weight": w,
+                        "per_endpoint": dict(zip(eps, (round(x, 4) for x in vals), strict=False)),
+                    }
+                    for s, w, vals in scorers
+                },
+                "totals": dict(zip(eps, (round(t, 4) for t in totals), strict=False)),
+                "picked": picked,
+            }
+        out: dict[str, Any] = {
+            "seq": self.seq,
+            "request_id": self.request_id,
+            "model": self.model,
+            "unix_time": round(self.at, 3),
+            "candidates": self.candidates,
+            "profiles": profiles,
+        }
+        if self.prefix:
+            out["prefix_match_blocks"] = {
+                k: f"{m.match_blocks}/{m.total_blocks}" for k, m in self.prefix.items()
+            }
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+class Director:
+    """Runs the configured plugins for each request and keeps the load accounting."""
+
+    def __init__(self, built: BuiltConfig, datastore: Datastore, metrics: SchedulerMetrics) -> None:
+        self.built = built
+        self.datastore = datastore
+        self.metrics = metrics
+        self.pick_time_accounting = bool(built.settings.get("pick_time_accounting", True))
+        self.max_body_bytes = int(built.settings.get("max_body_bytes", 16 * 1024 * 1024))
+        self.emit_scores = bool(built.settings.get("emit_endpoint_scores", False))
+        self.decisions: deque[_Explanation] = deque(maxlen=DECISION_BUFFER)
+        self._seq = 0
+        self._rng = random.Random()
+        loads = [p for p in built.plugins.values() if isinstance(p, InflightLoadProducer)]
+        self._load = loads[0] if loads else None
+        self._prefix_producer = built.plugins.get("approx-prefix-cache-producer")
+        self._timers: dict[tuple[str, str], Any] = {}
+        self.inflight = 0
+
+    # --- request side ----------------------------------------------------------------------
+
+    def new_request(self, headers: dict[str, str], path: str) -> LLMRequest:
+        rid = headers.get(hdr.REQUEST_ID) or str(uuid.uuid4())
+        headers[hdr.REQUEST_ID] = rid
+        req = LLMRequest(request_id=rid, path=path, headers=headers, body=b"")
+        rewrite = req.header(hdr.MODEL_NAME_REWRITE, hdr.MODEL_NAME_REWRITE_LEGACY)
+        if rewrite:
+            req.target_model = rewrite
+        return req
+
+    def _timer(self, point: str, plugin: Any) -> Any:
+        key = (point, plugin.name)
+        h = self._timers.get(key)
+        if h is None:
+            h = self._timers[key] = self.metrics.plugin_duration.labels(
+                point, plugin.type_name, plugin.name
+            )
+        return h
+
+    def schedule(self, req: LLMRequest, subset: list[str] | None = None) -> Decision:
+        """Pick endpoints for a request whose body is complete; SchedulingError when it cannot."""
+        t0 = time.perf_counter()
+        try:
+            return self._schedule(req, subset)
+        finally:
+            self.metrics.scheduler_e2e.observe(time.perf_counter() - t0)
+
+    def _schedule(self, req: LLMRequest, subset: list[str] | None) -> Decision:
+        body_out: bytes | None = None
+        if is_inference_path(req.path) and "openai-parser" in self.built.parsers:
+            try:
+                parse_openai(req)
+            except ParseError as exc:
+                raise SchedulingError(400, str(exc)) from None
+            if req.target_model != req.model:
+                body_out = rewrite_model(req.body, req.target_model)
+        elif "passthrough-parser" not in self.built.parsers:
+            raise SchedulingError(400, f"no parser handles the path {req.path!r}")
+        model, target = self.metrics.model_labels(req.model or "", req.target_model or "")
+        self.metrics.request_total.labels(model, target).inc()
+        self.metrics.request_size.labels(model, target).observe(len(req.body))
+
+        candidates = self.datastore.candidates()
+        if subset is not None:
+            hosts = {s.rsplit(":", 1)[0] for s in subset}
+            candidates = [e for e in candidates if e.endpoint.address in hosts]
+        if not candidates:
+            raise SchedulingError(503, "no ready endpoints in the pool", hdr.DROPPED_NO_ENDPOINTS)
+
+        for producer in self.built.producers:
+            t = time.perf_counter()
+            try:
+                producer.produce(req, candidates)
+            except Exception:  # a producer failure degrades scoring, never the request
+                log.exception("data producer %s failed", producer.name)
+            self._timer("DataProducer", producer).observe(time.perf_counter() - t)
+
+        explain = _Explanation(
+            self._next_seq(),
+            req.request_id,
+            req.target_model,
+            time.time(),
+            [e.name for e in candidates],
+            {},
+            None,
+        )
+        results: dict[str, ProfileResult | None] = {}
+        handler = self.built.handler
+        names = list(self.built.profiles)
+        errors: list[SchedulingError] = []
+        try:
+            while True:
+                chosen = handler.pick_profiles(req, names, results)
+                if not chosen:
+                    break
+                for name in chosen:
+                    try:
+                        results[name] = self._run_profile(
+                            self.built.profiles[name], req, candidates, explain
+                        )
+                    except SchedulingError as exc:
+                        results[name] = None
+                        errors.append(exc)
+            if errors and all(r is None for r in results.values()):
+                raise errors[0]
+            result = handler.process_results(req, results)
+        except SchedulingError as exc:
+            explain.error = f"{exc.status}: {exc.message}"
+            self.decisions.append(explain)
+            self.metrics.scheduler_attempts.labels("failure", target, "", "", "").inc()
+            raise
+        explain.prefix = req.data.get("approx-prefix-cache-producer")
+        self.decisions.append(explain)
+
+        decision = Decision(req, list(result.targets), body=body_out, result=result)
+        for plugin in self.built.pre_request:
+            t = time.perf_counter()
+            try:
+                plugin.pre_request(req, result)
+            except Exception:
+                log.exception("pre-request plugin %s failed", plugin.name)
+                raise SchedulingError(500, f"pre-request plugin {plugin.name} failed") from None
+            self._timer("PreRequest", plugin).observe(time.perf_counter() - t)
+        set_headers = req.data.get("set_headers")
+        if set_headers:
+            decision.set_headers.update(set_headers)
+        primary = decision.endpoints[0]
+        self._account(decision, primary)
+        ep = primary.endpoint
+        self.metrics.scheduler_attempts.labels(
+            "success", target, ep.name, ep.namespace, str(ep.port)
+        ).inc()
+        return decision
+
+    def _run_profile(
+        self,
+        profile: Profile,
+        req: LLMRequest,
+        candidates: list[EndpointState],
+        explain: _Explanation,
+    ) -> ProfileResult:
+        eps = candidates
+        filter_log: list[tuple[str, int]] = []
+        for f in profile.filters:
+            t = time.perf_counter()
+            eps = f.filter(req, eps)
+            self._timer("Filter", f).observe(time.perf_counter() - t)
+            filter_log.append((f.name, len(eps)))
+            if not eps:
+                explain.profiles[profile.name] = (filter_log, [], [], [], [])
+                raise _drained(f, profile.name)
+        totals = [0.0] * len(eps)
+        score_log: list[tuple[str, float, list[float]]] = []
+        for scorer, weight in profile.scorers:
+            t = time.perf_counter()
+            raw = scorer.score(req, eps)
+            self._timer("Scorer", scorer).observe(time.perf_counter() - t)
+            if len(raw) != len(eps):
+                log.error(
+                    "scorer %s returned %d scores for %d endpoints", scorer.name, len(raw), len(eps)
+                )
+                continue
+            clamped = [clamp01(s) for s in raw]
+            for i, s in enumerate(clamped):
+                totals[i] += s * weight
+            score_log.append((scorer.name, weight, clamped))
+        scored = [ScoredEndpoint(e, s) for e, s in zip(eps, totals, strict=True)]
+        t = time.perf_counter()
+        picked = profile.picker.pick(req, scored)
+        self._timer("Picker", profile.picker).observe(time.perf_counter() - t)
+        explain.profiles[profile.name] = (
+            filter_log,
+            score_log,
+            [e.name for e in eps],
+            totals,
+            [e.name for e in picked],
+        )
+        return ProfileResult(picked, scored)
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _account(self, decision: Decision, endpoint: EndpointState) -> None:
+        req = decision.request
+        cached = 0
+        prefix: dict[str, PrefixMatch] | None = req.data.get("approx-prefix-cache-producer")
+        if prefix and endpoint.key in prefix:
+            m = prefix[endpoint.key]
+            cached = min(req.prompt_tokens, m.match_blocks * m.block_size_tokens)
+        tokens = (
+            self._load.tokens(req, cached) if self._load else max(0, req.prompt_tokens - cached)
+        )
+        decision.tokens = tokens
+        endpoint.inflight_requests += 1
+        endpoint.inflight_tokens += tokens
+        if self.pick_time_accounting:
+            endpoint.note_pick(tokens, self.datastore.clock())
+        decision.accounted = True
+        self.inflight += 1
+        ep = endpoint.endpoint
+        self.metrics.inflight_requests.labels(ep.name, ep.namespace).set(endpoint.inflight_requests)
+        self.metrics.inflight_tokens.labels(ep.name, ep.namespace).set(endpoint.inflight_tokens)
+        model, target = self.metrics.model_labels(req.model, req.target_model)
+        self.metrics.request_running.labels(model, target).inc()
+
+    def rejected(self, req: LLMRequest, exc: SchedulingError) -> None:
+        """Count a request answered by the scheduler itself (never forwarded)."""
+        model, target = self.metrics.model_labels(req.model, req.target_model)
+        self.metrics.request_error_total.labels(model, target, str(exc.status)).inc()
+
+    def pick_any(self, req: LLMRequest) -> Decision:
+        """A bodiless request (GET): a random endpoint, as llm-d does."""
+        candidates = self.datastore.candidates()
+        if not candidates:
+            raise SchedulingError(503, "no ready endpoints in the pool", hdr.DROPPED_NO_ENDPOINTS)
+        return Decision(req, [self._rng.choice(candidates)])
+
+    # --- response side ---------------------------------------------------------------------
+
+    def response_headers(self, decision: Decision, status: int) -> None:
+        decision.status = status
+        endpoint = decision.endpoints[0] if decision.endpoints else None
+        for hook in self.built.response_hooks:
+            hook.response_headers(decision.request, status, endpoint)
+
+    def first_byte(self, decision: Decision) -> None:
+        if decision.first_byte_at:
+            return
+        decision.first_byte_at = time.monotonic()
+        req = decision.request
+        if req.parsed:
+            model, target = self.metrics.model_labels(req.model, req.target_model)
+            self.metrics.request_ttft.labels(model, target, str(req.stream).lower()).observe(
+                decision.first_byte_at - req.received_at
+            )
+        endpoint = decision.endpoints[0] if decision.endpoints else None
+        for hook in self.built.response_hooks:
+            hook.first_token(req, endpoint)
+
+    def complete(self, decision: Decision, cause: str, usage: dict[str, Any] | None = None) -> None:
+        """Release the request's accounting exactly once, whatever ended it."""
+        if decision.completed:
+            return
+        decision.completed = True
+        req = decision.request
+        endpoint = decision.endpoints[0] if decision.endpoints else None
+        model, target = self.metrics.model_labels(req.model, req.target_model)
+        if decision.accounted and endpoint is not None:
+            endpoint.inflight_requests = max(0, endpoint.inflight_requests - 1)
+            endpoint.inflight_tokens = max(0, endpoint.inflight_tokens - decision.tokens)
+            ep = endpoint.endpoint
+            self.metrics.inflight_requests.labels(ep.name, ep.namespace).set(
+                endpoint.inflight_requests
+            )
+            self.metrics.inflight_tokens.labels(ep.name, ep.namespace).set(endpoint.inflight_tokens)
+            self.metrics.request_running.labels(model, target).dec()
+            self.inflight -= 1
+        if req.parsed:
+            self.metrics.request_duration.labels(model, target).observe(
+                time.monotonic() - req.received_at
+            )
+        if cause != "natural" or decision.status >= 400:
+            code = str(decision.status) if decision.status >= 400 else cause
+            self.metrics.request_error_total.labels(model, target, code).inc()
+        if usage:
+            self._usage(model, target, usage)
+        for hook in self.built.response_hooks:
+            try:
+                hook.response_complete(req, endpoint, cause)
+            except Exception:
+                log.exception("response hook %s failed", hook.name)
+
+    def _usage(self, model: str, target: str, usage: dict[str, Any]) -> None:
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        details = usage.get("prompt_tokens_details") or {}
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        if isinstance(prompt, int):
+            self.metrics.input_tokens.labels(model, target).observe(prompt)
+        if isinstance(completion, int):
+            self.metrics.output_tokens.labels(model, target).observe(completion)
+        if isinstance(cached, int):
+            self.metrics.cached_tokens.labels(model, target).observe(cached)
+
+    # --- debugging -------------------------------------------------------------------------
+
+    def explain(
+        self, since: int = 0, request_id: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        out = []
+        for e in self.decisions:
+            if e.seq <= since or (request_id is not None and e.request_id != request_id):
+                continue
+            out.append(e.render())
+        return out[-limit:]
+
+    def dry_run(
+        self, path: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Score a request without sending it or changing any state, and explain the result."""
+        req = self.new_request(dict(headers or {}), path)
+        req.body = body
+        if not is_inference_path(path):
+            raise SchedulingError(400, f"{path!r} is not an inference path")
+        try:
+            parse_openai(req)
+        except ParseError as exc:
+            raise SchedulingError(400, str(exc)) from None
+        candidates = self.datastore.candidates()
+        if not candidates:
+            raise SchedulingError(503, "no ready endpoints in the pool", hdr.DROPPED_NO_ENDPOINTS)
+        for producer in self.built.producers:
+            producer.produce(req, candidates)
+        explain = _Explanation(
+            0, req.request_id, req.target_model, time.time(), [e.name for e in candidates], {}, None
+        )
+        for profile in self.built.profiles.values():
+            try:
+                self._run_profile(profile, req, candidates, explain)
+            except SchedulingError as exc:
+                explain.error = f"{exc.status}: {exc.message}"
+        explain.prefix = req.data.get("approx-prefix-cache-producer")
+        return explain.render()
+
+    def endpoint_scores(self, decision: Decision) -> dict[str, float] | None:
+        if not self.emit_scores or decision.result is None:
+            return None
+        primary = decision.result.profiles[decision.result.primary]
+        return {s.endpoint.key: s.score for s in primary.scored}
+
+
+def _drained(f: Filter, profile: str) -> SchedulingError:
+    if isinstance(f, UtilizationFilter):
+        return SchedulingError(
+            429,
+            f"every endpoint is over the limits of {f.name} (profile {profile})",
+            hdr.DROPPED_SATURATED,
+        )
+    return SchedulingError(
+        503, f"no endpoint passes filter {f.name} (profile {profile})", hdr.DROPPED_NO_ENDPOINTS
+    )
+
+
+def encode_scores(scores: dict[str, float]) -> bytes:
+    return msgspec.json.encode(scores)

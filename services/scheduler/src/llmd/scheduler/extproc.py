@@ -1,0 +1,371 @@
+"""Envoy's ExternalProcessor in FULL_DUPLEX_STREAMED mode, and llm-d's gRPC health service.
+
+Per stream (one HTTP request):
+  request_headers  -> remember them (a bodiless request is routed at once, to a random endpoint)
+  request_body*    -> buffer to end of stream (bounded), then schedule and reply with
+                      HeadersResponse (x-gateway-destination-endpoint + envoy.lb metadata,
+                      clear_route_cache) followed by the body in chunks of at most 62,000 bytes
+  response_headers -> status, streaming or not; reply at once
+  response_body*   -> passed straight back chunk by chunk; usage read from the tail
+  end of stream    -> the Director releases the request's accounting exactly once, whatever
+                      ended it (natural end, client gone, upstream reset, our own error)
+Errors before routing become ImmediateResponse with llm-d's status codes and
+`x-llm-d-request-dropped-reason`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import msgspec
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
+
+from llmd.protocol import headers as hdr
+from llmd.scheduler.director import Decision, Director
+from llmd.scheduler.framework import LLMRequest, SchedulingError
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("llmd.scheduler")
+
+BODY_CHUNK_BYTES = 62_000
+USAGE_TAIL_BYTES = 64 * 1024
+USAGE_BODY_LIMIT = 4 * 1024 * 1024
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+HEALTH_SERVICES = ("", "liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor")
+
+
+def _header_value(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()), append_action=_OVERWRITE
+    )
+
+
+def read_headers(msg: pb.HttpHeaders) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for h in msg.headers.headers:
+        out[h.key.lower()] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return out
+
+
+def immediate(
+    status: int, message: str, dropped_reason: str | None = None
+) -> pb.ProcessingResponse:
+    """An error reply sent by Envoy on our behalf, with an OpenAI-style JSON body."""
+    kind = "BadRequestError" if status < 500 else "ServiceUnavailableError"
+    body = msgspec.json.encode(
+        {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    )
+    headers = [_header_value("content-type", "application/json")]
+    if dropped_reason:
+        headers.append(_header_value(hdr.REQUEST_DROPPED_REASON, dropped_reason))
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=pb.HeaderMutation(set_headers=headers),
+            body=body,
+            details=dropped_reason or "",
+        )
+    )
+
+
+def _routing_reply(
+    decision: Decision, director: Director, body_len: int | None
+) -> pb.ProcessingResponse:
+    dest = decision.destination
+    primary = decision.endpoints[0].key
+    req = decision.request
+    set_headers = [_header_value(hdr.DESTINATION_ENDPOINT, primary)]
+    for key, value in req.headers.items():
+        if key.startswith(":") or key in hdr.SYSTEM_OWNED or key == "host":
+            continue
+        if key == hdr.REQUEST_ID:
+            set_headers.append(_header_value(key, value))
+    for key, value in decision.set_headers.items():
+        set_headers.append(_header_value(key, value))
+    if body_len is not None:
+        set_headers.append(_header_value("content-length", str(body_len)))
+    remove = [h for h in req.headers if h in hdr.SYSTEM_OWNED and h != "content-length"]
+    common = pb.CommonResponse(
+        header_mutation=pb.HeaderMutation(set_headers=set_headers, remove_headers=remove),
+        clear_route_cache=True,
+    )
+    lb: dict[str, Any] = {hdr.DESTINATION_ENDPOINT: dest}
+    scores = director.endpoint_scores(decision)
+    if scores is not None:
+        lb[hdr.DESTINATION_ENDPOINT_SCORES] = scores
+    metadata = struct_pb2.Struct()
+    metadata.update({hdr.ENVOY_LB_NAMESPACE: lb})
+    return pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(response=common), dynamic_metadata=metadata
+    )
+
+
+def _body_replies(body: bytes, request: bool) -> list[pb.ProcessingResponse]:
+    out = []
+    n = max(1, (len(body) + BODY_CHUNK_BYTES - 1) // BODY_CHUNK_BYTES)
+    for i in range(n):
+        chunk = body[i * BODY_CHUNK_BYTES : (i + 1) * BODY_CHUNK_BYTES]
+        mutation = pb.BodyMutation(
+            streamed_response=pb.StreamedBodyResponse(body=chunk, end_of_stream=i == n - 1)
+        )
+        reply = pb.BodyResponse(response=pb.CommonResponse(body_mutation=mutation))
+        out.append(
+            pb.ProcessingResponse(request_body=reply)
+            if request
+            else pb.ProcessingResponse(response_body=reply)
+        )
+    return out
+
+
+def _subset_hint(msg: pb.ProcessingRequest) -> list[str] | None:
+    if not msg.HasField("metadata_context"):
+        return None
+    ns = msg.metadata_context.filter_metadata.get(hdr.ENVOY_LB_SUBSET_HINT)
+    if ns is None or hdr.DESTINATION_ENDPOINT_SUBSET not in ns.fields:
+        return None
+    value = ns.fields[hdr.DESTINATION_ENDPOINT_SUBSET]
+    return [str(v.string_value) for v in value.list_value.values]
+
+
+class _Stream:
+    """One request's state across its ext_proc messages."""
+
+    __slots__ = (
+        "body",
+        "collect",
+        "decision",
+        "done_request",
+        "model_back",
+        "request",
+        "stream",
+        "subset",
+        "tail",
+    )
+
+    def __init__(self) -> None:
+        self.request: LLMRequest | None = None
+        self.body = bytearray()
+        self.decision: Decision | None = None
+        self.done_request = False
+        self.stream = False
+        self.subset: list[str] | None = None
+        self.tail = bytearray()
+        self.collect = True
+        self.model_back: tuple[bytes, bytes, bytes, bytes] | None = None
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    """The ext_proc service; all policy lives in the Director."""
+
+    def __init__(self, director: Director, max_body_bytes: int) -> None:
+        self.director = director
+        self.max_body_bytes = max_body_bytes
+        self.draining = False
+
+    async def Process(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        metrics = self.director.metrics
+        metrics.streams_inflight.inc()
+        s = _Stream()
+        cause = "client-disconnect"
+        try:
+            async for msg in request_iterator:
+                kind = msg.WhichOneof("request")
+                if kind == "request_headers":
+                    s.request = self.director.new_request(read_headers(msg.request_headers), "")
+                    s.request.path = s.request.headers.get(":path", "/").split("?", 1)[0]
+                    s.subset = _subset_hint(msg)
+                    if msg.request_headers.end_of_stream:
+                        s.done_request = True
+                        try:
+                            s.decision = self.director.pick_any(s.request)
+                        except SchedulingError as exc:
+                            cause = "rejected"
+                            self.director.rejected(s.request, exc)
+                            yield immediate(exc.status, exc.message, exc.dropped_reason)
+                            return
+                        yield _routing_reply(s.decision, self.director, None)
+                elif kind == "request_body" or kind == "request_trailers":
+                    if s.done_request or s.request is None:
+                        if kind == "request_trailers":
+                            yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+                        continue
+                    eos = kind == "request_trailers"
+                    if kind == "request_body":
+                        s.body += msg.request_body.body
+                        eos = msg.request_body.end_of_stream
+                        if len(s.body) > self.max_body_bytes:
+                            cause = "rejected"
+                            self.director.rejected(
+                                s.request, SchedulingError(413, "request body too large")
+                            )
+                            yield immediate(
+                                413, f"request body exceeds {self.max_body_bytes} bytes"
+                            )
+                            return
+                    if not eos:
+                        continue
+                    s.done_request = True
+                    t0 = time.perf_counter()
+                    s.request.body = bytes(s.body)
+                    s.body = bytearray()
+                    try:
+                        s.decision = self.director.schedule(s.request, s.subset)
+                    except SchedulingError as exc:
+                        cause = "rejected"
+                        self.director.rejected(s.request, exc)
+                        log.info(
+                            "request %s rejected: %d %s",
+                            s.request.request_id,
+                            exc.status,
+                            exc.message,
+                        )
+                        yield immediate(exc.status, exc.message, exc.dropped_reason)
+                        return
+                    body = s.decision.body if s.decision.body is not None else s.request.body
+                    replies = [_routing_reply(s.decision, self.director, len(body))]
+                    replies += _body_replies(body, request=True)
+                    req = s.request
+                    if req.target_model and req.target_model != req.model:
+                        s.model_back = (
+                            f'"model":"{req.target_model}"'.encode(),
+                            f'"model":"{req.model}"'.encode(),
+                            f'"model": "{req.target_model}"'.encode(),
+                            f'"model": "{req.model}"'.encode(),
+                        )
+                    metrics.request_processing.observe(time.perf_counter() - t0)
+                    for reply in replies:
+                        yield reply
+                    if kind == "request_trailers":
+                        yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+                elif kind == "response_headers":
+                    hdrs = read_headers(msg.response_headers)
+                    status = int(hdrs.get(":status", "0") or 0)
+                    s.stream = "text/event-stream" in hdrs.get("content-type", "")
+                    if s.decision is not None:
+                        self.director.response_headers(s.decision, status)
+                    yield pb.ProcessingResponse(
+                        response_headers=pb.HeadersResponse(response=pb.CommonResponse())
+                    )
+                    if msg.response_headers.end_of_stream:
+                        cause = "natural"
+                        self._finish(s, cause)
+                elif kind == "response_body":
+                    chunk = msg.response_body.body
+                    if s.decision is not None and chunk:
+                        self.director.first_byte(s.decision)
+                    if s.model_back is not None and chunk:
+                        a, b, c, d = s.model_back
+                        chunk = chunk.replace(a, b).replace(c, d)
+                    self._keep(s, chunk)
+                    mutation = pb.BodyMutation(
+                        streamed_response=pb.StreamedBodyResponse(
+                            body=chunk, end_of_stream=msg.response_body.end_of_stream
+                        )
+                    )
+                    yield pb.ProcessingResponse(
+                        response_body=pb.BodyResponse(
+                            response=pb.CommonResponse(body_mutation=mutation)
+                        )
+                    )
+                    if msg.response_body.end_of_stream:
+                        cause = "natural"
+                        self._finish(s, cause)
+                elif kind == "response_trailers":
+                    yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+                    cause = "natural"
+                    self._finish(s, cause)
+            if s.decision is not None and not s.decision.completed:
+                # Envoy closed the stream before the response ended: upstream reset or
+                # the client went away. Either way the accounting must be released.
+                cause = "error" if s.decision.status == 0 or s.decision.status >= 500 else cause
+        except Exception:
+            cause = "error"
+            log.exception("ext_proc stream failed")
+            raise
+        finally:
+            if s.decision is not None and not s.decision.completed:
+                self._finish(s, cause)
+            metrics.streams_inflight.dec()
+            metrics.streams_total.labels(cause).inc()
+
+    def _keep(self, s: _Stream, chunk: bytes) -> None:
+        if not s.collect:
+            return
+        s.tail += chunk
+        if s.stream:
+            if len(s.tail) > USAGE_TAIL_BYTES:
+                del s.tail[: len(s.tail) - USAGE_TAIL_BYTES]
+        elif len(s.tail) > USAGE_BODY_LIMIT:
+            s.collect = False
+            s.tail = bytearray()
+
+    def _finish(self, s: _Stream, cause: str) -> None:
+        if s.decision is None or s.decision.completed:
+            return
+        usage = _usage(bytes(s.tail), s.stream) if s.collect and s.tail else None
+        self.director.complete(s.decision, cause, usage)
+
+
+def _usage(body: bytes, stream: bool) -> dict[str, Any] | None:
+    try:
+        if not stream:
+            obj = msgspec.json.decode(body)
+            u = obj.get("usage") if isinstance(obj, dict) else None
+            return u if isinstance(u, dict) else None
+        for block in reversed(body.split(b"\n\n")):
+            line = block.strip()
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]" or b'"usage"' not in payload:
+                continue
+            obj = msgspec.json.decode(payload)
+            u = obj.get("usage") if isinstance(obj, dict) else None
+            if isinstance(u, dict):
+                return u
+    except msgspec.DecodeError:
+        return None
+    return None
+
+
+class HealthService(health_pb2_grpc.HealthServicer):
+    """gRPC health with llm-d's service names: SERVING when the pool has synced and the
+    scheduler is not draining; `liveness` stays SERVING while draining."""
+
+    def __init__(self, is_ready: Any) -> None:
+        self.is_ready = is_ready
+        self.draining = False
+
+    def status(self, service: str) -> int:
+        if service not in HEALTH_SERVICES:
+            return int(health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        if service == "liveness":
+            return int(health_pb2.HealthCheckResponse.SERVING)
+        ok = self.is_ready() and not self.draining
+        return int(
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+    async def Check(  # noqa: N802 - gRPC method name
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        code = self.status(request.service)
+        if code == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=code)

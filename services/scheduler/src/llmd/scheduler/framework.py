@@ -1,0 +1,356 @@
+"""The plugin framework: request and endpoint types, the plugin kinds, and the type registry.
+
+A plugin is one class with a `type_name`, an optional `Params` model (strictly validated, camelCase
+keys as in llm-d's YAML) and one method per extension point it implements:
+
+    @register
+    class QueueScorer(Scorer):
+        type_name = "queue-scorer"
+
+        def score(self, request, endpoints):
+            ...return one float per endpoint, clamped to [0, 1] by the framework
+
+Plugins receive a `PluginHandle` (the endpoint datastore and the scheduler-wide settings) at
+construction; they never reach for globals.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+from llmd.protocol.metrics import EngineSnapshot
+from llmd.runtime.discovery import Endpoint
+
+
+class PluginParams(BaseModel):
+    """Base for plugin parameters: unknown keys are errors, llm-d's camelCase keys accepted."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class NoParams(PluginParams):
+    """For plugins without parameters."""
+
+
+# --- endpoints -----------------------------------------------------------------------------
+
+
+class EndpointState:
+    """What the scheduler knows about one endpoint: scraped metrics plus its own accounting.
+
+    `unseen` are requests this scheduler sent after the endpoint's last scrape started, so the
+    scraped queue cannot contain them yet; load scorers add them (llm-d's herding fix).
+    """
+
+    __slots__ = (
+        "consecutive_failures",
+        "endpoint",
+        "inflight_requests",
+        "inflight_tokens",
+        "key",
+        "last_error",
+        "loaded_models",
+        "metrics",
+        "metrics_at",
+        "unseen",
+        "unseen_tokens",
+    )
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.key = endpoint.host_port
+        self.metrics: EngineSnapshot | None = None
+        self.metrics_at = 0.0  # monotonic time of the last good scrape (0 = never)
+        self.last_error: str | None = None
+        self.consecutive_failures = 0
+        self.inflight_requests = 0
+        self.inflight_tokens = 0
+        self.unseen: list[tuple[float, int]] = []  # (pick time, tokens), oldest first
+        self.unseen_tokens = 0
+        self.loaded_models: frozenset[str] = frozenset()
+
+    @property
+    def name(self) -> str:
+        return self.endpoint.name
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return dict(self.endpoint.labels)
+
+    def fresh(self, now: float, threshold_s: float) -> bool:
+        return self.metrics_at > 0 and now - self.metrics_at <= threshold_s
+
+    @property
+    def waiting(self) -> int:
+        """Scraped waiting queue plus the requests sent since that scrape."""
+        scraped = self.metrics.waiting if self.metrics and self.metrics.waiting else 0
+        return scraped + len(self.unseen)
+
+    @property
+    def running(self) -> int:
+        return self.metrics.running if self.metrics and self.metrics.running else 0
+
+    @property
+    def kv_usage(self) -> float:
+        """Scraped KV usage plus the blocks the unseen requests will take (estimated)."""
+        m = self.metrics
+        if m is None or m.kv_cache_usage is None:
+            return 0.0
+        extra = 0.0
+        if self.unseen_tokens and m.num_gpu_blocks and m.block_size:
+            extra = self.unseen_tokens / (m.num_gpu_blocks * m.block_size)
+        return min(1.0, m.kv_cache_usage + extra)
+
+    def note_pick(self, tokens: int, now: float, limit: int = 4096) -> None:
+        """Record a request sent here; visible to load scorers until the next scrape."""
+        if len(self.unseen) >= limit:
+            _, old = self.unseen.pop(0)
+            self.unseen_tokens -= old
+        self.unseen.append((now, tokens))
+        self.unseen_tokens += tokens
+
+    def note_scrape(self, started_at: float, snapshot: EngineSnapshot, now: float) -> None:
+        """A scrape that started at `started_at` sees every request picked before it."""
+        self.metrics = snapshot
+        self.metrics_at = now
+        self.last_error = None
+        self.consecutive_failures = 0
+        drop = 0
+        for t, tokens in self.unseen:
+            if t > started_at:
+                break
+            drop += 1
+            self.unseen_tokens -= tokens
+        if drop:
+            del self.unseen[:drop]
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        """A JSON-able view for the debug endpoints."""
+        m = self.metrics
+        return {
+            "name": self.name,
+            "address": self.key,
+            "labels": self.labels,
+            "metrics_age_s": round(now - self.metrics_at, 3) if self.metrics_at else None,
+            "waiting": m.waiting if m else None,
+            "running": m.running if m else None,
+            "kv_cache_usage": m.kv_cache_usage if m else None,
+            "unseen_requests": len(self.unseen),
+            "inflight_requests": self.inflight_requests,
+            "inflight_tokens": self.inflight_tokens,
+            "loaded_models": sorted(self.loaded_models),
+            "last_error": self.last_error,
+        }
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class PrefixMatch:
+    """How many of a request's prefix blocks an endpoint holds (llm-d's PrefixCacheMatchInfo)."""
+
+    match_blocks: int
+    total_blocks: int
+    block_size_tokens: int
+
+
+@dataclass(slots=True)
+class LLMRequest:
+    """One inference request as the scheduler sees it."""
+
+    request_id: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    model: str = ""
+    target_model: str = ""
+    stream: bool = False
+    max_tokens: int | None = None
+    cache_salt: str = ""
+    prompt_bytes: list[bytes] = field(default_factory=list)
+    """Per prompt, the bytes the token estimate packs (4 bytes = 1 pseudo-token) or real ids."""
+    prompt_tokens: int = 0
+    parsed: bool = False
+    received_at: float = field(default_factory=time.monotonic)
+    data: dict[str, Any] = field(default_factory=dict)
+    """What data producers wrote for the scorers (keyed by producer name)."""
+
+    def header(self, name: str, *aliases: str) -> str | None:
+        for key in (name, *aliases):
+            value = self.headers.get(key)
+            if value is not None:
+                return value
+        return None
+
+
+@dataclass(slots=True)
+class ScoredEndpoint:
+    endpoint: EndpointState
+    score: float
+
+
+@dataclass(slots=True)
+class ProfileResult:
+    """One profile's outcome: the ordered picks, every scored candidate, and the explanation."""
+
+    targets: list[EndpointState]
+    scored: list[ScoredEndpoint]
+    explain: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class SchedulingResult:
+    profiles: dict[str, ProfileResult]
+    primary: str
+
+    @property
+    def targets(self) -> list[EndpointState]:
+        return self.profiles[self.primary].targets
+
+
+class SchedulingError(Exception):
+    """A request that cannot be routed: the HTTP status, the dropped reason header, a message."""
+
+    def __init__(self, status: int, message: str, dropped_reason: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.dropped_reason = dropped_reason
+
+
+# --- plugins -------------------------------------------------------------------------------
+
+
+@dataclass
+class PluginHandle:
+    """What a plugin may use: the endpoint datastore and scheduler-wide settings."""
+
+    endpoints: Callable[[], Sequence[EndpointState]]
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+class Plugin:
+    """Base of every plugin. Subclasses set `type_name` and, if configurable, `Params`."""
+
+    type_name: ClassVar[str] = ""
+    Params: ClassVar[type[PluginParams]] = NoParams
+    experimental: ClassVar[bool] = False
+
+    def __init__(self, name: str, params: PluginParams, handle: PluginHandle) -> None:
+        self.name = name
+        self.params = params
+        self.handle = handle
+
+    def state(self) -> dict[str, Any]:
+        """Internal state for GET /debug/plugins/state (override to expose more)."""
+        return {}
+
+
+class Filter(Plugin):
+    def filter(self, request: LLMRequest, endpoints: list[EndpointState]) -> list[EndpointState]:
+        raise NotImplementedError
+
+
+class Scorer(Plugin):
+    category: ClassVar[str] = "distribution"
+
+    def score(self, request: LLMRequest, endpoints: list[EndpointState]) -> list[float]:
+        """One score per endpoint, in the same order; the framework clamps to [0, 1]."""
+        raise NotImplementedError
+
+
+class Picker(Plugin):
+    def pick(self, request: LLMRequest, scored: list[ScoredEndpoint]) -> list[EndpointState]:
+        """The chosen endpoints, best first (more than one = an ordered fallback list)."""
+        raise NotImplementedError
+
+
+class DataProducer(Plugin):
+    """Computes per-request data (e.g. prefix matches) before scoring."""
+
+    def produce(self, request: LLMRequest, endpoints: list[EndpointState]) -> None:
+        raise NotImplementedError
+
+
+class PreRequest(Plugin):
+    """Runs once the request's endpoints are chosen, before it is forwarded."""
+
+    def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
+        raise NotImplementedError
+
+
+class ResponseHook(Plugin):
+    """Sees the response: headers, then completion (with usage, once, whatever the outcome)."""
+
+    def response_headers(
+        self, request: LLMRequest, status: int, endpoint: EndpointState | None
+    ) -> None:
+        return None
+
+    def first_token(self, request: LLMRequest, endpoint: EndpointState | None) -> None:
+        return None
+
+    def response_complete(
+        self, request: LLMRequest, endpoint: EndpointState | None, cause: str
+    ) -> None:
+        """`cause` is natural, client-disconnect, error or rejected."""
+        return
+
+
+class ProfileHandler(Plugin):
+    def pick_profiles(
+        self, request: LLMRequest, profiles: Sequence[str], results: dict[str, ProfileResult | None]
+    ) -> list[str]:
+        raise NotImplementedError
+
+    def process_results(
+        self, request: LLMRequest, results: dict[str, ProfileResult | None]
+    ) -> SchedulingResult:
+        raise NotImplementedError
+
+
+# --- registry ------------------------------------------------------------------------------
+
+
+P = TypeVar("P", bound=type[Plugin])
+
+
+class PluginRegistry:
+    """Plugin classes by type string, plus deprecated aliases."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, type[Plugin]] = {}
+        self._aliases: dict[str, str] = {}
+
+    def add(self, cls: type[Plugin], *aliases: str) -> None:
+        if not cls.type_name:
+            raise ValueError(f"{cls.__name__} has no type_name")
+        if cls.type_name in self._types:
+            raise ValueError(f"plugin type {cls.type_name!r} registered twice")
+        self._types[cls.type_name] = cls
+        for alias in aliases:
+            self._aliases[alias] = cls.type_name
+
+    def resolve(self, type_name: str) -> tuple[type[Plugin] | None, str | None]:
+        """The class for a type string, and the canonical name when it was an alias."""
+        if type_name in self._types:
+            return self._types[type_name], None
+        canonical = self._aliases.get(type_name)
+        if canonical is not None:
+            return self._types[canonical], canonical
+        return None, None
+
+    def types(self) -> list[str]:
+        return sorted(self._types)
+
+
+def clamp01(value: float) -> float:
+    if value != value:  # NaN scores count as 0
+        return 0.0
+    return 0.0 if value < 0.0 else 1.0 if value > 1.0 else value
