@@ -40,12 +40,20 @@ DEFAULT_CONFIG = """\
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
+- type: utilization-filter
+  name: overload-filter
+  parameters:
+    conditions:
+    - metric: waiting-queue
+      maxValue: 16
+    fallbackOnEmpty: true
 - type: queue-scorer
 - type: kv-cache-utilization-scorer
 - type: prefix-cache-scorer
 schedulingProfiles:
 - name: default
   plugins:
+  - pluginRef: overload-filter
   - pluginRef: queue-scorer
     weight: 2
   - pluginRef: kv-cache-utilization-scorer
@@ -53,8 +61,11 @@ schedulingProfiles:
   - pluginRef: prefix-cache-scorer
     weight: 3
 """
-"""llm-d's optimized baseline (queue 2, kv 2, prefix 3). llmd adds, without config: in-flight
-accounting at pick time and least-loaded tie-breaking (the herding fix)."""
+"""llm-d's optimized baseline (queue 2, kv 2, prefix 3) plus an overload filter: an endpoint
+with more than 16 waiting requests (scraped, plus those sent since the scrape) leaves the
+candidates unless every endpoint is that loaded, so a hot prefix spreads instead of piling onto
+its cache holder (llm-d #355). Without config llmd also counts each request against its
+endpoint at pick time and breaks ties by outstanding work (the herding fix)."""
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 
@@ -81,7 +92,7 @@ class PluginSpec(StrictModel):
 
 class ProfilePluginRef(StrictModel):
     plugin_ref: str = Field(alias="pluginRef", min_length=1)
-    weight: float | None = Field(default=None, ge=0)
+    weight: float | None = None  # checked in build() so it is reported with the other issues
 
 
 class ProfileSpec(StrictModel):
@@ -365,6 +376,12 @@ def build(
             if isinstance(plugin, Filter):
                 filters.append(plugin)
                 matched = True
+            if ref.weight is not None and ref.weight < 0:
+                issues.append(
+                    ConfigIssue(
+                        f"{where}.plugins[{ri}].weight", "must be greater than or equal to 0"
+                    )
+                )
             if isinstance(plugin, Scorer):
                 scorers.append((plugin, 1.0 if ref.weight is None else ref.weight))
                 matched = True

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,15 @@ class SimFleetProcess:
     log_path: Path
 
     @classmethod
-    def start(cls, *, count: int, block_size: int, profile: str, work: Path) -> SimFleetProcess:
+    def start(
+        cls,
+        *,
+        count: int,
+        block_size: int,
+        profile: str,
+        work: Path,
+        extra_args: Sequence[str] = (),
+    ) -> SimFleetProcess:
         http = _free_run(count)
         events = _free_run(count)
         replay = _free_run(count)
@@ -71,7 +80,7 @@ class SimFleetProcess:
                 "endpoint": f"tcp://*:{events}",
                 "replay_endpoint": f"tcp://*:{replay}",
             }),
-            "--fleet-file", str(endpoints_file),
+            "--fleet-file", str(endpoints_file), *extra_args,
         ]  # fmt: skip
         with log_path.open("wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -260,6 +260,11 @@ class SimServer:
             return
         self.crashed = True
         log.error("%s: crash fault: stopping", self.pod_name)
+        server = self._runner.server if self._runner is not None else None
+        for conn in list(server.connections) if server is not None else []:
+            transport = conn.transport
+            if transport is not None:
+                transport.abort()  # reset open connections instead of finishing their responses
         await self.stop()
 
     @property

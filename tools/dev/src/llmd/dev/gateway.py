@@ -1,0 +1,168 @@
+"""The gateway half of the local stack: llmd-scheduler and a real Envoy in front of it.
+
+`Gateway.start(endpoints_file, work)` starts the scheduler as a process (static discovery on the
+engines' file), waits until it is ready, generates the Envoy config and starts Envoy, then waits
+until Envoy sees the scheduler healthy. Requests to `gateway.url` take the production path:
+Envoy -> ext_proc -> scheduler -> Envoy ORIGINAL_DST -> the picked engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmd.runtime.discovery import StaticFileDiscovery
+from llmd.scheduler.envoy import EnvoyProcess, EnvoySettings
+from llmd.vllm_cpu.server import free_port
+
+READY_TIMEOUT_S = 60.0
+
+
+class GatewayStartError(RuntimeError):
+    """The scheduler or Envoy did not come up."""
+
+
+def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@dataclass
+class SchedulerProcess:
+    """`llmd-scheduler` as a child process."""
+
+    process: subprocess.Popen[bytes]
+    grpc_port: int
+    health_port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    @classmethod
+    def start(
+        cls,
+        endpoints_file: Path,
+        work: Path,
+        *,
+        config_file: Path | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> SchedulerProcess:
+        grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+        log_path = work / "llmd-scheduler.log"
+        cmd = [
+            sys.executable, "-m", "llmd.scheduler.cli",
+            "--endpoints-file", str(endpoints_file), "--host", "127.0.0.1",
+            "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
+            "--metrics-port", str(metrics_port), "--drain-timeout", "5s",
+        ]  # fmt: skip
+        if config_file is not None:
+            cmd += ["--config-file", str(config_file)]
+        cmd += list(extra_args)
+        env = {**os.environ, "LLMD_LOG_FORMAT": "json"}
+        with log_path.open("ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        sched = cls(proc, grpc_port, health_port, metrics_port, log_path)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise GatewayStartError(
+                    f"llmd-scheduler exited with {proc.returncode}: {log_path.read_text()[-3000:]}"
+                )
+            with contextlib.suppress(OSError):
+                if _get(f"{sched.url}/readyz", 1.0)[0] == 200:
+                    return sched
+            time.sleep(0.1)
+        sched.stop()
+        raise GatewayStartError(f"llmd-scheduler not ready after {READY_TIMEOUT_S:.0f}s")
+
+    def get_json(self, path: str) -> Any:
+        status, body = _get(self.url + path)
+        if status != 200:
+            raise RuntimeError(f"GET {path}: HTTP {status}: {body[:200]!r}")
+        return json.loads(body)
+
+    def metrics_text(self) -> str:
+        return _get(self.url + "/metrics")[1].decode()
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        return self.process.returncode
+
+
+@dataclass
+class Gateway:
+    """Envoy on `listen_port` in front of an llmd-scheduler."""
+
+    scheduler: SchedulerProcess
+    envoy: EnvoyProcess
+
+    @property
+    def url(self) -> str:
+        return self.envoy.url
+
+    @classmethod
+    def start(
+        cls,
+        endpoints_file: Path,
+        work: Path,
+        *,
+        listen_port: int | None = None,
+        config_file: Path | None = None,
+        fail_open: bool = False,
+        scheduler_args: Sequence[str] = (),
+    ) -> Gateway:
+        work.mkdir(parents=True, exist_ok=True)
+        scheduler = SchedulerProcess.start(
+            endpoints_file, work, config_file=config_file, extra_args=scheduler_args
+        )
+        fallback = [(e.address, e.port) for e in StaticFileDiscovery(endpoints_file).load()]
+        settings = EnvoySettings(
+            listen_port=listen_port or free_port(),
+            admin_port=free_port(),
+            extproc_port=scheduler.grpc_port,
+            listen_address="127.0.0.1" if listen_port is None else "0.0.0.0",
+            fail_open=fail_open,
+            fallback_endpoints=fallback,
+        )
+        envoy = EnvoyProcess(settings, work / "envoy")
+        try:
+            envoy.start()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                stats = envoy.stats("cluster.llmd_scheduler.health_check")
+                if stats.get("cluster.llmd_scheduler.health_check.healthy", 0) >= 1:
+                    break
+                time.sleep(0.1)
+            else:
+                raise GatewayStartError("envoy never saw the scheduler healthy")
+        except Exception:
+            envoy.stop()
+            scheduler.stop()
+            raise
+        return cls(scheduler, envoy)
+
+    def stop(self) -> None:
+        self.envoy.stop()
+        self.scheduler.stop()
