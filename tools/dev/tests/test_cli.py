@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 
+import httpx
 import pytest
 
 from llmd.dev.cli import main
+from llmd.vllm_cpu.server import free_port
 
 
 def test_help_documents_every_flag() -> None:
@@ -17,14 +21,23 @@ def test_help_documents_every_flag() -> None:
         text=True,
         check=True,
     ).stdout
-    for flag in ("--engine", "--count", "--block-size", "--duration", "--profile"):
+    for flag in (
+        "--engine",
+        "--count",
+        "--block-size",
+        "--duration",
+        "--profile",
+        "--port",
+        "--config",
+    ):
         assert flag in out
 
 
 def test_status_says_plainly_what_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status"]) == 0
     out = capsys.readouterr().out
-    assert "not built yet" in out
+    assert "Envoy" in out
+    assert "llmd-scheduler" in out
     assert "llmd-sim" in out
     assert "real vLLM" in out
 
@@ -33,11 +46,32 @@ def test_status_says_plainly_what_runs(capsys: pytest.CaptureFixture[str]) -> No
 def test_up_runs_simulated_engines_by_default_and_stops_cleanly(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert main(["up", "--count", "2", "--duration", "3"]) == 0
+    port = free_port()
+
+    def send() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.post(
+                    f"http://127.0.0.1:{port}/v1/completions",
+                    json={"model": "tiny", "prompt": "hello", "max_tokens": 2},
+                    timeout=5,
+                )
+                if r.status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    assert main(["up", "--count", "2", "--duration", "8", "--port", str(port)]) == 0
+    sender.join()
     out = capsys.readouterr().out
     assert "sim-0" in out
     assert "sim-1" in out
-    assert "curl" in out
+    assert f"curl -s http://127.0.0.1:{port}/v1/completions" in out
+    assert "tiny: -> sim-" in out  # a live routing decision was shown
     assert "engines stopped" in out
 
 

