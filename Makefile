@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := .venv
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: setup run test lint typecheck test-unit test-vllm bench-protocol bench-sim vllm-env clean help
+.PHONY: setup run test lint typecheck test-unit test-vllm bench-protocol bench-sim bench-scheduler vllm-env clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -47,6 +47,10 @@ bench-protocol: setup ## hashing/decoding throughput of llmd.protocol
 
 bench-sim: setup ## how many simulated servers and requests/s one core sustains
 	$(RUN) python benchmarks/sim_capacity.py
+
+bench-scheduler: setup ## scheduling latency/CPU per decision, and the herding comparison with llm-d
+	$(RUN) python benchmarks/scheduler_latency.py
+	$(RUN) python benchmarks/scheduler_herding.py
 
 clean: ## remove local environments (not the vLLM cache)
 	rm -rf .venv $(TOOLS) .mypy_cache .ruff_cache .pytest_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from typing import Literal
 
 from pydantic import Field
 
@@ -25,13 +26,18 @@ class PickerParams(PluginParams):
     max_num_of_endpoints: int = Field(default=1, ge=1, le=32, alias="maxNumOfEndpoints")
 
 
+class MaxScoreParams(PickerParams):
+    tie_break: Literal["least-loaded", "random"] = Field(default="least-loaded", alias="tieBreak")
+    """`random` is llm-d's behaviour (shuffle, then stable sort)."""
+
+
 class MaxScorePicker(Picker):
     """Highest total score first. Ties go to the endpoint with the least outstanding work
     (in flight plus sent since its last scrape), then at random, so a burst that sees equal
     scores does not pile onto one endpoint."""
 
     type_name = "max-score-picker"
-    Params = PickerParams
+    Params = MaxScoreParams
 
     def __init__(self, *args: object) -> None:
         super().__init__(*args)  # type: ignore[arg-type]
@@ -40,6 +46,9 @@ class MaxScorePicker(Picker):
     def pick(self, request: LLMRequest, scored: list[ScoredEndpoint]) -> list[EndpointState]:
         k = self.params.max_num_of_endpoints  # type: ignore[attr-defined]
         rnd = self._rng.random
+        if self.params.tie_break == "random":  # type: ignore[attr-defined]
+            ranked = sorted(scored, key=lambda s: (-round(s.score, 9), rnd()))
+            return [s.endpoint for s in ranked[:k]]
         if k == 1:
             best = max(
                 scored,
