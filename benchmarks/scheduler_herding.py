@@ -133,7 +133,7 @@ async def run_config(
                     director.complete(decision, "natural")
                 return ep.name
 
-            tasks = []
+            tasks: list[asyncio.Task[Any]] = []
             for b in range(bursts):
                 if workload == "distinct":
                     prompts = [words(rng, 512) for _ in range(burst_size)]
@@ -176,7 +176,8 @@ async def amain(args: argparse.Namespace) -> list[dict[str, Any]]:
                 r = await run_config(name, config, workload, bursts, 64, Path(tmp))
             results.append(r)
             print(
-                f"{workload:<10} {name:<6} TTFT p50 {r['ttft_p50_s']:.3f}s p99 {r['ttft_p99_s']:.3f}s"
+                f"{workload:<10} {name:<6} TTFT p50 {r['ttft_p50_s']:.3f}s "
+                f"p99 {r['ttft_p99_s']:.3f}s"
                 f"  e2e p99 {r['e2e_p99_s']:.3f}s  busiest pod takes "
                 f"{r['mean_burst_share_of_busiest_pod']:.0%} of a burst  errors {r['errors']}",
                 flush=True,

@@ -74,7 +74,8 @@ def run(endpoints: int, prompt_tokens: int, requests: int, chat: bool) -> dict[s
     d = make_director(endpoints)
     rng = random.Random(7)
     systems = [text(rng, int(prompt_tokens * 0.75)) for _ in range(32)]
-    bodies = []
+    bodies: list[tuple[str, bytes]] = []
+    body: dict[str, object]
     for _ in range(min(requests, 256)):
         prompt = rng.choice(systems) + " " + text(rng, prompt_tokens // 4)
         if chat:
@@ -90,18 +91,18 @@ def run(endpoints: int, prompt_tokens: int, requests: int, chat: bool) -> dict[s
         else:
             body = {"model": "llama", "prompt": prompt, "max_tokens": 64}
             bodies.append(("/v1/completions", json.dumps(body).encode()))
-    for path, body in bodies[:64]:  # warm-up: fill the prefix index
+    for path, raw in bodies[:64]:  # warm-up: fill the prefix index
         req = d.new_request({}, path)
-        req.body = body
+        req.body = raw
         d.complete(d.schedule(req), "natural")
     lat: list[float] = []
     gc.collect()
     cpu0 = time.process_time()
     wall0 = time.perf_counter()
     for i in range(requests):
-        path, body = bodies[i % len(bodies)]
+        path, raw = bodies[i % len(bodies)]
         req = d.new_request({"x-request-id": str(i)}, path)
-        req.body = body
+        req.body = raw
         t = time.perf_counter()
         decision = d.schedule(req)
         lat.append(time.perf_counter() - t)
