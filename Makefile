@@ -20,6 +20,9 @@ $(UV):
 
 setup: $(UV) ## install the workspace (all packages, dev tools) into .venv from uv.lock
 	$(UV) sync --locked --all-packages
+	@# xds-protos ships an old copy of opentelemetry/proto that can overwrite opentelemetry-proto's
+	@# files (parallel install, either may land last): reinstall the real one so it always wins.
+	$(UV) sync --locked --all-packages --reinstall-package opentelemetry-proto --quiet
 
 run: setup ## set up, then start the main job
 	$(RUN) llmd-dev up
