@@ -257,3 +257,26 @@ plugins:
   - pluginRef: {scorer}
     weight: {weight}
 {extra_ref}"""
+
+
+def test_tracing_emits_a_span_per_stage() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    d, _, _ = make_director()
+    d.tracer = provider.get_tracer("test")
+    d.schedule(completion(d, "traced"))
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert names == [
+        "filter_endpoints",
+        "llm_d.epp.scoring",
+        "pick_endpoints",
+        "run_scheduler_profile",
+        "gateway.request_orchestration",
+    ]
+    profile_span = exporter.get_finished_spans()[3]
+    assert profile_span.attributes["llm_d.epp.scheduling.profile.name"] == "default"

@@ -22,6 +22,7 @@ import uvicorn
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from fastapi import FastAPI, Request, Response
 from grpc_health.v1 import health_pb2_grpc
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
 from llmd.runtime.discovery import StaticFileDiscovery
@@ -88,7 +89,14 @@ class SchedulerApp:
         self.datastore.staleness_s = float(self.built.settings["staleness_s"])
         self.datastore.models_interval_s = float(self.built.settings["models_interval_s"])
         self.metrics = SchedulerMetrics(self.registry)
-        self.director = Director(self.built, self.datastore, self.metrics)
+        provider = trace.get_tracer_provider()
+        traced = not isinstance(provider, trace.ProxyTracerProvider)
+        self.director = Director(
+            self.built,
+            self.datastore,
+            self.metrics,
+            tracer=provider.get_tracer("llmd.scheduler") if traced else None,
+        )
         for plugin in self.built.plugins.values():
             if isinstance(plugin, ApproxPrefixCacheProducer):
                 plugin.register_metrics(self.registry)

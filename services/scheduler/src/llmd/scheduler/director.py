@@ -12,6 +12,7 @@ and each one sees the accounting of the one before (the herding fix).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -126,7 +127,13 @@ class _Explanation:
 class Director:
     """Runs the configured plugins for each request and keeps the load accounting."""
 
-    def __init__(self, built: BuiltConfig, datastore: Datastore, metrics: SchedulerMetrics) -> None:
+    def __init__(
+        self,
+        built: BuiltConfig,
+        datastore: Datastore,
+        metrics: SchedulerMetrics,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
         self.built = built
         self.datastore = datastore
         self.metrics = metrics
@@ -141,6 +148,8 @@ class Director:
         self._prefix_producer = built.plugins.get("approx-prefix-cache-producer")
         self._timers: dict[tuple[str, str], Any] = {}
         self.inflight = 0
+        self.tracer = tracer
+        """Spans per stage (llm-d's names) only when tracing is configured: no cost otherwise."""
 
     # --- request side ----------------------------------------------------------------------
 
@@ -166,9 +175,15 @@ class Director:
         """Pick endpoints for a request whose body is complete; SchedulingError when it cannot."""
         t0 = time.perf_counter()
         try:
-            return self._schedule(req, subset)
+            with self._span("gateway.request_orchestration", {"gen_ai.request.id": req.request_id}):
+                return self._schedule(req, subset)
         finally:
             self.metrics.scheduler_e2e.observe(time.perf_counter() - t0)
+
+    def _span(self, name: str, attributes: dict[str, Any] | None = None) -> Any:
+        if self.tracer is None:
+            return contextlib.nullcontext()
+        return self.tracer.start_as_current_span(name, attributes=attributes)
 
     def _schedule(self, req: LLMRequest, subset: list[str] | None) -> Decision:
         body_out: bytes | None = None
@@ -264,8 +279,54 @@ class Director:
         candidates: list[EndpointState],
         explain: _Explanation,
     ) -> ProfileResult:
+        with self._span(
+            "run_scheduler_profile",
+            {
+                "llm_d.epp.scheduling.profile.name": profile.name,
+                "gen_ai.request.model": req.target_model,
+            },
+        ):
+            return self._run_profile_inner(profile, req, candidates, explain)
+
+    def _run_profile_inner(
+        self,
+        profile: Profile,
+        req: LLMRequest,
+        candidates: list[EndpointState],
+        explain: _Explanation,
+    ) -> ProfileResult:
         eps = candidates
         filter_log: list[tuple[str, int]] = []
+        with self._span("filter_endpoints", {"candidates": len(candidates)}):
+            eps = self._filter(profile, req, eps, filter_log, explain)
+        totals = [0.0] * len(eps)
+        score_log: list[tuple[str, float, list[float]]] = []
+        with self._span("llm_d.epp.scoring", {"candidates": len(eps)}):
+            self._score(profile, req, eps, totals, score_log)
+        scored = [ScoredEndpoint(e, s) for e, s in zip(eps, totals, strict=True)]
+        t = time.perf_counter()
+        with self._span("pick_endpoints") as span:
+            picked = profile.picker.pick(req, scored)
+            if span is not None and self.tracer is not None:
+                span.set_attribute("picked", [e.key for e in picked])
+        self._timer("Picker", profile.picker).observe(time.perf_counter() - t)
+        explain.profiles[profile.name] = (
+            filter_log,
+            score_log,
+            [e.name for e in eps],
+            totals,
+            [e.name for e in picked],
+        )
+        return ProfileResult(picked, scored)
+
+    def _filter(
+        self,
+        profile: Profile,
+        req: LLMRequest,
+        eps: list[EndpointState],
+        filter_log: list[tuple[str, int]],
+        explain: _Explanation,
+    ) -> list[EndpointState]:
         for f in profile.filters:
             t = time.perf_counter()
             eps = f.filter(req, eps)
@@ -274,8 +335,16 @@ class Director:
             if not eps:
                 explain.profiles[profile.name] = (filter_log, [], [], [], [])
                 raise _drained(f, profile.name)
-        totals = [0.0] * len(eps)
-        score_log: list[tuple[str, float, list[float]]] = []
+        return eps
+
+    def _score(
+        self,
+        profile: Profile,
+        req: LLMRequest,
+        eps: list[EndpointState],
+        totals: list[float],
+        score_log: list[tuple[str, float, list[float]]],
+    ) -> None:
         for scorer, weight in profile.scorers:
             t = time.perf_counter()
             raw = scorer.score(req, eps)
@@ -289,18 +358,6 @@ class Director:
             for i, s in enumerate(clamped):
                 totals[i] += s * weight
             score_log.append((scorer.name, weight, clamped))
-        scored = [ScoredEndpoint(e, s) for e, s in zip(eps, totals, strict=True)]
-        t = time.perf_counter()
-        picked = profile.picker.pick(req, scored)
-        self._timer("Picker", profile.picker).observe(time.perf_counter() - t)
-        explain.profiles[profile.name] = (
-            filter_log,
-            score_log,
-            [e.name for e in eps],
-            totals,
-            [e.name for e in picked],
-        )
-        return ProfileResult(picked, scored)
 
     def _next_seq(self) -> int:
         self._seq += 1
