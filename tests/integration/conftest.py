@@ -32,7 +32,7 @@ schedulingProfiles:
   - {pluginRef: queue-scorer, weight: 2}
   - {pluginRef: kv-cache-utilization-scorer, weight: 2}
   - {pluginRef: prefix-cache-scorer, weight: 3}
-  - {pluginRef: lora-affinity-scorer, weight: 3}
+  - {pluginRef: lora-affinity-scorer, weight: 10}
 llmd:
   maxRequestBodyBytes: 1048576
 """
