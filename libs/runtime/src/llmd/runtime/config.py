@@ -57,21 +57,28 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if size > MAX_CONFIG_BYTES:
         raise ConfigError([ConfigIssue("", f"{path} is {size} bytes, over {MAX_CONFIG_BYTES}")])
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ConfigError([ConfigIssue("", f"{path} is not UTF-8 text")]) from None
+    return yaml_mapping(text, str(path))
+
+
+def yaml_mapping(text: str, name: str, origin: str = "configuration") -> dict[str, Any]:
+    """The YAML mapping in `text` ({} when empty); ConfigError says where it is malformed."""
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(
-            [ConfigIssue("", f"{path} is not valid YAML{where}: {problem}")]
+            [ConfigIssue("", f"{name} is not valid YAML{where}: {problem}")], origin
         ) from None
-    except UnicodeDecodeError:
-        raise ConfigError([ConfigIssue("", f"{path} is not UTF-8 text")]) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(
-            [ConfigIssue("", f"{path} must hold a mapping, got {type(data).__name__}")]
+            [ConfigIssue("", f"{name} must hold a mapping, got {type(data).__name__}")], origin
         )
     return data
 

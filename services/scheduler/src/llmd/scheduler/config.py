@@ -14,10 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from llmd.runtime.config import ConfigError, ConfigIssue, StrictModel
+from llmd.runtime.config import ConfigError, ConfigIssue, StrictModel, yaml_mapping
 from llmd.scheduler.framework import (
     DataProducer,
     Filter,
@@ -216,19 +215,7 @@ def read_config_text(text: str, origin: str) -> EndpointPickerConfig:
     """Parse and validate a config document (schema only); ConfigError lists every issue."""
     if len(text.encode()) > MAX_CONFIG_BYTES:
         raise ConfigError([ConfigIssue("", f"over {MAX_CONFIG_BYTES} bytes")], origin)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError([ConfigIssue("", f"not valid YAML{where}: {problem}")], origin) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            [ConfigIssue("", f"must be a mapping, got {type(data).__name__}")], origin
-        )
+    data = yaml_mapping(text, "the document", origin)
     try:
         return EndpointPickerConfig.model_validate(data)
     except ValidationError as exc:

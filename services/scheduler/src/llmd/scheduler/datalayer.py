@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -174,11 +174,6 @@ class Datastore:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    async def follow(self, source: AsyncIterator[EndpointSet]) -> None:
-        """Apply every endpoint set a discovery source yields."""
-        async for endpoints in source:
-            self.set_endpoints(endpoints)
 
     async def _collect(self, key: str) -> None:
         next_models = 0.0

@@ -21,7 +21,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 from opentelemetry import trace
 
 from llmd.protocol import headers as hdr
@@ -44,7 +43,6 @@ from llmd.scheduler.plugins.filters import UtilizationFilter
 from llmd.scheduler.plugins.producers import InflightLoadProducer
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("llmd.scheduler")
 
 DECISION_BUFFER = 512
 
@@ -522,7 +520,3 @@ def _drained(f: Filter, profile: str) -> SchedulingError:
     return SchedulingError(
         503, f"no endpoint passes filter {f.name} (profile {profile})", hdr.DROPPED_NO_ENDPOINTS
     )
-
-
-def encode_scores(scores: dict[str, float]) -> bytes:
-    return msgspec.json.encode(scores)

@@ -28,14 +28,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from opentelemetry import trace
 
 from llmd.protocol import headers as hdr
 from llmd.scheduler.director import Decision, Director
 from llmd.scheduler.framework import LLMRequest, SchedulingError
 
 log = logging.getLogger(__name__)
-tracer = trace.get_tracer("llmd.scheduler")
 
 BODY_CHUNK_BYTES = 62_000
 USAGE_TAIL_BYTES = 64 * 1024
@@ -170,7 +168,6 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, director: Director, max_body_bytes: int) -> None:
         self.director = director
         self.max_body_bytes = max_body_bytes
-        self.draining = False
 
     async def Process(  # noqa: N802 - gRPC method name
         self,

@@ -229,10 +229,9 @@ class SchedulingError(Exception):
 
 @dataclass
 class PluginHandle:
-    """What a plugin may use: the endpoint datastore and scheduler-wide settings."""
+    """What a plugin may use: the endpoint pool."""
 
     endpoints: Callable[[], Sequence[EndpointState]]
-    settings: dict[str, Any] = field(default_factory=dict)
 
 
 class Plugin:
