@@ -123,11 +123,6 @@ def test_streaming_passes_through_unchanged(stack: Stack) -> None:
     )
 
 
-@pytest.mark.xfail(
-    reason="open bug: after the burst tests in this module, requests for the adapter sometimes "
-    "reach an endpoint without it (sim-2 seems to leave the candidates); passes when run alone",
-    strict=False,
-)
 def test_lora_requests_go_where_the_adapter_is_loaded(stack: Stack) -> None:
     r = httpx.post(
         stack.engine_url("sim-2") + "/v1/load_lora_adapter",

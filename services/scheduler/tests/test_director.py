@@ -98,8 +98,21 @@ def test_unseen_picks_clear_when_a_later_scrape_sees_them() -> None:
     assert len(ep.unseen) == 1
     clock.now += 0.05
     ep.note_scrape(clock.now - 0.01, EngineSnapshot(waiting=1), clock.now)
-    assert ep.unseen == []
+    assert ep.unseen == {}
     assert ep.waiting == 1
+
+
+def test_a_request_that_finishes_before_any_scrape_stops_counting_as_load() -> None:
+    d, _ds, _clock = make_director()
+    dec = d.schedule(completion(d, "x " * 50))
+    ep = dec.endpoints[0]
+    other = d.schedule(completion(d, "y " * 50))
+    assert ep.waiting + other.endpoints[0].waiting == 2
+    d.complete(dec, "natural")
+    assert ep.waiting == (1 if other.endpoints[0] is ep else 0)
+    assert ep.unseen_tokens == (other.tokens if other.endpoints[0] is ep else 0)
+    d.complete(other, "natural")
+    assert all(not e.unseen and e.unseen_tokens == 0 for e in d.datastore.all())
 
 
 def test_stale_endpoints_leave_candidates_but_never_empty_the_pool() -> None:

@@ -62,6 +62,8 @@ class Decision:
     first_byte_at: float = 0.0
     completed: bool = False
     accounted: bool = False
+    pick_id: int = 0
+    """The endpoint's unseen-pick entry (0 = none), dropped when the request completes."""
 
     @property
     def destination(self) -> str:
@@ -375,7 +377,7 @@ class Director:
         endpoint.inflight_requests += 1
         endpoint.inflight_tokens += tokens
         if self.pick_time_accounting:
-            endpoint.note_pick(tokens, self.datastore.clock())
+            decision.pick_id = endpoint.note_pick(tokens, self.datastore.clock())
         decision.accounted = True
         self.inflight += 1
         ep = endpoint.endpoint
@@ -429,6 +431,8 @@ class Director:
         if decision.accounted and endpoint is not None:
             endpoint.inflight_requests = max(0, endpoint.inflight_requests - 1)
             endpoint.inflight_tokens = max(0, endpoint.inflight_tokens - decision.tokens)
+            if decision.pick_id:
+                endpoint.note_done(decision.pick_id)
             ep = endpoint.endpoint
             self.metrics.inflight_requests.labels(ep.name, ep.namespace).set(
                 endpoint.inflight_requests

@@ -44,10 +44,13 @@ class EndpointState:
     """What the scheduler knows about one endpoint: scraped metrics plus its own accounting.
 
     `unseen` are requests this scheduler sent after the endpoint's last scrape started, so the
-    scraped queue cannot contain them yet; load scorers add them (llm-d's herding fix).
+    scraped queue cannot contain them yet; load scorers add them (llm-d's herding fix). An
+    entry leaves when a later scrape covers it or when its request completes, whichever is
+    first (a short request can finish between two scrapes and must not linger as load).
     """
 
     __slots__ = (
+        "_pick_seq",
         "consecutive_failures",
         "endpoint",
         "inflight_requests",
@@ -70,8 +73,10 @@ class EndpointState:
         self.consecutive_failures = 0
         self.inflight_requests = 0
         self.inflight_tokens = 0
-        self.unseen: list[tuple[float, int]] = []  # (pick time, tokens), oldest first
+        # pick id -> (pick time, tokens), oldest first (dicts keep insertion order)
+        self.unseen: dict[int, tuple[float, int]] = {}
         self.unseen_tokens = 0
+        self._pick_seq = 0
         self.loaded_models: frozenset[str] = frozenset()
 
     @property
@@ -106,13 +111,24 @@ class EndpointState:
             extra = self.unseen_tokens / (m.num_gpu_blocks * m.block_size)
         return min(1.0, m.kv_cache_usage + extra)
 
-    def note_pick(self, tokens: int, now: float, limit: int = 4096) -> None:
-        """Record a request sent here; visible to load scorers until the next scrape."""
+    def note_pick(self, tokens: int, now: float, limit: int = 4096) -> int:
+        """Record a request sent here; visible to load scorers until the next scrape.
+
+        Returns the pick id to hand to `note_done`. At most `limit` entries are kept.
+        """
         if len(self.unseen) >= limit:
-            _, old = self.unseen.pop(0)
-            self.unseen_tokens -= old
-        self.unseen.append((now, tokens))
+            oldest = next(iter(self.unseen))
+            self.unseen_tokens -= self.unseen.pop(oldest)[1]
+        self._pick_seq += 1
+        self.unseen[self._pick_seq] = (now, tokens)
         self.unseen_tokens += tokens
+        return self._pick_seq
+
+    def note_done(self, pick_id: int) -> None:
+        """The request finished: if no scrape has covered it yet, it stops counting now."""
+        entry = self.unseen.pop(pick_id, None)
+        if entry is not None:
+            self.unseen_tokens -= entry[1]
 
     def note_scrape(self, started_at: float, snapshot: EngineSnapshot, now: float) -> None:
         """A scrape that started at `started_at` sees every request picked before it."""
@@ -120,14 +136,14 @@ class EndpointState:
         self.metrics_at = now
         self.last_error = None
         self.consecutive_failures = 0
-        drop = 0
-        for t, tokens in self.unseen:
+        covered = []
+        for pick_id, (t, tokens) in self.unseen.items():
             if t > started_at:
                 break
-            drop += 1
+            covered.append(pick_id)
             self.unseen_tokens -= tokens
-        if drop:
-            del self.unseen[:drop]
+        for pick_id in covered:
+            del self.unseen[pick_id]
 
     def snapshot(self, now: float) -> dict[str, Any]:
         """A JSON-able view for the debug endpoints."""
