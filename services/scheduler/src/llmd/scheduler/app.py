@@ -31,9 +31,10 @@ from llmd.scheduler.config import BuiltConfig, build, load_config_file
 from llmd.scheduler.datalayer import Datastore
 from llmd.scheduler.director import Director
 from llmd.scheduler.extproc import ExternalProcessor, HealthService
-from llmd.scheduler.framework import PluginHandle, SchedulingError
+from llmd.scheduler.framework import Lifecycle, PluginHandle, SchedulingError
 from llmd.scheduler.metrics import SchedulerMetrics
 from llmd.scheduler.plugins import builtin_registry
+from llmd.scheduler.plugins.precise import PreciseProducer
 from llmd.scheduler.plugins.producers import ApproxPrefixCacheProducer
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,8 @@ class SchedulerApp:
             if isinstance(plugin, ApproxPrefixCacheProducer):
                 plugin.register_metrics(self.registry)
                 self.datastore.on_change(plugin.forget)
+            if isinstance(plugin, PreciseProducer):
+                self.registry.register(plugin.metrics.registry)  # kvcache_* families
         self.health = Health(self.registry)
         self.health.set("endpoints-synced", False, "discovery has not reported yet")
         self.grpc_health = HealthService(lambda: self.datastore.synced.is_set())
@@ -134,7 +137,7 @@ class SchedulerApp:
                     {"error": 'expected {"path": str, "body": object, "headers": object}'}, 400
                 )
             try:
-                return _json(self.director.dry_run(path, body, headers))
+                return _json(await self.director.dry_run_async(path, body, headers))
             except SchedulingError as exc:
                 return _json({"error": exc.message}, exc.status)
 
@@ -198,6 +201,9 @@ class SchedulerApp:
         source = self._discovery()
         await self.datastore.start()
         self._tasks.append(asyncio.create_task(self._follow(source), name="discovery"))
+        for plugin in self.built.plugins.values():
+            if isinstance(plugin, Lifecycle):
+                await plugin.start()
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         main = grpc.aio.server(options=options)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.extproc, main)
@@ -251,6 +257,10 @@ class SchedulerApp:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        for plugin in self.built.plugins.values():
+            if isinstance(plugin, Lifecycle):
+                with contextlib.suppress(Exception):
+                    await plugin.stop()
         await self.datastore.stop()
 
     async def run(self, stop: asyncio.Event) -> None:

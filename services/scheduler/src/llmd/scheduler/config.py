@@ -319,7 +319,10 @@ def build(
         wanted = getattr(plugin.params, "prefix_match_info_producer_name", None)
         if wanted is not None and wanted not in plugins:
             if wanted == "approx-prefix-cache-producer":
-                auto(wanted)
+                if not any(
+                    p.type_name == "precise-prefix-cache-producer" for p in plugins.values()
+                ):
+                    auto(wanted)
             else:
                 issues.append(
                     ConfigIssue(

@@ -27,6 +27,7 @@ from llmd.protocol import headers as hdr
 from llmd.scheduler.config import BuiltConfig, Profile
 from llmd.scheduler.datalayer import Datastore
 from llmd.scheduler.framework import (
+    AsyncDataProducer,
     EndpointState,
     Filter,
     LLMRequest,
@@ -68,6 +69,13 @@ class Decision:
     @property
     def destination(self) -> str:
         return ",".join(e.key for e in self.endpoints)
+
+
+def _prefix_data(req: LLMRequest) -> dict[str, PrefixMatch] | None:
+    got: dict[str, PrefixMatch] | None = req.data.get("approx-prefix-cache-producer")
+    if got is None:
+        got = req.data.get("precise-prefix-cache-producer")
+    return got
 
 
 @dataclass(slots=True)
@@ -146,6 +154,7 @@ class Director:
         loads = [p for p in built.plugins.values() if isinstance(p, InflightLoadProducer)]
         self._load = loads[0] if loads else None
         self._prefix_producer = built.plugins.get("approx-prefix-cache-producer")
+        self._async_producers = [p for p in built.producers if isinstance(p, AsyncDataProducer)]
         self._timers: dict[tuple[str, str], Any] = {}
         self.inflight = 0
         self.tracer = tracer
@@ -185,13 +194,39 @@ class Director:
             return contextlib.nullcontext()
         return self.tracer.start_as_current_span(name, attributes=attributes)
 
+    async def prefetch(self, req: LLMRequest, subset: list[str] | None = None) -> None:
+        """Let producers that need I/O fetch their data before `schedule` (no-op without any)."""
+        if not self._async_producers:
+            return
+        if not req.parsed and is_inference_path(req.path) and "openai-parser" in self.built.parsers:
+            try:
+                parse_openai(req)
+            except ParseError:
+                return  # schedule() reports it
+        if not req.parsed:
+            return
+        candidates = self._candidates(subset)
+        for producer in self._async_producers:
+            try:
+                await producer.prefetch(req, candidates)
+            except Exception:
+                log.exception("data producer %s failed to prefetch", producer.name)
+
+    def _candidates(self, subset: list[str] | None) -> list[EndpointState]:
+        candidates = self.datastore.candidates()
+        if subset is not None:
+            hosts = {s.rsplit(":", 1)[0] for s in subset}
+            candidates = [e for e in candidates if e.endpoint.address in hosts]
+        return candidates
+
     def _schedule(self, req: LLMRequest, subset: list[str] | None) -> Decision:
         body_out: bytes | None = None
         if is_inference_path(req.path) and "openai-parser" in self.built.parsers:
-            try:
-                parse_openai(req)
-            except ParseError as exc:
-                raise SchedulingError(400, str(exc)) from None
+            if not req.parsed:
+                try:
+                    parse_openai(req)
+                except ParseError as exc:
+                    raise SchedulingError(400, str(exc)) from None
             if req.target_model != req.model:
                 body_out = rewrite_model(req.body, req.target_model)
         elif "passthrough-parser" not in self.built.parsers:
@@ -200,10 +235,7 @@ class Director:
         self.metrics.request_total.labels(model, target).inc()
         self.metrics.request_size.labels(model, target).observe(len(req.body))
 
-        candidates = self.datastore.candidates()
-        if subset is not None:
-            hosts = {s.rsplit(":", 1)[0] for s in subset}
-            candidates = [e for e in candidates if e.endpoint.address in hosts]
+        candidates = self._candidates(subset)
         if not candidates:
             raise SchedulingError(503, "no ready endpoints in the pool", hdr.DROPPED_NO_ENDPOINTS)
 
@@ -249,7 +281,7 @@ class Director:
             self.decisions.append(explain)
             self.metrics.scheduler_attempts.labels("failure", target, "", "", "").inc()
             raise
-        explain.prefix = req.data.get("approx-prefix-cache-producer")
+        explain.prefix = _prefix_data(req)
         self.decisions.append(explain)
 
         decision = Decision(req, list(result.targets), body=body_out, result=result)
@@ -366,7 +398,7 @@ class Director:
     def _account(self, decision: Decision, endpoint: EndpointState) -> None:
         req = decision.request
         cached = 0
-        prefix: dict[str, PrefixMatch] | None = req.data.get("approx-prefix-cache-producer")
+        prefix: dict[str, PrefixMatch] | None = _prefix_data(req)
         if prefix and endpoint.key in prefix:
             m = prefix[endpoint.key]
             cached = min(req.prompt_tokens, m.match_blocks * m.block_size_tokens)
@@ -448,6 +480,7 @@ class Director:
             code = str(decision.status) if decision.status >= 400 else cause
             self.metrics.request_error_total.labels(model, target, code).inc()
         if usage:
+            req.data["usage"] = usage
             self._usage(model, target, usage)
         for hook in self.built.response_hooks:
             try:
@@ -480,17 +513,23 @@ class Director:
         return out[-limit:]
 
     def dry_run(
-        self, path: str, body: bytes, headers: dict[str, str] | None = None
+        self,
+        path: str,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        req: LLMRequest | None = None,
     ) -> dict[str, Any]:
         """Score a request without sending it or changing any state, and explain the result."""
-        req = self.new_request(dict(headers or {}), path)
-        req.body = body
+        if req is None:
+            req = self.new_request(dict(headers or {}), path)
+            req.body = body
         if not is_inference_path(path):
             raise SchedulingError(400, f"{path!r} is not an inference path")
-        try:
-            parse_openai(req)
-        except ParseError as exc:
-            raise SchedulingError(400, str(exc)) from None
+        if not req.parsed:
+            try:
+                parse_openai(req)
+            except ParseError as exc:
+                raise SchedulingError(400, str(exc)) from None
         candidates = self.datastore.candidates()
         if not candidates:
             raise SchedulingError(503, "no ready endpoints in the pool", hdr.DROPPED_NO_ENDPOINTS)
@@ -504,8 +543,17 @@ class Director:
                 self._run_profile(profile, req, candidates, explain)
             except SchedulingError as exc:
                 explain.error = f"{exc.status}: {exc.message}"
-        explain.prefix = req.data.get("approx-prefix-cache-producer")
+        explain.prefix = _prefix_data(req)
         return explain.render()
+
+    async def dry_run_async(
+        self, path: str, body: bytes, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """`dry_run`, after the producers that need I/O have fetched their data."""
+        req = self.new_request(dict(headers or {}), path)
+        req.body = body
+        await self.prefetch(req)
+        return self.dry_run(path, body, headers, req)
 
     def endpoint_scores(self, decision: Decision) -> dict[str, float] | None:
         if not self.emit_scores or decision.result is None:

@@ -219,6 +219,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     t0 = time.perf_counter()
                     s.request.body = bytes(s.body)
                     s.body = bytearray()
+                    await self.director.prefetch(s.request, s.subset)
                     try:
                         s.decision = self.director.schedule(s.request, s.subset)
                     except SchedulingError as exc:

@@ -293,6 +293,24 @@ class DataProducer(Plugin):
         raise NotImplementedError
 
 
+class AsyncDataProducer(DataProducer):
+    """A producer whose data needs I/O (a shared index, a remote indexer): `prefetch` runs on
+    the event loop before scheduling, then `produce` fills `request.data` without blocking."""
+
+    async def prefetch(self, request: LLMRequest, endpoints: list[EndpointState]) -> None:
+        raise NotImplementedError
+
+
+class Lifecycle(Plugin):
+    """A plugin with background work (subscriptions, timers): started and stopped with the app."""
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+
 class PreRequest(Plugin):
     """Runs once the request's endpoints are chosen, before it is forwarded."""
 

@@ -19,6 +19,7 @@ from llmd.scheduler.framework import (
 )
 
 APPROX_PRODUCER = "approx-prefix-cache-producer"
+PRECISE_PRODUCER = "precise-prefix-cache-producer"
 
 
 def _min_max_inverted(values: list[float]) -> list[float]:
@@ -129,6 +130,8 @@ class PrefixCacheScorer(Scorer):
     def score(self, request: LLMRequest, endpoints: list[EndpointState]) -> list[float]:
         p: PrefixScorerParams = self.params  # type: ignore[assignment]
         matches: dict[str, PrefixMatch] | None = request.data.get(p.prefix_match_info_producer_name)
+        if matches is None and p.prefix_match_info_producer_name == APPROX_PRODUCER:
+            matches = request.data.get(PRECISE_PRODUCER)
         if not matches:
             return [0.0] * len(endpoints)
         w, scale = p.match_length_weight, p.match_length_scale_tokens

@@ -1,0 +1,553 @@
+"""KV events in, index updates out: ordering, gaps, replay, restarts, duplicates, garbage.
+
+    engine PUB --(topic, seq, batch)--> Subscription (one per engine / DP rank)
+        sequence tracking: next -> apply; gap -> replay from the engine's ROUTER;
+        lower than before -> the engine restarted: clear its entries, replay from 0;
+        unrepairable gap -> clear the pod and go on from the live stream
+      --> shard queue (bounded; pod -> shard by FNV-1a, so one pod's batches stay in order)
+      --> EventApplier: BlockStored -> request keys from token_ids (+ extras) -> index.add;
+          BlockRemoved -> reference count -> index.evict; AllBlocksCleared -> index.clear
+
+Duplicate stores of one block (vLLM re-caches, reuse reports, offload chunk overlap) are
+reference counted per (pod, tier, group, rank, engine hash): the removal reaches the index only
+when the last store is gone. Batches that do not decode are counted and dropped; the
+subscription and the index carry on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from llmd.kvcache.index import Index, InMemoryIndex, PodEntry, normalize_tier
+from llmd.kvcache.keys import TokenProcessor, event_block_extras
+from llmd.kvcache.metrics import KVCacheMetrics
+from llmd.protocol.errors import DecodeError
+from llmd.protocol.kv_events import (
+    END_SEQ,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+    decode_batch,
+    parse_topic,
+    to_u64,
+)
+
+log = logging.getLogger(__name__)
+
+INDEXABLE_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
+
+
+def fnv1a32(text: str) -> int:
+    h = 0x811C9DC5
+    for b in text.encode():
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+class EventApplier:
+    """Applies decoded batches of one pod to the index (callers keep per-pod order)."""
+
+    def __init__(
+        self,
+        index: Index,
+        processor: TokenProcessor,
+        metrics: KVCacheMetrics | None = None,
+        max_refcounts: int = 4_000_000,
+    ) -> None:
+        self.index = index
+        self.processor = processor
+        self.metrics = metrics or KVCacheMetrics()
+        self._fast = index if isinstance(index, InMemoryIndex) else None
+        self._refs: dict[tuple[PodEntry, int], int] = {}
+        self.max_refcounts = max_refcounts
+        self.blocks_stored = 0
+        self.blocks_removed = 0
+
+    async def apply(self, pod: str, model: str, batch: EventBatch) -> None:
+        rank = batch.data_parallel_rank or 0
+        for ev in batch.events:
+            if isinstance(ev, BlockStored):
+                await self._stored(pod, model, rank, ev)
+            elif isinstance(ev, BlockRemoved):
+                await self._removed(pod, rank, ev)
+            elif isinstance(ev, AllBlocksCleared):
+                await self.clear_pod(pod)
+                self.metrics.events.labels("AllBlocksCleared").inc()
+
+    async def clear_pod(self, pod: str) -> int:
+        self._refs = {k: v for k, v in self._refs.items() if k[0].pod != pod}
+        return await self.index.clear(pod)
+
+    def _skip(self, reason: str) -> None:
+        self.metrics.stores_skipped.labels(reason).inc()
+
+    async def _stored(self, pod: str, model: str, rank: int, ev: BlockStored) -> None:
+        self.metrics.events.labels("BlockStored").inc()
+        if ev.kv_cache_spec_kind is not None and ev.kv_cache_spec_kind not in INDEXABLE_KINDS:
+            self._skip("attention-kind")
+            return
+        group = ev.group_idx if ev.group_idx is not None else -1
+        entry = PodEntry(pod, normalize_tier(ev.medium), group, rank)
+        engine_keys = [to_u64(h) for h in ev.block_hashes]
+        index = self.index
+        fast = self._fast
+        tokens = ev.token_ids
+        if not tokens:
+            # A tier update (offload placeholder): the blocks are known by their engine keys.
+            resolved = []
+            for ek in engine_keys:
+                rk = fast.request_key_sync(ek) if fast else await index.request_key(ek)
+                if rk is not None:
+                    resolved.append(rk)
+            if not resolved:
+                self._skip("unknown-engine-key")
+                return
+            if fast:
+                fast.add_sync(None, resolved, entry)
+            else:
+                await index.add(None, resolved, entry)
+            self._count(entry, engine_keys)
+            return
+        if ev.block_size <= 0 or len(tokens) != len(engine_keys) * ev.block_size:
+            self._skip("token-count")
+            return
+        parent = 0
+        if ev.parent_block_hash is not None:
+            ph = to_u64(ev.parent_block_hash)
+            got = fast.request_key_sync(ph) if fast else await index.request_key(ph)
+            if got is None:
+                self._skip("missing-parent")
+                return
+            parent = got
+        n_blocks = len(tokens) // self.processor.block_size
+        extras = event_block_extras(ev.extra_keys, ev.lora_name, n_blocks)
+        request_keys = self.processor.keys(
+            tokens, ev.lora_name or model, extras=extras, parent=parent
+        )
+        if fast:
+            fast.add_sync(engine_keys, request_keys, entry)
+        else:
+            await index.add(engine_keys, request_keys, entry)
+        self._count(entry, engine_keys)
+
+    def _count(self, entry: PodEntry, engine_keys: list[int]) -> None:
+        refs = self._refs
+        for ek in engine_keys:
+            k = (entry, ek)
+            refs[k] = refs.get(k, 0) + 1
+        if len(refs) > self.max_refcounts:  # forget the oldest: their removals pass through
+            for k in list(refs)[: len(refs) - self.max_refcounts]:
+                del refs[k]
+        self.blocks_stored += len(engine_keys)
+        self.metrics.blocks.labels("stored").inc(len(engine_keys))
+
+    async def _removed(self, pod: str, rank: int, ev: BlockRemoved) -> None:
+        self.metrics.events.labels("BlockRemoved").inc()
+        group = ev.group_idx if ev.group_idx is not None else -1
+        entry = PodEntry(pod, normalize_tier(ev.medium), group, rank)
+        refs = self._refs
+        fast = self._fast
+        for h in ev.block_hashes:
+            ek = to_u64(h)
+            k = (entry, ek)
+            n = refs.get(k)
+            if n is not None and n > 1:
+                refs[k] = n - 1
+                self.metrics.blocks.labels("duplicate-remove").inc()
+                continue
+            refs.pop(k, None)
+            if fast:
+                fast.evict_engine_key_sync(ek, entry)
+            else:
+                await self.index.evict_engine_key(ek, entry)
+            self.blocks_removed += 1
+            self.metrics.blocks.labels("removed").inc()
+
+
+# --- subscriptions ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EngineEndpoint:
+    """Where one engine (or DP rank) publishes, and the pod id its blocks are indexed under."""
+
+    pod: str
+    events: str
+    replay: str | None = None
+    model: str | None = None
+    """Overrides the topic's model name (the read path must use the same one)."""
+
+
+@dataclass(slots=True)
+class StreamState:
+    last_seq: int = -1
+    """The last sequence applied (live or replayed)."""
+    live_seq: int = -1
+    """The last sequence seen live: a lower one means the engine restarted."""
+    batches: int = 0
+    gaps: int = 0
+    replays: int = 0
+    replay_failures: int = 0
+    restarts: int = 0
+    clears: int = 0
+    decode_errors: int = 0
+    last_event_at: float = 0.0
+    last_error: str | None = None
+    models: set[str] = field(default_factory=set)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Ingestor:
+    """Subscriptions to many engines feeding sharded, bounded apply queues."""
+
+    def __init__(
+        self,
+        applier: EventApplier,
+        *,
+        ctx: zmq.asyncio.Context | None = None,
+        topic_filter: str = "kv@",
+        shards: int = 4,
+        queue_size: int = 1024,
+        replay_timeout_s: float = 2.0,
+        on_clear: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.applier = applier
+        self.metrics = applier.metrics
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.topic_filter = topic_filter.encode()
+        self.replay_timeout_s = replay_timeout_s
+        self.on_clear = on_clear
+        self._queues: list[asyncio.Queue[tuple[str, str, EventBatch] | Callable[[], Any]]] = [
+            asyncio.Queue(maxsize=queue_size) for _ in range(max(1, shards))
+        ]
+        self._workers: list[asyncio.Task[None]] = []
+        self._subs: dict[str, tuple[EngineEndpoint, asyncio.Task[None]]] = {}
+        self.streams: dict[str, StreamState] = {}
+        self._bound: list[asyncio.Task[None]] = []
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for i, q in enumerate(self._queues):
+            self._workers.append(asyncio.create_task(self._work(q), name=f"kv-shard-{i}"))
+            self.metrics.queue_capacity.labels(str(i)).set(q.maxsize)
+
+    async def stop(self) -> None:
+        for _, task in list(self._subs.values()):
+            task.cancel()
+        for task in [*self._bound, *self._workers]:
+            task.cancel()
+        for task in [*(t for _, t in self._subs.values()), *self._bound, *self._workers]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._subs.clear()
+        self._workers.clear()
+        self._bound.clear()
+
+    async def drain(self) -> None:
+        """Wait until every queued batch has been applied."""
+        for q in self._queues:
+            await q.join()
+
+    # --- subscriptions ----------------------------------------------------------------------
+
+    def subscribe(self, endpoint: EngineEndpoint) -> None:
+        """Follow one engine (idempotent; a changed address resubscribes)."""
+        key = endpoint.events
+        current = self._subs.get(key)
+        if current is not None:
+            if current[0] == endpoint:
+                return
+            current[1].cancel()
+        task = asyncio.create_task(self._follow(endpoint), name=f"kv-sub-{endpoint.pod}")
+        self._subs[key] = (endpoint, task)
+        self.metrics.subscriptions.set(len(self._subs))
+
+    async def unsubscribe(self, events: str, *, clear: bool = True) -> None:
+        got = self._subs.pop(events, None)
+        self.metrics.subscriptions.set(len(self._subs))
+        if got is None:
+            return
+        endpoint, task = got
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        self.streams.pop(endpoint.pod + "|" + events, None)
+        if clear and not any(e.pod == endpoint.pod for e, _ in self._subs.values()):
+            await self._enqueue_clear(endpoint.pod, "pod left")
+
+    def sync(self, endpoints: list[EngineEndpoint]) -> list[asyncio.Task[None]]:
+        """Make the subscriptions exactly `endpoints` (pods that left are cleared)."""
+        wanted = {e.events: e for e in endpoints}
+        gone = [k for k in self._subs if k not in wanted]
+        for e in endpoints:
+            self.subscribe(e)
+        return [asyncio.create_task(self.unsubscribe(k)) for k in gone]
+
+    @property
+    def subscribed(self) -> list[EngineEndpoint]:
+        return [e for e, _ in self._subs.values()]
+
+    async def resync(self, pod: str, reason: str) -> None:
+        """Forget a pod's entries and rebuild them from its replay buffer (index health)."""
+        for endpoint, _ in list(self._subs.values()):
+            if endpoint.pod != pod:
+                continue
+            state = self.streams.get(self._stream_key(endpoint))
+            if state is None:
+                await self._enqueue_clear(pod, reason)
+                continue
+            async with state.lock:
+                await self._enqueue_clear(pod, reason)
+                if endpoint.replay and state.last_seq >= 0:
+                    last = state.last_seq
+                    ok = await self._replay(endpoint, state, 0, None, last + 1)
+                    state.last_seq = max(state.last_seq, last)
+                    if not ok:
+                        log.warning("resync of %s: replay incomplete; new events rebuild it", pod)
+
+    def bind(self, address: str) -> None:
+        """Centralized mode: engines connect to `address`; pods are named by the topic."""
+        self._bound.append(asyncio.create_task(self._listen(address), name=f"kv-bind-{address}"))
+
+    # --- internals ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _stream_key(endpoint: EngineEndpoint) -> str:
+        return endpoint.pod + "|" + endpoint.events
+
+    def _shard(self, pod: str) -> asyncio.Queue[tuple[str, str, EventBatch] | Callable[[], Any]]:
+        return self._queues[fnv1a32(pod) % len(self._queues)]
+
+    async def _enqueue_clear(self, pod: str, reason: str) -> None:
+        self.metrics.pod_clears.labels(reason).inc()
+        log.warning("clearing the KV index entries of %s: %s", pod, reason)
+        if self.on_clear is not None:
+            self.on_clear(pod, reason)
+
+        async def clear() -> None:
+            await self.applier.clear_pod(pod)
+
+        await self._shard(pod).put(clear)
+
+    async def _work(
+        self, q: asyncio.Queue[tuple[str, str, EventBatch] | Callable[[], Any]]
+    ) -> None:
+        applier = self.applier
+        while True:
+            item = await q.get()
+            try:
+                if callable(item):
+                    await item()
+                else:
+                    pod, model, batch = item
+                    await applier.apply(pod, model, batch)
+            except Exception as exc:  # an index failure loses this batch, not the pipeline
+                self.metrics.apply_errors.inc()
+                log.warning("applying KV events failed: %s: %s", type(exc).__name__, exc)
+            finally:
+                q.task_done()
+
+    def _decode(
+        self, frames: list[bytes], state: StreamState, where: str
+    ) -> tuple[str, str, int, EventBatch] | None:
+        if len(frames) != 3 or len(frames[1]) != 8:
+            state.decode_errors += 1
+            state.last_error = f"{len(frames)} frames (expected topic, seq, payload)"
+            self.metrics.decode_errors.labels("frames").inc()
+            return None
+        try:
+            topic = parse_topic(frames[0])
+            batch = decode_batch(frames[2])
+        except (DecodeError, ValueError) as exc:
+            state.decode_errors += 1
+            state.last_error = str(exc)
+            self.metrics.decode_errors.labels("payload").inc()
+            if state.decode_errors <= 3 or state.decode_errors % 1000 == 0:
+                log.warning("undecodable KV event batch from %s: %s", where, exc)
+            return None
+        return topic.pod, topic.model, int.from_bytes(frames[1], "big"), batch
+
+    async def _follow(self, endpoint: EngineEndpoint) -> None:
+        state = self.streams.setdefault(self._stream_key(endpoint), StreamState())
+        while True:
+            sock = self.ctx.socket(zmq.SUB)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.RCVHWM, 100_000)
+            sock.setsockopt(zmq.SUBSCRIBE, self.topic_filter)
+            try:
+                sock.connect(endpoint.events)
+                if state.last_seq < 0 and endpoint.replay:
+                    # Joining: whatever the engine still buffers is state we would miss.
+                    async with state.lock:
+                        await self._replay(endpoint, state, 0, pod_model=None)
+                while True:
+                    frames = await sock.recv_multipart()
+                    await self._on_live(endpoint, state, frames)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                state.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("KV subscription to %s failed: %s", endpoint.events, exc)
+                await asyncio.sleep(1.0)
+            finally:
+                sock.close(linger=0)
+
+    async def _on_live(
+        self, endpoint: EngineEndpoint, state: StreamState, frames: list[bytes]
+    ) -> None:
+        got = self._decode(frames, state, endpoint.events)
+        if got is None:
+            return
+        _, topic_model, seq, batch = got
+        model = endpoint.model or topic_model
+        async with state.lock:
+            live_before = state.live_seq
+            state.live_seq = seq
+            if live_before >= 0 and seq < live_before:
+                # Lower than the last live sequence: the engine restarted (empty cache, new seq).
+                state.restarts += 1
+                self.metrics.sequence.labels("restart").inc()
+                await self._enqueue_clear(
+                    endpoint.pod, f"engine restarted (seq {live_before} -> {seq})"
+                )
+                state.last_seq = -1
+                if seq > 0 and endpoint.replay:
+                    await self._replay(endpoint, state, 0, model, seq)
+                await self._push(endpoint.pod, model, state, seq, batch)
+                return
+            last = state.last_seq
+            if seq <= last:  # already applied (replayed while it was in flight)
+                self.metrics.sequence.labels("duplicate").inc()
+                return
+            if last >= 0 and seq > last + 1:
+                state.gaps += 1
+                self.metrics.sequence.labels("gap").inc()
+                repaired = bool(endpoint.replay) and await self._replay(
+                    endpoint, state, last + 1, model, seq
+                )
+                if not repaired:
+                    await self._enqueue_clear(
+                        endpoint.pod, f"events {last + 1}..{seq - 1} lost and not replayable"
+                    )
+            await self._push(endpoint.pod, model, state, seq, batch)
+
+    async def _push(
+        self, pod: str, model: str, state: StreamState, seq: int, batch: EventBatch
+    ) -> None:
+        state.last_seq = seq
+        state.batches += 1
+        state.last_event_at = time.time()
+        state.models.add(model)
+        q = self._shard(pod)
+        await q.put((pod, model, batch))
+        self.metrics.batches.inc()
+
+    async def _replay(
+        self,
+        endpoint: EngineEndpoint,
+        state: StreamState,
+        start: int,
+        pod_model: str | None,
+        stop: int | None = None,
+    ) -> bool:
+        """Ask the engine's ROUTER for batches from `start`; True when [start, stop) arrived."""
+        assert endpoint.replay is not None
+        state.replays += 1
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        expected = start
+        try:
+            sock.connect(endpoint.replay)
+            await sock.send_multipart([b"", start.to_bytes(8, "big")])
+            while True:
+                if not await sock.poll(int(self.replay_timeout_s * 1000)):
+                    raise TimeoutError(f"no replay answer within {self.replay_timeout_s} s")
+                frames = await sock.recv_multipart()
+                if len(frames) >= 3 and frames[-2] == END_SEQ:
+                    break
+                got = self._decode(frames[1:], state, endpoint.replay)
+                if got is None:
+                    continue
+                _, topic_model, seq, batch = got
+                if seq < expected or (stop is not None and seq >= stop):
+                    continue
+                if seq != expected:
+                    if stop is None and expected == start:
+                        # Joining: the engine's buffer no longer starts at 0; take what is left.
+                        state.last_error = f"replay began at {seq}: older batches are gone"
+                    else:
+                        raise LookupError(f"replay starts at {seq}, {expected} is gone")
+                await self._push(
+                    endpoint.pod, pod_model or endpoint.model or topic_model, state, seq, batch
+                )
+                expected = seq + 1
+            if stop is not None and expected < stop:
+                raise LookupError(f"replay ended at {expected - 1}, before {stop}")
+            self.metrics.replays.labels("ok").inc()
+            return True
+        except (TimeoutError, LookupError, zmq.ZMQError) as exc:
+            state.replay_failures += 1
+            state.last_error = f"replay: {exc}"
+            self.metrics.replays.labels("failed").inc()
+            log.warning("replay from %s failed: %s", endpoint.replay, exc)
+            return False
+        finally:
+            sock.close(linger=0)
+
+    async def _listen(self, address: str) -> None:
+        sock = self.ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 100_000)
+        sock.setsockopt(zmq.SUBSCRIBE, self.topic_filter)
+        sock.bind(address)
+        try:
+            while True:
+                frames = await sock.recv_multipart()
+                key = "bound|" + (frames[0].decode(errors="replace") if frames else "")
+                state = self.streams.setdefault(key, StreamState())
+                got = self._decode(frames, state, address)
+                if got is None:
+                    continue
+                pod, model, seq, batch = got
+                rank = batch.data_parallel_rank or 0
+                rank_key = f"{key}|{rank}"
+                rstate = self.streams.setdefault(rank_key, StreamState())
+                if rstate.last_seq >= 0 and seq < rstate.last_seq:
+                    rstate.restarts += 1
+                    await self._enqueue_clear(pod, "engine restarted")
+                elif rstate.last_seq >= 0 and seq > rstate.last_seq + 1:
+                    rstate.gaps += 1
+                    self.metrics.sequence.labels("gap").inc()
+                    await self._enqueue_clear(pod, "events lost (centralized mode has no replay)")
+                await self._push(pod, model, rstate, seq, batch)
+        finally:
+            sock.close(linger=0)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            k: {
+                "last_seq": s.last_seq,
+                "batches": s.batches,
+                "gaps": s.gaps,
+                "replays": s.replays,
+                "replay_failures": s.replay_failures,
+                "restarts": s.restarts,
+                "decode_errors": s.decode_errors,
+                "last_event_age_s": round(time.time() - s.last_event_at, 3)
+                if s.last_event_at
+                else None,
+                "last_error": s.last_error,
+            }
+            for k, s in self.streams.items()
+        }

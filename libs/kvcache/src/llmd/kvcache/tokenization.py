@@ -1,0 +1,145 @@
+"""Tokenization as vLLM 0.32 does it, from a local Hugging Face tokenizer directory.
+
+Completions are encoded with the tokenizer's special tokens (its post-processor, e.g. a BOS);
+chat messages are rendered with the model's chat template (a sandboxed Jinja environment set up
+as transformers sets it up) and the rendered text is encoded without special tokens, because the
+template already placed them. The indexer's read path and llmd-sim share this code, so a
+prompt's tokens (and therefore its block keys) are the ones the engine computes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+
+class TokenizerError(ValueError):
+    """A tokenizer directory that cannot be used, or a chat template that fails to render."""
+
+
+def _raise_exception(message: str) -> None:
+    raise TokenizerError(f"chat template error: {message}")
+
+
+@dataclass(frozen=True)
+class ChatMessageIn:
+    """A chat message reduced to what templates see: role and text content."""
+
+    role: str
+    content: str
+
+
+class ModelTokenizer:
+    """A model directory's tokenizer and chat template."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(
+                f"{model_dir} has no tokenizer.json (a Hugging Face fast tokenizer is needed)"
+            )
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad files
+            raise TokenizerError(f"cannot load {path}: {exc}") from None
+        config = self._read_json(model_dir / "tokenizer_config.json")
+        self.bos_token = self._token_text(config.get("bos_token"))
+        self.eos_token = self._token_text(config.get("eos_token"))
+        self.model_max_length = int(config.get("model_max_length") or 0) or None
+        template = config.get("chat_template")
+        jinja_file = model_dir / "chat_template.jinja"
+        if jinja_file.is_file():
+            template = jinja_file.read_text()
+        self._template: jinja2.Template | None = None
+        if isinstance(template, str):
+            env = ImmutableSandboxedEnvironment(
+                trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+            )
+            env.globals["raise_exception"] = _raise_exception
+            try:
+                self._template = env.from_string(template)
+            except jinja2.TemplateError as exc:
+                raise TokenizerError(
+                    f"chat template of {model_dir} does not parse: {exc}"
+                ) from None
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        self.special_ids = frozenset(
+            i for i in (self._tok.token_to_id(s) for s in special) if i is not None
+        )
+        self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+
+    @staticmethod
+    def _read_json(path: Path) -> dict[str, Any]:
+        if not path.is_file():
+            return {}
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise TokenizerError(f"cannot read {path}: {exc}") from None
+        return data if isinstance(data, dict) else {}
+
+    @staticmethod
+    def _token_text(value: object) -> str | None:
+        if isinstance(value, dict):
+            content = value.get("content")
+            return content if isinstance(content, str) else None
+        return value if isinstance(value, str) else None
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        ids: list[int] = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        text: str = self._tok.decode(list(ids), skip_special_tokens=True)
+        return text
+
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessageIn],
+        *,
+        add_generation_prompt: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """The prompt text the model's chat template makes of `messages`."""
+        if self._template is None:
+            raise TokenizerError(
+                "the tokenizer has no chat template, so /v1/chat/completions cannot be tokenized"
+            )
+        kwargs: dict[str, Any] = dict(template_kwargs or {})
+        kwargs.update(
+            messages=[{"role": m.role, "content": m.content} for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
+        try:
+            return self._template.render(**kwargs)
+        except TokenizerError:
+            raise
+        except jinja2.TemplateError as exc:
+            raise TokenizerError(f"chat template failed: {exc}") from None
+
+    def encode_chat(
+        self,
+        messages: Sequence[ChatMessageIn],
+        *,
+        add_generation_prompt: bool = True,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> list[int]:
+        text = self.render_chat(
+            messages, add_generation_prompt=add_generation_prompt, template_kwargs=template_kwargs
+        )
+        return self.encode(text, add_special_tokens=False)
