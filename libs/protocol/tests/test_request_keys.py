@@ -96,3 +96,10 @@ def test_partial_chunks_get_no_key_and_bad_input_is_reported() -> None:
         request_keys(TOKENS, "m", extras=[None])
     with pytest.raises(ProtocolError, match="32-bit"):
         request_keys([2**33] * 16, "m", algo="xxh64")
+
+
+@given(st.lists(st.integers(min_value=0, max_value=(1 << 64) - 1), max_size=300))
+def test_token_chunks_encode_as_canonical_cbor(tokens: list[int]) -> None:
+    from llmd.protocol.request_keys import _cbor_tokens
+
+    assert _cbor_tokens(tokens) == cbor2.dumps(tokens, canonical=True)

@@ -14,7 +14,7 @@ blocks per tier.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -91,16 +91,28 @@ class Index(Protocol):
     def stats(self) -> dict[str, float]: ...
 
 
-# Rough CPython costs, for the byte bound: a dict slot + int key + entry dict, and per entry a
-# slot in that dict (the PodEntry tuples are shared through interning of the common ones).
+# Rough CPython costs, for the byte bound: a dict slot + int key + holder tuple + entries tuple,
+# and per entry a tuple slot (PodEntry tuples are interned, so shared).
 _KEY_BYTES = 240
-_ENTRY_BYTES = 72
-_E2R_BYTES = 160
+_ENTRY_BYTES = 16
+_E2R_BYTES = 140
+
+_GPU_ONLY = TIER_GPU
+
+# A key's holders: (entries, pod-set id, gpu_only). Only tuples of atoms (str, int, bool) live
+# in the maps, so Python's cyclic GC untracks them: millions of keys cost the collector nothing
+# (lists, dicts or slotted objects here made ingestion ~4x slower, all of it in the GC).
+_Holders = tuple[tuple[PodEntry, ...], int, bool]
 
 
 class InMemoryIndex:
     """A bounded, LRU-ordered index in this process. Every method is O(keys touched), except
     `clear`, which scans.
+
+    Each key carries the id of its pod set (the distinct pods holding it, interned), so a
+    lookup walking a prompt's keys mostly compares two ints: consecutive blocks usually have the
+    same holders. Where they change, the active pods shrink by a C-level set intersection;
+    per-entry work happens only at keys holding non-GPU or speculative entries.
 
     The async methods exist for the `Index` protocol; the `*_sync` ones are what ingestion and
     the embedded scheduler call directly.
@@ -117,12 +129,14 @@ class InMemoryIndex:
         self.max_keys = max_keys
         self.max_bytes = max_bytes
         self.max_entries_per_key = max_entries_per_key
-        self._data: OrderedDict[int, dict[PodEntry, None]] = OrderedDict()
-        self._e2r: OrderedDict[int, list[int]] = OrderedDict()
+        self._data: OrderedDict[int, _Holders] = OrderedDict()
+        self._e2r: OrderedDict[int, tuple[int, ...]] = OrderedDict()
         self._entries = 0
         self.evicted_keys = 0
         self.evicted_entries = 0
         self._interned: dict[PodEntry, PodEntry] = {}
+        self._set_ids: dict[frozenset[str], int] = {}
+        self._sets: list[frozenset[str]] = []
 
     # --- sizes -----------------------------------------------------------------------------
 
@@ -146,6 +160,7 @@ class InMemoryIndex:
             "keys": len(self._data),
             "entries": self._entries,
             "engine_keys": len(self._e2r),
+            "pod_sets": len(self._sets),
             "approx_bytes": self.approx_bytes,
             "evicted_keys": self.evicted_keys,
             "evicted_entries": self.evicted_entries,
@@ -160,13 +175,27 @@ class InMemoryIndex:
             got = entry
         return got
 
+    def _set_id(self, pods: frozenset[str]) -> int:
+        sid = self._set_ids.get(pods)
+        if sid is None:
+            sid = self._set_ids[pods] = len(self._sets)
+            self._sets.append(pods)
+        return sid
+
+    def _holders(self, entries: tuple[PodEntry, ...]) -> _Holders:
+        return (
+            entries,
+            self._set_id(frozenset(e.pod for e in entries)),
+            all(e.tier == _GPU_ONLY and not e.speculative for e in entries),
+        )
+
     def _shrink(self) -> None:
         data, e2r = self._data, self._e2r
         while len(data) > self.max_keys or (self.approx_bytes > self.max_bytes and len(data) > 1):
-            _, entries = data.popitem(last=False)
-            self._entries -= len(entries)
+            _, h = data.popitem(last=False)
+            self._entries -= len(h[0])
             self.evicted_keys += 1
-            self.evicted_entries += len(entries)
+            self.evicted_entries += len(h[0])
         while len(e2r) > self.max_keys:
             e2r.popitem(last=False)
 
@@ -178,35 +207,38 @@ class InMemoryIndex:
         entry = self._intern(entry)
         data = self._data
         cap = self.max_entries_per_key
+        fresh: _Holders = self._holders((entry,))
+        added = 0
         for rk in request_keys:
-            entries = data.get(rk)
-            if entries is None:
-                data[rk] = {entry: None}
-                self._entries += 1
+            h = data.get(rk)
+            if h is None:
+                data[rk] = fresh
+                added += 1
                 continue
             data.move_to_end(rk)
+            entries = h[0]
             if entry in entries:
                 continue
             if len(entries) >= cap:
-                entries.pop(next(iter(entries)))
-                self._entries -= 1
+                entries = entries[1:]
+                added -= 1
                 self.evicted_entries += 1
-            entries[entry] = None
-            self._entries += 1
+            data[rk] = self._holders((*entries, entry))
+            added += 1
+        self._entries += added
         if engine_keys:
             e2r = self._e2r
-            if len(engine_keys) == len(request_keys):
-                for ek, rk in zip(engine_keys, request_keys, strict=True):
-                    mapped = e2r.get(ek)
-                    if mapped is None:
-                        e2r[ek] = [rk]
-                    elif rk not in mapped:
-                        mapped.append(rk)
-            else:
-                for ek, rk in ratio_mapping(engine_keys, request_keys):
-                    mapped = e2r.setdefault(ek, [])
-                    if rk not in mapped:
-                        mapped.append(rk)
+            pairs = (
+                zip(engine_keys, request_keys, strict=True)
+                if len(engine_keys) == len(request_keys)
+                else ratio_mapping(engine_keys, request_keys)
+            )
+            for ek, rk in pairs:
+                mapped = e2r.get(ek)
+                if mapped is None:
+                    e2r[ek] = (rk,)
+                elif rk not in mapped:
+                    e2r[ek] = (*mapped, rk)
         if (
             len(data) > self.max_keys
             or len(self._e2r) > self.max_keys
@@ -216,15 +248,17 @@ class InMemoryIndex:
 
     def _remove(self, rk: int, entry: PodEntry) -> bool:
         """Remove `entry` at `rk`; True when the key is now empty (and gone)."""
-        entries = self._data.get(rk)
-        if entries is None:
+        h = self._data.get(rk)
+        if h is None:
             return True
+        entries = h[0]
         if entry in entries:
-            del entries[entry]
+            entries = tuple(e for e in entries if e != entry)
             self._entries -= 1
-        if not entries:
-            del self._data[rk]
-            return True
+            if not entries:
+                del self._data[rk]
+                return True
+            self._data[rk] = self._holders(entries)
         return False
 
     def evict_engine_key_sync(self, engine_key: int, entry: PodEntry) -> None:
@@ -245,20 +279,22 @@ class InMemoryIndex:
         mapped = self._e2r.get(engine_key)
         return mapped[-1] if mapped else None
 
-    def clear_sync(self, pod: str, keep: Iterable[str] = ()) -> int:
+    def clear_sync(self, pod: str) -> int:
         """Drop every entry of `pod` (all tiers, groups, ranks); returns how many."""
         removed = 0
-        kept = set(keep)
-        empty: list[int] = []
-        for rk, entries in self._data.items():
-            doomed = [e for e in entries if e.pod == pod and e.tier not in kept]
-            for e in doomed:
-                del entries[e]
-            removed += len(doomed)
-            if not entries:
-                empty.append(rk)
-        for rk in empty:
-            del self._data[rk]
+        sets = self._sets
+        changed: list[tuple[int, tuple[PodEntry, ...]]] = []
+        for rk, (entries, sid, _) in self._data.items():
+            if pod not in sets[sid]:
+                continue
+            kept = tuple(e for e in entries if e.pod != pod)
+            removed += len(entries) - len(kept)
+            changed.append((rk, kept))
+        for rk, kept in changed:
+            if kept:
+                self._data[rk] = self._holders(kept)
+            else:
+                del self._data[rk]
         self._entries -= removed
         return removed
 
@@ -272,43 +308,83 @@ class InMemoryIndex:
     ) -> dict[str, PrefixHit]:
         w = DEFAULT_TIER_WEIGHTS if weights is None else weights
         data = self._data
-        hits: dict[str, PrefixHit] = {}
-        active: set[str] | None = None
-        for rk in request_keys:
-            entries = data.get(rk)
-            if not entries:
+        sets = self._sets
+        depth: dict[str, int] = {}
+        mixed: list[tuple[int, tuple[PodEntry, ...]]] = []
+        active: set[str] | frozenset[str] = frozenset()
+        last = -1
+        n = 0
+        for i, rk in enumerate(request_keys):
+            h = data.get(rk)
+            if h is None:
                 break
+            sid = h[1]
+            if last < 0:
+                active = sets[sid] if pods is None else sets[sid].intersection(pods)
+                if not active:
+                    break
+            elif sid != last:
+                ps = sets[sid]
+                if not active <= ps:
+                    kept = active & ps
+                    for p in active - kept:
+                        depth[p] = i
+                    active = kept
+                    if not active:
+                        break
+            last = sid
+            if not h[2]:
+                mixed.append((i, h[0]))
+            n = i + 1
+        for p in active:
+            depth[p] = n
+        if not depth:
+            return {}
+        for rk in request_keys[:n]:
             data.move_to_end(rk)
+        wg = w.get(TIER_GPU, 1.0)
+        hits = {p: PrefixHit(d, d * wg, {TIER_GPU: d}) for p, d in depth.items() if d}
+        for i, entries in mixed:
             best: dict[str, tuple[float, str]] = {}
             for e in entries:
-                p = e.pod
-                if (active is not None and p not in active) or (pods is not None and p not in pods):
+                hit = hits.get(e.pod)
+                if hit is None or hit.blocks <= i:
                     continue
                 weight = w.get(e.tier, 1.0)
-                cur = best.get(p)
+                cur = best.get(e.pod)
                 if (
                     cur is None
                     or weight > cur[0]
                     or (weight == cur[0] and cur[1] == SPECULATIVE_TIER)
                 ):
-                    best[p] = (weight, e.tier)
-            if not best:
-                break
+                    best[e.pod] = (weight, e.tier)
             for p, (weight, tier) in best.items():
-                h = hits.get(p)
-                if h is None:
-                    h = hits[p] = PrefixHit()
-                h.blocks += 1
-                h.score += weight
-                h.tiers[tier] = h.tiers.get(tier, 0) + 1
-            active = set(best)
+                if tier == TIER_GPU:
+                    continue
+                hit = hits[p]
+                hit.score += weight - wg
+                hit.tiers[TIER_GPU] -= 1
+                hit.tiers[tier] = hit.tiers.get(tier, 0) + 1
+        for hit in hits.values():
+            if not hit.tiers.get(TIER_GPU):
+                hit.tiers.pop(TIER_GPU, None)
         return hits
 
+    def engine_keys(self, pod: str) -> set[int]:
+        """Engine keys (vLLM's hashes) that `pod` holds in some tier (a scan; for checks)."""
+        data, sets = self._data, self._sets
+        return {
+            ek
+            for ek, rks in self._e2r.items()
+            if any((h := data.get(rk)) is not None and pod in sets[h[1]] for rk in rks)
+        }
+
     def pods(self) -> set[str]:
-        return {e.pod for entries in self._data.values() for e in entries}
+        return {p for h in self._data.values() for p in self._sets[h[1]]}
 
     def holders(self, request_key: int) -> list[PodEntry]:
-        return list(self._data.get(request_key, ()))
+        h = self._data.get(request_key)
+        return list(h[0]) if h else []
 
     # --- the async protocol ----------------------------------------------------------------
 

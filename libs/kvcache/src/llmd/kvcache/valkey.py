@@ -7,10 +7,15 @@ Key layout (llm-d's, so Go and Python replicas can share one server):
   "GroupIdx":..}`, plus `"DataParallelRank"` when not 0); value `""`.
 - `<prefix>engine:<engine key decimal>`: ZSET; members = request-key decimals, score =
   position (the highest is the chain's last key).
+- `<prefix>sig:<request key decimal>`: STRING; the SHA-1 of the key's holder list, and
+  `<prefix>set:<sha1>`: STRING, that list (`pod<TAB>tier` lines, sorted; speculative entries
+  have an empty tier) (llmd only; what lookups read: one short string per block, the holder
+  list only where it changes).
 - `<prefix>llmd:pods`: HASH; pod -> unix time its events were last applied (llmd only; it
   drives cleanup).
 
-Reads are one round trip: a Lua script walks the request keys server-side and returns only the
+Reads are one round trip: a Lua script walks the request keys' signatures server-side (an
+unchanged signature from one block to the next costs one string comparison) and returns only the
 per-pod result (consecutive blocks, weighted score, blocks per tier). Evictions are a script too
 (remove the entry, drop emptied keys, drop the engine mapping once every key it names is empty).
 
@@ -37,78 +42,182 @@ from llmd.kvcache.index import (
     ratio_mapping,
 )
 
-_LOOKUP = """
-local npods = tonumber(ARGV[1])
-local filter = nil
-if npods > 0 then
-  filter = {}
-  for i = 2, npods + 1 do filter[ARGV[i]] = true end
-end
-local i = npods + 2
-local nw = tonumber(ARGV[i]); i = i + 1
-local weights = {}
-for _ = 1, nw do weights[ARGV[i]] = tonumber(ARGV[i + 1]); i = i + 2 end
-local active = nil
-local res = {}
-for _, k in ipairs(KEYS) do
-  local fields = redis.call('HKEYS', k)
-  if #fields == 0 then break end
-  local best = {}
-  local any = false
-  for _, f in ipairs(fields) do
-    local ok, e = pcall(cjson.decode, f)
-    if ok and type(e) == 'table' then
-      local p = e['PodIdentifier']
-      if p and (filter == nil or filter[p]) and (active == nil or active[p]) then
-        local t = e['DeviceTier'] or ''
-        local w = weights[t] or 1.0
-        local cur = best[p]
-        if cur == nil or w > cur[1] or (w == cur[1] and cur[2] == '') then
-          best[p] = {w, t}; any = true
-        end
-      end
+# Every request-key HASH has a companion STRING `<prefix>sig:<key>`: its fields, sorted and
+# joined by newlines. Writes keep it current; lookups read one string per key and, since
+# consecutive blocks usually have the same holders, mostly just compare it with the previous
+# one (Lua strings are interned: equal strings are one object).
+_RESIG = """
+local SETPREFIX = ''
+local function resig(k, sk)
+  local f = redis.call('HKEYS', k)
+  if #f == 0 then
+    redis.call('DEL', k)
+    redis.call('DEL', sk)
+    return true
+  end
+  local lines = {}
+  for _, field in ipairs(f) do
+    local ok, d = pcall(cjson.decode, field)
+    if ok and type(d) == 'table' and d['PodIdentifier'] then
+      local t = d['DeviceTier'] or ''
+      if d['Speculative'] then t = '' end
+      lines[#lines + 1] = d['PodIdentifier'] .. '\\t' .. t
     end
   end
-  if not any then break end
-  active = {}
-  for p, bt in pairs(best) do
-    active[p] = true
-    local r = res[p]
-    if r == nil then r = {0, 0, {}}; res[p] = r end
-    r[1] = r[1] + 1
-    r[2] = r[2] + bt[1]
-    r[3][bt[2]] = (r[3][bt[2]] or 0) + 1
-  end
+  table.sort(lines)
+  local body = table.concat(lines, '\\n')
+  local digest = redis.sha1hex(body)
+  redis.call('SET', SETPREFIX .. digest, body, 'NX')
+  redis.call('SET', sk, digest)
+  return false
 end
-local out = {}
-for p, r in pairs(res) do
-  local tl = {}
-  for t, c in pairs(r[3]) do table.insert(tl, t); table.insert(tl, c) end
-  table.insert(out, {p, r[1], tostring(r[2]), tl})
-end
-return out
 """
 
-_EVICT_ENGINE = """
+_ADD = (
+    _RESIG
+    + """
+local field, ttl = ARGV[1], tonumber(ARGV[2])
+SETPREFIX = ARGV[3]
+for i = 1, #KEYS, 2 do
+  local k, sk = KEYS[i], KEYS[i + 1]
+  if redis.call('HSET', k, field, '') == 1 then resig(k, sk) end
+  if ttl > 0 then
+    redis.call('EXPIRE', k, ttl)
+    redis.call('EXPIRE', sk, ttl)
+  end
+end
+return #KEYS / 2
+"""
+)
+
+_EVICT_REQUEST = (
+    _RESIG
+    + """
+local field = ARGV[1]
+SETPREFIX = ARGV[2]
+for i = 1, #KEYS, 2 do
+  if redis.call('HDEL', KEYS[i], field) == 1 then resig(KEYS[i], KEYS[i + 1]) end
+end
+return #KEYS / 2
+"""
+)
+
+_EVICT_ENGINE = (
+    _RESIG
+    + """
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
 local prefix, field = ARGV[1], ARGV[2]
+SETPREFIX = prefix .. 'set:'
 local all_empty = true
 for _, m in ipairs(members) do
   local k = prefix .. m
-  redis.call('HDEL', k, field)
-  if redis.call('HLEN', k) == 0 then redis.call('DEL', k) else all_empty = false end
+  if redis.call('HDEL', k, field) == 1 then resig(k, prefix .. 'sig:' .. m) end
+  if redis.call('EXISTS', k) == 1 then all_empty = false end
 end
 if all_empty then redis.call('DEL', KEYS[1]) end
 return #members
 """
+)
 
-_EVICT_REQUEST = """
-local field = ARGV[1]
-for _, k in ipairs(KEYS) do
-  redis.call('HDEL', k, field)
-  if redis.call('HLEN', k) == 0 then redis.call('DEL', k) end
+_LOOKUP = """
+local sigprefix = ARGV[1]
+local setprefix = string.gsub(sigprefix, 'sig:$', 'set:')
+local keylist = ARGV[2]
+local npods = tonumber(ARGV[3])
+local filter = nil
+if npods > 0 then
+  filter = {}
+  for i = 4, npods + 3 do filter[ARGV[i]] = true end
 end
-return #KEYS
+local i = npods + 4
+local nw = tonumber(ARGV[i]); i = i + 1
+local weights = {}
+for _ = 1, nw do weights[ARGV[i]] = tonumber(ARGV[i + 1]); i = i + 2 end
+local pp, pt, pw = {}, {}, {}  -- set digest -> holder pods, tiers, weights (parsed once)
+local function holders(digest, body)
+  local ps = pp[digest]
+  if ps == nil then
+    ps = {}
+    local ts, ws = {}, {}
+    local c = 0
+    for pod, tier in string.gmatch(body, '([^\\t\\n]+)\\t([^\\n]*)') do
+      c = c + 1
+      ps[c] = pod
+      ts[c] = tier
+      ws[c] = weights[tier] or 1.0
+    end
+    pp[digest], pt[digest], pw[digest] = ps, ts, ws
+  end
+  return ps, pt[digest], pw[digest]
+end
+local aw, at = nil, nil        -- active pods -> weight, tier for the current run of blocks
+local rb, rs, rt = {}, {}, {}   -- results: blocks, score, blocks per tier
+local last = nil
+local seg_start = 1
+local function close(upto)
+  local len = upto - seg_start
+  if aw == nil or len <= 0 then return end
+  for p, w in pairs(aw) do
+    rb[p] = (rb[p] or 0) + len
+    rs[p] = (rs[p] or 0) + len * w
+    local tt = rt[p]
+    if tt == nil then tt = {}; rt[p] = tt end
+    local t = at[p]
+    tt[t] = (tt[t] or 0) + len
+  end
+end
+local n = 0
+local idx = 0
+local names = {}
+for key in string.gmatch(keylist, '%d+') do names[#names + 1] = sigprefix .. key end
+local chunk = 16
+local stop = false
+local lo = 1
+while lo <= #names and not stop do
+  local hi = math.min(#names, lo + chunk - 1)
+  local sigs = redis.call('MGET', unpack(names, lo, hi))
+  for j = 1, hi - lo + 1 do
+    idx = lo + j - 1
+    local sig = sigs[j]
+    if not sig then stop = true; break end
+    if sig ~= last then
+      local body = redis.call('GET', setprefix .. sig)
+      if not body then stop = true; break end
+      local ps, ts, ws = holders(sig, body)
+      local nw, nt = {}, {}
+      local any = false
+      for q = 1, #ps do
+        local p = ps[q]
+        if (aw == nil and (filter == nil or filter[p])) or (aw ~= nil and aw[p]) then
+          local w, t = ws[q], ts[q]
+          local cw = nw[p]
+          if cw == nil or w > cw or (w == cw and nt[p] == '') then
+            nw[p] = w
+            nt[p] = t
+            any = true
+          end
+        end
+      end
+      close(idx)
+      seg_start = idx
+      if not any then aw = nil; stop = true; break end
+      aw, at = nw, nt
+      last = sig
+    end
+    n = idx
+  end
+  lo = hi + 1
+  if chunk < 256 then chunk = chunk * 2 end
+end
+if aw ~= nil then close(n + 1) end
+-- one string, not nested arrays: the client parses it with a split, not a RESP walk
+local out = {}
+for p, b in pairs(rb) do
+  local tl = {}
+  for t, c in pairs(rt[p]) do tl[#tl + 1] = t .. '=' .. c end
+  out[#out + 1] = p .. '\\t' .. b .. '\\t' .. tostring(rs[p]) .. '\\t' .. table.concat(tl, ',')
+end
+return table.concat(out, '\\n')
 """
 
 
@@ -172,6 +281,7 @@ class ValkeyIndex:
             self.url, decode_responses=False
         )
         self._lookup = self.redis.register_script(_LOOKUP)
+        self._add = self.redis.register_script(_ADD)
         self._evict_engine = self.redis.register_script(_EVICT_ENGINE)
         self._evict_request = self.redis.register_script(_EVICT_REQUEST)
         self._touched: dict[str, float] = {}
@@ -200,19 +310,28 @@ class ValkeyIndex:
 
     # --- writes ----------------------------------------------------------------------------
 
+    @property
+    def _setp(self) -> str:
+        return f"{self.prefix}set:"
+
+    def _sk(self, key: int | str) -> str:
+        return f"{self.prefix}sig:{key}"
+
+    def _pairs(self, request_keys: Sequence[int]) -> list[str]:
+        out: list[str] = []
+        for rk in request_keys:
+            out += (self._rk(rk), self._sk(rk))
+        return out
+
     async def add(
         self, engine_keys: Sequence[int] | None, request_keys: Sequence[int], entry: PodEntry
     ) -> None:
         if not request_keys:
             return
         field = entry_field(entry)
-        pipe = self.redis.pipeline(transaction=False)
         ttl = self.key_ttl_s
-        for rk in request_keys:
-            k = self._rk(rk)
-            pipe.hset(k, field, "")
-            if ttl:
-                pipe.expire(k, ttl)
+        pipe = self.redis.pipeline(transaction=False)
+        await self._add(keys=self._pairs(request_keys), args=[field, ttl, self._setp], client=pipe)
         if engine_keys:
             for i, (ek, rk) in enumerate(ratio_mapping(engine_keys, request_keys)):
                 k = self._ek(ek)
@@ -235,7 +354,7 @@ class ValkeyIndex:
     async def evict_request_keys(self, request_keys: Sequence[int], entry: PodEntry) -> None:
         if request_keys:
             await self._evict_request(
-                keys=[self._rk(k) for k in request_keys], args=[entry_field(entry)]
+                keys=self._pairs(request_keys), args=[entry_field(entry), self._setp]
             )
             self.writes += 1
 
@@ -248,9 +367,15 @@ class ValkeyIndex:
         llm-d leaves them: they point at emptied keys, which breaks chains correctly)."""
         removed = 0
         engine_prefix = f"{self.prefix}engine:".encode()
-        pods_key = self._pods_key.encode()
+        sig_prefix = f"{self.prefix}sig:".encode()
+        set_prefix = f"{self.prefix}set:".encode()
+        llmd_prefix = f"{self.prefix}llmd:".encode()
         async for batch in self._scan_batches():
-            keys = [k for k in batch if not k.startswith(engine_prefix) and k != pods_key]
+            keys = [
+                k
+                for k in batch
+                if not k.startswith((engine_prefix, sig_prefix, set_prefix, llmd_prefix))
+            ]
             if not keys:
                 continue
             pipe = self.redis.pipeline(transaction=False)
@@ -269,7 +394,11 @@ class ValkeyIndex:
                     if e is not None and e.pod == pod:
                         doomed.append((k, f))
             for key, fld in doomed:
-                await self._evict_request(keys=[key.decode()], args=[fld.decode()])
+                name = key.decode()
+                rk = name[len(self.prefix) :]
+                await self._evict_request(
+                    keys=[name, self._sk(rk)], args=[fld.decode(), self._setp]
+                )
             removed += len(doomed)
         await self.redis.hdel(self._pods_key, pod)
         self._touched.pop(pod, None)
@@ -317,13 +446,25 @@ class ValkeyIndex:
         pod_list = sorted(pods) if pods is not None else []
         if pods is not None and not pod_list:
             return {}
-        args: list[Any] = [len(pod_list), *pod_list, len(w)]
+        # Key names are built server-side from one string of decimals: packing 512 separate
+        # arguments costs the client more than the whole lookup costs the server.
+        args: list[Any] = [
+            f"{self.prefix}sig:",
+            " ".join(map(str, request_keys)),
+            len(pod_list),
+            *pod_list,
+            len(w),
+        ]
         for tier, weight in w.items():
             args += [tier, repr(float(weight))]
-        rows = await self._lookup(keys=[self._rk(k) for k in request_keys], args=args)
+        rows = await self._lookup(keys=[], args=args)
         self.lookups += 1
         out: dict[str, PrefixHit] = {}
-        for pod, blocks, score, tiers in rows:
-            tier_counts = {tiers[i].decode(): int(tiers[i + 1]) for i in range(0, len(tiers), 2)}
-            out[pod.decode()] = PrefixHit(int(blocks), float(score), tier_counts)
+        for row in rows.decode().split("\n") if rows else ():
+            pod, blocks, score, tiers = row.split("\t")
+            counts = {}
+            for item in tiers.split(",") if tiers else ():
+                tier, _, count = item.rpartition("=")
+                counts[tier] = int(count)
+            out[pod] = PrefixHit(int(blocks), float(score), counts)
         return out

@@ -1,0 +1,205 @@
+"""llmd.kvcache against a real vLLM 0.32 CPU server: the index holds exactly the blocks vLLM's
+events say are cached, predicts `cached_tokens` to the block, drops evicted blocks, and notices
+a restarted engine (sequence reset) and resyncs.
+
+The server is this module's own (a small KV cache, so evictions happen, and it is restarted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import zmq
+
+from llmd.kvcache.index import InMemoryIndex
+from llmd.kvcache.indexer import KVCacheIndexer
+from llmd.kvcache.ingest import EngineEndpoint, EventApplier, Ingestor
+from llmd.kvcache.keys import TokenProcessor
+from llmd.kvcache.tokenization import ModelTokenizer
+from llmd.protocol.kv_events import END_SEQ, BlockRemoved, BlockStored, decode_batch, to_u64
+from llmd.vllm_cpu.install import VllmEnv
+from llmd.vllm_cpu.server import VllmServer, VllmServerSpec, start_servers
+
+pytestmark = pytest.mark.vllm
+
+ENGINE_BLOCK = 32
+GPU_BLOCKS = 160  # 5,120 tokens of KV (vLLM wants max_model_len to fit): fillers evict
+
+
+@pytest.fixture(scope="module")
+def server(
+    vllm_env: VllmEnv, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VllmServer]:
+    spec = VllmServerSpec(
+        pod="vllm-kv",
+        model_dir=tiny_model_dir,
+        block_size=ENGINE_BLOCK,
+        extra_args=["--num-gpu-blocks-override", str(GPU_BLOCKS), "--max-num-seqs", "4"],
+    )
+    (s,) = start_servers(vllm_env, [spec], tmp_path_factory.mktemp("vllm-kv"))
+    yield s
+    s.stop()
+
+
+class Reference:
+    """What vLLM says is cached: GPU hashes stored minus removed, from a raw SUB socket (after
+    a replay of everything the server still buffers), independent of llmd.kvcache's ingestion."""
+
+    def __init__(self, server: VllmServer) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.sock = self.ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.SUBSCRIBE, b"kv@")
+        self.sock.connect(server.kv_events_endpoint)
+        self.cached: set[int] = set()
+        self.removed = 0
+        self.last_seq = -1
+        time.sleep(0.5)
+        dealer = self.ctx.socket(zmq.DEALER)
+        dealer.connect(server.replay_endpoint)
+        dealer.send_multipart([b"", (0).to_bytes(8, "big")])
+        while True:
+            assert dealer.poll(5000), "replay timed out"
+            parts = dealer.recv_multipart()
+            if parts[2] == END_SEQ:
+                break
+            self.apply(int.from_bytes(parts[2], "big"), parts[3])
+        dealer.close(linger=0)
+
+    def apply(self, seq: int, payload: bytes) -> None:
+        if seq <= self.last_seq:
+            return
+        self.last_seq = seq
+        for ev in decode_batch(payload).events:
+            if isinstance(ev, BlockStored):
+                self.cached |= {to_u64(h) for h in ev.block_hashes}
+            elif isinstance(ev, BlockRemoved):
+                for h in ev.block_hashes:
+                    self.cached.discard(to_u64(h))
+                    self.removed += 1
+
+    def drain(self) -> None:
+        while self.sock.poll(300):
+            _, seq, payload = self.sock.recv_multipart()
+            self.apply(int.from_bytes(seq, "big"), payload)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+class Harness:
+    def __init__(self, server: VllmServer, tokenizer_dir: Path) -> None:
+        self.server = server
+        self.index = InMemoryIndex()
+        self.applier = EventApplier(self.index, TokenProcessor())
+        self.ingestor = Ingestor(self.applier, shards=1)
+        self.indexer = KVCacheIndexer(self.index, TokenProcessor(), metrics=self.applier.metrics)
+        self.tokenizer = ModelTokenizer(tokenizer_dir)
+        self.pod = server.address
+        self.ref = Reference(server)
+        self.http = httpx.AsyncClient(timeout=60)
+
+    async def complete(self, prompt: str) -> dict[str, int]:
+        r = await self.http.post(
+            self.server.url + "/v1/completions",
+            json={"model": "tiny", "prompt": prompt, "max_tokens": 1},
+        )
+        assert r.status_code == 200, r.text
+        u = r.json()["usage"]
+        return {
+            "prompt_tokens": u["prompt_tokens"],
+            "cached_tokens": (u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0,
+        }
+
+    async def settle(self) -> None:
+        await asyncio.sleep(0.8)
+        await self.ingestor.drain()
+        self.ref.drain()
+
+    def predicted_tokens(self, prompt: str) -> int:
+        keys = self.indexer.keys(self.tokenizer.encode(prompt), "tiny")
+        hit = self.indexer.score_sync(keys, None).get(self.pod)
+        return hit.blocks * self.indexer.block_size if hit else 0
+
+
+@pytest.fixture
+async def h(server: VllmServer, tiny_model_dir: Path) -> AsyncIterator[Harness]:
+    harness = Harness(server, tiny_model_dir)
+    await harness.ingestor.start()
+    harness.ingestor.subscribe(
+        EngineEndpoint(
+            pod=server.address, events=server.kv_events_endpoint, replay=server.replay_endpoint
+        )
+    )
+    await asyncio.sleep(1.0)  # ZMQ slow joiner (and the joining replay)
+    yield harness
+    await harness.ingestor.stop()
+    await harness.http.aclose()
+    harness.ref.close()
+
+
+def text(tag: str, words: int) -> str:
+    return " ".join(f"{tag}{i}" for i in range(words))
+
+
+async def test_index_matches_vllm_and_predicts_cached_tokens(h: Harness) -> None:
+    prompts = [text(f"p{i}x", 150) for i in range(3)]
+    for p in prompts:
+        await h.complete(p)
+    await h.settle()
+    assert h.ref.cached
+    assert h.index.engine_keys(h.pod) == h.ref.cached  # exactly what vLLM reports
+    for p in prompts:
+        predicted = h.predicted_tokens(p)
+        usage = await h.complete(p)
+        cap = (usage["prompt_tokens"] - 1) // ENGINE_BLOCK * ENGINE_BLOCK
+        assert usage["cached_tokens"] > 0
+        assert usage["cached_tokens"] == min(predicted // ENGINE_BLOCK * ENGINE_BLOCK, cap)
+
+
+async def test_evictions_remove_entries(h: Harness) -> None:
+    first = text("evictme", 100)
+    await h.complete(first)
+    await h.settle()
+    assert h.predicted_tokens(first) > 0
+    for i in range(8):  # ~250 blocks of prompts through a 160-block cache
+        await h.complete(text(f"filler{i}x", 150))
+    await h.settle()
+    assert h.ref.removed > 0
+    assert h.index.engine_keys(h.pod) == h.ref.cached
+    usage = await h.complete(first)
+    assert h.applier.blocks_removed > 0
+    assert usage["cached_tokens"] == 0
+
+
+async def test_a_restarted_vllm_is_detected_and_resynced(
+    h: Harness, server: VllmServer, vllm_env: VllmEnv
+) -> None:
+    before = text("before", 200)
+    for i in range(3):
+        await h.complete(text(f"warm{i}x", 60))
+    await h.complete(before)
+    await h.settle()
+    assert h.predicted_tokens(before) > 0
+    server.stop()
+    server.start(vllm_env)
+    await asyncio.to_thread(server.wait_healthy)
+    after = text("after", 200)
+    await h.complete(after)
+    deadline = time.monotonic() + 10
+    while h.applier.metrics.sequence.labels("restart")._value.get() < 1:
+        assert time.monotonic() < deadline, h.ingestor.snapshot()
+        await h.settle()
+    await h.settle()
+    assert h.predicted_tokens(before) == 0  # the old engine's blocks are gone with it
+    assert h.predicted_tokens(after) > 0
+    usage = await h.complete(after)
+    assert usage["cached_tokens"] == min(
+        h.predicted_tokens(after) // ENGINE_BLOCK * ENGINE_BLOCK,
+        (usage["prompt_tokens"] - 1) // ENGINE_BLOCK * ENGINE_BLOCK,
+    )
