@@ -143,21 +143,26 @@ async def test_speculative_entries_expire_and_yield_to_confirmed_ones() -> None:
 def test_bad_predictions_make_a_pod_untrusted_then_trusted_again() -> None:
     idx = InMemoryIndex()
     ix = KVCacheIndexer(idx)
-    for _ in range(6):
-        ix.observe(
-            "a", predicted_tokens=256, cached_tokens=0, prompt_tokens=300, engine_block_size=32
-        )
+    # over-predictions (blocks evicted between routing and prefill) are not the index's fault
+    for _ in range(8):
+        ix.observe("a", 256, cached_tokens=0, prompt_tokens=300, engine_block_size=32)
+    assert not ix.health["a"].untrusted
+    # hits the index knew nothing of (not even speculatively) are
+    for _ in range(10):
+        ix.observe("a", 0, cached_tokens=256, prompt_tokens=300, engine_block_size=32)
     assert ix.health["a"].untrusted
     assert ix.metrics.resyncs.labels("a")._value.get() == 1
     idx.add_sync(None, [1, 2], PodEntry("a"))
     assert ix.score_sync([1, 2], None)["a"].score == pytest.approx(0.5)
-    for _ in range(6):
-        ix.observe(
-            "a", predicted_tokens=256, cached_tokens=256, prompt_tokens=300, engine_block_size=32
-        )
+    for _ in range(8):
+        ix.observe("a", 256, cached_tokens=256, prompt_tokens=300, engine_block_size=32)
     assert not ix.health["a"].untrusted
     # the last prompt token is never cached: a full-prompt prediction is capped like vLLM's
-    ix.observe("b", predicted_tokens=64, cached_tokens=32, prompt_tokens=64, engine_block_size=32)
+    ix.observe("b", 64, cached_tokens=32, prompt_tokens=64, engine_block_size=32)
+    assert ix.health["b"].errors[-1] == (0, 0)
+    assert ix.metrics.predictions.labels("b", "exact")._value.get() == 1
+    # a concurrent request's blocks, known only speculatively, explain a larger hit
+    ix.observe("b", 0, 128, 200, 32, speculative_tokens=160)
     assert ix.health["b"].errors[-1] == (0, 0)
 
 

@@ -48,7 +48,8 @@ class HealthConfig:
 @dataclass(slots=True)
 class PodHealth:
     errors: deque[tuple[int, int]] = field(default_factory=lambda: deque(maxlen=64))
-    """(predicted - actual) in engine blocks, and 1 when they differ."""
+    """Unexplained cached blocks per response (the engine had them, the index did not know),
+    and 1 when there were any."""
     untrusted: bool = False
     last_resync: float = 0.0
     resyncs: int = 0
@@ -179,25 +180,34 @@ class KVCacheIndexer:
         cached_tokens: int,
         prompt_tokens: int,
         engine_block_size: int,
+        speculative_tokens: int = 0,
     ) -> None:
         """Compare one response's `cached_tokens` with the routing-time prediction.
 
-        `predicted_tokens` should count only blocks confirmed by events on the GPU tier; it is
+        `predicted_tokens` counts blocks confirmed by events on the GPU tier;
+        `speculative_tokens` adds those only just routed there (not confirmed yet). Both are
         capped as vLLM caps hits (never the prompt's last token; whole engine blocks).
+
+        Only a hit the index could not explain counts against it: the engine had more cached
+        than even the speculative prediction (events missing, a wrong block size, hash seed or
+        model name). Over-predictions are exported but not judged: under cache pressure the
+        engine evicts blocks between routing and prefill, which is not the index's fault.
         """
         ebs = max(1, engine_block_size)
         cap = ((max(0, prompt_tokens - 1)) // ebs) * ebs
         predicted = (min(predicted_tokens, cap) // ebs) * ebs
+        upper = (min(max(predicted_tokens, speculative_tokens), cap) // ebs) * ebs
         err = (predicted - cached_tokens) // ebs
+        unexplained = max(0, (cached_tokens - upper) // ebs)
         h = self.health.get(pod)
         if h is None:
             h = self.health[pod] = PodHealth()
-        h.errors.append((err, int(err != 0)))
+        h.errors.append((unexplained, int(unexplained > 0)))
         while len(h.errors) > self.health_config.window:
             h.errors.popleft()
         outcome = "exact" if err == 0 else ("over" if err > 0 else "under")
         self.metrics.predictions.labels(pod, outcome).inc()
-        self.metrics.prediction_error.labels(pod).set(h.mean_error())
+        self.metrics.prediction_error.labels(pod).set(abs(err))
         self._judge(pod, h)
 
     def _judge(self, pod: str, h: PodHealth) -> None:

@@ -70,7 +70,7 @@ class KVCacheMetrics:
         )
         self.prediction_error = Gauge(
             "kvcache_index_prediction_error_blocks",
-            "Mean |predicted - engine-reported cached blocks| over recent responses, per pod",
+            "|predicted - engine-reported cached blocks| of the last response, per pod",
             ["pod"],
             registry=r,
         )

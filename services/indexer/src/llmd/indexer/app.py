@@ -92,6 +92,7 @@ class _Observe(msgspec.Struct):
     cached_tokens: int
     prompt_tokens: int
     engine_block_size: int = 16
+    speculative_tokens: int = 0
 
 
 class BadRequestError(ValueError):
@@ -255,7 +256,12 @@ class IndexerApp:
             except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                 return _json({"error": str(exc)}, 400)
             self.indexer.observe(
-                o.pod, o.predicted_tokens, o.cached_tokens, o.prompt_tokens, o.engine_block_size
+                o.pod,
+                o.predicted_tokens,
+                o.cached_tokens,
+                o.prompt_tokens,
+                o.engine_block_size,
+                o.speculative_tokens,
             )
             return _json(self.indexer.health_snapshot().get(o.pod, {}))
 

@@ -366,9 +366,12 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
                 continue
             pod = r.targets[0].key
             if profile == result.primary:
+                hit = hits.get(pod)
+                bs = self.processor.block_size
                 request.data["precise-prediction"] = (
                     pod,
-                    confirmed_gpu_blocks(hits.get(pod)) * self.processor.block_size,
+                    confirmed_gpu_blocks(hit) * bs,
+                    (hit.blocks if hit else 0) * bs,
                 )
             if self.embedded_sync:
                 self.indexer.speculate_sync(keys, pod)
@@ -391,8 +394,9 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
         m = endpoint.metrics
         if not isinstance(cached, int) or not isinstance(prompt, int) or m is None:
             return
-        pod, tokens = predicted
-        self.indexer.observe(pod, tokens, cached, prompt, m.block_size or self.processor.block_size)
+        pod, tokens, speculative = predicted
+        ebs = m.block_size or self.processor.block_size
+        self.indexer.observe(pod, tokens, cached, prompt, ebs, speculative)
 
     # --- introspection ---------------------------------------------------------------------
 
