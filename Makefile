@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := .venv
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: setup run test lint typecheck test-unit test-vllm bench-protocol bench-sim bench-scheduler vllm-env clean help
+.PHONY: setup run test lint typecheck test-unit test-vllm bench-protocol bench-sim bench-scheduler bench-kvcache vllm-env clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -54,6 +54,10 @@ bench-sim: setup ## how many simulated servers and requests/s one core sustains
 bench-scheduler: setup ## scheduling latency/CPU per decision, and the herding comparison with llm-d
 	$(RUN) python benchmarks/scheduler_latency.py
 	$(RUN) python benchmarks/scheduler_herding.py
+
+bench-kvcache: setup ## KV index ingestion/lookup, and precise vs approximate vs round-robin routing
+	$(RUN) python benchmarks/kvcache_index.py
+	$(RUN) python benchmarks/precise_routing.py
 
 clean: ## remove local environments (not the vLLM cache)
 	rm -rf .venv $(TOOLS) .mypy_cache .ruff_cache .pytest_cache
