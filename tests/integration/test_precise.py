@@ -151,5 +151,9 @@ def test_killing_one_replica_loses_nothing(replicas: Replicas) -> None:
     precise = state["plugins"]["precise-prefix-cache-producer"]
     assert precise["backend"] == "ValkeyIndex"
     assert precise["errors"] == 0
+    # every response was checked against the index's prediction, and none was unexplained
+    health = precise["health"]
+    assert sum(h["samples"] for h in health.values()) > 0
+    assert not any(h["untrusted"] for h in health.values())
     metrics = replicas.b.scheduler.metrics_text()
     assert "kvcache_events_total" in metrics

@@ -203,13 +203,15 @@ class InMemoryIndex:
 
     def add_sync(
         self, engine_keys: Sequence[int] | None, request_keys: Sequence[int], entry: PodEntry
-    ) -> None:
+    ) -> list[int]:
+        """Add `entry` at every request key; returns the positions it was already at."""
         entry = self._intern(entry)
+        again: list[int] = []
         data = self._data
         cap = self.max_entries_per_key
         fresh: _Holders = self._holders((entry,))
         added = 0
-        for rk in request_keys:
+        for pos, rk in enumerate(request_keys):
             h = data.get(rk)
             if h is None:
                 data[rk] = fresh
@@ -218,6 +220,7 @@ class InMemoryIndex:
             data.move_to_end(rk)
             entries = h[0]
             if entry in entries:
+                again.append(pos)
                 continue
             if len(entries) >= cap:
                 entries = entries[1:]
@@ -245,6 +248,7 @@ class InMemoryIndex:
             or (self._entries * _ENTRY_BYTES + len(data) * _KEY_BYTES > self.max_bytes)
         ):
             self._shrink()
+        return again
 
     def _remove(self, rk: int, entry: PodEntry) -> bool:
         """Remove `entry` at `rk`; True when the key is now empty (and gone)."""

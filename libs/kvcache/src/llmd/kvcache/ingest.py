@@ -62,16 +62,26 @@ class EventApplier:
         index: Index,
         processor: TokenProcessor,
         metrics: KVCacheMetrics | None = None,
-        max_refcounts: int = 4_000_000,
+        max_refcounts: int = 1_000_000,
     ) -> None:
         self.index = index
         self.processor = processor
         self.metrics = metrics or KVCacheMetrics()
         self._fast = index if isinstance(index, InMemoryIndex) else None
         self._refs: dict[tuple[PodEntry, int], int] = {}
+        """Stores beyond the first per (entry, engine key): a removal is absorbed while >= 2."""
+        self._seen: dict[tuple[PodEntry, int], None] = {}
+        """Backends that cannot tell duplicates themselves (Valkey): every stored block."""
         self.max_refcounts = max_refcounts
         self.blocks_stored = 0
         self.blocks_removed = 0
+        m = self.metrics
+        # labelled children resolved once: .labels() costs more than the rest of a small event
+        self._ev_stored = m.events.labels("BlockStored")
+        self._ev_removed = m.events.labels("BlockRemoved")
+        self._blk_stored = m.blocks.labels("stored")
+        self._blk_removed = m.blocks.labels("removed")
+        self._blk_dup = m.blocks.labels("duplicate-remove")
 
     async def apply(self, pod: str, model: str, batch: EventBatch) -> None:
         rank = batch.data_parallel_rank or 0
@@ -86,13 +96,14 @@ class EventApplier:
 
     async def clear_pod(self, pod: str) -> int:
         self._refs = {k: v for k, v in self._refs.items() if k[0].pod != pod}
+        self._seen = {k: v for k, v in self._seen.items() if k[0].pod != pod}
         return await self.index.clear(pod)
 
     def _skip(self, reason: str) -> None:
         self.metrics.stores_skipped.labels(reason).inc()
 
     async def _stored(self, pod: str, model: str, rank: int, ev: BlockStored) -> None:
-        self.metrics.events.labels("BlockStored").inc()
+        self._ev_stored.inc()
         if ev.kv_cache_spec_kind is not None and ev.kv_cache_spec_kind not in INDEXABLE_KINDS:
             self._skip("attention-kind")
             return
@@ -116,7 +127,7 @@ class EventApplier:
                 fast.add_sync(None, resolved, entry)
             else:
                 await index.add(None, resolved, entry)
-            self._count(entry, engine_keys)
+            self._count(entry, engine_keys, None)
             return
         if ev.block_size <= 0 or len(tokens) != len(engine_keys) * ev.block_size:
             self._skip("token-count")
@@ -135,24 +146,39 @@ class EventApplier:
             tokens, ev.lora_name or model, extras=extras, parent=parent
         )
         if fast:
-            fast.add_sync(engine_keys, request_keys, entry)
+            again = fast.add_sync(engine_keys, request_keys, entry)
+            # the index says which blocks this entry already held: only those need a count
+            dup = {engine_keys[p * len(engine_keys) // len(request_keys)] for p in again}
+            self._count(entry, engine_keys, dup)
         else:
             await index.add(engine_keys, request_keys, entry)
-        self._count(entry, engine_keys)
+            self._count(entry, engine_keys, None)
 
-    def _count(self, entry: PodEntry, engine_keys: list[int]) -> None:
+    def _count(self, entry: PodEntry, engine_keys: list[int], dup: set[int] | None) -> None:
+        """Reference counts of stores beyond the first (absent = held once).
+
+        `dup` are the engine keys this entry already held (None: unknown, check each)."""
         refs = self._refs
-        for ek in engine_keys:
+        for ek in engine_keys if dup is None else dup:
             k = (entry, ek)
-            refs[k] = refs.get(k, 0) + 1
+            n = refs.get(k)
+            if n is not None:
+                refs[k] = n + 1
+            elif dup is not None or k in self._seen:
+                refs[k] = 2
+            if dup is None:
+                self._seen[k] = None
+        if len(self._seen) > self.max_refcounts:
+            for k in list(self._seen)[: len(self._seen) - self.max_refcounts]:
+                del self._seen[k]
         if len(refs) > self.max_refcounts:  # forget the oldest: their removals pass through
             for k in list(refs)[: len(refs) - self.max_refcounts]:
                 del refs[k]
         self.blocks_stored += len(engine_keys)
-        self.metrics.blocks.labels("stored").inc(len(engine_keys))
+        self._blk_stored.inc(len(engine_keys))
 
     async def _removed(self, pod: str, rank: int, ev: BlockRemoved) -> None:
-        self.metrics.events.labels("BlockRemoved").inc()
+        self._ev_removed.inc()
         group = ev.group_idx if ev.group_idx is not None else -1
         entry = PodEntry(pod, normalize_tier(ev.medium), group, rank)
         refs = self._refs
@@ -161,17 +187,20 @@ class EventApplier:
             ek = to_u64(h)
             k = (entry, ek)
             n = refs.get(k)
-            if n is not None and n > 1:
-                refs[k] = n - 1
-                self.metrics.blocks.labels("duplicate-remove").inc()
+            if n is not None:
+                if n > 2:
+                    refs[k] = n - 1
+                else:
+                    del refs[k]
+                self._blk_dup.inc()
                 continue
-            refs.pop(k, None)
+            self._seen.pop(k, None)
             if fast:
                 fast.evict_engine_key_sync(ek, entry)
             else:
                 await self.index.evict_engine_key(ek, entry)
             self.blocks_removed += 1
-            self.metrics.blocks.labels("removed").inc()
+            self._blk_removed.inc()
 
 
 # --- subscriptions ----------------------------------------------------------------------------
