@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import random
 import sys
 import time
@@ -38,7 +36,7 @@ from llmd.kvcache.valkey import ValkeyIndex
 from llmd.protocol.kv_events import BlockStored, EventBatch, decode_batch, encode_batch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protocol_throughput import machine
+from protocol_throughput import write_report
 from sim_capacity import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -192,16 +190,12 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks/reports/kvcache-index.json"))
     args = p.parse_args()
     results = asyncio.run(amain(args))
-    report = {
-        "benchmark": "kvcache_index",
-        "command": "uv run python benchmarks/kvcache_index.py" + (" --quick" if args.quick else ""),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine(),
-        "pid": os.getpid(),
-        "results": results,
-    }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"report: {args.out}")
+    write_report(
+        args.out,
+        "kvcache_index",
+        "uv run python benchmarks/kvcache_index.py" + (" --quick" if args.quick else ""),
+        results=results,
+    )
     return 0
 
 

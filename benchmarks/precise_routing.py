@@ -47,7 +47,7 @@ from llmd.scheduler.plugins import builtin_registry
 from llmd.sim.tokenizer import default_tokenizer_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from protocol_throughput import machine
+from protocol_throughput import write_report
 from scheduler_herding import pct
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,14 +236,13 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks/reports/precise-routing.json"))
     args = p.parse_args()
     results = asyncio.run(amain(args))
-    report = {
-        "benchmark": "precise_routing",
-        "command": "uv run python benchmarks/precise_routing.py"
+    write_report(
+        args.out,
+        "precise_routing",
+        "uv run python benchmarks/precise_routing.py"
         + (" --quick" if args.quick else "")
         + (f" --rate {args.rate:g}" if args.rate != 10.0 else ""),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine(),
-        "scenario": {
+        scenario={
             "servers": SERVERS,
             "profile": "h100-32b-tp2",
             "kv_tokens_per_server": GPU_BLOCKS * 16,
@@ -254,10 +253,8 @@ def main() -> int:
             "output_tokens": OUTPUT_TOKENS,
             "rate_per_s": args.rate,
         },
-        "results": results,
-    }
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"report: {args.out}")
+        results=results,
+    )
     return 0
 
 

@@ -72,6 +72,19 @@ def machine() -> dict[str, Any]:
     }
 
 
+def write_report(out: str | Path, name: str, command: str, **fields: Any) -> None:
+    """The JSON report every benchmark writes: what ran, when, where, and its results."""
+    report = {
+        "benchmark": name,
+        "command": command,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(),
+        **fields,
+    }
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"report: {out}")
+
+
 def hashing_rows(min_time_s: float) -> list[dict[str, Any]]:
     rng = random.Random(0)
     rows = []

@@ -36,6 +36,17 @@ class ChatMessageIn:
     content: str
 
 
+def message_text(content: Any) -> str:
+    """A chat message's text: a string, or the text parts of an OpenAI content-part list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
+    return ""
+
+
 class ModelTokenizer:
     """A model directory's tokenizer and chat template."""
 

@@ -325,3 +325,28 @@ class KubernetesPodDiscovery:
             self._stop.set()
             with contextlib.suppress(RuntimeError):
                 await asyncio.to_thread(thread.join, 5.0)
+
+
+def discovery_source(
+    *,
+    endpoints_file: str | Path | None,
+    selector: str | None,
+    namespace: str,
+    target_port: int,
+    registry: Any = None,
+) -> StaticFileDiscovery | KubernetesPodDiscovery | None:
+    """The source a service's flags ask for: a static file (watched), Kubernetes pods matching
+    `selector` (in-cluster config, else the kubeconfig), or None when neither is given."""
+    if endpoints_file:
+        return StaticFileDiscovery(endpoints_file, poll_interval_s=1.0, registry=registry)
+    if selector:
+        from kubernetes import client, config
+
+        try:
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            config.load_kube_config()  # type: ignore[no-untyped-call]
+        return KubernetesPodDiscovery(
+            client.CoreV1Api(), namespace, selector, target_port, registry=registry
+        )
+    return None

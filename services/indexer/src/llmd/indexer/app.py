@@ -39,9 +39,9 @@ from llmd.kvcache.indexer import KVCacheIndexer
 from llmd.kvcache.ingest import EngineEndpoint, EventApplier, Ingestor
 from llmd.kvcache.keys import TokenProcessor, TokenProcessorConfig
 from llmd.kvcache.metrics import KVCacheMetrics
-from llmd.kvcache.tokenization import ChatMessageIn, ModelTokenizer, TokenizerError
+from llmd.kvcache.tokenization import ChatMessageIn, ModelTokenizer, TokenizerError, message_text
 from llmd.kvcache.valkey import ValkeyIndex
-from llmd.runtime.discovery import Endpoint, StaticFileDiscovery
+from llmd.runtime.discovery import Endpoint, discovery_source
 from llmd.runtime.lifecycle import Health, health_router
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class IndexerApp:
             )
         if doc.messages is not None:
             msgs = [
-                ChatMessageIn(str(m.get("role", "user")), _text(m.get("content")))
+                ChatMessageIn(str(m.get("role", "user")), message_text(m.get("content")))
                 for m in doc.messages
             ]
             return self.tokenizer.encode_chat(msgs)
@@ -199,27 +199,13 @@ class IndexerApp:
 
     def _discovery(self) -> Any:
         o = self.options
-        if o.endpoints_file:
-            return StaticFileDiscovery(
-                o.endpoints_file, poll_interval_s=1.0, registry=self.registry
-            )
-        if o.endpoint_selector:
-            from kubernetes import client, config
-
-            from llmd.runtime.discovery import KubernetesPodDiscovery
-
-            try:
-                config.load_incluster_config()  # type: ignore[no-untyped-call]
-            except config.ConfigException:
-                config.load_kube_config()  # type: ignore[no-untyped-call]
-            return KubernetesPodDiscovery(
-                client.CoreV1Api(),
-                o.namespace,
-                o.endpoint_selector,
-                o.endpoint_target_port,
-                registry=self.registry,
-            )
-        return None
+        return discovery_source(
+            endpoints_file=o.endpoints_file,
+            selector=o.endpoint_selector,
+            namespace=o.namespace,
+            target_port=o.endpoint_target_port,
+            registry=self.registry,
+        )
 
     # --- servers -----------------------------------------------------------------------------
 
@@ -369,16 +355,6 @@ class IndexerApp:
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
         await stop.wait()
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
-    return ""
 
 
 def _json(obj: Any, status: int = 200) -> Response:

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2_grpc
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
-from llmd.runtime.discovery import StaticFileDiscovery
+from llmd.runtime.discovery import discovery_source
 from llmd.runtime.lifecycle import Health, health_router
 from llmd.scheduler.config import BuiltConfig, build, load_config_file
 from llmd.scheduler.datalayer import Datastore
@@ -169,27 +169,16 @@ class SchedulerApp:
 
     def _discovery(self) -> Any:
         o = self.options
-        if o.endpoints_file:
-            return StaticFileDiscovery(
-                o.endpoints_file, poll_interval_s=1.0, registry=self.registry
-            )
-        if o.endpoint_selector:
-            from kubernetes import client, config
-
-            from llmd.runtime.discovery import KubernetesPodDiscovery
-
-            try:
-                config.load_incluster_config()  # type: ignore[no-untyped-call]
-            except config.ConfigException:
-                config.load_kube_config()  # type: ignore[no-untyped-call]
-            return KubernetesPodDiscovery(
-                client.CoreV1Api(),
-                o.namespace,
-                o.endpoint_selector,
-                o.endpoint_target_port,
-                registry=self.registry,
-            )
-        raise ValueError("give --endpoints-file or --endpoint-selector")
+        source = discovery_source(
+            endpoints_file=o.endpoints_file,
+            selector=o.endpoint_selector,
+            namespace=o.namespace,
+            target_port=o.endpoint_target_port,
+            registry=self.registry,
+        )
+        if source is None:
+            raise ValueError("give --endpoints-file or --endpoint-selector")
+        return source
 
     async def _follow(self, source: Any) -> None:
         async for endpoints in source.watch():

@@ -30,7 +30,7 @@ from llmd.kvcache.indexer import HealthConfig, KVCacheIndexer, confirmed_gpu_blo
 from llmd.kvcache.ingest import EngineEndpoint, EventApplier, Ingestor
 from llmd.kvcache.keys import TokenProcessor, TokenProcessorConfig
 from llmd.kvcache.metrics import KVCacheMetrics
-from llmd.kvcache.tokenization import ChatMessageIn, ModelTokenizer, TokenizerError
+from llmd.kvcache.tokenization import ChatMessageIn, ModelTokenizer, TokenizerError, message_text
 from llmd.kvcache.valkey import ValkeyIndex
 from llmd.scheduler.framework import (
     AsyncDataProducer,
@@ -162,21 +162,11 @@ class _PromptView(msgspec.Struct):
 _view = msgspec.json.Decoder(_PromptView)
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(
-            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
-    return ""
-
-
 def prompt_tokens(tokenizer: ModelTokenizer, path: str, body: bytes) -> list[int] | None:
     """The prompt's token ids as vLLM computes them (the first prompt of a batch)."""
     view = _view.decode(body)
     if view.messages is not None:
-        msgs = [ChatMessageIn(m.role, _text(m.content)) for m in view.messages]
+        msgs = [ChatMessageIn(m.role, message_text(m.content)) for m in view.messages]
         return tokenizer.encode_chat(msgs)
     prompt = view.prompt
     if isinstance(prompt, list) and prompt:
