@@ -14,13 +14,15 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 import zmq
 
+from llmd.dev.gateway import SchedulerProcess
 from llmd.kvcache.index import InMemoryIndex
 from llmd.kvcache.indexer import KVCacheIndexer
 from llmd.kvcache.ingest import EngineEndpoint, EventApplier, Ingestor
 from llmd.kvcache.keys import TokenProcessor
-from llmd.kvcache.tokenization import ModelTokenizer
+from llmd.kvcache.tokenization import ChatMessageIn, ModelTokenizer, RenderClient, TokenizerError
 from llmd.protocol.kv_events import END_SEQ, BlockRemoved, BlockStored, decode_batch, to_u64
 from llmd.vllm_cpu.install import VllmEnv
 from llmd.vllm_cpu.server import VllmServer, VllmServerSpec, start_servers
@@ -39,7 +41,13 @@ def server(
         pod="vllm-kv",
         model_dir=tiny_model_dir,
         block_size=ENGINE_BLOCK,
-        extra_args=["--num-gpu-blocks-override", str(GPU_BLOCKS), "--max-num-seqs", "4"],
+        extra_args=[
+            "--num-gpu-blocks-override",
+            str(GPU_BLOCKS),
+            "--max-num-seqs",
+            "4",
+            "--enable-scale-out",  # the render endpoints
+        ],
     )
     (s,) = start_servers(vllm_env, [spec], tmp_path_factory.mktemp("vllm-kv"))
     yield s
@@ -203,3 +211,75 @@ async def test_a_restarted_vllm_is_detected_and_resynced(
         h.predicted_tokens(after) // ENGINE_BLOCK * ENGINE_BLOCK,
         (usage["prompt_tokens"] - 1) // ENGINE_BLOCK * ENGINE_BLOCK,
     )
+
+
+async def test_vllm_render_endpoints_tokenize_like_the_model_directory(
+    h: Harness, server: VllmServer
+) -> None:
+    render = RenderClient(server.url)
+    try:
+        p = text("render", 50)
+        got = await render.tokens("/v1/completions", {"model": "tiny", "prompt": p})
+        assert got == h.tokenizer.encode(p)
+        msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"}]
+        got = await render.tokens("/v1/chat/completions", {"model": "tiny", "messages": msgs})
+        want = h.tokenizer.encode_chat([ChatMessageIn(m["role"], m["content"]) for m in msgs])
+        assert got == want
+        with pytest.raises(TokenizerError, match="404"):
+            await render.tokens("/v1/completions", {"model": "no-such-model", "prompt": "x"})
+    finally:
+        await render.close()
+
+
+async def test_a_scheduler_tokenizing_through_vllm_render_routes_by_vllm_events(
+    h: Harness, server: VllmServer, tmp_path: Path
+) -> None:
+    pool = tmp_path / "pool.yaml"
+    labels = {
+        "llmd.ai/kv-events-endpoint": server.kv_events_endpoint,
+        "llmd.ai/kv-replay-endpoint": server.replay_endpoint,
+    }
+    pool.write_text(
+        yaml.safe_dump(
+            {
+                "endpoints": [
+                    {
+                        "name": "vllm-kv",
+                        "address": "127.0.0.1",
+                        "port": server.port,
+                        "labels": labels,
+                    }
+                ]
+            }
+        )
+    )
+    config = tmp_path / "epp.yaml"
+    config.write_text(
+        f"""
+plugins:
+- type: precise-prefix-cache-producer
+  parameters:
+    tokenizer: {{renderUrl: "{server.url}"}}
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins: [{{pluginRef: prefix-cache-scorer, weight: 1}}]
+"""
+    )
+    p = text("routed", 120)
+    await h.complete(p)
+    sched = await asyncio.to_thread(SchedulerProcess.start, pool, tmp_path, config_file=config)
+    try:
+        score = 0.0
+        deadline = time.monotonic() + 20
+        while score < 0.9 and time.monotonic() < deadline:
+            r = await h.http.post(
+                sched.url + "/debug/explain", json={"body": {"model": "tiny", "prompt": p}}
+            )
+            assert r.status_code == 200, r.text
+            scores = r.json()["profiles"]["default"]["scores"]["prefix-cache-scorer"]
+            score = scores["per_endpoint"]["vllm-kv"]
+            await asyncio.sleep(0.3)
+        assert score > 0.9  # the joining replay brought vLLM's blocks; render gave the tokens
+    finally:
+        await asyncio.to_thread(sched.stop)

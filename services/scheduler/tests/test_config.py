@@ -152,3 +152,38 @@ requestHandler:
     text = "\n".join(got)
     assert "2 scheduling profiles need a profile handler" in text
     assert "requestHandler.parsers[0].pluginRef" in text
+
+
+def test_precise_producer_parameters_are_checked_with_paths() -> None:
+    text = "\n".join(
+        errors(
+            """
+plugins:
+- type: precise-prefix-cache-producer
+  parameters:
+    tokenizer: {}
+    tokenProcessorConfig: {blockSizeTokens: 0, hashAlgorithm: md5}
+    speculativeTTL: soon
+- type: prefix-cache-scorer
+"""
+        )
+    )
+    assert "plugins[0].parameters.tokenizer" in text
+    assert "give modelDir (a tokenizer directory) or renderUrl (a vLLM server)" in text
+    assert "plugins[0].parameters.tokenProcessorConfig.blockSizeTokens" in text
+    assert "plugins[0].parameters.tokenProcessorConfig.hashAlgorithm" in text
+    assert "plugins[0].parameters.speculativeTTL" in text
+
+
+def test_precise_producer_replaces_the_approximate_one() -> None:
+    b = built(
+        """
+plugins:
+- type: precise-prefix-cache-producer
+  parameters:
+    tokenizer: {renderUrl: "http://127.0.0.1:1"}
+- type: prefix-cache-scorer
+"""
+    )
+    assert "approx-prefix-cache-producer" not in b.plugins
+    assert [p.type_name for p in b.producers] == ["precise-prefix-cache-producer"]

@@ -154,3 +154,49 @@ class ModelTokenizer:
             messages, add_generation_prompt=add_generation_prompt, template_kwargs=template_kwargs
         )
         return self.encode(text, add_special_tokens=False)
+
+
+class RenderClient:
+    """Tokenization by a vLLM server itself: vLLM 0.32's render endpoints
+    (`POST /v1/completions/render`, `/v1/chat/completions/render`) answer an OpenAI request with
+    the token ids the engine would compute for it (chat template, tools and all), without
+    running the model. A generative `vllm serve` has them with `--enable-scale-out` (without
+    it they answer 403), and vLLM's render launcher serves only them.
+    """
+
+    def __init__(self, base_url: str, timeout_s: float = 5.0) -> None:
+        import aiohttp
+
+        self.base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def tokens(self, path: str, body: bytes | dict[str, Any]) -> list[int]:
+        """The token ids of an OpenAI request to `path` (`/v1/completions` or a chat path);
+        for a batch of prompts, the first one's. TokenizerError on any failure."""
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        url = f"{self.base_url}{path.rstrip('/')}/render"
+        try:
+            async with self._session.post(
+                url, data=data, headers={"content-type": "application/json"}
+            ) as resp:
+                status = resp.status
+                doc = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise TokenizerError(f"render request to {url} failed: {exc}") from None
+        if status != 200:
+            raise TokenizerError(f"{url} answered {status}: {str(doc)[:300]}")
+        item = doc[0] if isinstance(doc, list) and doc else doc
+        ids = item.get("token_ids") if isinstance(item, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise TokenizerError(f"{url} returned no token_ids: {str(doc)[:300]}")
+        return ids

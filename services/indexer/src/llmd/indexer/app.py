@@ -39,7 +39,13 @@ from llmd.kvcache.indexer import KVCacheIndexer
 from llmd.kvcache.ingest import EngineEndpoint, EventApplier, Ingestor
 from llmd.kvcache.keys import TokenProcessor, TokenProcessorConfig
 from llmd.kvcache.metrics import KVCacheMetrics
-from llmd.kvcache.tokenization import ChatMessageIn, ModelTokenizer, TokenizerError, message_text
+from llmd.kvcache.tokenization import (
+    ChatMessageIn,
+    ModelTokenizer,
+    RenderClient,
+    TokenizerError,
+    message_text,
+)
 from llmd.kvcache.valkey import ValkeyIndex
 from llmd.runtime.discovery import Endpoint, discovery_source
 from llmd.runtime.lifecycle import Health, health_router
@@ -60,6 +66,7 @@ class IndexerOptions:
     http_port: int = 8085
     grpc_port: int = 9095
     tokenizer_dir: str | None = None
+    render_url: str | None = None
     block_size: int = 16
     hash_seed: str = ""
     hash_algorithm: str = "cbor-fnv"
@@ -122,8 +129,9 @@ class IndexerApp:
             self.index = ValkeyIndex(o.valkey_url, prefix=o.valkey_prefix)
         else:
             self.index = InMemoryIndex(o.max_keys, o.max_bytes)
+        self.render = RenderClient(o.render_url) if o.render_url else None
         self.tokenizer: ModelTokenizer | None = None
-        if o.tokenizer_dir:
+        if o.tokenizer_dir and self.render is None:
             try:
                 self.tokenizer = ModelTokenizer(Path(o.tokenizer_dir).expanduser())
             except TokenizerError as exc:
@@ -153,7 +161,8 @@ class IndexerApp:
             return doc.tokens
         if self.tokenizer is None:
             raise BadRequestError(
-                "this indexer has no tokenizer (--tokenizer-dir): send 'tokens' or 'keys'"
+                "this indexer has no tokenizer (--tokenizer-dir or --render-url): "
+                "send 'tokens' or 'keys'"
             )
         if doc.messages is not None:
             msgs = [
@@ -171,7 +180,19 @@ class IndexerApp:
         else:
             if not doc.model:
                 raise BadRequestError("'model' is required to compute block keys")
-            tokens = await asyncio.to_thread(self.tokens, doc) if doc.prompt else self.tokens(doc)
+            if self.render is not None and doc.tokens is None:
+                if doc.messages is not None:
+                    body = {"model": doc.model, "messages": doc.messages}
+                    tokens = await self.render.tokens("/v1/chat/completions", body)
+                elif doc.prompt is not None:
+                    body = {"model": doc.model, "prompt": doc.prompt}
+                    tokens = await self.render.tokens("/v1/completions", body)
+                else:
+                    raise BadRequestError("give one of 'prompt', 'messages', 'tokens' or 'keys'")
+            elif doc.prompt:
+                tokens = await asyncio.to_thread(self.tokens, doc)
+            else:
+                tokens = self.tokens(doc)
             keys = self.indexer.keys(tokens, doc.model, doc.cache_salt)
         pods = doc.pods if doc.pods else None
         hits = await self.indexer.score(keys, pods)
@@ -349,6 +370,8 @@ class IndexerApp:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.ingestor.stop()
+        if self.render is not None:
+            await self.render.close()
         if isinstance(self.index, ValkeyIndex):
             await self.index.close()
 

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8085, help="HTTP port (scoring, metrics)")
     p.add_argument("--grpc-port", type=int, default=9095, help="gRPC port")
     p.add_argument("--tokenizer-dir", help="model directory whose tokenizer/chat template to use")
+    p.add_argument(
+        "--render-url", help="a vLLM server whose /render endpoints tokenize (exactly as vLLM)"
+    )
     p.add_argument("--block-size", type=int, default=16, help="tokens per index block")
     p.add_argument("--hash-seed", default="", help="request-key hash seed (llm-d hashSeed)")
     p.add_argument("--hash-algorithm", default="cbor-fnv", choices=["cbor-fnv", "xxh64"])
@@ -65,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         tokenizer_dir=args.tokenizer_dir,
+        render_url=args.render_url,
         block_size=args.block_size,
         hash_seed=args.hash_seed,
         hash_algorithm=args.hash_algorithm,

@@ -23,14 +23,20 @@ from typing import Any, Literal
 
 import aiohttp
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmd.kvcache.index import InMemoryIndex, PrefixHit
 from llmd.kvcache.indexer import HealthConfig, KVCacheIndexer, confirmed_gpu_blocks
 from llmd.kvcache.ingest import EngineEndpoint, EventApplier, Ingestor
 from llmd.kvcache.keys import TokenProcessor, TokenProcessorConfig
 from llmd.kvcache.metrics import KVCacheMetrics
-from llmd.kvcache.tokenization import ChatMessageIn, ModelTokenizer, TokenizerError, message_text
+from llmd.kvcache.tokenization import (
+    ChatMessageIn,
+    ModelTokenizer,
+    RenderClient,
+    TokenizerError,
+    message_text,
+)
 from llmd.kvcache.valkey import ValkeyIndex
 from llmd.scheduler.framework import (
     AsyncDataProducer,
@@ -118,15 +124,24 @@ class KVEventsParams(_Camel):
 
 
 class TokenizerParams(_Camel):
-    model_dir: str = Field(alias="modelDir")
+    model_dir: str | None = Field(default=None, alias="modelDir")
     """A Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json, template)."""
+    render_url: str | None = Field(default=None, alias="renderUrl")
+    """A vLLM server whose render endpoints tokenize (wins over modelDir when both are set)."""
+    timeout_seconds: float = Field(default=5.0, gt=0, alias="timeoutSeconds")
 
     @field_validator("model_dir")
     @classmethod
-    def _exists(cls, v: str) -> str:
-        if not (Path(v).expanduser() / "tokenizer.json").is_file():
+    def _exists(cls, v: str | None) -> str | None:
+        if v is not None and not (Path(v).expanduser() / "tokenizer.json").is_file():
             raise ValueError(f"{v} has no tokenizer.json")
         return v
+
+    @model_validator(mode="after")
+    def _one(self) -> TokenizerParams:
+        if not self.model_dir and not self.render_url:
+            raise ValueError("give modelDir (a tokenizer directory) or renderUrl (a vLLM server)")
+        return self
 
 
 class PreciseParams(PluginParams):
@@ -186,10 +201,14 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
         super().__init__(name, params, handle)
         p: PreciseParams = params  # type: ignore[assignment]
         self.p = p
-        try:
-            self.tokenizer = ModelTokenizer(Path(p.tokenizer.model_dir).expanduser())
-        except TokenizerError as exc:
-            raise ValueError(str(exc)) from None
+        tk = p.tokenizer
+        self.render = RenderClient(tk.render_url, tk.timeout_seconds) if tk.render_url else None
+        self.tokenizer: ModelTokenizer | None = None
+        if self.render is None and tk.model_dir:
+            try:
+                self.tokenizer = ModelTokenizer(Path(tk.model_dir).expanduser())
+            except TokenizerError as exc:
+                raise ValueError(str(exc)) from None
         tp = p.token_processor_config
         self.processor = TokenProcessor(
             TokenProcessorConfig(tp.block_size_tokens, tp.hash_seed, tp.hash_algorithm)
@@ -226,7 +245,8 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
 
     @property
     def embedded_sync(self) -> bool:
-        return self.remote is None and isinstance(self.index, InMemoryIndex)
+        """Everything in this process without I/O: scoring happens inside `produce`."""
+        return self.remote is None and self.render is None and isinstance(self.index, InMemoryIndex)
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -254,6 +274,8 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
             await self.index.close()
         if self._session is not None:
             await self._session.close()
+        if self.render is not None:
+            await self.render.close()
 
     def engine_endpoints(self) -> list[EngineEndpoint]:
         pd = self.p.kv_events_config.pod_discovery_config
@@ -287,10 +309,12 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
 
     # --- request path ----------------------------------------------------------------------
 
-    def _keys(self, request: LLMRequest) -> list[int]:
+    def _keys(self, request: LLMRequest, tokens: list[int] | None = None) -> list[int]:
         keys: list[int] | None = request.data.get(KEYS_KEY)
         if keys is None:
-            tokens = prompt_tokens(self.tokenizer, request.path, request.body) or []
+            if tokens is None:
+                assert self.tokenizer is not None
+                tokens = prompt_tokens(self.tokenizer, request.path, request.body) or []
             request.prompt_tokens = len(tokens) or request.prompt_tokens
             keys = self.indexer.keys(tokens, request.target_model, request.cache_salt or None)
             request.data[KEYS_KEY] = keys
@@ -299,7 +323,15 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
     async def prefetch(self, request: LLMRequest, endpoints: list[EndpointState]) -> None:
         if self.embedded_sync:
             return
-        if len(request.body) > 65_536:  # long prompts tokenize off the event loop
+        if self.render is not None:
+            try:
+                tokens = await self.render.tokens(request.path, request.body)
+            except TokenizerError as exc:
+                self.errors += 1
+                log.warning("render failed, no prefix data for this request: %s", exc)
+                return
+            self._keys(request, tokens)
+        elif len(request.body) > 65_536:  # long prompts tokenize off the event loop
             await asyncio.to_thread(self._keys, request)
         keys = self._keys(request)
         pods = [e.key for e in endpoints]
@@ -331,6 +363,8 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
         if not request.parsed:
             return
         hits: dict[str, PrefixHit] | None = request.data.get(HITS_KEY)
+        if hits is None and not self.embedded_sync:
+            return  # prefetch did not run (or failed): no prefix data this time
         keys = self._keys(request)
         if hits is None:
             if not self.embedded_sync:
