@@ -45,6 +45,9 @@ class EnvoySettings:
     grpc_timeout_s: int = 10
     upstream_connect_timeout_s: float = 5.0
     access_log: bool = False
+    round_robin_only: bool = False
+    """No scheduler: round-robin over `fallback_endpoints` (the "Kubernetes Service" baseline
+    that benchmarks compare against)."""
 
 
 _T = "type.googleapis.com/envoy.extensions."
@@ -95,7 +98,11 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
             "route": {"cluster": "llmd_pool", "timeout": "0s", "idle_timeout": "0s"},
         }
     ]
-    if s.fail_open and s.fallback_endpoints:
+    if s.round_robin_only:
+        if not s.fallback_endpoints:
+            raise ValueError("round_robin_only needs fallback_endpoints")
+        routes = []
+    if (s.fail_open or s.round_robin_only) and s.fallback_endpoints:
         routes.append(
             {"match": {"prefix": "/"}, "route": {"cluster": "llmd_fallback", "timeout": "0s"}}
         )
@@ -120,7 +127,7 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
             "virtual_hosts": [{"name": "llmd", "domains": ["*"], "routes": routes}],
         },
         "http_filters": [
-            ext_proc,
+            *([] if s.round_robin_only else [ext_proc]),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": ROUTER_TYPE},
@@ -189,13 +196,24 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
             },
         },
     ]
-    if s.fail_open and s.fallback_endpoints:
+    if s.round_robin_only:
+        clusters = []
+    if (s.fail_open or s.round_robin_only) and s.fallback_endpoints:
         clusters.append(
             {
                 "name": "llmd_fallback",
                 "type": "STATIC",
                 "connect_timeout": f"{s.upstream_connect_timeout_s}s",
                 "lb_policy": "ROUND_ROBIN",
+                "circuit_breakers": {
+                    "thresholds": [
+                        {
+                            "max_connections": 1_000_000,
+                            "max_pending_requests": 1_000_000,
+                            "max_requests": 1_000_000,
+                        }
+                    ]
+                },
                 "load_assignment": {
                     "cluster_name": "llmd_fallback",
                     "endpoints": [

@@ -1,0 +1,195 @@
+"""llmd-bench: traces are deterministic, metrics match hand-computed values, reports validate."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from llmd.bench.cli import SCENARIOS, main, quick
+from llmd.bench.metrics import RequestRecord, Summary, percentile, statistics
+from llmd.bench.report import build_report, markdown_table, validate
+from llmd.bench.workloads import (
+    SharedPrefix,
+    Stage,
+    WorkloadSpec,
+    build_trace,
+    dump_jsonl,
+    load_jsonl,
+    trace_digest,
+)
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_every_scenario_trace_is_deterministic_and_seeded(name: str) -> None:
+    spec = quick(SCENARIOS[name][1])
+    a, b = build_trace(spec), build_trace(spec)
+    assert a
+    assert trace_digest(a) == trace_digest(b)
+    other = build_trace(dataclasses.replace(spec, seed=spec.seed + 1))
+    assert trace_digest(other) != trace_digest(a)
+
+
+def test_shared_prefix_groups_share_their_system_prompt() -> None:
+    spec = WorkloadSpec(
+        kind="shared_prefix",
+        stages=(Stage(rate=50, duration_s=4),),
+        shared_prefix=SharedPrefix(3, 4, 50, 5, 16),
+    )
+    trace = build_trace(spec)
+    by_group: dict[int, set[str]] = {}
+    for r in trace:
+        assert r.prompt is not None
+        assert r.group is not None
+        by_group.setdefault(r.group, set()).add(r.prompt.split("\n")[0])
+    assert sorted(by_group) == [0, 1, 2]
+    assert all(len(prefixes) == 1 for prefixes in by_group.values())
+    assert len({p for s in by_group.values() for p in s}) == 3
+    assert all(0 < r.t < 4 for r in trace)
+    assert 120 < len(trace) < 280  # Poisson at 50/s for 4 s
+
+
+def test_constant_rate_arrivals_are_evenly_spaced_across_stages() -> None:
+    spec = WorkloadSpec(
+        kind="random",
+        stages=(
+            Stage(rate=2, duration_s=2, arrival="constant"),
+            Stage(rate=4, duration_s=1, arrival="constant"),
+        ),
+        input_len=3,
+    )
+    assert [r.t for r in build_trace(spec)] == [0.5, 1.0, 1.5, 2.25, 2.5, 2.75]
+    assert [r.stage for r in build_trace(spec)] == [0, 0, 0, 1, 1, 1]
+
+
+def test_multi_turn_sessions_grow_their_conversation() -> None:
+    spec = WorkloadSpec(
+        kind="multi_turn", stages=(Stage(rate=20, duration_s=3),), sessions=2, turns=3
+    )
+    trace = build_trace(spec)
+    s0 = [r for r in trace if r.session == "s0"]
+    assert s0[1].messages is not None
+    assert s0[0].messages is not None
+    assert s0[1].messages[: len(s0[0].messages)] == s0[0].messages
+    assert all(len(r.messages or []) <= 2 * 3 for r in trace)
+
+
+def test_jsonl_round_trip_and_clear_errors(tmp_path: Path) -> None:
+    trace = build_trace(quick(SCENARIOS["multi-turn"][1]))
+    f = tmp_path / "t.jsonl"
+    dump_jsonl(trace, f)
+    assert trace_digest(load_jsonl(f)) == trace_digest(trace)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"t": 1, "prompt": "x"}\n[1, 2]\n{"t": 2}\nnot json\n')
+    with pytest.raises(ValueError) as exc:
+        load_jsonl(bad)
+    text = str(exc.value)
+    assert "bad.jsonl:2: not an object" in text
+    assert "bad.jsonl:3: give exactly one of 'prompt' and 'messages'" in text
+    assert "bad.jsonl:4:" in text
+
+
+def test_stages_are_checked() -> None:
+    with pytest.raises(ValueError, match="either a rate"):
+        Stage()
+    with pytest.raises(ValueError, match="positive"):
+        Stage(rate=-1)
+    with pytest.raises(ValueError, match="mixing"):
+        build_trace(WorkloadSpec(kind="random", stages=(Stage(rate=1), Stage(concurrency=2))))
+
+
+def test_percentiles_and_statistics_by_hand() -> None:
+    v = [1.0, 2.0, 3.0, 4.0]
+    assert percentile(v, 50) == 2.5  # halfway between the 2nd and 3rd values
+    assert percentile(v, 90) == pytest.approx(3.7)  # (4-1)*0.9 = 2.7 -> 3 + 0.7*(4-3)
+    assert percentile(v, 0) == 1.0
+    assert percentile(v, 100) == 4.0
+    s = statistics(v, "s")
+    assert s["mean"] == 2.5
+    assert s["stddev"] == pytest.approx(1.2909944)  # sample std of 1..4
+    assert (s["min"], s["max"], s["units"]) == (1.0, 4.0, "s")
+    assert statistics([], "s") == {"units": "s", "mean": None}
+
+
+def record(sent: float, chunks: list[float], out: int, prompt: int, cached: int) -> RequestRecord:
+    return RequestRecord(
+        sent_at=sent,
+        status=200,
+        first_token_at=chunks[0],
+        done_at=chunks[-1],
+        chunk_times=chunks,
+        prompt_tokens=prompt,
+        output_tokens=out,
+        cached_tokens=cached,
+    )
+
+
+def test_request_metrics_by_hand() -> None:
+    r = record(10.0, [10.5, 10.6, 10.8, 11.1], out=4, prompt=100, cached=64)
+    assert r.ttft == pytest.approx(0.5)
+    assert r.e2e == pytest.approx(1.1)
+    assert r.tpot == pytest.approx(0.2)  # (1.1 - 0.5) / (4 - 1)
+    assert r.itls == pytest.approx([0.1, 0.2, 0.3])
+    failed = RequestRecord(sent_at=0.0, status=503, error="no endpoints", done_at=0.1)
+    s = Summary([r, record(11.0, [11.2, 11.4], out=2, prompt=50, cached=0), failed], 2.0)
+    agg = s.aggregate()
+    assert agg["requests"]["total"] == 3
+    assert agg["requests"]["failures"] == 1
+    assert agg["throughput"]["output_token_rate"]["mean"] == 3.0  # 6 tokens / 2 s
+    assert agg["throughput"]["request_rate"]["mean"] == 1.0
+    assert agg["latency"]["time_to_first_token"]["p50"] == pytest.approx(0.35)
+    assert s.hit_rate() == pytest.approx(64 / 150)
+
+
+def report_for(agg: dict) -> dict:  # type: ignore[type-arg]
+    now = dt.datetime(2026, 11, 23, tzinfo=dt.UTC)
+    return build_report(
+        experiment="unit",
+        target="llmd",
+        aggregate=agg,
+        started=now,
+        ended=now + dt.timedelta(seconds=12.5),
+        stack=[
+            {
+                "metadata": {"label": "sim"},
+                "standardized": {"kind": "inference_engine", "tool": "llmd-sim", "replicas": 2},
+            }
+        ],
+        load={"standardized": {"tool": "llmd-bench", "rate_qps": 4.0}},
+        hit_rate=0.5,
+        description="unit test",
+    )
+
+
+def test_reports_follow_the_v0_2_schema() -> None:
+    r = record(10.0, [10.5, 10.6, 10.8, 11.1], out=4, prompt=100, cached=64)
+    agg = Summary([r], 1.0).aggregate()
+    doc = report_for(agg)
+    assert doc["version"] == "0.2"
+    assert doc["run"]["time"]["duration"] == "PT12.50S"
+    validate(json.loads(json.dumps(doc)))
+    broken = json.loads(json.dumps(doc))
+    broken["results"]["request_performance"]["aggregate"]["latency"]["time_to_first_token"][
+        "units"
+    ] = "tokens/s"
+    del broken["run"]["uid"]
+    with pytest.raises(ValueError) as exc:
+        validate(broken)
+    assert "run.uid" in str(exc.value)
+    assert "time_to_first_token" in str(exc.value)
+    table = markdown_table([("llmd", agg, 0.5)])
+    assert "| llmd | 500 ms | 500 ms | 500 ms | 200 ms | 200 ms | 4 | 50% | 0/1 |" in table
+
+
+def test_cli_lists_scenarios_and_writes_traces(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["scenarios"]) == 0
+    assert "shared-prefix" in capsys.readouterr().out
+    out = tmp_path / "t.jsonl"
+    assert main(["trace", "random", "--out", str(out)]) == 0
+    assert len(load_jsonl(out)) > 100
+    assert main(["trace", "nope", "--out", str(out)]) == 2

@@ -1,0 +1,45 @@
+"""`llmd-bench run` end to end on a small simulated fleet: every target, valid reports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmd.bench.cli import main
+from llmd.bench.report import validate
+
+pytestmark = pytest.mark.integration
+
+
+def test_run_writes_a_valid_report_per_target(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    rc = main(
+        [
+            "run", "shared-prefix", "--quick", "--servers", "2",
+            "--targets", "llmd,envoy-rr", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    for target in ("llmd", "envoy-rr"):
+        doc = json.loads((out / f"{target}.json").read_text())
+        validate(doc)
+        agg = doc["results"]["request_performance"]["aggregate"]
+        assert agg["requests"]["total"] > 10
+        assert agg["requests"]["failures"] == 0
+        assert agg["latency"]["time_to_first_token"]["p50"] > 0
+        assert doc["llmd"]["command"].startswith("llmd-bench ")
+    digests = {
+        json.loads((out / f"{t}.json").read_text())["llmd"]["trace_digest"]
+        for t in ("llmd", "envoy-rr")
+    }
+    assert len(digests) == 1  # the same trace for every target
+    summary = (out / "summary.md").read_text()
+    assert "| llmd |" in summary
+    assert "| envoy-rr |" in summary
+
+
+def test_unknown_targets_and_scenarios_are_refused(tmp_path: Path) -> None:
+    assert main(["run", "nope", "--out", str(tmp_path)]) == 2
+    assert main(["run", "random", "--targets", "llmd,haproxy", "--out", str(tmp_path)]) == 2
