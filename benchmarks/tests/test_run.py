@@ -43,3 +43,21 @@ def test_run_writes_a_valid_report_per_target(tmp_path: Path) -> None:
 def test_unknown_targets_and_scenarios_are_refused(tmp_path: Path) -> None:
     assert main(["run", "nope", "--out", str(tmp_path)]) == 2
     assert main(["run", "random", "--targets", "llmd,haproxy", "--out", str(tmp_path)]) == 2
+
+
+def test_peer_routers_run_in_their_own_virtualenvs(tmp_path: Path) -> None:
+    """sglang-router (cache_aware) and vllm-router from PyPI, against the same simulated fleet.
+    Installing them needs the package index once per machine: without it this fails loudly."""
+    out = tmp_path / "peers"
+    rc = main(
+        [
+            "run", "random", "--quick", "--servers", "2",
+            "--targets", "sglang-cache-aware,vllm-router", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    for target in ("sglang-cache-aware", "vllm-router"):
+        doc = json.loads((out / f"{target}.json").read_text())
+        validate(doc)
+        assert doc["results"]["request_performance"]["aggregate"]["requests"]["failures"] == 0
+        assert doc["scenario"]["stack"][1]["metadata"]["description"].endswith("cache_aware")

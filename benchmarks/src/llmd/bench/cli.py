@@ -10,7 +10,9 @@ both, and writes `<target>.json` (llm-d benchmark report v0.2) plus `summary.md`
 the command, versions and machine).
 
 Targets: `llmd` (Envoy + llmd-scheduler, built-in default config), `llmd-precise` (the same
-scorers fed by KV events), `envoy-rr` (Envoy round-robin: the "Kubernetes Service" baseline).
+scorers fed by KV events), `envoy-rr` (Envoy round-robin: the "Kubernetes Service" baseline),
+`sglang-cache-aware` / `sglang-rr` (sglang-router) and `vllm-router`, each installed from PyPI
+into its own virtualenv on first use (`peers.py`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any
 from llmd.bench import report as rep
 from llmd.bench.loadgen import run_trace
 from llmd.bench.metrics import Summary
+from llmd.bench.peers import PEERS, running
 from llmd.bench.workloads import (
     SharedPrefix,
     Stage,
@@ -101,7 +104,7 @@ SCENARIOS: dict[str, tuple[str, WorkloadSpec]] = {
     ),
 }
 
-TARGETS = ("llmd", "llmd-precise", "envoy-rr")
+TARGETS = ("llmd", "llmd-precise", "envoy-rr", *PEERS)
 
 
 def quick(spec: WorkloadSpec) -> WorkloadSpec:
@@ -215,6 +218,16 @@ def fleet_and_target(
                 yield envoy.url, stack
             finally:
                 envoy.stop()
+            return
+        if target in PEERS:
+            peer = PEERS[target]
+            urls = [
+                f"http://{e.address}:{e.port}"
+                for e in StaticFileDiscovery(fleet.endpoints_file).load()
+            ]
+            with running(target, urls, free_port(), work / f"{target}.log") as url:
+                stack.append(_router_stack(target, f"{peer.pin} --policy {peer.policy}"))
+                yield url, stack
             return
         config = None
         if target == "llmd-precise":
