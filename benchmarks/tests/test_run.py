@@ -35,6 +35,9 @@ def test_run_writes_a_valid_report_per_target(tmp_path: Path) -> None:
         for t in ("llmd", "envoy-rr")
     }
     assert len(digests) == 1  # the same trace for every target
+    for png in ("ttft_vs_qps.png", "throughput_vs_qps.png", "ttft_cdf.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp_path / "nothing-here")]) == 2
     summary = (out / "summary.md").read_text()
     assert "| llmd |" in summary
     assert "| envoy-rr |" in summary

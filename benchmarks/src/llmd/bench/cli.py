@@ -319,6 +319,8 @@ async def _run_one(
             "versions": versions(),
             "machine": machine(),
             "stages": per_stage,
+            "stage_rates": [s.rate or s.concurrency for s in spec.stages],
+            "ttft_s": [round(r.ttft, 5) for r in records if r.ok and r.ttft is not None],
         },
     )
     return doc, hit
@@ -356,6 +358,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{trace_digest(build_trace(spec))}; machine {json.dumps(machine())}; "
         f"versions {json.dumps(versions())}\n"
     )
+    from llmd.bench.plots import plot_folder
+
+    for path in plot_folder(out):
+        print(f"plot: {path}")
     print(f"reports: {out}/")
     return 0
 
@@ -372,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("scenario")
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--out", required=True)
+    pl = sub.add_parser("plot", help="(re)draw the PNG plots of a results folder")
+    pl.add_argument("folder")
     r = sub.add_parser("run", help="run a scenario against targets, write reports")
     r.add_argument("scenario")
     r.add_argument("--targets", default="llmd,envoy-rr", help=f"comma list of {TARGETS}")
@@ -386,6 +394,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "scenarios":
         for name, (desc, _) in SCENARIOS.items():
             print(f"{name:<22} {desc}")
+        return 0
+    if args.cmd == "plot":
+        from llmd.bench.plots import plot_folder
+
+        try:
+            for path in plot_folder(Path(args.folder)):
+                print(f"plot: {path}")
+        except ValueError as exc:
+            print(f"llmd-bench: {exc}")
+            return 2
         return 0
     if args.cmd == "trace":
         if args.scenario not in SCENARIOS:
