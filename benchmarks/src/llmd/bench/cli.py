@@ -28,6 +28,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -64,6 +65,16 @@ SCENARIOS: dict[str, tuple[str, WorkloadSpec]] = {
             shared_prefix=SharedPrefix(32, 32, 370, 46, 256),
         ),
     ),
+    "optimized-baseline": (
+        "llm-d's guide_optimized-baseline_1 data scaled down: 150 groups x 5 prompts, ~6k-token "
+        "system prompts, ~1.2k-token questions, 100 output tokens; Poisson 5..25 req/s, 20 s each "
+        "(prefill-heavy: round-robin saturates on recomputed prefixes)",
+        WorkloadSpec(
+            kind="shared_prefix",
+            stages=_stages([5, 10, 15, 20, 25], 20),
+            shared_prefix=SharedPrefix(150, 5, 1090, 218, 100),
+        ),
+    ),
     "shared-prefix-sweep": (
         "the same data as a Poisson QPS sweep, 30 s per rate",
         WorkloadSpec(
@@ -91,6 +102,13 @@ SCENARIOS: dict[str, tuple[str, WorkloadSpec]] = {
             context_len=3600,
             input_len=36,
             output_len=64,
+        ),
+    ),
+    "headroom": (
+        "the load generator's own limit: ~50-token prompts, 16 output tokens, 100/200/400 req/s "
+        "(run it against `--profile instant` engines)",
+        WorkloadSpec(
+            kind="random", stages=_stages([100, 200, 400], 10), input_len=9, output_len=16
         ),
     ),
     "concurrency": (
@@ -290,7 +308,9 @@ async def _run_one(
     ):
         print(f"== {target}: {len(trace)} requests against {url}", file=sys.stderr, flush=True)
         started = dt.datetime.now(dt.UTC)
+        cpu0 = time.process_time()
         records, wall = await run_trace(url, trace, spec.stages, MODEL)
+        loadgen_cpu = time.process_time() - cpu0
         ended = dt.datetime.now(dt.UTC)
     summary = Summary(records, wall)
     hit = summary.hit_rate()
@@ -320,6 +340,8 @@ async def _run_one(
             "machine": machine(),
             "stages": per_stage,
             "stage_rates": [s.rate or s.concurrency for s in spec.stages],
+            "loadgen_cpu_s": round(loadgen_cpu, 3),
+            "loadgen_cpu_ms_per_request": round(1000 * loadgen_cpu / max(1, len(records)), 3),
             "ttft_s": [round(r.ttft, 5) for r in records if r.ok and r.ttft is not None],
         },
     )
