@@ -16,6 +16,7 @@ Usage: uv run python benchmarks/scheduler_latency.py [--quick] [--out FILE]
 from __future__ import annotations
 
 import argparse
+import collections
 import gc
 import json
 import random
@@ -41,6 +42,9 @@ from protocol_throughput import machine
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "the of and to in is you that it he was for on are as with his they at be this".split()
+
+
+INFLIGHT_WINDOW = 32
 
 
 def make_director(endpoints: int) -> Director:
@@ -99,6 +103,7 @@ def run(endpoints: int, prompt_tokens: int, requests: int, chat: bool) -> dict[s
     gc.collect()
     cpu0 = time.process_time()
     wall0 = time.perf_counter()
+    inflight: collections.deque[Any] = collections.deque()
     for i in range(requests):
         path, raw = bodies[i % len(bodies)]
         req = d.new_request({"x-request-id": str(i)}, path)
@@ -106,7 +111,13 @@ def run(endpoints: int, prompt_tokens: int, requests: int, chat: bool) -> dict[s
         t = time.perf_counter()
         decision = d.schedule(req)
         lat.append(time.perf_counter() - t)
-        d.complete(decision, "natural")
+        # Requests take time: keep a window of them in flight, as live traffic does (with no
+        # scrapes here, completing each at once would leave every endpoint looking idle).
+        inflight.append(decision)
+        if len(inflight) > INFLIGHT_WINDOW:
+            d.complete(inflight.popleft(), "natural")
+    while inflight:
+        d.complete(inflight.popleft(), "natural")
     cpu = time.process_time() - cpu0
     wall = time.perf_counter() - wall0
     lat.sort()

@@ -28,7 +28,14 @@ def load_reports(folder: Path) -> dict[str, dict[str, Any]]:
 
 def _stage_points(doc: dict[str, Any]) -> list[tuple[float, dict[str, Any]]]:
     stages = doc.get("llmd", {}).get("stages", {})
-    rates = doc.get("llmd", {}).get("stage_rates", [])
+    rates = doc.get("llmd", {}).get("stage_rates") or [
+        st.get("rate") or st.get("concurrency")
+        for st in doc.get("scenario", {})
+        .get("load", {})
+        .get("native", {})
+        .get("config", {})
+        .get("stages", [])
+    ]
     points = []
     for key, st in sorted(stages.items(), key=lambda kv: int(kv[0])):
         i = int(key)
@@ -73,17 +80,18 @@ def plot_folder(folder: Path) -> list[Path]:
     ax.legend(fontsize=8)
     written.append(_save(fig, folder / "throughput_vs_qps.png"))
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for target, doc in reports.items():
-        ttfts = sorted(doc.get("llmd", {}).get("ttft_s", []))
-        if ttfts:
-            n = len(ttfts)
-            ax.plot(ttfts, [(i + 1) / n for i in range(n)], label=target)
-    ax.set(xlabel="TTFT (s)", ylabel="fraction of requests", xscale="log")
-    ax.set_title("TTFT CDF")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    written.append(_save(fig, folder / "ttft_cdf.png"))
+    cdfs = {t: sorted(d.get("llmd", {}).get("ttft_s", [])) for t, d in reports.items()}
+    if any(cdfs.values()):  # reports from before llmd-bench recorded per-request TTFTs have none
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for target, ttfts in cdfs.items():
+            if ttfts:
+                n = len(ttfts)
+                ax.plot(ttfts, [(i + 1) / n for i in range(n)], label=target)
+        ax.set(xlabel="TTFT (s)", ylabel="fraction of requests", xscale="log")
+        ax.set_title("TTFT CDF")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(_save(fig, folder / "ttft_cdf.png"))
     return written
 
 
