@@ -36,6 +36,7 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry
 
+from llmd.bench.cli import PRECISE_CONFIG
 from llmd.dev.sim_engines import SimFleetProcess
 from llmd.runtime.discovery import StaticFileDiscovery
 from llmd.scheduler.config import build, load_config_file
@@ -59,27 +60,7 @@ PREFIX_WORDS = 700  # ~4,000 tokens with the tiny tokenizer
 QUESTION_WORDS = 70  # ~400 tokens
 OUTPUT_TOKENS = 64
 
-PRECISE = f"""
-plugins:
-- type: precise-prefix-cache-producer
-  parameters:
-    tokenizer: {{modelDir: "{default_tokenizer_dir()}"}}
-- type: utilization-filter
-  name: overload-filter
-  parameters:
-    conditions: [{{metric: waiting-queue, maxValue: 16}}]
-    fallbackOnEmpty: true
-- type: queue-scorer
-- type: kv-cache-utilization-scorer
-- type: prefix-cache-scorer
-schedulingProfiles:
-- name: default
-  plugins:
-  - pluginRef: overload-filter
-  - {{pluginRef: queue-scorer, weight: 2}}
-  - {{pluginRef: kv-cache-utilization-scorer, weight: 2}}
-  - {{pluginRef: prefix-cache-scorer, weight: 3}}
-"""
+PRECISE = PRECISE_CONFIG.format(tokenizer=default_tokenizer_dir())
 CONFIGS: dict[str, str | None] = {"round-robin": None, "approximate": None, "precise": PRECISE}
 
 

@@ -9,11 +9,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -49,27 +46,10 @@ def timed(fn: Callable[[], object], min_time_s: float, min_runs: int = 5) -> lis
 
 
 def machine() -> dict[str, Any]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "commit": commit,
-    }
+    """Where a benchmark ran (CPU, cores, Python, platform, commit): llmd-bench's record."""
+    from llmd.bench.cli import machine as bench_machine
+
+    return bench_machine()
 
 
 def write_report(out: str | Path, name: str, command: str, **fields: Any) -> None:
