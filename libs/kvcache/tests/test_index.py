@@ -198,3 +198,17 @@ async def test_valkey_backend_matches_the_in_memory_one(valkey_url: str) -> None
         assert await vk.longest_prefix(r) == {}
     finally:
         await vk.close()
+
+
+async def test_speculative_entries_past_the_bound_are_evicted_from_shared_indexes(
+    valkey_url: str,
+) -> None:
+    vk = ValkeyIndex(valkey_url, prefix=f"s{uuid.uuid4().hex[:6]}:")
+    try:
+        ix = KVCacheIndexer(vk, speculative_ttl_s=60, max_speculative=1)
+        await ix.speculate([1, 2], "a")
+        await ix.speculate([7, 8], "b")  # pushes a's entry out of the bound: gone from Valkey
+        assert await vk.longest_prefix([1, 2]) == {}
+        assert (await vk.longest_prefix([7, 8]))["b"].blocks == 2
+    finally:
+        await vk.close()

@@ -138,21 +138,26 @@ class KVCacheIndexer:
         assert isinstance(self.index, InMemoryIndex)
         entry = self._spec_entry(pod)
         self.index.add_sync(None, keys, entry)
-        self._remember(list(keys), entry)
+        for old_keys, old in self._remember(list(keys), entry):
+            self.index.evict_request_keys_sync(old_keys, old)
 
     async def speculate(self, keys: Sequence[int], pod: str) -> None:
         if not keys or self.speculative_ttl_s <= 0:
             return
         entry = self._spec_entry(pod)
         await self.index.add(None, keys, entry)
-        self._remember(list(keys), entry)
+        for old_keys, old in self._remember(list(keys), entry):
+            await self.index.evict_request_keys(old_keys, old)
 
-    def _remember(self, keys: list[int], entry: PodEntry) -> None:
+    def _remember(self, keys: list[int], entry: PodEntry) -> list[tuple[list[int], PodEntry]]:
+        """Track a speculative entry for expiry; returns those pushed out by the bound (the
+        caller evicts them now, in its own sync or async way)."""
         self._spec.append((self.clock() + self.speculative_ttl_s, keys, entry))
+        over = []
         while len(self._spec) > self.max_speculative:
             _, old_keys, old = self._spec.popleft()
-            if isinstance(self.index, InMemoryIndex):
-                self.index.evict_request_keys_sync(old_keys, old)
+            over.append((old_keys, old))
+        return over
 
     def _expire(self) -> None:
         spec = self._spec

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
@@ -165,8 +166,6 @@ class RenderClient:
     """
 
     def __init__(self, base_url: str, timeout_s: float = 5.0) -> None:
-        import aiohttp
-
         self.base_url = base_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
@@ -179,8 +178,6 @@ class RenderClient:
     async def tokens(self, path: str, body: bytes | dict[str, Any]) -> list[int]:
         """The token ids of an OpenAI request to `path` (`/v1/completions` or a chat path);
         for a batch of prompts, the first one's. TokenizerError on any failure."""
-        import aiohttp
-
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         data = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -393,12 +393,15 @@ class ValkeyIndex:
                     e = parse_field(f)
                     if e is not None and e.pod == pod:
                         doomed.append((k, f))
-            for key, fld in doomed:
-                name = key.decode()
-                rk = name[len(self.prefix) :]
-                await self._evict_request(
-                    keys=[name, self._sk(rk)], args=[fld.decode(), self._setp]
-                )
+            if doomed:
+                evict = self.redis.pipeline(transaction=False)
+                for key, fld in doomed:
+                    name = key.decode()
+                    rk = name[len(self.prefix) :]
+                    await self._evict_request(
+                        keys=[name, self._sk(rk)], args=[fld.decode(), self._setp], client=evict
+                    )
+                await evict.execute()
             removed += len(doomed)
         await self.redis.hdel(self._pods_key, pod)
         self._touched.pop(pod, None)

@@ -8,15 +8,17 @@ registered shutdown hooks newest-first within a deadline and cancels whatever is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import APIRouter, Response
+import uvicorn
+from fastapi import APIRouter, FastAPI, Response
 from prometheus_client import CollectorRegistry, Gauge
 
 from llmd.runtime.observability import render_metrics
@@ -185,3 +187,21 @@ def run_service(
         return await runner.run(main(runner))
 
     return asyncio.run(_run())
+
+
+class QuietHttpServer(uvicorn.Server):
+    """uvicorn without its own signal handling (the ServiceRunner owns SIGTERM/SIGINT)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def http_server(app: FastAPI, host: str, port: int) -> QuietHttpServer:
+    """A service's HTTP side (metrics, health, debug): quiet logs, no lifespan, no signals.
+    Run it with `asyncio.create_task(server.serve())`; set `should_exit` to stop it."""
+    return QuietHttpServer(
+        uvicorn.Config(
+            app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
+        )
+    )

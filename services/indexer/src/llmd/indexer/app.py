@@ -21,14 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import msgspec
-import uvicorn
 from fastapi import FastAPI, Request, Response
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
@@ -48,7 +46,7 @@ from llmd.kvcache.tokenization import (
 )
 from llmd.kvcache.valkey import ValkeyIndex
 from llmd.runtime.discovery import Endpoint, discovery_source
-from llmd.runtime.lifecycle import Health, health_router
+from llmd.runtime.lifecycle import Health, QuietHttpServer, health_router, http_server
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +104,6 @@ class BadRequestError(ValueError):
     pass
 
 
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handling (the ServiceRunner owns SIGTERM/SIGINT)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
-
-
 class IndexerApp:
     """Composition root: discovery, subscriptions, the index, the HTTP and gRPC servers."""
 
@@ -150,7 +140,7 @@ class IndexerApp:
         self.health.set("endpoints-synced", False, "discovery has not reported yet")
         self._grpc: grpc.aio.Server | None = None
         self._grpc_health = health.aio.HealthServicer()
-        self._http: _QuietServer | None = None
+        self._http: QuietHttpServer | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.endpoints: list[Endpoint] = []
 
@@ -340,16 +330,7 @@ class IndexerApp:
         await self._grpc_health.set(proto.SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._grpc_health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._grpc = server
-        self._http = _QuietServer(
-            uvicorn.Config(
-                self.http_app(),
-                host=o.host,
-                port=o.http_port,
-                log_level="warning",
-                lifespan="off",
-                access_log=False,
-            )
-        )
+        self._http = http_server(self.http_app(), o.host, o.http_port)
         self._tasks.append(asyncio.create_task(self._http.serve(), name="http"))
         log.info(
             "llmd-indexer serving HTTP :%d, gRPC :%d (%s index, block %d tokens)",

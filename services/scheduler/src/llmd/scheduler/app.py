@@ -12,13 +12,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import msgspec
-import uvicorn
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from fastapi import FastAPI, Request, Response
 from grpc_health.v1 import health_pb2_grpc
@@ -26,7 +24,7 @@ from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
 from llmd.runtime.discovery import discovery_source
-from llmd.runtime.lifecycle import Health, health_router
+from llmd.runtime.lifecycle import Health, QuietHttpServer, health_router, http_server
 from llmd.scheduler.config import BuiltConfig, build, load_config_file
 from llmd.scheduler.datalayer import Datastore
 from llmd.scheduler.director import Director
@@ -58,14 +56,6 @@ class SchedulerOptions:
     drain_timeout_s: float = 30.0
     allow_experimental_plugins: bool = False
     pool_name: str = "llmd"
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handling (the ServiceRunner owns SIGTERM/SIGINT)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Generator[None, None, None]:
-        yield
 
 
 class SchedulerApp:
@@ -109,7 +99,7 @@ class SchedulerApp:
         self.grpc_health = HealthService(lambda: self.datastore.synced.is_set())
         self.extproc = ExternalProcessor(self.director, int(self.built.settings["max_body_bytes"]))
         self._servers: list[grpc.aio.Server] = []
-        self._http: _QuietServer | None = None
+        self._http: QuietHttpServer | None = None
         self._tasks: list[asyncio.Task[Any]] = []
 
     # --- HTTP ------------------------------------------------------------------------------
@@ -209,16 +199,7 @@ class SchedulerApp:
             await hs.start()
             self._servers.append(hs)
         if o.metrics_port:
-            self._http = _QuietServer(
-                uvicorn.Config(
-                    self.http_app(),
-                    host=o.host,
-                    port=o.metrics_port,
-                    log_level="warning",
-                    lifespan="off",
-                    access_log=False,
-                )
-            )
+            self._http = http_server(self.http_app(), o.host, o.metrics_port)
             self._tasks.append(asyncio.create_task(self._http.serve(), name="http"))
         log.info(
             "llmd-scheduler serving ext_proc on :%d (health :%d, metrics :%d) with %s",

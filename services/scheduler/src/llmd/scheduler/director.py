@@ -37,6 +37,7 @@ from llmd.scheduler.framework import (
     SchedulingResult,
     ScoredEndpoint,
     clamp01,
+    prefix_matches,
 )
 from llmd.scheduler.metrics import SchedulerMetrics
 from llmd.scheduler.parsing import ParseError, is_inference_path, parse_openai, rewrite_model
@@ -69,13 +70,6 @@ class Decision:
     @property
     def destination(self) -> str:
         return ",".join(e.key for e in self.endpoints)
-
-
-def _prefix_data(req: LLMRequest) -> dict[str, PrefixMatch] | None:
-    got: dict[str, PrefixMatch] | None = req.data.get("approx-prefix-cache-producer")
-    if got is None:
-        got = req.data.get("precise-prefix-cache-producer")
-    return got
 
 
 @dataclass(slots=True)
@@ -281,7 +275,7 @@ class Director:
             self.decisions.append(explain)
             self.metrics.scheduler_attempts.labels("failure", target, "", "", "").inc()
             raise
-        explain.prefix = _prefix_data(req)
+        explain.prefix = prefix_matches(req)
         self.decisions.append(explain)
 
         decision = Decision(req, list(result.targets), body=body_out, result=result)
@@ -398,7 +392,7 @@ class Director:
     def _account(self, decision: Decision, endpoint: EndpointState) -> None:
         req = decision.request
         cached = 0
-        prefix: dict[str, PrefixMatch] | None = _prefix_data(req)
+        prefix: dict[str, PrefixMatch] | None = prefix_matches(req)
         if prefix and endpoint.key in prefix:
             m = prefix[endpoint.key]
             cached = min(req.prompt_tokens, m.match_blocks * m.block_size_tokens)
@@ -543,7 +537,7 @@ class Director:
                 self._run_profile(profile, req, candidates, explain)
             except SchedulingError as exc:
                 explain.error = f"{exc.status}: {exc.message}"
-        explain.prefix = _prefix_data(req)
+        explain.prefix = prefix_matches(req)
         return explain.render()
 
     async def dry_run_async(

@@ -176,6 +176,20 @@ class PrefixMatch:
     block_size_tokens: int
 
 
+APPROX_PRODUCER = "approx-prefix-cache-producer"
+PRECISE_PRODUCER = "precise-prefix-cache-producer"
+
+
+def prefix_matches(request: LLMRequest, producer: str = APPROX_PRODUCER) -> dict[str, Any] | None:
+    """The `PrefixMatch` per endpoint that `producer` wrote. Consumers name the approximate
+    producer by default (llm-d's default); when a config has the precise one instead (the
+    builder then adds no approximate one), its data answers for that default name."""
+    got: dict[str, Any] | None = request.data.get(producer)
+    if got is None and producer == APPROX_PRODUCER:
+        got = request.data.get(PRECISE_PRODUCER)
+    return got
+
+
 @dataclass(slots=True)
 class LLMRequest:
     """One inference request as the scheduler sees it."""

@@ -177,7 +177,7 @@ class _PromptView(msgspec.Struct):
 _view = msgspec.json.Decoder(_PromptView)
 
 
-def prompt_tokens(tokenizer: ModelTokenizer, path: str, body: bytes) -> list[int] | None:
+def prompt_tokens(tokenizer: ModelTokenizer, body: bytes) -> list[int] | None:
     """The prompt's token ids as vLLM computes them (the first prompt of a batch)."""
     view = _view.decode(body)
     if view.messages is not None:
@@ -242,6 +242,7 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
         self._session: aiohttp.ClientSession | None = None
         self.queries = 0
         self.errors = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def embedded_sync(self) -> bool:
@@ -314,7 +315,7 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
         if keys is None:
             if tokens is None:
                 assert self.tokenizer is not None
-                tokens = prompt_tokens(self.tokenizer, request.path, request.body) or []
+                tokens = prompt_tokens(self.tokenizer, request.body) or []
             request.prompt_tokens = len(tokens) or request.prompt_tokens
             keys = self.indexer.keys(tokens, request.target_model, request.cache_salt or None)
             request.data[KEYS_KEY] = keys
@@ -345,6 +346,12 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
             log.warning("precise prefix lookup failed: %s", exc)
             hits = {}
         request.data[HITS_KEY] = hits
+
+    def _speculated(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.errors += 1
+            log.warning("speculative index entry failed: %s", task.exception())
 
     async def _remote_score(self, keys: list[int], pods: list[str]) -> dict[str, PrefixHit]:
         assert self._session is not None
@@ -401,7 +408,8 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
                 self.indexer.speculate_sync(keys, pod)
             elif self.remote is None:
                 task = asyncio.get_running_loop().create_task(self.indexer.speculate(keys, pod))
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+                self._tasks.add(task)
+                task.add_done_callback(self._speculated)
 
     def response_complete(
         self, request: LLMRequest, endpoint: EndpointState | None, cause: str

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from llmd.scheduler.framework import (
+    APPROX_PRODUCER,
     EndpointState,
     LLMRequest,
     PluginParams,
@@ -16,10 +17,8 @@ from llmd.scheduler.framework import (
     PreRequest,
     SchedulingResult,
     Scorer,
+    prefix_matches,
 )
-
-APPROX_PRODUCER = "approx-prefix-cache-producer"
-PRECISE_PRODUCER = "precise-prefix-cache-producer"
 
 
 def _min_max_inverted(values: list[float]) -> list[float]:
@@ -129,9 +128,7 @@ class PrefixCacheScorer(Scorer):
 
     def score(self, request: LLMRequest, endpoints: list[EndpointState]) -> list[float]:
         p: PrefixScorerParams = self.params  # type: ignore[assignment]
-        matches: dict[str, PrefixMatch] | None = request.data.get(p.prefix_match_info_producer_name)
-        if matches is None and p.prefix_match_info_producer_name == APPROX_PRODUCER:
-            matches = request.data.get(PRECISE_PRODUCER)
+        matches = prefix_matches(request, p.prefix_match_info_producer_name)
         if not matches:
             return [0.0] * len(endpoints)
         w, scale = p.match_length_weight, p.match_length_scale_tokens
@@ -169,7 +166,9 @@ class NoHitLRUScorer(Scorer, PreRequest):
 
     def _cold(self, request: LLMRequest) -> bool:
         p: NoHitLRUParams = self.params  # type: ignore[assignment]
-        matches: dict[str, PrefixMatch] = request.data.get(p.prefix_match_info_producer_name) or {}
+        matches: dict[str, PrefixMatch] = (
+            prefix_matches(request, p.prefix_match_info_producer_name) or {}
+        )
         return not any(m.match_blocks > 0 for m in matches.values())
 
     def score(self, request: LLMRequest, endpoints: list[EndpointState]) -> list[float]:
