@@ -293,3 +293,19 @@ def test_tracing_emits_a_span_per_stage() -> None:
     ]
     profile_span = exporter.get_finished_spans()[3]
     assert profile_span.attributes["llm_d.epp.scheduling.profile.name"] == "default"
+
+
+def test_prefix_consumers_read_the_precise_producers_data_under_the_default_name() -> None:
+    from llmd.scheduler.framework import (
+        PRECISE_PRODUCER,
+        LLMRequest,
+        PluginHandle,
+        PrefixMatch,
+    )
+    from llmd.scheduler.plugins.scorers import NoHitLRUParams, NoHitLRUScorer
+
+    req = LLMRequest(request_id="r", path="/v1/completions", headers={}, body=b"")
+    scorer = NoHitLRUScorer("no-hit-lru-scorer", NoHitLRUParams(), PluginHandle(list))
+    assert scorer._cold(req)  # no producer wrote anything: cold
+    req.data[PRECISE_PRODUCER] = {"10.0.0.1:8000": PrefixMatch(3, 4, 16)}
+    assert not scorer._cold(req)  # a precise-only config: its matches count
