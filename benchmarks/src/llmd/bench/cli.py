@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -29,14 +30,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from llmd.bench import guidellm
 from llmd.bench import report as rep
 from llmd.bench.loadgen import run_trace
-from llmd.bench.metrics import Summary
+from llmd.bench.metrics import RequestRecord, Summary
 from llmd.bench.peers import PEERS, running
 from llmd.bench.workloads import (
     SharedPrefix,
@@ -102,6 +105,16 @@ SCENARIOS: dict[str, tuple[str, WorkloadSpec]] = {
             context_len=3600,
             input_len=36,
             output_len=64,
+        ),
+    ),
+    "vllm-shared-prefix": (
+        "shared-prefix sized for 2 real vLLM CPU servers (`--fleet vllm --servers 2`): 8 groups "
+        "x 8 prompts, ~1k-token system prompts, ~100-token questions, 32 output tokens; Poisson "
+        "1, 2 and 4 req/s, 15 s each",
+        WorkloadSpec(
+            kind="shared_prefix",
+            stages=_stages([1, 2, 4], 15),
+            shared_prefix=SharedPrefix(8, 8, 180, 18, 32),
         ),
     ),
     "headroom": (
@@ -189,86 +202,164 @@ schedulingProfiles:
 """
 
 
+@dataclasses.dataclass
+class Fleet:
+    """Engines every target is put in front of: their discovery file and how to reset them."""
+
+    endpoints_file: Path
+    stack: dict[str, Any]
+    tokenizer_dir: Path
+    urls: list[str]
+    reset: Callable[[], None] = lambda: None
+    """Empty the engines' prefix caches (real vLLM is reused between targets; sims are not)."""
+
+
+def _engine_stack(tool: str, count: int, accelerator: str, args: Sequence[str]) -> dict[str, Any]:
+    return {
+        "metadata": {"schema_version": "0.0.1", "label": tool, "description": "fleet"},
+        "standardized": {
+            "kind": "inference_engine",
+            "tool": tool,
+            "role": "replica",
+            "replicas": count,
+            "model": {"name": MODEL},
+            "accelerator": {"model": accelerator, "count": count},
+        },
+        "native": {"args": list(args)},
+    }
+
+
 @contextmanager
-def fleet_and_target(
-    target: str, args: argparse.Namespace, work: Path
-) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """Start a fresh simulated fleet and `target` in front of it; yield its URL and stack."""
-    from llmd.dev.gateway import Gateway
+def sim_fleet(args: argparse.Namespace, work: Path) -> Iterator[Fleet]:
+    """A fresh simulated fleet (`--servers` x `--profile`)."""
     from llmd.dev.sim_engines import SimFleetProcess
     from llmd.runtime.discovery import StaticFileDiscovery
-    from llmd.scheduler.envoy import EnvoyProcess, EnvoySettings
     from llmd.sim.tokenizer import default_tokenizer_dir
-    from llmd.vllm_cpu.server import free_port
 
+    work.mkdir(parents=True, exist_ok=True)
     sim_args = ["--max-num-seqs", str(args.max_num_seqs)]
     if args.gpu_blocks:
         sim_args += ["--num-gpu-blocks-override", str(args.gpu_blocks)]
     fleet = SimFleetProcess.start(
         count=args.servers, block_size=16, profile=args.profile, work=work, extra_args=sim_args
     )
-    stack = [
-        {
-            "metadata": {"schema_version": "0.0.1", "label": "llmd-sim", "description": "fleet"},
-            "standardized": {
-                "kind": "inference_engine",
-                "tool": "llmd-sim",
-                "role": "replica",
-                "replicas": args.servers,
-                "model": {"name": MODEL},
-                "accelerator": {"model": f"simulated ({args.profile})", "count": args.servers},
-            },
-            "native": {"args": sim_args},
-        }
-    ]
     try:
-        if target == "envoy-rr":
-            endpoints = [
-                (e.address, e.port) for e in StaticFileDiscovery(fleet.endpoints_file).load()
-            ]
-            envoy = EnvoyProcess(
-                EnvoySettings(
-                    listen_port=free_port(),
-                    admin_port=free_port(),
-                    listen_address="127.0.0.1",
-                    round_robin_only=True,
-                    fallback_endpoints=endpoints,
-                ),
-                work / "envoy",
-            )
-            envoy.start()
-            stack.append(_router_stack("envoy-rr", "Envoy ROUND_ROBIN over the fleet"))
-            try:
-                yield envoy.url, stack
-            finally:
-                envoy.stop()
-            return
-        if target in PEERS:
-            peer = PEERS[target]
-            urls = [
-                f"http://{e.address}:{e.port}"
-                for e in StaticFileDiscovery(fleet.endpoints_file).load()
-            ]
-            with running(target, urls, free_port(), work / f"{target}.log") as url:
-                stack.append(_router_stack(target, f"{peer.pin} --policy {peer.policy}"))
-                yield url, stack
-            return
-        config = None
-        if target == "llmd-precise":
-            config = work / "precise.yaml"
-            config.write_text(PRECISE_CONFIG.format(tokenizer=default_tokenizer_dir()))
-        elif target != "llmd":
-            raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
-        gw = Gateway.start(fleet.endpoints_file, work / "gateway", config_file=config)
-        stack.append(
-            _router_stack(target, "Envoy + llmd-scheduler" + (" (precise)" if config else ""))
+        eps = StaticFileDiscovery(fleet.endpoints_file).load()
+        yield Fleet(
+            endpoints_file=fleet.endpoints_file,
+            stack=_engine_stack("llmd-sim", args.servers, f"simulated ({args.profile})", sim_args),
+            tokenizer_dir=default_tokenizer_dir(),
+            urls=[f"http://{e.address}:{e.port}" for e in eps],
         )
-        try:
-            yield gw.url, stack
-        finally:
-            gw.stop()
     finally:
         fleet.stop()
+
+
+@contextmanager
+def vllm_fleet(args: argparse.Namespace, work: Path) -> Iterator[Fleet]:
+    """`--servers` real vLLM 0.32 CPU servers on the generated tiny model, one core each.
+
+    They take minutes to start, so one fleet serves every target; between targets each
+    server's prefix cache is emptied (`POST /reset_prefix_cache`, vLLM's dev-mode endpoint)
+    so that every target starts cold, as it does on a fresh simulated fleet.
+    """
+    from llmd.dev.cli import write_endpoints_file
+    from llmd.vllm_cpu.install import ensure_vllm_env
+    from llmd.vllm_cpu.server import VllmServerSpec, start_servers
+    from llmd.vllm_cpu.tiny_model import ensure_tiny_model
+
+    work.mkdir(parents=True, exist_ok=True)
+    print("preparing the vLLM CPU environment and tiny model...", file=sys.stderr, flush=True)
+    env = ensure_vllm_env()
+    model = ensure_tiny_model(env)
+    cores = os.cpu_count() or 1
+    specs = [
+        VllmServerSpec(
+            pod=f"vllm-{i}",
+            model_dir=model,
+            cpu_core=i % cores,
+            kv_cache_gib=args.vllm_kv_gib,
+            env={"VLLM_SERVER_DEV_MODE": "1"},
+        )
+        for i in range(args.servers)
+    ]
+    print(f"starting {args.servers} vLLM server(s); logs in {work}", file=sys.stderr, flush=True)
+    servers = start_servers(env, specs, work)
+    endpoints_file = work / "endpoints.yaml"
+    write_endpoints_file(servers, endpoints_file)
+    urls = [s.url for s in servers]
+
+    def reset() -> None:
+        for url in urls:
+            req = urllib.request.Request(url + "/reset_prefix_cache", data=b"", method="POST")
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"{url}/reset_prefix_cache answered {resp.status}")
+
+    try:
+        yield Fleet(
+            endpoints_file=endpoints_file,
+            stack=_engine_stack(
+                "vllm",
+                args.servers,
+                "CPU (vLLM 0.32 CPU build, tiny model)",
+                list(servers[0].command(env)[1:]),
+            ),
+            tokenizer_dir=model,
+            urls=urls,
+            reset=reset,
+        )
+    finally:
+        for s in servers:
+            s.stop()
+
+
+@contextmanager
+def target_on(target: str, fleet: Fleet, work: Path) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """Start `target` in front of `fleet`; yield its URL and the report's stack."""
+    from llmd.dev.gateway import Gateway
+    from llmd.runtime.discovery import StaticFileDiscovery
+    from llmd.scheduler.envoy import EnvoyProcess, EnvoySettings
+    from llmd.vllm_cpu.server import free_port
+
+    stack = [fleet.stack]
+    if target == "envoy-rr":
+        endpoints = [(e.address, e.port) for e in StaticFileDiscovery(fleet.endpoints_file).load()]
+        envoy = EnvoyProcess(
+            EnvoySettings(
+                listen_port=free_port(),
+                admin_port=free_port(),
+                listen_address="127.0.0.1",
+                round_robin_only=True,
+                fallback_endpoints=endpoints,
+            ),
+            work / "envoy",
+        )
+        envoy.start()
+        stack.append(_router_stack("envoy-rr", "Envoy ROUND_ROBIN over the fleet"))
+        try:
+            yield envoy.url, stack
+        finally:
+            envoy.stop()
+        return
+    if target in PEERS:
+        peer = PEERS[target]
+        with running(target, fleet.urls, free_port(), work / f"{target}.log") as url:
+            stack.append(_router_stack(target, f"{peer.pin} --policy {peer.policy}"))
+            yield url, stack
+        return
+    config = None
+    if target == "llmd-precise":
+        config = work / "precise.yaml"
+        config.write_text(PRECISE_CONFIG.format(tokenizer=fleet.tokenizer_dir))
+    elif target != "llmd":
+        raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
+    gw = Gateway.start(fleet.endpoints_file, work / "gateway", config_file=config)
+    stack.append(_router_stack(target, "Envoy + llmd-scheduler" + (" (precise)" if config else "")))
+    try:
+        yield gw.url, stack
+    finally:
+        gw.stop()
 
 
 def _router_stack(label: str, description: str) -> dict[str, Any]:
@@ -301,25 +392,45 @@ def _load(spec: WorkloadSpec, stage: int | None = None) -> dict[str, Any]:
     }
 
 
-async def _run_one(
-    target: str, spec: WorkloadSpec, args: argparse.Namespace, command: str
-) -> tuple[dict[str, Any], float | None]:
+LOADGENS = ("llmd-bench", "guidellm")
+
+
+def _drive(
+    loadgen: str, url: str, spec: WorkloadSpec, trace: list[Any], fleet: Fleet, work: Path
+) -> tuple[list[RequestRecord], float, list[dict[str, Any]] | None]:
+    """Send `trace` to `url` with one generator: records, wall time, guidellm's own figures."""
+    if loadgen == "guidellm":
+        paths = guidellm.run(url, trace, spec.stages, MODEL, fleet.tokenizer_dir, work)
+        return guidellm.load_results(paths, spec.stages)
+    records, wall = asyncio.run(run_trace(url, trace, spec.stages, MODEL))
+    return records, wall, None
+
+
+def _run_one(
+    target: str,
+    loadgen: str,
+    label: str,
+    spec: WorkloadSpec,
+    args: argparse.Namespace,
+    command: str,
+    fleet: Fleet,
+    work: Path,
+) -> dict[str, Any]:
+    """One (target, generator) run on `fleet`: the validated v0.2 report."""
     trace = build_trace(spec)
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        fleet_and_target(target, args, Path(tmp)) as (
-            url,
-            stack,
-        ),
-    ):
-        print(f"== {target}: {len(trace)} requests against {url}", file=sys.stderr, flush=True)
+    fleet.reset()
+    with target_on(target, fleet, work) as (url, stack):
+        print(
+            f"== {label}: {len(trace)} requests against {url} ({loadgen})",
+            file=sys.stderr,
+            flush=True,
+        )
         started = dt.datetime.now(dt.UTC)
         cpu0 = time.process_time()
-        records, wall = await run_trace(url, trace, spec.stages, MODEL)
+        records, wall, own = _drive(loadgen, url, spec, trace, fleet, work)
         loadgen_cpu = time.process_time() - cpu0
         ended = dt.datetime.now(dt.UTC)
     summary = Summary(records, wall)
-    hit = summary.hit_rate()
     per_stage = {}
     for i in range(len(spec.stages)):
         stage_recs = [r for r in records if r.stage == i]
@@ -329,29 +440,125 @@ async def _run_one(
             )
             s = Summary(stage_recs, span)
             per_stage[str(i)] = {"aggregate": s.aggregate(), "hit_rate": s.hit_rate()}
-    doc = rep.build_report(
+    native: dict[str, Any] = {
+        "command": command,
+        "target": target,
+        "loadgen": loadgen,
+        "trace_digest": trace_digest(trace),
+        "trace_requests": len(trace),
+        "versions": versions(),
+        "machine": machine(),
+        "stages": per_stage,
+        "stage_rates": [s.rate or s.concurrency for s in spec.stages],
+        "ttft_s": [round(r.ttft, 5) for r in records if r.ok and r.ttft is not None],
+        "active_output_token_rate": _active_rate(records),
+    }
+    if own is None:
+        native["loadgen_cpu_s"] = round(loadgen_cpu, 3)
+        native["loadgen_cpu_ms_per_request"] = round(1000 * loadgen_cpu / max(1, len(records)), 3)
+    else:
+        native["versions"]["guidellm"] = guidellm.GUIDELLM.version
+        native["guidellm"] = own
+    fleet_desc = f"{args.servers} x {'vLLM CPU' if args.fleet == 'vllm' else args.profile}"
+    return rep.build_report(
         experiment=f"{args.scenario}/{trace_digest(trace)}",
-        target=target,
+        target=label,
         aggregate=summary.aggregate(),
         started=started,
         ended=ended,
         stack=stack,
         load=_load(spec),
-        hit_rate=hit,
-        description=f"{args.scenario} on {args.servers} x {args.profile} via {target}",
-        native={
-            "command": command,
-            "trace_digest": trace_digest(trace),
-            "versions": versions(),
-            "machine": machine(),
-            "stages": per_stage,
-            "stage_rates": [s.rate or s.concurrency for s in spec.stages],
-            "loadgen_cpu_s": round(loadgen_cpu, 3),
-            "loadgen_cpu_ms_per_request": round(1000 * loadgen_cpu / max(1, len(records)), 3),
-            "ttft_s": [round(r.ttft, 5) for r in records if r.ok and r.ttft is not None],
-        },
+        hit_rate=summary.hit_rate(),
+        description=f"{args.scenario} on {fleet_desc} via {target}, driven by {loadgen}",
+        native=native,
     )
-    return doc, hit
+
+
+def _active_rate(records: Sequence[RequestRecord]) -> float | None:
+    """Output tokens/s from the first send to the last completion (guidellm's duration)."""
+    ok = [r for r in records if r.ok and r.done_at is not None]
+    if not ok:
+        return None
+    span = max(r.done_at or 0.0 for r in ok) - min(r.sent_at for r in records)
+    return sum(r.output_tokens or 0 for r in ok) / span if span > 0 else None
+
+
+def _runs(targets: Sequence[str], loadgens: Sequence[str]) -> list[tuple[str, str, str, str]]:
+    """(target, generator, label, file stem) for every run, in order.
+
+    The first llmd-bench run of a target keeps the plain name (`<target>.json`); guidellm's is
+    `<target>.guidellm`, and a repeated generator gets a counter (`<target>.llmd-bench-2`), which
+    is how run-to-run noise is measured.
+    """
+    out = []
+    for target in targets:
+        seen: dict[str, int] = {}
+        for lg in loadgens:
+            seen[lg] = seen.get(lg, 0) + 1
+            n = seen[lg]
+            suffix = "" if lg == "llmd-bench" and n == 1 else f".{lg}" + (f"-{n}" if n > 1 else "")
+            label = target if not suffix else f"{target} ({suffix[1:]})"
+            out.append((target, lg, label, target + suffix))
+    return out
+
+
+def agreement(docs: dict[str, dict[str, Any]]) -> str:
+    """Markdown: every other run of a target beside its first llmd-bench run."""
+    lines = []
+    for stem, doc in docs.items():
+        nat = doc["llmd"]
+        if stem != nat["target"]:
+            continue
+        base = _figures(doc)
+        others = [d for s, d in docs.items() if s != stem and d["llmd"]["target"] == stem]
+        if not others:
+            continue
+        head = "| metric | llmd-bench | " + " | ".join(
+            f"{d['run']['cid']}" + (" (its own figures)" if "guidellm" in d["llmd"] else "")
+            for d in others
+        )
+        lines += [f"### {stem}", "", head + " |", "|---|---|" + "---|" * len(others)]
+        table: dict[str, list[str]] = {}
+        for d in others:
+            if "guidellm" in d["llmd"]:
+                own = d["llmd"]["guidellm"]
+                theirs = own[0] if len(own) == 1 else None
+                if theirs is None:  # closed loop: one figure set per stage; compare the report
+                    theirs = _figures(d)
+            else:
+                theirs = _figures(d)
+            for name, a, b, rel in guidellm.agreement_rows(base, theirs):
+                row = table.setdefault(name, [_fmt(name, a)])
+                row.append(_fmt(name, b) + ("" if rel is None else f" ({rel:+.1%})"))
+        for name, row in table.items():
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+        sent = [
+            f"{d['run']['cid']} completed {d['llmd']['guidellm'][0].get('successful')} of "
+            f"{d['llmd']['trace_requests']} requests"
+            for d in others
+            if "guidellm" in d["llmd"] and len(d["llmd"]["guidellm"]) == 1
+        ]
+        if sent:
+            lines += ["", "; ".join(sent) + "."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _figures(doc: dict[str, Any]) -> dict[str, Any]:
+    """A report's figures in the shape of `guidellm.own_figures` (seconds)."""
+    lat = doc["results"]["request_performance"]["aggregate"]["latency"]
+    out: dict[str, Any] = {
+        key: {k: lat.get(key, {}).get(k) for k in ("mean", "p50", "p90", "p99")}
+        for key, _, _ in guidellm.METRIC_PAIRS
+    }
+    out["output_token_rate"] = doc["llmd"].get("active_output_token_rate")
+    return out
+
+
+def _fmt(name: str, v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.0f}" if "tokens/s" in name else f"{v * 1000:.1f} ms"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -363,29 +570,70 @@ def cmd_run(args: argparse.Namespace) -> int:
     if bad:
         print(f"llmd-bench: unknown targets {bad}; expected some of {list(TARGETS)}")
         return 2
+    loadgens = [g.strip() for g in args.loadgen.split(",") if g.strip()]
+    bad = [g for g in loadgens if g not in LOADGENS]
+    if bad or not loadgens:
+        print(f"llmd-bench: unknown load generators {bad}; expected some of {list(LOADGENS)}")
+        return 2
     spec = SCENARIOS[args.scenario][1]
     spec = dataclasses.replace(spec, seed=args.seed)
     if args.quick:
         spec = quick(spec)
+    if "guidellm" in loadgens:
+        try:
+            guidellm.check_trace(build_trace(spec), spec.stages)
+        except guidellm.GuidellmError as exc:
+            print(f"llmd-bench: {args.scenario} cannot be driven by guidellm: {exc}")
+            return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "llmd-bench " + shlex.join(sys.argv[1:])
+    command = "llmd-bench " + shlex.join(args.argv)
     rows = []
-    for target in targets:
-        doc, hit = asyncio.run(_run_one(target, spec, args, command))
-        path = out / f"{target}.json"
-        path.write_text(json.dumps(doc, indent=2) + "\n")
-        agg = doc["results"]["request_performance"]["aggregate"]
-        rows.append((target, agg, hit))
-        print(rep.markdown_table([(target, agg, hit)]).splitlines()[-1], flush=True)
+    docs: dict[str, dict[str, Any]] = {}
+    runs = _runs(targets, loadgens)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        with contextlib.ExitStack() as shared:
+            fleet = (
+                shared.enter_context(vllm_fleet(args, work / "fleet"))
+                if args.fleet == "vllm"
+                else None
+            )
+            for i, (target, lg, label, stem) in enumerate(runs):
+                run_dir = work / f"run-{i}"
+                run_dir.mkdir()
+                with contextlib.ExitStack() as each:
+                    f = fleet or each.enter_context(sim_fleet(args, run_dir / "fleet"))
+                    try:
+                        doc = _run_one(target, lg, label, spec, args, command, f, run_dir)
+                    except guidellm.GuidellmError as exc:
+                        print(f"llmd-bench: {label}: {exc}", file=sys.stderr)
+                        return 1
+                docs[stem] = doc
+                (out / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+                agg = doc["results"]["request_performance"]["aggregate"]
+                hit = doc["results"]["observability"]["components"][0]["aggregate"][
+                    "cache_hit_rate"
+                ]["mean"]
+                rows.append((label, agg, hit))
+                print(rep.markdown_table([(label, agg, hit)]).splitlines()[-1], flush=True)
+    fleet_desc = (
+        f"{args.servers} x real vLLM 0.32 CPU (tiny model)"
+        if args.fleet == "vllm"
+        else f"{args.servers} x llmd-sim ({args.profile})"
+    )
+    agree = agreement(docs)
     summary = out / "summary.md"
     summary.write_text(
         f"# {args.scenario}\n\n{SCENARIOS[args.scenario][0]}\n\n"
         f"`{command}`\n\n{rep.markdown_table(rows)}\n\n"
-        f"Fleet: {args.servers} x llmd-sim ({args.profile}); trace digest "
+        + (f"## Generators and repeats side by side\n\n{agree}\n" if agree else "")
+        + f"Fleet: {fleet_desc}; trace digest "
         f"{trace_digest(build_trace(spec))}; machine {json.dumps(machine())}; "
         f"versions {json.dumps(versions())}\n"
     )
+    if agree:
+        print(agree)
     from llmd.bench.plots import plot_folder
 
     for path in plot_folder(out):
@@ -418,7 +666,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--seed", type=int, default=42)
     r.add_argument("--quick", action="store_true", help="two 5-second stages (smoke run)")
     r.add_argument("--out", default="bench-results", help="report folder")
+    r.add_argument(
+        "--loadgen",
+        default="llmd-bench",
+        help="comma list of generators run one after another on each target: llmd-bench, "
+        "guidellm (PyPI, installed on first use); e.g. llmd-bench,guidellm,llmd-bench compares "
+        "guidellm with llmd-bench and with llmd-bench's own run-to-run noise",
+    )
+    r.add_argument(
+        "--fleet",
+        choices=["sim", "vllm"],
+        default="sim",
+        help="sim: a fresh llmd-sim fleet per run (default); vllm: real vLLM 0.32 CPU servers "
+        "on the tiny model, started once, prefix caches reset between runs (~2-3 min start)",
+    )
+    r.add_argument("--vllm-kv-gib", type=int, default=1, help="KV cache GiB per real vLLM server")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.cmd == "scenarios":
         for name, (desc, _) in SCENARIOS.items():
             print(f"{name:<22} {desc}")

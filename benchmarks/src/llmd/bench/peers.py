@@ -32,6 +32,8 @@ class Peer:
     module: str
     policy: str
     label: str
+    preinstall: tuple[str, ...] = ()
+    """Requirements installed with the package, pinned first (e.g. the CPU torch build)."""
 
     @property
     def pin(self) -> str:
@@ -60,6 +62,13 @@ def cache_dir() -> Path:
     return Path(root) / "peers"
 
 
+def _index_args() -> list[str]:
+    """Where pip finds a +cpu torch: this project's machines have it in pip's find-links;
+    elsewhere set LLMD_TORCH_INDEX_URL to PyTorch's CPU wheel index (as for llmd-vllm-cpu)."""
+    index = os.environ.get("LLMD_TORCH_INDEX_URL")
+    return ["--extra-index-url", index] if index else []
+
+
 def ensure_env(peer: Peer) -> Path:
     """The peer's virtualenv (its python), installing it on first use."""
     env = cache_dir() / f"{peer.package}-{peer.version}"
@@ -81,7 +90,9 @@ def ensure_env(peer: Peer) -> Path:
                 "install",
                 "--quiet",
                 "--disable-pip-version-check",
+                *peer.preinstall,
                 peer.pin,
+                *_index_args(),
             ],
             check=True,
         )

@@ -41,7 +41,11 @@ def write_endpoints_file(servers: Sequence[VllmServer], path: Path) -> None:
                 "name": s.spec.pod,
                 "address": "127.0.0.1",
                 "port": str(s.port),
-                "labels": {"llm-d.ai/role": "decode"},
+                "labels": {
+                    "llm-d.ai/role": "decode",
+                    "llmd.ai/kv-events-endpoint": f"tcp://127.0.0.1:{s.kv_events_port}",
+                    "llmd.ai/kv-replay-endpoint": f"tcp://127.0.0.1:{s.replay_port}",
+                },
             }
             for s in servers
         ]
