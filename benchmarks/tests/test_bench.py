@@ -193,3 +193,135 @@ def test_cli_lists_scenarios_and_writes_traces(
     assert main(["trace", "random", "--out", str(out)]) == 0
     assert len(load_jsonl(out)) > 100
     assert main(["trace", "nope", "--out", str(out)]) == 2
+
+
+def _gl_request(rel: float, start: float, first: float, end: float, prompt: int) -> dict:
+    return {
+        "info": {
+            "settings": {"relative_timestamp": rel},
+            "timings": {
+                "request_start": start,
+                "first_token_iteration": first,
+                "last_token_iteration": end,
+                "request_end": end,
+            },
+        },
+        "input_metrics": {"text_tokens": prompt, "cached_tokens": prompt // 2},
+        "output_metrics": {"text_tokens": 11},
+    }
+
+
+def test_guidellm_dataset_and_command_line() -> None:
+    from llmd.bench import guidellm
+
+    trace = build_trace(quick(SCENARIOS["shared-prefix"][1]))
+    rows = guidellm.dataset_rows(trace[:2], timestamps=True)
+    assert rows[0] == {
+        "output_tokens_count": trace[0].max_tokens,
+        "prompt": trace[0].prompt,
+        "relative_timestamp": trace[0].t,
+    }
+    chat = build_trace(quick(SCENARIOS["multi-turn"][1]))
+    assert guidellm.dataset_rows(chat[:1], timestamps=False)[0]["messages"] == chat[0].messages
+    assert guidellm.check_trace(trace, [Stage(rate=1)]) == "/v1/completions"
+    assert guidellm.check_trace(chat, [Stage(rate=1)]) == "/v1/chat/completions"
+    with pytest.raises(guidellm.GuidellmError, match="mixes completions and chat"):
+        guidellm.check_trace([trace[0], chat[0]], [Stage(rate=1)])
+    with pytest.raises(guidellm.GuidellmError, match="open- and closed-loop"):
+        guidellm.check_trace(trace, [Stage(rate=1), Stage(concurrency=2)])
+
+    def cmd(stage: Stage | None, count: int) -> list[str]:
+        return guidellm.command(
+            Path("py"), url="http://h:1", model="tiny", tokenizer_dir=Path("/tok"),
+            data=Path("/d.jsonl"), out=Path("/o.json"), request_format="/v1/completions",
+            stage=stage, count=count,
+        )  # fmt: skip
+
+    replay = cmd(None, 5)
+    assert replay[:4] == ["py", "-m", "guidellm", "run"]
+    assert "kind=replay,schedule_turn=timestamp" in replay
+    assert "kind=openai_http,target=http://h:1,model=tiny,request_format=/v1/completions" in replay
+    closed = cmd(Stage(concurrency=8), 64)
+    assert "kind=concurrent,streams=8" in closed
+    assert "kind=max_requests,count=64" in closed
+
+
+def test_guidellm_results_become_records_and_figures(tmp_path: Path) -> None:
+    from llmd.bench import guidellm
+
+    stat = {"mean": 20.0, "percentiles": {"p50": 10.0, "p90": 30.0, "p99": 40.0}}
+    bench = {
+        "duration": 4.0,
+        "requests": {
+            "successful": [
+                _gl_request(0.5, 100.0, 100.1, 101.0, 40),  # stage 0 (0-2 s)
+                _gl_request(2.5, 102.0, 102.3, 103.0, 60),  # stage 1 (2-4 s)
+            ],
+            "errored": [{"info": {"timings": {"request_start": 103.5}, "error": "boom"}}],
+        },
+        "metrics": {
+            "time_to_first_token_ms": {"successful": stat},
+            "request_latency": {"successful": stat},
+            "output_token_count": {"successful": {"total_sum": 22}},
+            "request_totals": {"successful": 2, "errored": 1, "total": 3},
+        },
+    }
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps({"benchmarks": [bench]}))
+    stages = [Stage(rate=1, duration_s=2), Stage(rate=2, duration_s=2)]
+    records, wall, figures = guidellm.load_results([path], stages)
+    assert wall == 4.0
+    ok = [r for r in records if r.ok]
+    assert [r.stage for r in ok] == [0, 1]
+    assert ok[0].ttft == pytest.approx(0.1)
+    assert ok[1].e2e == pytest.approx(1.0)
+    assert ok[1].cached_tokens == 30
+    assert [r.error for r in records if not r.ok] == ["boom"]
+    summary = Summary(records, wall)
+    assert summary.hit_rate() == pytest.approx(50 / 100)
+    (fig,) = figures
+    assert fig["time_to_first_token"] == {"mean": 0.02, "p50": 0.01, "p90": 0.03, "p99": 0.04}
+    assert fig["request_latency"]["p90"] == 30.0  # guidellm reports this one in seconds
+    assert fig["output_token_rate"] == 22 / 4.0
+    assert fig["requests"] == 3
+    rows = {name: (a, b, rel) for name, a, b, rel in guidellm.agreement_rows(fig, fig)}
+    assert rows["time_to_first_token p50"] == (0.01, 0.01, 0.0)
+    halved = dict(fig, output_token_rate=fig["output_token_rate"] / 2)
+    rows = {name: rel for name, _, _, rel in guidellm.agreement_rows(fig, halved)}
+    assert rows["output tokens/s (first send to last end)"] == pytest.approx(-0.5)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(guidellm.GuidellmError, match="not a guidellm result file"):
+        guidellm.load_results([bad], stages)
+
+
+def test_runs_name_every_generator_and_repeat() -> None:
+    from llmd.bench.cli import _runs
+
+    runs = _runs(["llmd"], ["llmd-bench", "guidellm", "llmd-bench"])
+    assert [(lg, label, stem) for _, lg, label, stem in runs] == [
+        ("llmd-bench", "llmd", "llmd"),
+        ("guidellm", "llmd (guidellm)", "llmd.guidellm"),
+        ("llmd-bench", "llmd (llmd-bench-2)", "llmd.llmd-bench-2"),
+    ]
+    assert main(["run", "random", "--loadgen", "locust"]) == 2
+
+
+def test_engine_side_means_are_deltas_of_the_engines_histograms() -> None:
+    from llmd.bench.cli import engine_means
+
+    before = {
+        "time_to_first_token": (1.0, 10.0),
+        "time_per_output_token": (0.5, 10.0),
+        "request_latency": (0.0, 0.0),
+    }
+    after = {
+        "time_to_first_token": (1.6, 13.0),
+        "time_per_output_token": (0.5, 10.0),
+        "request_latency": (4.0, 2.0),
+    }
+    assert engine_means(before, after) == {
+        "time_to_first_token": pytest.approx(0.2),
+        "time_per_output_token": None,  # nothing observed in between
+        "request_latency": 2.0,
+    }

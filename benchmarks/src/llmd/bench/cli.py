@@ -394,6 +394,43 @@ def _load(spec: WorkloadSpec, stage: int | None = None) -> dict[str, Any]:
 
 LOADGENS = ("llmd-bench", "guidellm")
 
+# The engines' own histograms (vLLM's names; llmd-sim exports the same), for server-side means.
+ENGINE_HISTOGRAMS = {
+    "time_to_first_token": "vllm:time_to_first_token_seconds",
+    "time_per_output_token": "vllm:request_time_per_output_token_seconds",
+    "request_latency": "vllm:e2e_request_latency_seconds",
+}
+
+
+def engine_totals(urls: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each ENGINE_HISTOGRAMS entry over the fleet, from every /metrics."""
+    acc: dict[str, float] = {}
+    wanted = {name + suffix for name in ENGINE_HISTOGRAMS.values() for suffix in ("_sum", "_count")}
+    for url in urls:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        for line in text.splitlines():
+            series, _, value = line.rpartition(" ")
+            name = series.split("{", 1)[0]
+            if name in wanted:
+                acc[name] = acc.get(name, 0.0) + float(value)
+    return {
+        key: (acc.get(name + "_sum", 0.0), acc.get(name + "_count", 0.0))
+        for key, name in ENGINE_HISTOGRAMS.items()
+    }
+
+
+def engine_means(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float | None]:
+    """Mean of each histogram over what was observed between two `engine_totals`."""
+    out: dict[str, float | None] = {}
+    for key in ENGINE_HISTOGRAMS:
+        s = after[key][0] - before[key][0]
+        n = after[key][1] - before[key][1]
+        out[key] = s / n if n > 0 else None
+    return out
+
 
 def _drive(
     loadgen: str, url: str, spec: WorkloadSpec, trace: list[Any], fleet: Fleet, work: Path
@@ -425,11 +462,13 @@ def _run_one(
             file=sys.stderr,
             flush=True,
         )
+        totals0 = engine_totals(fleet.urls)
         started = dt.datetime.now(dt.UTC)
         cpu0 = time.process_time()
         records, wall, own = _drive(loadgen, url, spec, trace, fleet, work)
         loadgen_cpu = time.process_time() - cpu0
         ended = dt.datetime.now(dt.UTC)
+        engine = engine_means(totals0, engine_totals(fleet.urls))
     summary = Summary(records, wall)
     per_stage = {}
     for i in range(len(spec.stages)):
@@ -452,6 +491,7 @@ def _run_one(
         "stage_rates": [s.rate or s.concurrency for s in spec.stages],
         "ttft_s": [round(r.ttft, 5) for r in records if r.ok and r.ttft is not None],
         "active_output_token_rate": _active_rate(records),
+        "engine_means_s": engine,
     }
     if own is None:
         native["loadgen_cpu_s"] = round(loadgen_cpu, 3)
@@ -522,9 +562,9 @@ def agreement(docs: dict[str, dict[str, Any]]) -> str:
         for d in others:
             if "guidellm" in d["llmd"]:
                 own = d["llmd"]["guidellm"]
-                theirs = own[0] if len(own) == 1 else None
-                if theirs is None:  # closed loop: one figure set per stage; compare the report
-                    theirs = _figures(d)
+                # closed loop has one figure set per stage; then compare the report instead
+                theirs = dict(own[0]) if len(own) == 1 else _figures(d)
+                theirs["engine"] = d["llmd"].get("engine_means_s") or {}
             else:
                 theirs = _figures(d)
             for name, a, b, rel in guidellm.agreement_rows(base, theirs):
@@ -552,6 +592,7 @@ def _figures(doc: dict[str, Any]) -> dict[str, Any]:
         for key, _, _ in guidellm.METRIC_PAIRS
     }
     out["output_token_rate"] = doc["llmd"].get("active_output_token_rate")
+    out["engine"] = doc["llmd"].get("engine_means_s") or {}
     return out
 
 

@@ -274,7 +274,9 @@ def agreement_rows(
     """(metric, first run, other run, relative difference) from two `own_figures`-shaped dicts.
 
     Output tokens/s is over the first send to the last completion on both sides (guidellm's
-    benchmark duration), not over the trace's whole schedule.
+    benchmark duration), not over the trace's whole schedule. `engine` (optional) holds the
+    engines' own server-side means for the same run: they say whether the engines did the same
+    work in both runs, so that what differs is the clients' measurement.
     """
     rows: list[tuple[str, float | None, float | None, float | None]] = []
     for key, _, _ in METRIC_PAIRS:
@@ -284,6 +286,11 @@ def agreement_rows(
             rows.append((f"{key} {stat}", a, b, _rel(a, b)))
     a, b = ours.get("output_token_rate"), theirs.get("output_token_rate")
     rows.append(("output tokens/s (first send to last end)", a, b, _rel(a, b)))
+    for key, _, _ in METRIC_PAIRS:
+        a = (ours.get("engine") or {}).get(key)
+        b = (theirs.get("engine") or {}).get(key)
+        if a is not None or b is not None:
+            rows.append((f"engine's own {key} mean", a, b, _rel(a, b)))
     return rows
 
 
