@@ -13,6 +13,10 @@ Targets: `llmd` (Envoy + llmd-scheduler, built-in default config), `llmd-precise
 scorers fed by KV events), `envoy-rr` (Envoy round-robin: the "Kubernetes Service" baseline),
 `sglang-cache-aware` / `sglang-rr` (sglang-router) and `vllm-router`, each installed from PyPI
 into its own virtualenv on first use (`peers.py`).
+
+`--loadgen llmd-bench,guidellm,llmd-bench` drives each target once per listed generator
+(guidellm replays the same trace: `guidellm.py`) and tabulates them side by side. `--fleet vllm`
+puts the targets in front of real vLLM CPU servers instead of simulated ones.
 """
 
 from __future__ import annotations
@@ -25,11 +29,11 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -40,7 +44,7 @@ from llmd.bench import guidellm
 from llmd.bench import report as rep
 from llmd.bench.loadgen import run_trace
 from llmd.bench.metrics import RequestRecord, Summary
-from llmd.bench.peers import PEERS, running
+from llmd.bench.peers import PEERS, ensure_env, running
 from llmd.bench.workloads import (
     SharedPrefix,
     Stage,
@@ -438,7 +442,8 @@ def _drive(
     """Send `trace` to `url` with one generator: records, wall time, guidellm's own figures."""
     if loadgen == "guidellm":
         paths = guidellm.run(url, trace, spec.stages, MODEL, fleet.tokenizer_dir, work)
-        return guidellm.load_results(paths, spec.stages)
+        records, wall, figures = guidellm.load_results(paths, spec.stages)
+        return records, wall, figures
     records, wall = asyncio.run(run_trace(url, trace, spec.stages, MODEL))
     return records, wall, None
 
@@ -464,9 +469,9 @@ def _run_one(
         )
         totals0 = engine_totals(fleet.urls)
         started = dt.datetime.now(dt.UTC)
-        cpu0 = time.process_time()
+        cpu0 = _cpu_s()
         records, wall, own = _drive(loadgen, url, spec, trace, fleet, work)
-        loadgen_cpu = time.process_time() - cpu0
+        loadgen_cpu = _cpu_s() - cpu0
         ended = dt.datetime.now(dt.UTC)
         engine = engine_means(totals0, engine_totals(fleet.urls))
     summary = Summary(records, wall)
@@ -493,10 +498,9 @@ def _run_one(
         "active_output_token_rate": _active_rate(records),
         "engine_means_s": engine,
     }
-    if own is None:
-        native["loadgen_cpu_s"] = round(loadgen_cpu, 3)
-        native["loadgen_cpu_ms_per_request"] = round(1000 * loadgen_cpu / max(1, len(records)), 3)
-    else:
+    native["loadgen_cpu_s"] = round(loadgen_cpu, 3)
+    native["loadgen_cpu_ms_per_request"] = round(1000 * loadgen_cpu / max(1, len(records)), 3)
+    if own is not None:
         native["versions"]["guidellm"] = guidellm.GUIDELLM.version
         native["guidellm"] = own
     fleet_desc = f"{args.servers} x {'vLLM CPU' if args.fleet == 'vllm' else args.profile}"
@@ -512,6 +516,14 @@ def _run_one(
         description=f"{args.scenario} on {fleet_desc} via {target}, driven by {loadgen}",
         native=native,
     )
+
+
+def _cpu_s() -> float:
+    """CPU seconds of this process plus its finished children (guidellm runs as one; the
+    fleet and the target are children too, but they are still running, so not counted)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _active_rate(records: Sequence[RequestRecord]) -> float | None:
@@ -626,6 +638,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except guidellm.GuidellmError as exc:
             print(f"llmd-bench: {args.scenario} cannot be driven by guidellm: {exc}")
             return 2
+        ensure_env(guidellm.GUIDELLM)  # install first, so its CPU is not counted as the run's
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "llmd-bench " + shlex.join(args.argv)
