@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -497,6 +498,7 @@ def _run_one(
         "ttft_s": [round(r.ttft, 5) for r in records if r.ok and r.ttft is not None],
         "active_output_token_rate": _active_rate(records),
         "engine_means_s": engine,
+        "errors": _error_kinds(records),
     }
     native["loadgen_cpu_s"] = round(loadgen_cpu, 3)
     native["loadgen_cpu_ms_per_request"] = round(1000 * loadgen_cpu / max(1, len(records)), 3)
@@ -516,6 +518,17 @@ def _run_one(
         description=f"{args.scenario} on {fleet_desc} via {target}, driven by {loadgen}",
         native=native,
     )
+
+
+def _error_kinds(records: Sequence[RequestRecord], top: int = 5) -> list[dict[str, Any]]:
+    """The most frequent failures: HTTP status and the first 120 characters of the message."""
+    kinds = collections.Counter(
+        (r.status, (r.error or "no response end")[:120]) for r in records if not r.ok
+    )
+    return [
+        {"status": status, "message": msg, "count": n}
+        for (status, msg), n in kinds.most_common(top)
+    ]
 
 
 def _cpu_s() -> float:
@@ -671,16 +684,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                 ]["mean"]
                 rows.append((label, agg, hit))
                 print(rep.markdown_table([(label, agg, hit)]).splitlines()[-1], flush=True)
+                for kind in doc["llmd"]["errors"]:
+                    print(f"  {kind['count']} x HTTP {kind['status']}: {kind['message']}")
     fleet_desc = (
         f"{args.servers} x real vLLM 0.32 CPU (tiny model)"
         if args.fleet == "vllm"
         else f"{args.servers} x llmd-sim ({args.profile})"
     )
     agree = agreement(docs)
+    failures = "".join(
+        f"- {doc['run']['cid']}: {k['count']} x HTTP {k['status']}: {k['message']}\n"
+        for doc in docs.values()
+        for k in doc["llmd"]["errors"]
+    )
     summary = out / "summary.md"
     summary.write_text(
         f"# {args.scenario}\n\n{SCENARIOS[args.scenario][0]}\n\n"
         f"`{command}`\n\n{rep.markdown_table(rows)}\n\n"
+        + (f"Failures:\n\n{failures}\n" if failures else "")
         + (f"## Generators and repeats side by side\n\n{agree}\n" if agree else "")
         + f"Fleet: {fleet_desc}; trace digest "
         f"{trace_digest(build_trace(spec))}; machine {json.dumps(machine())}; "
