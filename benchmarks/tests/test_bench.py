@@ -325,3 +325,25 @@ def test_engine_side_means_are_deltas_of_the_engines_histograms() -> None:
         "time_per_output_token": None,  # nothing observed in between
         "request_latency": 2.0,
     }
+
+
+def test_llmd_configs_are_named_and_checked_before_any_fleet(tmp_path: Path) -> None:
+    from llmd.bench.cli import _llmd_configs
+
+    good = tmp_path / "mine.yaml"
+    good.write_text(
+        "plugins:\n- type: queue-scorer\nschedulingProfiles:\n- name: default\n"
+        "  plugins:\n  - {pluginRef: queue-scorer, weight: 1}\n"
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("plugins:\n- type: no-such-plugin\n")
+    assert _llmd_configs([f"mine={good}"]) == {"mine": good.resolve()}
+    with pytest.raises(ValueError, match="NAME=FILE"):
+        _llmd_configs(["mine"])
+    with pytest.raises(ValueError, match="already a target"):
+        _llmd_configs([f"llmd={good}"])
+    with pytest.raises(ValueError, match="no such file"):
+        _llmd_configs([f"mine={tmp_path / 'missing.yaml'}"])
+    with pytest.raises(ValueError, match="unknown plugin type 'no-such-plugin'"):
+        _llmd_configs([f"mine={bad}"])
+    assert main(["run", "random", "--llmd-config", f"mine={bad}", "--targets", "mine"]) == 2

@@ -320,8 +320,19 @@ def vllm_fleet(args: argparse.Namespace, work: Path) -> Iterator[Fleet]:
 
 
 @contextmanager
-def target_on(target: str, fleet: Fleet, work: Path) -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    """Start `target` in front of `fleet`; yield its URL and the report's stack."""
+def target_on(
+    target: str,
+    fleet: Fleet,
+    work: Path,
+    *,
+    llmd_configs: dict[str, Path] | None = None,
+    scheduler_args: Sequence[str] = (),
+) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """Start `target` in front of `fleet`; yield its URL and the report's stack.
+
+    `llmd_configs` maps extra target names to EndpointPickerConfig files (llmd with that
+    config); `scheduler_args` go to every llmd target's llmd-scheduler.
+    """
     from llmd.dev.gateway import Gateway
     from llmd.runtime.discovery import StaticFileDiscovery
     from llmd.scheduler.envoy import EnvoyProcess, EnvoySettings
@@ -354,13 +365,22 @@ def target_on(target: str, fleet: Fleet, work: Path) -> Iterator[tuple[str, list
             yield url, stack
         return
     config = None
+    description = "Envoy + llmd-scheduler"
     if target == "llmd-precise":
         config = work / "precise.yaml"
         config.write_text(PRECISE_CONFIG.format(tokenizer=fleet.tokenizer_dir))
+        description += " (precise)"
+    elif llmd_configs and target in llmd_configs:
+        config = llmd_configs[target]
+        description += f" ({config.name})"
     elif target != "llmd":
         raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
-    gw = Gateway.start(fleet.endpoints_file, work / "gateway", config_file=config)
-    stack.append(_router_stack(target, "Envoy + llmd-scheduler" + (" (precise)" if config else "")))
+    if scheduler_args:
+        description += " " + shlex.join(scheduler_args)
+    gw = Gateway.start(
+        fleet.endpoints_file, work / "gateway", config_file=config, scheduler_args=scheduler_args
+    )
+    stack.append(_router_stack(target, description))
     try:
         yield gw.url, stack
     finally:
@@ -462,7 +482,13 @@ def _run_one(
     """One (target, generator) run on `fleet`: the validated v0.2 report."""
     trace = build_trace(spec)
     fleet.reset()
-    with target_on(target, fleet, work) as (url, stack):
+    with target_on(
+        target,
+        fleet,
+        work,
+        llmd_configs=args.llmd_configs,
+        scheduler_args=args.scheduler_args_list,
+    ) as (url, stack):
         print(
             f"== {label}: {len(trace)} requests against {url} ({loadgen})",
             file=sys.stderr,
@@ -627,14 +653,47 @@ def _fmt(name: str, v: float | None) -> str:
     return f"{v:.0f}" if "tokens/s" in name else f"{v * 1000:.1f} ms"
 
 
+def _llmd_configs(items: Sequence[str]) -> dict[str, Path]:
+    """`NAME=FILE` pairs: each is a target running llmd with that EndpointPickerConfig, which
+    is checked here (`llmd-scheduler --check-config`) before any fleet starts."""
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise ValueError(f"--llmd-config wants NAME=FILE, got {item!r}")
+        if name in TARGETS or name in out:
+            raise ValueError(f"--llmd-config name {name!r} is already a target")
+        path = Path(file)
+        if not path.is_file():
+            raise ValueError(f"--llmd-config {name}: no such file {file}")
+        check = subprocess.run(
+            [sys.executable, "-m", "llmd.scheduler.cli", "--check-config", "--config-file", file],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if check.returncode != 0:
+            raise ValueError(f"--llmd-config {name}: {file} is not a valid config:\n"
+                             + (check.stderr or check.stdout).strip())  # fmt: skip
+        out[name] = path.resolve()
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     if args.scenario not in SCENARIOS:
         print(f"llmd-bench: unknown scenario {args.scenario!r}; see `llmd-bench scenarios`")
         return 2
+    try:
+        args.llmd_configs = _llmd_configs(args.llmd_config)
+    except ValueError as exc:
+        print(f"llmd-bench: {exc}")
+        return 2
+    args.scheduler_args_list = shlex.split(args.scheduler_args)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    bad = [t for t in targets if t not in TARGETS]
+    known = (*TARGETS, *args.llmd_configs)
+    bad = [t for t in targets if t not in known]
     if bad:
-        print(f"llmd-bench: unknown targets {bad}; expected some of {list(TARGETS)}")
+        print(f"llmd-bench: unknown targets {bad}; expected some of {list(known)}")
         return 2
     loadgens = [g.strip() for g in args.loadgen.split(",") if g.strip()]
     bad = [g for g in loadgens if g not in LOADGENS]
@@ -733,7 +792,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     pl.add_argument("folder")
     r = sub.add_parser("run", help="run a scenario against targets, write reports")
     r.add_argument("scenario")
-    r.add_argument("--targets", default="llmd,envoy-rr", help=f"comma list of {TARGETS}")
+    r.add_argument(
+        "--targets",
+        default="llmd,envoy-rr",
+        help=f"comma list of {TARGETS} and the names given with --llmd-config",
+    )
+    r.add_argument(
+        "--llmd-config",
+        action="append",
+        default=[],
+        metavar="NAME=FILE",
+        help="an extra target NAME: llmd with this EndpointPickerConfig YAML (repeatable)",
+    )
+    r.add_argument(
+        "--scheduler-args",
+        default="",
+        help="extra llmd-scheduler flags for every llmd target, e.g. "
+        "'--refresh-metrics-interval 200ms'",
+    )
     r.add_argument("--servers", type=int, default=8, help="simulated servers in the fleet")
     r.add_argument("--profile", default="h100-8b", help="llmd-sim latency profile")
     r.add_argument("--max-num-seqs", type=int, default=64, help="per simulated server")
