@@ -347,3 +347,14 @@ def test_llmd_configs_are_named_and_checked_before_any_fleet(tmp_path: Path) -> 
     with pytest.raises(ValueError, match="unknown plugin type 'no-such-plugin'"):
         _llmd_configs([f"mine={bad}"])
     assert main(["run", "random", "--llmd-config", f"mine={bad}", "--targets", "mine"]) == 2
+
+
+def test_requests_per_engine_and_fleet_totals_from_scrapes() -> None:
+    from llmd.bench.cli import engine_totals, requests_per_engine
+
+    name = "vllm:e2e_request_latency_seconds"
+    before = {"a": {name + "_count": 2.0, name + "_sum": 1.0}, "b": {}}
+    after = {"a": {name + "_count": 5.0, name + "_sum": 4.0}, "b": {name + "_count": 1.0}}
+    assert requests_per_engine(before, after) == {"a": 3, "b": 1}
+    assert engine_totals(after)["request_latency"] == (4.0, 6.0)
+    assert engine_totals(after)["time_to_first_token"] == (0.0, 0.0)

@@ -427,11 +427,12 @@ ENGINE_HISTOGRAMS = {
 }
 
 
-def engine_totals(urls: Sequence[str]) -> dict[str, tuple[float, float]]:
-    """(sum, count) of each ENGINE_HISTOGRAMS entry over the fleet, from every /metrics."""
-    acc: dict[str, float] = {}
+def engine_scrape(urls: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Per engine URL, the `_sum` and `_count` of each ENGINE_HISTOGRAMS entry (all labels)."""
     wanted = {name + suffix for name in ENGINE_HISTOGRAMS.values() for suffix in ("_sum", "_count")}
+    out: dict[str, dict[str, float]] = {}
     for url in urls:
+        acc: dict[str, float] = {}
         with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
             text = resp.read().decode()
         for line in text.splitlines():
@@ -439,9 +440,28 @@ def engine_totals(urls: Sequence[str]) -> dict[str, tuple[float, float]]:
             name = series.split("{", 1)[0]
             if name in wanted:
                 acc[name] = acc.get(name, 0.0) + float(value)
+        out[url] = acc
+    return out
+
+
+def engine_totals(scrape: dict[str, dict[str, float]]) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each ENGINE_HISTOGRAMS entry over the whole fleet."""
     return {
-        key: (acc.get(name + "_sum", 0.0), acc.get(name + "_count", 0.0))
+        key: (
+            sum(acc.get(name + "_sum", 0.0) for acc in scrape.values()),
+            sum(acc.get(name + "_count", 0.0) for acc in scrape.values()),
+        )
         for key, name in ENGINE_HISTOGRAMS.items()
+    }
+
+
+def requests_per_engine(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, int]:
+    """How many requests each engine finished between two scrapes: the balance of a run."""
+    name = ENGINE_HISTOGRAMS["request_latency"] + "_count"
+    return {
+        url: round(after[url].get(name, 0.0) - before.get(url, {}).get(name, 0.0)) for url in after
     }
 
 
@@ -494,13 +514,14 @@ def _run_one(
             file=sys.stderr,
             flush=True,
         )
-        totals0 = engine_totals(fleet.urls)
+        scrape0 = engine_scrape(fleet.urls)
         started = dt.datetime.now(dt.UTC)
         cpu0 = _cpu_s()
         records, wall, own = _drive(loadgen, url, spec, trace, fleet, work)
         loadgen_cpu = _cpu_s() - cpu0
         ended = dt.datetime.now(dt.UTC)
-        engine = engine_means(totals0, engine_totals(fleet.urls))
+        scrape1 = engine_scrape(fleet.urls)
+        engine = engine_means(engine_totals(scrape0), engine_totals(scrape1))
     summary = Summary(records, wall)
     per_stage = {}
     for i in range(len(spec.stages)):
@@ -524,6 +545,7 @@ def _run_one(
         "ttft_s": [round(r.ttft, 5) for r in records if r.ok and r.ttft is not None],
         "active_output_token_rate": _active_rate(records),
         "engine_means_s": engine,
+        "requests_per_engine": requests_per_engine(scrape0, scrape1),
         "errors": _error_kinds(records),
     }
     native["loadgen_cpu_s"] = round(loadgen_cpu, 3)
@@ -756,11 +778,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         for doc in docs.values()
         for k in doc["llmd"]["errors"]
     )
+    balance = "".join(
+        f"- {doc['run']['cid']}: "
+        + ", ".join(str(n) for n in doc["llmd"]["requests_per_engine"].values())
+        + "\n"
+        for doc in docs.values()
+    )
     summary = out / "summary.md"
     summary.write_text(
         f"# {args.scenario}\n\n{SCENARIOS[args.scenario][0]}\n\n"
         f"`{command}`\n\n{rep.markdown_table(rows)}\n\n"
         + (f"Failures:\n\n{failures}\n" if failures else "")
+        + f"Requests finished per engine (the engines' own counts):\n\n{balance}\n"
         + (f"## Generators and repeats side by side\n\n{agree}\n" if agree else "")
         + f"Fleet: {fleet_desc}; trace digest "
         f"{trace_digest(build_trace(spec))}; machine {json.dumps(machine())}; "
