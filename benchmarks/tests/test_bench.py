@@ -269,7 +269,7 @@ def test_guidellm_results_become_records_and_figures(tmp_path: Path) -> None:
     path = tmp_path / "g.json"
     path.write_text(json.dumps({"benchmarks": [bench]}))
     stages = [Stage(rate=1, duration_s=2), Stage(rate=2, duration_s=2)]
-    records, wall, figures = guidellm.load_results([path], stages)
+    records, wall, figures = guidellm.load_results([(None, path)], stages)
     assert wall == 4.0
     ok = [r for r in records if r.ok]
     assert [r.stage for r in ok] == [0, 1]
@@ -292,7 +292,7 @@ def test_guidellm_results_become_records_and_figures(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     with pytest.raises(guidellm.GuidellmError, match="not a guidellm result file"):
-        guidellm.load_results([bad], stages)
+        guidellm.load_results([(None, bad)], stages)
 
 
 def test_runs_name_every_generator_and_repeat() -> None:
@@ -310,18 +310,21 @@ def test_runs_name_every_generator_and_repeat() -> None:
 def test_engine_side_means_are_deltas_of_the_engines_histograms() -> None:
     from llmd.bench.cli import engine_means
 
+    ttft, tpot, e2e = (
+        "vllm:time_to_first_token_seconds",
+        "vllm:request_time_per_output_token_seconds",
+        "vllm:e2e_request_latency_seconds",
+    )
     before = {
-        "time_to_first_token": (1.0, 10.0),
-        "time_per_output_token": (0.5, 10.0),
-        "request_latency": (0.0, 0.0),
+        "a": {ttft + "_sum": 1.0, ttft + "_count": 10.0, tpot + "_sum": 0.5, tpot + "_count": 10.0},
+        "b": {},
     }
     after = {
-        "time_to_first_token": (1.6, 13.0),
-        "time_per_output_token": (0.5, 10.0),
-        "request_latency": (4.0, 2.0),
+        "a": {ttft + "_sum": 1.4, ttft + "_count": 12.0, tpot + "_sum": 0.5, tpot + "_count": 10.0},
+        "b": {ttft + "_sum": 0.2, ttft + "_count": 1.0, e2e + "_sum": 4.0, e2e + "_count": 2.0},
     }
     assert engine_means(before, after) == {
-        "time_to_first_token": pytest.approx(0.2),
+        "time_to_first_token": pytest.approx(0.2),  # (0.4 + 0.2) / (2 + 1)
         "time_per_output_token": None,  # nothing observed in between
         "request_latency": 2.0,
     }
@@ -349,12 +352,10 @@ def test_llmd_configs_are_named_and_checked_before_any_fleet(tmp_path: Path) -> 
     assert main(["run", "random", "--llmd-config", f"mine={bad}", "--targets", "mine"]) == 2
 
 
-def test_requests_per_engine_and_fleet_totals_from_scrapes() -> None:
-    from llmd.bench.cli import engine_totals, requests_per_engine
+def test_requests_per_engine_from_scrapes() -> None:
+    from llmd.bench.cli import requests_per_engine
 
     name = "vllm:e2e_request_latency_seconds"
     before = {"a": {name + "_count": 2.0, name + "_sum": 1.0}, "b": {}}
     after = {"a": {name + "_count": 5.0, name + "_sum": 4.0}, "b": {name + "_count": 1.0}}
     assert requests_per_engine(before, after) == {"a": 3, "b": 1}
-    assert engine_totals(after)["request_latency"] == (4.0, 6.0)
-    assert engine_totals(after)["time_to_first_token"] == (0.0, 0.0)

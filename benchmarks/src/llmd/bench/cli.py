@@ -54,6 +54,7 @@ from llmd.bench.workloads import (
     dump_jsonl,
     trace_digest,
 )
+from llmd.protocol import metrics as pm
 
 MODEL = "tiny"
 
@@ -421,60 +422,46 @@ LOADGENS = ("llmd-bench", "guidellm")
 
 # The engines' own histograms (vLLM's names; llmd-sim exports the same), for server-side means.
 ENGINE_HISTOGRAMS = {
-    "time_to_first_token": "vllm:time_to_first_token_seconds",
-    "time_per_output_token": "vllm:request_time_per_output_token_seconds",
-    "request_latency": "vllm:e2e_request_latency_seconds",
+    "time_to_first_token": pm.TIME_TO_FIRST_TOKEN,
+    "time_per_output_token": pm.TIME_PER_OUTPUT_TOKEN,
+    "request_latency": pm.E2E_REQUEST_LATENCY,
 }
+_WANTED = {name + suffix for name in ENGINE_HISTOGRAMS.values() for suffix in ("_sum", "_count")}
+
+Scrape = dict[str, dict[str, float]]
+"""Per engine URL, each ENGINE_HISTOGRAMS `_sum` and `_count`, summed over labels."""
 
 
-def engine_scrape(urls: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Per engine URL, the `_sum` and `_count` of each ENGINE_HISTOGRAMS entry (all labels)."""
-    wanted = {name + suffix for name in ENGINE_HISTOGRAMS.values() for suffix in ("_sum", "_count")}
-    out: dict[str, dict[str, float]] = {}
+def engine_scrape(urls: Sequence[str]) -> Scrape:
+    out: Scrape = {}
     for url in urls:
-        acc: dict[str, float] = {}
         with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
             text = resp.read().decode()
-        for line in text.splitlines():
-            series, _, value = line.rpartition(" ")
-            name = series.split("{", 1)[0]
-            if name in wanted:
-                acc[name] = acc.get(name, 0.0) + float(value)
+        acc: dict[str, float] = {}
+        for sample in pm.parse_samples(text, _WANTED):
+            acc[sample.name] = acc.get(sample.name, 0.0) + sample.value
         out[url] = acc
     return out
 
 
-def engine_totals(scrape: dict[str, dict[str, float]]) -> dict[str, tuple[float, float]]:
-    """(sum, count) of each ENGINE_HISTOGRAMS entry over the whole fleet."""
-    return {
-        key: (
-            sum(acc.get(name + "_sum", 0.0) for acc in scrape.values()),
-            sum(acc.get(name + "_count", 0.0) for acc in scrape.values()),
-        )
-        for key, name in ENGINE_HISTOGRAMS.items()
-    }
+def _delta(before: Scrape, after: Scrape, url: str, series: str) -> float:
+    return after[url].get(series, 0.0) - before.get(url, {}).get(series, 0.0)
 
 
-def requests_per_engine(
-    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
-) -> dict[str, int]:
-    """How many requests each engine finished between two scrapes: the balance of a run."""
-    name = ENGINE_HISTOGRAMS["request_latency"] + "_count"
-    return {
-        url: round(after[url].get(name, 0.0) - before.get(url, {}).get(name, 0.0)) for url in after
-    }
-
-
-def engine_means(
-    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
-) -> dict[str, float | None]:
-    """Mean of each histogram over what was observed between two `engine_totals`."""
+def engine_means(before: Scrape, after: Scrape) -> dict[str, float | None]:
+    """Fleet-wide mean of each histogram over what was observed between two scrapes."""
     out: dict[str, float | None] = {}
-    for key in ENGINE_HISTOGRAMS:
-        s = after[key][0] - before[key][0]
-        n = after[key][1] - before[key][1]
-        out[key] = s / n if n > 0 else None
+    for key, name in ENGINE_HISTOGRAMS.items():
+        total = sum(_delta(before, after, url, name + "_sum") for url in after)
+        n = sum(_delta(before, after, url, name + "_count") for url in after)
+        out[key] = total / n if n > 0 else None
     return out
+
+
+def requests_per_engine(before: Scrape, after: Scrape) -> dict[str, int]:
+    """How many requests each engine finished between two scrapes: the balance of a run."""
+    series = pm.E2E_REQUEST_LATENCY + "_count"
+    return {url: round(_delta(before, after, url, series)) for url in after}
 
 
 def _drive(
@@ -482,9 +469,8 @@ def _drive(
 ) -> tuple[list[RequestRecord], float, list[dict[str, Any]] | None]:
     """Send `trace` to `url` with one generator: records, wall time, guidellm's own figures."""
     if loadgen == "guidellm":
-        paths = guidellm.run(url, trace, spec.stages, MODEL, fleet.tokenizer_dir, work)
-        records, wall, figures = guidellm.load_results(paths, spec.stages)
-        return records, wall, figures
+        outputs = guidellm.run(url, trace, spec.stages, MODEL, fleet.tokenizer_dir, work)
+        return guidellm.load_results(outputs, spec.stages)
     records, wall = asyncio.run(run_trace(url, trace, spec.stages, MODEL))
     return records, wall, None
 
@@ -521,7 +507,6 @@ def _run_one(
         loadgen_cpu = _cpu_s() - cpu0
         ended = dt.datetime.now(dt.UTC)
         scrape1 = engine_scrape(fleet.urls)
-        engine = engine_means(engine_totals(scrape0), engine_totals(scrape1))
     summary = Summary(records, wall)
     per_stage = {}
     for i in range(len(spec.stages)):
@@ -544,12 +529,12 @@ def _run_one(
         "stage_rates": [s.rate or s.concurrency for s in spec.stages],
         "ttft_s": [round(r.ttft, 5) for r in records if r.ok and r.ttft is not None],
         "active_output_token_rate": _active_rate(records),
-        "engine_means_s": engine,
+        "engine_means_s": engine_means(scrape0, scrape1),
         "requests_per_engine": requests_per_engine(scrape0, scrape1),
         "errors": _error_kinds(records),
+        "loadgen_cpu_s": round(loadgen_cpu, 3),
+        "loadgen_cpu_ms_per_request": round(1000 * loadgen_cpu / max(1, len(records)), 3),
     }
-    native["loadgen_cpu_s"] = round(loadgen_cpu, 3)
-    native["loadgen_cpu_ms_per_request"] = round(1000 * loadgen_cpu / max(1, len(records)), 3)
     if own is not None:
         native["versions"]["guidellm"] = guidellm.GUIDELLM.version
         native["guidellm"] = own

@@ -127,21 +127,22 @@ def run(
     model: str,
     tokenizer_dir: Path,
     work: Path,
-) -> list[Path]:
-    """Drive `trace` with guidellm; returns its JSON result files (one per benchmark)."""
+) -> list[tuple[int | None, Path]]:
+    """Drive `trace` with guidellm; returns its JSON result files, each with the stage it ran
+    (None: the whole open-loop trace in one replay)."""
     request_format = check_trace(trace, stages)
     python = ensure_env(GUIDELLM)
-    closed = all(s.concurrency is not None for s in stages)
     work.mkdir(parents=True, exist_ok=True)
-    parts: list[tuple[Stage | None, list[TraceRequest]]]
-    if closed:
-        parts = [(st, [r for r in trace if r.stage == i]) for i, st in enumerate(stages)]
+    parts: list[tuple[int | None, list[TraceRequest]]]
+    if stages[0].concurrency is not None:  # closed loop (check_trace: every stage is)
+        parts = [(i, [r for r in trace if r.stage == i]) for i in range(len(stages))]
     else:
         parts = [(None, list(trace))]
-    outputs = []
-    for i, (stage, reqs) in enumerate(parts):
+    outputs: list[tuple[int | None, Path]] = []
+    for i, (index, reqs) in enumerate(parts):
         if not reqs:
             continue
+        stage = None if index is None else stages[index]
         data = work / f"guidellm-data-{i}.jsonl"
         with data.open("w") as fh:
             for row in dataset_rows(reqs, timestamps=stage is None):
@@ -159,7 +160,7 @@ def run(
         if proc.returncode != 0 or not out.is_file():
             tail = log.read_text(errors="replace")[-3000:]
             raise GuidellmError(f"guidellm exited with {proc.returncode}:\n{tail}")
-        outputs.append(out)
+        outputs.append((index, out))
     return outputs
 
 
@@ -244,18 +245,16 @@ def _constant(i: int) -> Callable[[float | None], int]:
 
 
 def load_results(
-    paths: Sequence[Path], stages: Sequence[Stage]
+    outputs: Sequence[tuple[int | None, Path]], stages: Sequence[Stage]
 ) -> tuple[list[RequestRecord], float, list[dict[str, Any]]]:
-    """Records, wall time and guidellm's own figures (one entry per benchmark) from its JSON.
-
-    Open loop gives one file for the whole trace; closed loop one file per stage, in order.
+    """Records, wall time and guidellm's own figures (one entry per benchmark) from the files
+    `run` returned: a replay of the whole trace (stage None), or one file per closed-loop stage.
     """
     records: list[RequestRecord] = []
     wall = 0.0
     figures = []
-    open_loop = stage_finder(stages) if len(paths) == 1 and stages[0].rate else None
-    for i, path in enumerate(paths):
-        stage_of = open_loop or _constant(i)
+    for index, path in outputs:
+        stage_of = stage_finder(stages) if index is None else _constant(index)
         try:
             doc = json.loads(path.read_text())
             benchmarks = doc["benchmarks"]

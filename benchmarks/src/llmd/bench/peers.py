@@ -24,6 +24,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmd.vllm_cpu.install import pip_index_args
+
 
 @dataclass(frozen=True)
 class Peer:
@@ -62,13 +64,6 @@ def cache_dir() -> Path:
     return Path(root) / "peers"
 
 
-def _index_args() -> list[str]:
-    """Where pip finds a +cpu torch: this project's machines have it in pip's find-links;
-    elsewhere set LLMD_TORCH_INDEX_URL to PyTorch's CPU wheel index (as for llmd-vllm-cpu)."""
-    index = os.environ.get("LLMD_TORCH_INDEX_URL")
-    return ["--extra-index-url", index] if index else []
-
-
 def ensure_env(peer: Peer) -> Path:
     """The peer's virtualenv (its python), installing it on first use."""
     env = cache_dir() / f"{peer.package}-{peer.version}"
@@ -92,7 +87,7 @@ def ensure_env(peer: Peer) -> Path:
                 "--disable-pip-version-check",
                 *peer.preinstall,
                 peer.pin,
-                *_index_args(),
+                *pip_index_args(),
             ],
             check=True,
         )

