@@ -64,10 +64,10 @@ class SimFleetProcess:
         work: Path,
         extra_args: Sequence[str] = (),
     ) -> SimFleetProcess:
-        http = _free_run(count)
-        events = _free_run(count)
-        replay = _free_run(count)
-        side = _free_run(count)
+        # One run for all four port kinds: separate probes could hand out overlapping runs,
+        # since a probed port is released before the next probe.
+        base = _free_run(4 * count)
+        http, events, replay, side = (base + k * count for k in range(4))
         endpoints_file = work / "endpoints.yaml"
         log_path = work / "llmd-sim.log"
         cmd = [
