@@ -11,7 +11,7 @@ index holds that prompt's prefix on every pod at a different depth (pod i holds 
 changes 64 times and 64 pods are returned. Common case ("8 replicas"): 8 pods hold the whole
 prompt, 56 hold only unrelated chains.
 
-Targets (issue #5): >= 200,000 blocks/s per core ingested; lookup p99 <= 0.5 ms in memory,
+Targets: >= 200,000 blocks/s per core ingested; lookup p99 <= 0.5 ms in memory,
 <= 2 ms with Valkey.
 
 Usage: uv run python benchmarks/kvcache_index.py [--quick] [--out FILE]

@@ -2,7 +2,7 @@
 
 llm-d's scorers read metrics scraped every 50 ms and count a request only after it is sent, so
 every decision inside a burst sees the same scores and the max-score picker sends the whole
-burst to one endpoint (reference/scheduler.md §10.2). llmd counts each request against its
+burst to one endpoint (a known llm-d problem). llmd counts each request against its
 endpoint at pick time, breaks ties by outstanding work, and drops overloaded endpoints from the
 candidates (a hot prefix spreads instead of queueing on its cache holder).
 

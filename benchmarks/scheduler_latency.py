@@ -8,7 +8,7 @@ prompts (~75% of the prompt) so the index is warm and matches are real.
 
 Per scenario: p50/p99 of one decision (perf_counter around Director.schedule), CPU seconds per
 decision (process_time over the loop, one thread) and decisions per second per core.
-Targets (issue 4): p50 <= 0.3 ms and p99 <= 1.5 ms at 2k tokens; >= 2,000 decisions/s/core.
+Targets: p50 <= 0.3 ms and p99 <= 1.5 ms at 2k tokens; >= 2,000 decisions/s/core.
 
 Usage: uv run python benchmarks/scheduler_latency.py [--quick] [--out FILE]
 """

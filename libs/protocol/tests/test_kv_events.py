@@ -27,7 +27,7 @@ from llmd.protocol.kv_events import (
     to_u64,
 )
 
-# The exact bytes vLLM 0.32 produces for this batch (reference/kv-cache.md §1.5).
+# The exact bytes vLLM 0.32 produces for this batch (captured from its ZMQ publisher).
 GOLDEN_BATCH = bytes.fromhex(
     "93cb3ff800000000000093"
     "88a474797065ab426c6f636b53746f726564ac626c6f636b5f6861736865739201cf8000000000000005"

@@ -23,7 +23,7 @@ from llmd.protocol.openai import (
     sse_event,
 )
 
-# Captured from real vLLM 0.32 (reference/pd-disaggregation.md §3.5).
+# Captured from real vLLM 0.32 (a prefill response carrying kv_transfer_params).
 VLLM_PREFILL_PARAMS = {
     "do_remote_prefill": True,
     "do_remote_decode": False,

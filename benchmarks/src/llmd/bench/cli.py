@@ -334,9 +334,9 @@ def target_on(
     `llmd_configs` maps extra target names to EndpointPickerConfig files (llmd with that
     config); `scheduler_args` go to every llmd target's llmd-scheduler.
     """
+    from llmd.dev.envoy import EnvoyProcess, EnvoySettings
     from llmd.dev.gateway import Gateway
     from llmd.runtime.discovery import StaticFileDiscovery
-    from llmd.scheduler.envoy import EnvoyProcess, EnvoySettings
     from llmd.vllm_cpu.server import free_port
 
     stack = [fleet.stack]

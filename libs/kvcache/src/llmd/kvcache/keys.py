@@ -9,7 +9,7 @@ Extra features per block are the strings that distinguish equal tokens: multimod
 the cache salt (block 0 only). vLLM 0.32 publishes a block's extra keys untyped: the bare LoRA
 name (every block of a LoRA request), `(mm_id, offset)` pairs, the bare salt string and the
 prompt-embeds digest bytes. llm-d reads the LoRA name as a multimodal id, so LoRA prefixes never
-match (reference/kv-cache.md §3.4); `event_block_extras` strips it, and the digest bytes.
+match (a known llm-d defect); `event_block_extras` strips it, and the digest bytes.
 """
 
 from __future__ import annotations

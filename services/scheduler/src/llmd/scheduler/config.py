@@ -63,8 +63,8 @@ schedulingProfiles:
 """llm-d's optimized baseline (queue 2, kv 2, prefix 3) plus an overload filter: an endpoint
 with more than 16 waiting requests (scraped, plus those sent since the scrape) leaves the
 candidates unless every endpoint is that loaded, so a hot prefix spreads instead of piling onto
-its cache holder (llm-d #355). Without config llmd also counts each request against its
-endpoint at pick time and breaks ties by outstanding work (the herding fix)."""
+its cache holder (a reported llm-d problem). Without config llmd also counts each request
+against its endpoint at pick time and breaks ties by outstanding work (the herding fix)."""
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 

@@ -14,11 +14,11 @@ from typing import Any
 import httpx
 import yaml
 
+from llmd.dev.envoy import EnvoyStartError
 from llmd.dev.gateway import Gateway, GatewayStartError
 from llmd.dev.monitor import EngineAddress
 from llmd.dev.sim_engines import SimFleetProcess, SimStartError
 from llmd.runtime.lifecycle import Health, ServiceRunner
-from llmd.scheduler.envoy import EnvoyStartError
 from llmd.vllm_cpu.install import ensure_vllm_env
 from llmd.vllm_cpu.server import VllmServer, VllmServerSpec, VllmStartError, start_servers
 from llmd.vllm_cpu.tiny_model import ensure_tiny_model

@@ -15,14 +15,15 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from llmd.dev.envoy import EnvoyProcess, EnvoySettings
 from llmd.runtime.discovery import StaticFileDiscovery
-from llmd.scheduler.envoy import EnvoyProcess, EnvoySettings
 from llmd.vllm_cpu.server import free_port
 
 READY_TIMEOUT_S = 60.0
@@ -33,11 +34,8 @@ class GatewayStartError(RuntimeError):
 
 
 def _get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+    resp = httpx.get(url, timeout=timeout)
+    return resp.status_code, resp.content
 
 
 @dataclass
@@ -84,7 +82,7 @@ class SchedulerProcess:
                 raise GatewayStartError(
                     f"llmd-scheduler exited with {proc.returncode}: {log_path.read_text()[-3000:]}"
                 )
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(httpx.HTTPError):
                 if _get(f"{sched.url}/readyz", 1.0)[0] == 200:
                     return sched
             time.sleep(0.1)

@@ -2,7 +2,7 @@
 
 vLLM pins its own torch and a large dependency tree, so it never shares the workspace
 environment: it lives in a user cache directory, keyed by a fingerprint of what goes into it,
-and is rebuilt only when missing, broken or outdated. ENVIRONMENT.md lists the fixes applied.
+and is rebuilt only when missing, broken or outdated. The package README lists the fixes applied.
 """
 
 from __future__ import annotations

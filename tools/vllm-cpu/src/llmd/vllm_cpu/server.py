@@ -2,7 +2,7 @@
 
 Each server gets unique ports (HTTP, KV-event PUB, replay ROUTER), prefix caching, ZMQ KV events
 on topic `kv@<pod>@<model>`, `cached_tokens` in usage, float32 and eager mode (the settings that
-work on these CPUs, see ENVIRONMENT.md), and its own CPU core for OpenMP.
+work on these CPUs, see the package README), and its own CPU core for OpenMP.
 """
 
 from __future__ import annotations

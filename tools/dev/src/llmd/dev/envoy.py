@@ -19,12 +19,12 @@ import subprocess
 import sys
 import sysconfig
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from llmd.protocol.headers import DESTINATION_ENDPOINT
@@ -313,8 +313,8 @@ class EnvoyProcess:
                     f"envoy exited with {self.proc.returncode}; "
                     f"log {self.log_path}:\n{self._tail()}"
                 )
-            with contextlib.suppress(OSError), urllib.request.urlopen(ready_url, timeout=1) as r:
-                if r.status == 200:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(ready_url, timeout=1).status_code == 200:
                     return
             time.sleep(0.1)
         self.stop()
@@ -331,8 +331,9 @@ class EnvoyProcess:
     def stats(self, prefix: str = "") -> dict[str, int]:
         """Envoy's counters and gauges (admin /stats), optionally filtered by name prefix."""
         url = f"http://127.0.0.1:{self.settings.admin_port}/stats?filter={prefix}"
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            text = resp.read().decode()
+        resp = httpx.get(url, timeout=2)
+        resp.raise_for_status()
+        text = resp.text
         out = {}
         for line in text.splitlines():
             name, _, value = line.partition(": ")
