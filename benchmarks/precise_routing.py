@@ -34,17 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from prometheus_client import CollectorRegistry
 
 from llmd.bench.cli import PRECISE_CONFIG
 from llmd.dev.sim_engines import SimFleetProcess
 from llmd.runtime.discovery import StaticFileDiscovery
-from llmd.scheduler.config import build, load_config_file
-from llmd.scheduler.datalayer import Datastore
-from llmd.scheduler.director import Director
-from llmd.scheduler.framework import Lifecycle, PluginHandle
-from llmd.scheduler.metrics import SchedulerMetrics
-from llmd.scheduler.plugins import builtin_registry
+from llmd.scheduler.core import build_core
 from llmd.sim.tokenizer import default_tokenizer_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,17 +80,10 @@ async def run_config(name: str, arrivals: list[tuple[float, str]], work: Path) -
         work=work,
         extra_args=["--num-gpu-blocks-override", str(GPU_BLOCKS), "--max-num-seqs", "32"],
     )
-    registry = CollectorRegistry()
-    ds = Datastore(registry, refresh_interval_s=0.05)
-    cfg, _ = load_config_file(None, CONFIGS[name])
-    built = build(cfg, builtin_registry(), PluginHandle(ds.all))
-    ds.staleness_s = built.settings["staleness_s"]
-    director = Director(built, ds, SchedulerMetrics(registry))
+    core = build_core(CONFIGS[name], refresh_interval_s=0.05)
+    ds, director = core.datastore, core.director
     ds.set_endpoints(StaticFileDiscovery(fleet.endpoints_file).load())
-    await ds.start()
-    lifecycles = [p for p in built.plugins.values() if isinstance(p, Lifecycle)]
-    for p in lifecycles:
-        await p.start()
+    await core.start()
     await asyncio.sleep(1.5)  # scrapes and KV subscriptions settle
     rr = itertools.cycle(sorted(ds.all(), key=lambda e: e.name))
     ttfts: list[float] = []
@@ -169,9 +156,7 @@ async def run_config(name: str, arrivals: list[tuple[float, str]], work: Path) -
             await asyncio.gather(*tasks)
             wall = time.perf_counter() - start
     finally:
-        for p in lifecycles:
-            await p.stop()
-        await ds.stop()
+        await core.stop()
         fleet.stop()
     return {
         "config": name,

@@ -33,16 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from prometheus_client import CollectorRegistry
 
 from llmd.dev.sim_engines import SimFleetProcess
 from llmd.runtime.discovery import StaticFileDiscovery
-from llmd.scheduler.config import build, load_config_file
-from llmd.scheduler.datalayer import Datastore
-from llmd.scheduler.director import Director
-from llmd.scheduler.framework import PluginHandle
-from llmd.scheduler.metrics import SchedulerMetrics
-from llmd.scheduler.plugins import builtin_registry
+from llmd.scheduler.core import build_core
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol_throughput import machine
@@ -86,14 +80,10 @@ async def run_config(
     fleet = SimFleetProcess.start(
         count=8, block_size=16, profile="h100-8b", work=work, extra_args=["--max-num-seqs", "16"]
     )
-    registry = CollectorRegistry()
-    ds = Datastore(registry, refresh_interval_s=0.05)
-    cfg, _ = load_config_file(None, config)
-    built = build(cfg, builtin_registry(), PluginHandle(ds.all))
-    ds.staleness_s = built.settings["staleness_s"]
-    director = Director(built, ds, SchedulerMetrics(registry))
+    core = build_core(config, refresh_interval_s=0.05)
+    ds, director = core.datastore, core.director
     ds.set_endpoints(StaticFileDiscovery(fleet.endpoints_file).load())
-    await ds.start()
+    await core.start()
     await asyncio.sleep(0.5)
     rng = random.Random(11)
     hot = words(rng, 1536)
@@ -151,7 +141,7 @@ async def run_config(
                     await asyncio.sleep(1.5)
             await asyncio.gather(*tasks)
     finally:
-        await ds.stop()
+        await core.stop()
         fleet.stop()
     return {
         "config": name,

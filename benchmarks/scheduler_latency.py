@@ -26,16 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry
-
 from llmd.protocol.metrics import EngineSnapshot
 from llmd.runtime.discovery import Endpoint
-from llmd.scheduler.config import build, load_config_file
-from llmd.scheduler.datalayer import Datastore
+from llmd.scheduler.core import build_core
 from llmd.scheduler.director import Director
-from llmd.scheduler.framework import PluginHandle
-from llmd.scheduler.metrics import SchedulerMetrics
-from llmd.scheduler.plugins import builtin_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol_throughput import machine
@@ -48,10 +42,8 @@ INFLIGHT_WINDOW = 32
 
 
 def make_director(endpoints: int) -> Director:
-    registry = CollectorRegistry()
-    ds = Datastore(registry)
-    cfg, _ = load_config_file(None)
-    built = build(cfg, builtin_registry(), PluginHandle(ds.all))
+    core = build_core()
+    ds = core.datastore
     ds.set_endpoints(tuple(Endpoint(f"pod-{i}", "10.0.0.1", 8000 + i) for i in range(endpoints)))
     rng = random.Random(1)
     for e in ds.all():
@@ -66,7 +58,7 @@ def make_director(endpoints: int) -> Director:
             ),
             ds.clock() + 3600,  # fresh for the whole run
         )
-    return Director(built, ds, SchedulerMetrics(registry))
+    return core.director
 
 
 def text(rng: random.Random, tokens: int) -> str:

@@ -5,16 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from llmd.protocol.metrics import EngineSnapshot
 from llmd.runtime.discovery import Endpoint
-from llmd.scheduler.config import build, load_config_file
+from llmd.scheduler.core import build_core
 from llmd.scheduler.datalayer import Datastore
 from llmd.scheduler.director import Director
-from llmd.scheduler.framework import LLMRequest, PluginHandle
-from llmd.scheduler.metrics import SchedulerMetrics
-from llmd.scheduler.plugins import builtin_registry
+from llmd.scheduler.framework import LLMRequest
 
 
 class Clock:
@@ -32,13 +29,8 @@ def make_director(
     allow_experimental: bool = False,
 ) -> tuple[Director, Datastore, Clock]:
     clock = Clock()
-    registry = CollectorRegistry()
-    ds = Datastore(registry, clock=clock, staleness_s=1.0)
-    cfg, _ = load_config_file(None, config)
-    built = build(
-        cfg, builtin_registry(), PluginHandle(ds.all), allow_experimental=allow_experimental
-    )
-    ds.staleness_s = built.settings["staleness_s"]
+    core = build_core(config, clock=clock, allow_experimental=allow_experimental)
+    ds = core.datastore
     ds.set_endpoints(
         tuple(
             Endpoint(f"pod-{i}", "127.0.0.1", 9000 + i, labels=(labels or {}).get(i, {}))
@@ -53,7 +45,7 @@ def make_director(
             ),
             clock.now,
         )
-    return Director(built, ds, SchedulerMetrics(registry)), ds, clock
+    return core.director, ds, clock
 
 
 def completion(director: Director, prompt: str, model: str = "m", **headers: str) -> LLMRequest:

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 from llmd.runtime.config import ConfigError
-from llmd.scheduler.config import build, load_config_file, read_config_text
-from llmd.scheduler.datalayer import Datastore
-from llmd.scheduler.framework import PluginHandle
-from llmd.scheduler.plugins import builtin_registry
+from llmd.scheduler.config import BuiltConfig, read_config_text
+from llmd.scheduler.core import build_core
 
 
-def built(text: str | None, experimental: bool = False):  # type: ignore[no-untyped-def]
-    cfg, _ = load_config_file(None, text)
-    ds = Datastore(CollectorRegistry())
-    return build(cfg, builtin_registry(), PluginHandle(ds.all), allow_experimental=experimental)
+def built(text: str | None, experimental: bool = False) -> BuiltConfig:
+    return build_core(text, allow_experimental=experimental).built
 
 
 def errors(text: str, experimental: bool = False) -> list[str]:

@@ -1,24 +1,57 @@
 """Typed service configuration: pydantic models loaded from YAML, with environment overrides.
 
 Precedence (lowest first): model defaults, the YAML file, environment variables
-`<PREFIX><FIELD>__<SUBFIELD>=value` (values parsed as YAML scalars, so `3`, `true`, `[a, b]`
-work), then explicit overrides. Every invalid field is reported at once with its dotted path.
+`<PREFIX><FIELD>__<SUBFIELD>=value`, then explicit overrides (a service's command-line flags).
+Values from variables and flags are strings: a string field takes them as they are, any other
+field reads them as YAML (so `3`, `true`, `[a, b]` work). Every invalid field is reported at
+once with its dotted path and where it came from (file, variable or flag).
+
+`Seconds` is the one duration type: `50ms`, `1.5s`, `2m`, `1h` or a plain number of seconds.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+
+
+def parse_duration(value: str | float | int) -> float:
+    """Seconds from `50ms`, `1s`, `2m`, `1h` or a number of seconds; ValueError otherwise."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration (e.g. 50ms, 1s, 2m)")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"{value!r} is negative")
+        return float(value)
+    m = _DURATION.match(str(value))
+    if m is None:
+        raise ValueError(f"{value!r} is not a duration (e.g. 50ms, 1s, 2m)")
+    unit = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2) or "s"]
+    return float(m.group(1)) * unit
+
+
+def to_seconds(value: Any) -> Any:
+    """The validator behind `Seconds` (durations as text or numbers to float seconds)."""
+    return parse_duration(value) if isinstance(value, str | int | float) else value
+
+
+Seconds = Annotated[float, BeforeValidator(to_seconds)]
+"""A duration in seconds, written as `50ms`, `1s`, `2m`, `1h` or a number."""
 
 
 class StrictModel(BaseModel):
@@ -83,7 +116,50 @@ def yaml_mapping(text: str, name: str, origin: str = "configuration") -> dict[st
     return data
 
 
-def _env_overrides(env: Mapping[str, str], prefix: str) -> tuple[dict[str, Any], dict[str, str]]:
+def takes_text(annotation: Any) -> bool:
+    """True when a field of this type takes a raw string as it is (str, str | None, Literal)."""
+    origin = typing.get_origin(annotation)
+    if annotation is str:
+        return True
+    if origin is typing.Annotated:
+        return takes_text(typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        return all(isinstance(a, str) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bool(args) and all(takes_text(a) for a in args)
+    return False
+
+
+def text_value(raw: str, annotation: Any) -> Any:
+    """A value given as text (a variable, a flag) for a field of type `annotation`."""
+    if takes_text(annotation) or not raw.strip():
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _field_annotation(model: type[BaseModel], parts: list[str]) -> Any:
+    """The annotation at a dotted path of lower-cased names/aliases (None when unknown)."""
+    current: Any = model
+    for part in parts:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        target = _alias_map(current).get(part)
+        info = current.model_fields.get(target or "") or next(
+            (f for f in current.model_fields.values() if f.alias == target), None
+        )
+        if info is None:
+            return None
+        current = info.annotation
+    return current
+
+
+def _env_overrides(
+    env: Mapping[str, str], prefix: str, model: type[BaseModel] | None = None
+) -> tuple[dict[str, Any], dict[str, str]]:
     """Nested overrides from `PREFIX` variables and a map of dotted path → variable name."""
     tree: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -91,10 +167,8 @@ def _env_overrides(env: Mapping[str, str], prefix: str) -> tuple[dict[str, Any],
         if not var.startswith(prefix) or len(var) == len(prefix):
             continue
         parts = [p.lower() for p in var[len(prefix) :].split("__")]
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else raw
-        except yaml.YAMLError:
-            value = raw
+        annotation = _field_annotation(model, parts) if model is not None else None
+        value = text_value(raw, annotation)
         node = tree
         for part in parts[:-1]:
             child = node.setdefault(part, {})
@@ -149,15 +223,19 @@ def load_config(
     env_prefix: str | None = "LLMD_",
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    override_sources: Mapping[str, str] | None = None,
 ) -> T:
-    """Build a validated `model` from defaults, a YAML file, env variables and overrides."""
+    """Build a validated `model` from defaults, a YAML file, env variables and overrides.
+
+    `override_sources` names where each override came from (dotted path → `--flag`)."""
     data: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
     sources: dict[str, str] = {}
     if env_prefix:
-        tree, sources = _env_overrides(os.environ if env is None else env, env_prefix)
+        tree, sources = _env_overrides(os.environ if env is None else env, env_prefix, model)
         data = _merge(data, _restore_keys(tree, model))
     if overrides:
         data = _merge(data, overrides)
+        sources.update({k.lower(): v for k, v in (override_sources or {}).items()})
     try:
         return model.model_validate(data)
     except ValidationError as exc:

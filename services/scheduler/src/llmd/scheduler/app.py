@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -22,85 +21,100 @@ from fastapi import FastAPI, Request, Response
 from grpc_health.v1 import health_pb2_grpc
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
+from pydantic import Field, model_validator
 
+from llmd.runtime.config import ConfigError, ConfigIssue, Seconds
 from llmd.runtime.discovery import discovery_source
 from llmd.runtime.lifecycle import Health, QuietHttpServer, health_router, http_server
-from llmd.scheduler.config import BuiltConfig, build, load_config_file
-from llmd.scheduler.datalayer import Datastore
-from llmd.scheduler.director import Director
+from llmd.runtime.service import ServiceConfig
+from llmd.scheduler.config import load_config_file
+from llmd.scheduler.core import SchedulerCore, build_core
 from llmd.scheduler.extproc import ExternalProcessor, HealthService
-from llmd.scheduler.framework import Lifecycle, PluginHandle, SchedulingError
-from llmd.scheduler.metrics import SchedulerMetrics
-from llmd.scheduler.plugins import builtin_registry
-from llmd.scheduler.plugins.precise import PreciseProducer
-from llmd.scheduler.plugins.producers import ApproxPrefixCacheProducer
+from llmd.scheduler.framework import SchedulingError
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class SchedulerOptions:
-    """Everything `llmd-scheduler` takes on its command line."""
+class SchedulerConfig(ServiceConfig):
+    """Everything `llmd-scheduler` takes (flags follow llm-d's EPP where they overlap)."""
 
-    config_file: str | None = None
-    config_text: str | None = None
-    endpoints_file: str | None = None
-    endpoint_selector: str | None = None
-    endpoint_target_port: int = 8000
-    namespace: str = "default"
-    host: str = "0.0.0.0"
-    grpc_port: int = 9002
-    grpc_health_port: int = 9003
-    metrics_port: int = 9090
-    refresh_metrics_interval_s: float = 0.05
-    drain_timeout_s: float = 30.0
-    allow_experimental_plugins: bool = False
-    pool_name: str = "llmd"
+    config_file: str | None = Field(
+        default=None, description="EndpointPickerConfig YAML (default: llm-d's optimized baseline)"
+    )
+    config_text: str | None = Field(default=None, description="EndpointPickerConfig YAML inline")
+    endpoints_file: str | None = Field(
+        default=None,
+        description="static discovery file (llm-d file-discovery format), re-read on change",
+    )
+    endpoint_selector: str | None = Field(
+        default=None, description="Kubernetes label selector of the model-server pods"
+    )
+    endpoint_target_port: int = Field(default=8000, gt=0, lt=65536, description="model-server port")
+    pool_namespace: str = Field(default="default", description="namespace of the pods")
+    pool_name: str = Field(default="llmd", description="pool name in metric labels")
+    grpc_port: int = Field(default=9002, ge=0, lt=65536, description="ext_proc gRPC port")
+    grpc_health_port: int = Field(
+        default=9003, ge=0, lt=65536, description="gRPC health port (0 = off)"
+    )
+    metrics_port: int = Field(
+        default=9090,
+        ge=0,
+        lt=65536,
+        description="HTTP port: /metrics, /healthz, /readyz, /debug/* (0 = off)",
+    )
+    refresh_metrics_interval: Seconds = Field(
+        default=0.05, gt=0, description="how often each endpoint's /metrics is scraped"
+    )
+    allow_experimental_plugins: bool = Field(default=False, description="allow Alpha plugins")
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> SchedulerConfig:
+        if self.config_file is not None and self.config_text is not None:
+            raise ValueError("give config_file or config_text, not both")
+        if self.endpoints_file is not None and self.endpoint_selector is not None:
+            raise ValueError("give endpoints_file or endpoint_selector, not both")
+        return self
 
 
 class SchedulerApp:
     """The scheduler service: wires the pieces and owns their lifecycle."""
 
-    def __init__(
-        self, options: SchedulerOptions, registry: CollectorRegistry | None = None
-    ) -> None:
-        self.options = options
-        self.registry = registry or CollectorRegistry()
-        cfg, self.config_origin = load_config_file(options.config_file, options.config_text)
-        self.datastore = Datastore(
-            self.registry,
-            refresh_interval_s=options.refresh_metrics_interval_s,
-            staleness_s=1.0,
-            pool_name=options.pool_name,
-        )
-        handle = PluginHandle(endpoints=self.datastore.all)
-        self.built: BuiltConfig = build(
-            cfg, builtin_registry(), handle, allow_experimental=options.allow_experimental_plugins
-        )
-        self.datastore.staleness_s = float(self.built.settings["staleness_s"])
-        self.datastore.models_interval_s = float(self.built.settings["models_interval_s"])
-        self.metrics = SchedulerMetrics(self.registry)
+    def __init__(self, config: SchedulerConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        epp, self.config_origin = load_config_file(config.config_file, config.config_text)
         provider = trace.get_tracer_provider()
         traced = not isinstance(provider, trace.ProxyTracerProvider)
-        self.director = Director(
-            self.built,
-            self.datastore,
-            self.metrics,
+        self.core: SchedulerCore = build_core(
+            epp,
+            registry=registry,
+            refresh_interval_s=config.refresh_metrics_interval,
+            pool_name=config.pool_name,
+            allow_experimental=config.allow_experimental_plugins,
             tracer=provider.get_tracer("llmd.scheduler") if traced else None,
         )
-        for plugin in self.built.plugins.values():
-            if isinstance(plugin, ApproxPrefixCacheProducer):
-                plugin.register_metrics(self.registry)
-                self.datastore.on_change(plugin.forget)
-            if isinstance(plugin, PreciseProducer):
-                self.registry.register(plugin.metrics.registry)  # kvcache_* families
+        self.registry = self.core.registry
+        self.datastore = self.core.datastore
+        self.built = self.core.built
+        self.director = self.core.director
         self.health = Health(self.registry)
         self.health.set("endpoints-synced", False, "discovery has not reported yet")
         self.grpc_health = HealthService(lambda: self.datastore.synced.is_set())
-        self.extproc = ExternalProcessor(self.director, int(self.built.settings["max_body_bytes"]))
+        self.extproc = ExternalProcessor(self.director, self.built.settings.max_body_bytes)
         self._servers: list[grpc.aio.Server] = []
         self._http: QuietHttpServer | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._started = False
+
+    def describe(self) -> str:
+        lines = []
+        for name, prof in self.built.profiles.items():
+            scorers = ", ".join(f"{s.name}x{w:g}" for s, w in prof.scorers) or "-"
+            filters = ", ".join(f.name for f in prof.filters) or "-"
+            lines.append(
+                f"profile {name}: filters [{filters}] scorers [{scorers}] picker {prof.picker.name}"
+            )
+        lines.append(f"scheduler config: {self.config_origin}")
+        return "\n".join(lines)
 
     # --- HTTP ------------------------------------------------------------------------------
 
@@ -158,16 +172,19 @@ class SchedulerApp:
     # --- lifecycle -------------------------------------------------------------------------
 
     def _discovery(self) -> Any:
-        o = self.options
+        c = self.config
         source = discovery_source(
-            endpoints_file=o.endpoints_file,
-            selector=o.endpoint_selector,
-            namespace=o.namespace,
-            target_port=o.endpoint_target_port,
+            endpoints_file=c.endpoints_file,
+            selector=c.endpoint_selector,
+            namespace=c.pool_namespace,
+            target_port=c.endpoint_target_port,
             registry=self.registry,
         )
         if source is None:
-            raise ValueError("give --endpoints-file or --endpoint-selector")
+            raise ConfigError(
+                [ConfigIssue("endpoints_file", "give endpoints_file or endpoint_selector")],
+                "llmd-scheduler configuration",
+            )
         return source
 
     async def _follow(self, source: Any) -> None:
@@ -176,13 +193,11 @@ class SchedulerApp:
             self.health.set("endpoints-synced", True)
 
     async def start(self) -> None:
-        o = self.options
+        o = self.config
         source = self._discovery()
-        await self.datastore.start()
+        self._started = True
+        await self.core.start()
         self._tasks.append(asyncio.create_task(self._follow(source), name="discovery"))
-        for plugin in self.built.plugins.values():
-            if isinstance(plugin, Lifecycle):
-                await plugin.start()
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         main = grpc.aio.server(options=options)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.extproc, main)
@@ -209,11 +224,14 @@ class SchedulerApp:
             self.config_origin,
         )
 
-    async def drain(self) -> None:
+    async def stop(self) -> None:
         """Stop being ready, let in-flight streams finish (up to the drain timeout), stop."""
+        if not self._started:
+            return
+        self._started = False
         self.grpc_health.draining = True
         self.health.draining = True
-        deadline = time.monotonic() + self.options.drain_timeout_s
+        deadline = time.monotonic() + self.config.drain_timeout
         while self.director.inflight > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         if self.director.inflight:
@@ -227,16 +245,16 @@ class SchedulerApp:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        for plugin in self.built.plugins.values():
-            if isinstance(plugin, Lifecycle):
-                with contextlib.suppress(Exception):
-                    await plugin.stop()
-        await self.datastore.stop()
-
-    async def run(self, stop: asyncio.Event) -> None:
-        await self.start()
-        await stop.wait()
+        try:
+            await self.core.stop()
+        except Exception:
+            log.exception("stopping the scheduler core failed")
 
 
 def _json(obj: Any, status: int = 200) -> Response:
     return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+
+
+def build(config: SchedulerConfig) -> SchedulerApp:
+    """The composition root: the scheduler service for a config (ConfigError when invalid)."""
+    return SchedulerApp(config)

@@ -9,14 +9,19 @@ Accepted but not acted on (logged once): `featureGates`, `flowControl`, `dataLay
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
-from llmd.runtime.config import ConfigError, ConfigIssue, StrictModel, yaml_mapping
+from llmd.runtime.config import (
+    ConfigError,
+    ConfigIssue,
+    StrictModel,
+    parse_duration,
+    yaml_mapping,
+)
 from llmd.scheduler.framework import (
     DataProducer,
     Filter,
@@ -65,20 +70,6 @@ with more than 16 waiting requests (scraped, plus those sent since the scrape) l
 candidates unless every endpoint is that loaded, so a hot prefix spreads instead of piling onto
 its cache holder (a reported llm-d problem). Without config llmd also counts each request
 against its endpoint at pick time and breaks ties by outstanding work (the herding fix)."""
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-
-
-def parse_duration(value: str | float | int) -> float:
-    """Seconds from `50ms`, `1s`, `2m`, `1h` or a number of seconds."""
-    if isinstance(value, int | float):
-        return float(value)
-    m = _DURATION.match(value)
-    if m is None:
-        raise ValueError(f"{value!r} is not a duration (e.g. 50ms, 1s, 2m)")
-    unit = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2) or "s"]
-    return float(m.group(1)) * unit
-
 
 Duration = str | float
 
@@ -179,6 +170,17 @@ class Profile:
     picker: Picker
 
 
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """llmd's own scheduler settings (the `llmd:` section), resolved to plain values."""
+
+    pick_time_accounting: bool = True
+    staleness_s: float = 1.0
+    max_body_bytes: int = 16 * 1024 * 1024
+    models_interval_s: float = 2.0
+    emit_endpoint_scores: bool = False
+
+
 @dataclass
 class BuiltConfig:
     """The plugin instances and profiles a Director runs."""
@@ -191,7 +193,7 @@ class BuiltConfig:
     pre_request: list[PreRequest]
     response_hooks: list[ResponseHook]
     parsers: list[str]
-    settings: dict[str, Any] = field(default_factory=dict)
+    settings: SchedulerSettings = field(default_factory=SchedulerSettings)
 
 
 def _loc(parts: tuple[Any, ...]) -> str:
@@ -446,11 +448,11 @@ def build(
         pre_request=[p for p in ordered if isinstance(p, PreRequest)],
         response_hooks=[p for p in ordered if isinstance(p, ResponseHook)],
         parsers=parser_types,
-        settings={
-            "pick_time_accounting": cfg.llmd.pick_time_accounting,
-            "staleness_s": parse_duration(cfg.llmd.metrics_staleness_threshold),
-            "max_body_bytes": cfg.llmd.max_request_body_bytes,
-            "models_interval_s": parse_duration(cfg.llmd.models_interval),
-            "emit_endpoint_scores": cfg.llmd.emit_endpoint_scores,
-        },
+        settings=SchedulerSettings(
+            pick_time_accounting=cfg.llmd.pick_time_accounting,
+            staleness_s=parse_duration(cfg.llmd.metrics_staleness_threshold),
+            max_body_bytes=cfg.llmd.max_request_body_bytes,
+            models_interval_s=parse_duration(cfg.llmd.models_interval),
+            emit_endpoint_scores=cfg.llmd.emit_endpoint_scores,
+        ),
     )

@@ -139,15 +139,13 @@ class Director:
         self.built = built
         self.datastore = datastore
         self.metrics = metrics
-        self.pick_time_accounting = bool(built.settings.get("pick_time_accounting", True))
-        self.max_body_bytes = int(built.settings.get("max_body_bytes", 16 * 1024 * 1024))
-        self.emit_scores = bool(built.settings.get("emit_endpoint_scores", False))
+        self.pick_time_accounting = built.settings.pick_time_accounting
+        self.emit_scores = built.settings.emit_endpoint_scores
         self.decisions: deque[_Explanation] = deque(maxlen=DECISION_BUFFER)
         self._seq = 0
         self._rng = random.Random()
         loads = [p for p in built.plugins.values() if isinstance(p, InflightLoadProducer)]
         self._load = loads[0] if loads else None
-        self._prefix_producer = built.plugins.get("approx-prefix-cache-producer")
         self._async_producers = [p for p in built.producers if isinstance(p, AsyncDataProducer)]
         self._timers: dict[tuple[str, str], Any] = {}
         self.inflight = 0

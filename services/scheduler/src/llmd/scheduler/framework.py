@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict
 
 from llmd.protocol.metrics import EngineSnapshot
@@ -279,6 +280,14 @@ class Plugin:
     def state(self) -> dict[str, Any]:
         """Internal state for GET /debug/plugins/state (override to expose more)."""
         return {}
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Add this plugin's metric families to the scheduler's registry (once, at build)."""
+        return
+
+    def endpoints_changed(self, live: set[str]) -> None:
+        """The pool changed; `live` holds the keys (host:port) of the endpoints now in it."""
+        return
 
 
 class Filter(Plugin):

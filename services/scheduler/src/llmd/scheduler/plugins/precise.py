@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import aiohttp
 import msgspec
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmd.kvcache.index import InMemoryIndex, PrefixHit
@@ -38,6 +39,7 @@ from llmd.kvcache.tokenization import (
     message_text,
 )
 from llmd.kvcache.valkey import ValkeyIndex
+from llmd.runtime.config import parse_duration
 from llmd.scheduler.framework import (
     AsyncDataProducer,
     EndpointState,
@@ -160,10 +162,6 @@ class PreciseParams(PluginParams):
     health_check: bool = Field(default=True, alias="healthCheck")
 
 
-def _duration_s(text: str) -> float:
-    return float(text[:-2]) / 1000 if text.endswith("ms") else float(text[:-1])
-
-
 class _Message(msgspec.Struct):
     role: str = "user"
     content: Any = None
@@ -233,7 +231,7 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
             self.processor,
             weights={b.name: b.weight for b in p.indexer_config.kv_cache_backend_configs},
             metrics=self.metrics,
-            speculative_ttl_s=_duration_s(p.speculative_ttl) if p.speculative_indexing else 0.0,
+            speculative_ttl_s=parse_duration(p.speculative_ttl) if p.speculative_indexing else 0.0,
             health=HealthConfig(),
             resync=self._resync,
         )
@@ -243,6 +241,9 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
         self.queries = 0
         self.errors = 0
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        registry.register(self.metrics.registry)  # the kvcache_* families
 
     @property
     def embedded_sync(self) -> bool:

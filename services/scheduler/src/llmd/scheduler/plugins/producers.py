@@ -109,7 +109,7 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
             if r is not None and r.targets:
                 self.index.add(r.targets[0].key, hashes)
 
-    def forget(self, live: set[str]) -> None:
+    def endpoints_changed(self, live: set[str]) -> None:
         """Drop endpoints that left the pool."""
         for key in self.index.endpoints():
             if key not in live:
