@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import Field
 
-from llmd.runtime.config import ConfigError, StrictModel, load_config
+from llmd.runtime.config import ConfigError, StrictModel, load_config, parse_duration
 
 
 class Scrape(StrictModel):
@@ -40,11 +40,11 @@ def test_every_bad_field_is_reported_with_its_path_and_source(tmp_path: Path) ->
     path = tmp_path / "c.yaml"
     path.write_text("port: 0\nscrape:\n  interval_ms: -5\n  intervalms: 3\n")
     with pytest.raises(ConfigError) as err:
-        load_config(Service, path, env={"LLMD_NAME": "[1, 2]"})
+        load_config(Service, path, env={"LLMD_TAGS": "{a: 1}"})
     paths = {i.path for i in err.value.issues}
-    assert paths == {"port", "scrape.interval_ms", "scrape.intervalms", "name"}
+    assert paths == {"port", "scrape.interval_ms", "scrape.intervalms", "tags"}
     by_path = {i.path: i for i in err.value.issues}
-    assert by_path["name"].source == "LLMD_NAME"
+    assert by_path["tags"].source == "LLMD_TAGS"
     assert by_path["port"].source == str(path)
     assert "4 problem(s)" in str(err.value)
     assert "scrape.intervalms: Extra inputs are not permitted" in str(err.value)
@@ -76,3 +76,18 @@ def test_missing_file_and_empty_file(tmp_path: Path) -> None:
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     assert load_config(Service, empty, env={}) == Service()
+
+
+def test_text_fields_take_variables_as_written() -> None:
+    cfg = load_config(Service, env={"LLMD_NAME": "[1, 2]", "LLMD_PORT": "0123"})
+    assert cfg.name == "[1, 2]"
+    assert cfg.port == 123
+
+
+def test_durations_read_units_and_reject_nonsense() -> None:
+    assert parse_duration("50ms") == 0.05
+    assert parse_duration("2m") == 120.0
+    assert parse_duration(3) == 3.0
+    for bad in ("soon", "-1s", True):
+        with pytest.raises(ValueError):
+            parse_duration(bad)  # type: ignore[arg-type]

@@ -131,9 +131,24 @@ def takes_text(annotation: Any) -> bool:
     return False
 
 
+def _scalar(annotation: Any) -> bool:
+    """A field pydantic reads from text itself (numbers, booleans): no YAML, so `0123` is 123,
+    not YAML 1.1's octal 83."""
+    origin = typing.get_origin(annotation)
+    if annotation in (int, float, bool):
+        return True
+    if origin is typing.Annotated:
+        return _scalar(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return bool(args) and all(_scalar(a) or takes_text(a) for a in args)
+    return False
+
+
 def text_value(raw: str, annotation: Any) -> Any:
-    """A value given as text (a variable, a flag) for a field of type `annotation`."""
-    if takes_text(annotation) or not raw.strip():
+    """A value given as text (a variable, a flag) for a field of type `annotation`: text and
+    scalar fields get the text itself; lists, mappings and unknown fields read it as YAML."""
+    if takes_text(annotation) or _scalar(annotation) or not raw.strip():
         return raw
     try:
         return yaml.safe_load(raw)

@@ -8,8 +8,11 @@ HTTP (JSON):
 - `POST /v1/score`: `{"model", "prompt" | "messages" | "tokens" | "keys", "pods": [...],
   "cache_salt"}` -> `{"pods": {pod: {"blocks", "score", "tiers"}}, "total_blocks",
   "block_size"}`. `keys` are precomputed request keys (the scheduler's remote mode).
+- `POST /v1/speculate`: `{"pod", "keys"}`: the pod was just picked for these keys (a
+  speculative entry until its events confirm them, or `speculative_ttl`).
 - `POST /v1/observe`: `{"pod", "predicted_tokens", "cached_tokens", "prompt_tokens",
   "engine_block_size"}` feeds the index health check.
+The request and response types are `llmd.kvcache.api`'s, shared with its client.
 - `GET /v1/pods`: subscriptions, per-stream sequence state, index health.
 - `/metrics`, `/healthz`, `/readyz`.
 
@@ -21,83 +24,132 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import msgspec
 from fastapi import FastAPI, Request, Response
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
+from pydantic import Field, ValidationError, model_validator
 
 from llmd.indexer import proto
-from llmd.kvcache.index import InMemoryIndex, PrefixHit
-from llmd.kvcache.indexer import KVCacheIndexer
-from llmd.kvcache.ingest import EngineEndpoint, EventApplier, Ingestor
-from llmd.kvcache.keys import TokenProcessor, TokenProcessorConfig
-from llmd.kvcache.metrics import KVCacheMetrics
-from llmd.kvcache.tokenization import (
-    ChatMessageIn,
-    ModelTokenizer,
-    RenderClient,
-    TokenizerError,
-    message_text,
+from llmd.kvcache.api import ObserveRequest, ScoreRequest, SpeculateRequest
+from llmd.kvcache.config import (
+    KVCacheConfig,
 )
-from llmd.kvcache.valkey import ValkeyIndex
+from llmd.kvcache.index import PrefixHit
+from llmd.kvcache.stack import EngineAddress, build_kvcache
+from llmd.kvcache.tokenization import TokenizerError
+from llmd.runtime.config import ConfigError, ConfigIssue, Seconds
 from llmd.runtime.discovery import Endpoint, discovery_source
 from llmd.runtime.lifecycle import Health, QuietHttpServer, health_router, http_server
+from llmd.runtime.service import ServiceConfig
 
 log = logging.getLogger(__name__)
 
-EVENTS_LABEL = "llmd.ai/kv-events-endpoint"
-REPLAY_LABEL = "llmd.ai/kv-replay-endpoint"
 
+class IndexerConfig(ServiceConfig):
+    """Everything `llmd-indexer` takes; `kvcache()` maps it onto llm-d-kv-cache's config."""
 
-@dataclass
-class IndexerOptions:
-    endpoints_file: str | None = None
-    endpoint_selector: str | None = None
-    endpoint_target_port: int = 8000
-    namespace: str = "default"
-    host: str = "0.0.0.0"
-    http_port: int = 8085
-    grpc_port: int = 9095
-    tokenizer_dir: str | None = None
-    render_url: str | None = None
-    block_size: int = 16
-    hash_seed: str = ""
-    hash_algorithm: str = "cbor-fnv"
-    valkey_url: str | None = None
-    valkey_prefix: str = ""
-    max_keys: int = 10_000_000
-    max_bytes: int = 2 << 30
-    socket_port: int = 5557
-    replay_socket_port: int = 0
-    zmq_bind: str | None = None
-    shards: int = 4
-    gpu_weight: float = 1.0
-    cpu_weight: float = 0.8
-    speculative_ttl_s: float = 0.0
+    endpoints_file: str | None = Field(
+        default=None, description="static discovery file (llm-d file-discovery format)"
+    )
+    endpoint_selector: str | None = Field(
+        default=None, description="Kubernetes label selector of the engine pods"
+    )
+    endpoint_target_port: int = Field(default=8000, gt=0, lt=65536, description="engine HTTP port")
+    namespace: str = Field(default="default", description="namespace of the pods")
+    http_port: int = Field(
+        default=8085, ge=0, lt=65536, description="HTTP port (scoring, /metrics, health)"
+    )
+    grpc_port: int = Field(default=9095, ge=0, lt=65536, description="gRPC port")
+    tokenizer_dir: str | None = Field(
+        default=None, description="model directory whose tokenizer and chat template to use"
+    )
+    render_url: str | None = Field(
+        default=None, description="a vLLM server whose /render endpoints tokenize (exactly as vLLM)"
+    )
+    block_size: int = Field(default=16, gt=0, description="tokens per index block")
+    hash_seed: str = Field(default="", description="request-key hash seed (llm-d hashSeed)")
+    hash_algorithm: Literal["cbor-fnv", "xxh64"] = Field(
+        default="cbor-fnv", description="request-key hash"
+    )
+    valkey_url: str | None = Field(
+        default=None, description="share the index in Redis/Valkey (redis:// or valkey://)"
+    )
+    valkey_prefix: str = Field(default="", description="key prefix in the shared index")
+    key_ttl: int = Field(
+        default=0, ge=0, description="shared index: seconds a block key lives (0 = no expiry)"
+    )
+    pod_ttl: Seconds = Field(
+        default=900.0,
+        gt=0,
+        description="shared index: a pod silent this long (and not in the pool) is cleared",
+    )
+    max_keys: int = Field(default=10_000_000, gt=0, description="in-memory index: key bound")
+    max_bytes: int = Field(default=2 << 30, gt=0, description="in-memory index: byte bound")
+    socket_port: int = Field(
+        default=5557, gt=0, lt=65536, description="engines' KV PUB port (when no label names it)"
+    )
+    replay_socket_port: int = Field(
+        default=0, ge=0, lt=65536, description="engines' replay ROUTER port (0 = none)"
+    )
+    zmq_bind: str | None = Field(
+        default=None, description="also bind a SUB socket engines connect to (centralized)"
+    )
+    shards: int = Field(default=4, gt=0, description="ordered apply queues")
+    gpu_weight: float = Field(default=1.0, ge=0, description="score of a GPU-tier block")
+    cpu_weight: float = Field(default=0.8, ge=0, description="score of a CPU-tier block")
+    speculative_ttl: Seconds = Field(
+        default=2.0, ge=0, description="how long a /v1/speculate entry lives (0 = off)"
+    )
 
+    @model_validator(mode="after")
+    def _one_discovery(self) -> IndexerConfig:
+        if self.endpoints_file is not None and self.endpoint_selector is not None:
+            raise ValueError("give endpoints_file or endpoint_selector, not both")
+        return self
 
-class _ScoreRequest(msgspec.Struct):
-    model: str = ""
-    prompt: str | None = None
-    messages: list[dict[str, Any]] | None = None
-    tokens: list[int] | None = None
-    keys: list[int] | None = None
-    pods: list[str] | None = None
-    cache_salt: str | None = None
-
-
-class _Observe(msgspec.Struct):
-    pod: str
-    predicted_tokens: int
-    cached_tokens: int
-    prompt_tokens: int
-    engine_block_size: int = 16
-    speculative_tokens: int = 0
+    def kvcache(self) -> KVCacheConfig:
+        """The KV-cache stack these settings describe, in llm-d-kv-cache's names."""
+        index: dict[str, Any] = {
+            "inMemoryConfig": {"size": self.max_keys, "maxBytes": self.max_bytes}
+        }
+        if self.valkey_url:
+            index["valkeyConfig"] = {
+                "address": self.valkey_url,
+                "keyPrefix": self.valkey_prefix,
+                "keyTtlSeconds": self.key_ttl,
+                "podTtlSeconds": self.pod_ttl,
+            }
+        doc: dict[str, Any] = {
+            "tokenProcessorConfig": {
+                "blockSizeTokens": self.block_size,
+                "hashSeed": self.hash_seed,
+                "hashAlgorithm": self.hash_algorithm,
+            },
+            "indexerConfig": {
+                "kvBlockIndexConfig": index,
+                "kvCacheBackendConfigs": [
+                    {"name": "gpu", "weight": self.gpu_weight},
+                    {"name": "cpu", "weight": self.cpu_weight},
+                ],
+            },
+            "kvEventsConfig": {
+                "zmqEndpoint": self.zmq_bind or "",
+                "concurrency": self.shards,
+                "podDiscoveryConfig": {
+                    "socketPort": self.socket_port,
+                    "replaySocketPort": self.replay_socket_port,
+                },
+            },
+            "speculativeIndexing": self.speculative_ttl > 0,
+            "speculativeTTL": self.speculative_ttl,
+        }
+        if self.tokenizer_dir or self.render_url:
+            doc["tokenizer"] = {"modelDir": self.tokenizer_dir, "renderUrl": self.render_url}
+        return KVCacheConfig.model_validate(doc)
 
 
 class BadRequestError(ValueError):
@@ -105,37 +157,21 @@ class BadRequestError(ValueError):
 
 
 class IndexerApp:
-    """Composition root: discovery, subscriptions, the index, the HTTP and gRPC servers."""
+    """Composition root: discovery, the KV-cache stack, the HTTP and gRPC servers."""
 
-    def __init__(self, options: IndexerOptions, registry: CollectorRegistry | None = None) -> None:
-        self.options = o = options
+    def __init__(self, config: IndexerConfig, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
         self.registry = registry or CollectorRegistry()
-        self.metrics = KVCacheMetrics(self.registry)
-        self.processor = TokenProcessor(
-            TokenProcessorConfig(o.block_size, o.hash_seed, o.hash_algorithm)
-        )
-        self.index: InMemoryIndex | ValkeyIndex
-        if o.valkey_url:
-            self.index = ValkeyIndex(o.valkey_url, prefix=o.valkey_prefix)
-        else:
-            self.index = InMemoryIndex(o.max_keys, o.max_bytes)
-        self.render = RenderClient(o.render_url) if o.render_url else None
-        self.tokenizer: ModelTokenizer | None = None
-        if o.tokenizer_dir and self.render is None:
-            try:
-                self.tokenizer = ModelTokenizer(Path(o.tokenizer_dir).expanduser())
-            except TokenizerError as exc:
-                raise ValueError(str(exc)) from None
-        self.applier = EventApplier(self.index, self.processor, self.metrics)
-        self.ingestor = Ingestor(self.applier, shards=o.shards)
-        self.indexer = KVCacheIndexer(
-            self.index,
-            self.processor,
-            weights={"gpu": o.gpu_weight, "cpu": o.cpu_weight},
-            metrics=self.metrics,
-            speculative_ttl_s=o.speculative_ttl_s,
-            resync=self.ingestor.resync,
-        )
+        try:
+            self.stack = build_kvcache(config.kvcache(), self.registry)
+        except (TokenizerError, ValidationError) as exc:
+            raise ConfigError(
+                [ConfigIssue("tokenizer_dir", str(exc))], "llmd-indexer configuration"
+            ) from None
+        self.index = self.stack.index
+        self.indexer = self.stack.indexer
+        self.ingestor = self.stack.ingestor
+        self.processor = self.stack.processor
         self.health = Health(self.registry)
         self.health.set("endpoints-synced", False, "discovery has not reported yet")
         self._grpc: grpc.aio.Server | None = None
@@ -144,72 +180,50 @@ class IndexerApp:
         self._tasks: list[asyncio.Task[Any]] = []
         self.endpoints: list[Endpoint] = []
 
+    def describe(self) -> str:
+        c = self.config
+        return (
+            f"llmd-indexer: {type(self.index).__name__} index, block {c.block_size} tokens, "
+            f"hash {c.hash_algorithm}, HTTP :{c.http_port}, gRPC :{c.grpc_port}, "
+            f"tokenizer {'render ' + c.render_url if c.render_url else c.tokenizer_dir or 'none'}"
+        )
+
     # --- scoring -----------------------------------------------------------------------------
 
-    def tokens(self, doc: _ScoreRequest) -> list[int]:
-        if doc.tokens is not None:
-            return doc.tokens
-        if self.tokenizer is None:
-            raise BadRequestError(
-                "this indexer has no tokenizer (--tokenizer-dir or --render-url): "
-                "send 'tokens' or 'keys'"
-            )
-        if doc.messages is not None:
-            msgs = [
-                ChatMessageIn(str(m.get("role", "user")), message_text(m.get("content")))
-                for m in doc.messages
-            ]
-            return self.tokenizer.encode_chat(msgs)
-        if doc.prompt is not None:
-            return self.tokenizer.encode(doc.prompt)
-        raise BadRequestError("give one of 'prompt', 'messages', 'tokens' or 'keys'")
-
-    async def score(self, doc: _ScoreRequest) -> tuple[dict[str, PrefixHit], int]:
+    async def score(self, doc: ScoreRequest) -> tuple[dict[str, PrefixHit], int]:
         if doc.keys is not None:
             keys = doc.keys
         else:
             if not doc.model:
                 raise BadRequestError("'model' is required to compute block keys")
-            if self.render is not None and doc.tokens is None:
-                if doc.messages is not None:
-                    body = {"model": doc.model, "messages": doc.messages}
-                    tokens = await self.render.tokens("/v1/chat/completions", body)
-                elif doc.prompt is not None:
-                    body = {"model": doc.model, "prompt": doc.prompt}
-                    tokens = await self.render.tokens("/v1/completions", body)
-                else:
-                    raise BadRequestError("give one of 'prompt', 'messages', 'tokens' or 'keys'")
-            elif doc.prompt:
-                tokens = await asyncio.to_thread(self.tokens, doc)
+            if doc.tokens is not None:
+                tokens = doc.tokens
+            elif doc.prompt is None and doc.messages is None:
+                raise BadRequestError("give one of 'prompt', 'messages', 'tokens' or 'keys'")
+            elif self.stack.keys.tokenizer is None and self.stack.keys.render is None:
+                raise BadRequestError(
+                    "this indexer has no tokenizer (--tokenizer-dir or --render-url): "
+                    "send 'tokens' or 'keys'"
+                )
             else:
-                tokens = self.tokens(doc)
-            keys = self.indexer.keys(tokens, doc.model, doc.cache_salt)
+                tokens = await self.stack.keys.tokens(doc.model, doc.prompt, doc.messages)
+            keys = self.stack.keys.keys(tokens, doc.model, doc.cache_salt)
         pods = doc.pods if doc.pods else None
         hits = await self.indexer.score(keys, pods)
         return hits, len(keys)
 
     # --- discovery -> subscriptions ----------------------------------------------------------
 
-    def engine_endpoints(self, endpoints: list[Endpoint]) -> list[EngineEndpoint]:
-        o = self.options
-        out = []
-        for e in endpoints:
-            events = e.labels.get(EVENTS_LABEL) or f"tcp://{e.address}:{o.socket_port}"
-            replay = e.labels.get(REPLAY_LABEL) or (
-                f"tcp://{e.address}:{o.replay_socket_port}" if o.replay_socket_port else None
-            )
-            out.append(EngineEndpoint(pod=e.host_port, events=events, replay=replay))
-        return out
-
     async def _follow(self, source: Any) -> None:
         async for endpoints in source.watch():
             self.endpoints = [e for e in endpoints if e.ready]
-            for t in self.ingestor.sync(self.engine_endpoints(self.endpoints)):
-                await t
+            await self.stack.sync(
+                [EngineAddress(e.host_port, e.address, dict(e.labels)) for e in self.endpoints]
+            )
             self.health.set("endpoints-synced", True)
 
     def _discovery(self) -> Any:
-        o = self.options
+        o = self.config
         return discovery_source(
             endpoints_file=o.endpoints_file,
             selector=o.endpoint_selector,
@@ -223,8 +237,9 @@ class IndexerApp:
     def http_app(self) -> FastAPI:
         app = FastAPI(title="llmd-indexer", docs_url=None, redoc_url=None)
         app.include_router(health_router(self.health, self.registry))
-        score_decoder = msgspec.json.Decoder(_ScoreRequest)
-        observe_decoder = msgspec.json.Decoder(_Observe)
+        score_decoder = msgspec.json.Decoder(ScoreRequest)
+        observe_decoder = msgspec.json.Decoder(ObserveRequest)
+        speculate_decoder = msgspec.json.Decoder(SpeculateRequest)
 
         @app.post("/v1/score")
         async def score(request: Request) -> Response:
@@ -262,6 +277,15 @@ class IndexerApp:
             )
             return _json(self.indexer.health_snapshot().get(o.pod, {}))
 
+        @app.post("/v1/speculate")
+        async def speculate(request: Request) -> Response:
+            try:
+                s = speculate_decoder.decode(await request.body())
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                return _json({"error": str(exc)}, 400)
+            await self.indexer.speculate(s.keys, s.pod)
+            return _json({})
+
         @app.get("/v1/pods")
         async def pods() -> Response:
             return _json(
@@ -279,7 +303,7 @@ class IndexerApp:
         return app
 
     async def _get_pod_scores(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        doc = _ScoreRequest(
+        doc = ScoreRequest(
             model=request.model_name,
             prompt=request.prompt or None,
             tokens=list(request.token_ids) or None,
@@ -300,17 +324,13 @@ class IndexerApp:
         )
 
     async def start(self) -> None:
-        o = self.options
-        await self.ingestor.start()
-        if o.zmq_bind:
-            self.ingestor.bind(o.zmq_bind)
+        o = self.config
+        await self.stack.start()
         source = self._discovery()
         if source is not None:
             self._tasks.append(asyncio.create_task(self._follow(source), name="discovery"))
         else:
             self.health.set("endpoints-synced", True)
-        if isinstance(self.index, ValkeyIndex):
-            await self.index.ping()
         server = grpc.aio.server()
         handler = grpc.method_handlers_generic_handler(
             proto.SERVICE,
@@ -350,16 +370,13 @@ class IndexerApp:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
-        await self.ingestor.stop()
-        if self.render is not None:
-            await self.render.close()
-        if isinstance(self.index, ValkeyIndex):
-            await self.index.close()
-
-    async def run(self, stop: asyncio.Event) -> None:
-        await self.start()
-        await stop.wait()
+        await self.stack.stop()
 
 
 def _json(obj: Any, status: int = 200) -> Response:
     return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+
+
+def build(config: IndexerConfig) -> IndexerApp:
+    """The composition root: the indexer service for a config (ConfigError when invalid)."""
+    return IndexerApp(config)

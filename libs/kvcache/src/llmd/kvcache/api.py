@@ -1,0 +1,117 @@
+"""llmd-indexer's HTTP API: one typed schema for the server and its client.
+
+    POST /v1/score      ScoreRequest     -> ScoreResponse
+    POST /v1/speculate  SpeculateRequest -> {}            (a pod is about to compute these keys)
+    POST /v1/observe    ObserveRequest   -> the pod's index-health record
+    GET  /v1/pods       subscriptions, stream state, index health
+
+`IndexerClient` (httpx) is what the scheduler's remote-indexer mode uses: every call either
+succeeds or raises `IndexerError`; the caller counts and logs it (never a silent fallback).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import msgspec
+
+from llmd.kvcache.index import PrefixHit
+
+
+class ScoreRequest(msgspec.Struct, omit_defaults=True):
+    """Score a prompt per pod: give `keys` (precomputed request keys), `tokens`, or text."""
+
+    model: str = ""
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    tokens: list[int] | None = None
+    keys: list[int] | None = None
+    pods: list[str] | None = None
+    cache_salt: str | None = None
+
+
+class PodHit(msgspec.Struct):
+    """One pod's match: consecutive blocks from the start, their tier-weighted worth."""
+
+    blocks: int
+    score: float
+    tiers: dict[str, int] = {}
+
+    def to_hit(self) -> PrefixHit:
+        return PrefixHit(self.blocks, self.score, dict(self.tiers))
+
+
+class ScoreResponse(msgspec.Struct):
+    pods: dict[str, PodHit]
+    total_blocks: int
+    block_size: int
+
+
+class SpeculateRequest(msgspec.Struct):
+    """`pod` was just picked for a request with these keys (held until events or the TTL)."""
+
+    pod: str
+    keys: list[int]
+
+
+class ObserveRequest(msgspec.Struct):
+    """One response's `cached_tokens` against the prediction made at routing time."""
+
+    pod: str
+    predicted_tokens: int
+    cached_tokens: int
+    prompt_tokens: int
+    engine_block_size: int = 16
+    speculative_tokens: int = 0
+
+
+class ErrorResponse(msgspec.Struct):
+    error: str
+
+
+class IndexerError(RuntimeError):
+    """The indexer could not be reached or refused a call."""
+
+
+class IndexerClient:
+    """An async client of llmd-indexer's HTTP API."""
+
+    def __init__(self, base_url: str, timeout_s: float = 2.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=timeout_s,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _post(self, path: str, doc: msgspec.Struct) -> bytes:
+        try:
+            resp = await self._client.post(
+                path,
+                content=msgspec.json.encode(doc),
+                headers={"content-type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise IndexerError(f"{self.base_url}{path}: {type(exc).__name__}: {exc}") from None
+        if resp.status_code != 200:
+            raise IndexerError(
+                f"{self.base_url}{path} answered {resp.status_code}: {resp.text[:300]}"
+            )
+        return resp.content
+
+    async def score(self, request: ScoreRequest) -> ScoreResponse:
+        raw = await self._post("/v1/score", request)
+        try:
+            return msgspec.json.decode(raw, type=ScoreResponse)
+        except msgspec.DecodeError as exc:
+            raise IndexerError(f"{self.base_url}/v1/score: bad answer: {exc}") from None
+
+    async def speculate(self, pod: str, keys: list[int]) -> None:
+        await self._post("/v1/speculate", SpeculateRequest(pod, keys))
+
+    async def observe(self, observation: ObserveRequest) -> None:
+        await self._post("/v1/observe", observation)
