@@ -46,10 +46,11 @@ def test_status_says_plainly_what_runs(capsys: pytest.CaptureFixture[str]) -> No
 def test_up_runs_simulated_engines_by_default_and_stops_cleanly(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    port = free_port()
+    port, control, metrics = free_port(), free_port(), free_port()
+    scaled: list[int] = []
 
-    def send() -> None:
-        deadline = time.monotonic() + 30
+    def send_and_scale() -> None:
+        deadline = time.monotonic() + 40
         while time.monotonic() < deadline:
             try:
                 r = httpx.post(
@@ -58,16 +59,27 @@ def test_up_runs_simulated_engines_by_default_and_stops_cleanly(
                     timeout=5,
                 )
                 if r.status_code == 200:
-                    return
+                    break
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
+        url = f"http://127.0.0.1:{control}"
+        scaled.append(main(["scale", "sim", "3", "--control-url", url, "--timeout", "60"]))
+        scaled.append(main(["scale", "sim", "1", "--control-url", url, "--timeout", "60"]))
 
-    sender = threading.Thread(target=send)
+    sender = threading.Thread(target=send_and_scale)
     sender.start()
-    assert main(["up", "--count", "2", "--duration", "8", "--port", str(port)]) == 0
+    argv = ["up", "--count", "2", "--duration", "25", "--port", str(port)]
+    argv += ["--control-port", str(control), "--scheduler-metrics-port", str(metrics)]
+    assert main(argv) == 0
     sender.join()
+    assert scaled == [0, 0]
     out = capsys.readouterr().out
+    assert f"metrics and debug http://127.0.0.1:{metrics}" in out
+    assert "pool sim: 3 ready" in out
+    assert "sim-2 ready at" in out
+    assert "pool sim: 1 ready" in out
+    assert "sim-1 stopped" in out
     assert "sim-0" in out
     assert "sim-1" in out
     assert f"curl -s http://127.0.0.1:{port}/v1/completions" in out

