@@ -117,7 +117,8 @@ def test_service_starts_identically_from_file_env_and_flags(service: str, tmp_pa
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.1)
-            assert ready is not None and ready.status_code == 200, log.read_text()
+            assert ready is not None, log.read_text()
+            assert ready.status_code == 200, log.read_text()
             metrics = httpx.get(url + "/metrics", timeout=2).text
             assert "llmd_readiness_check" in metrics
         finally:
@@ -144,4 +145,5 @@ def test_bad_settings_name_their_source_and_exit_2(service: str) -> None:
     assert done.returncode == 2
     assert "grpc_port: Input should be a valid integer" in done.stderr
     assert f"[{prefix}GRPC_PORT]" in done.stderr
-    assert "drain_timeout" in done.stderr and "[--drain-timeout]" in done.stderr
+    assert "drain_timeout" in done.stderr
+    assert "[--drain-timeout]" in done.stderr
