@@ -18,15 +18,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from llmd.runtime.config import Seconds
+from llmd.runtime.config import Seconds, StrictModel
 
-
-class CamelModel(BaseModel):
-    """Strict (unknown keys are errors), camelCase aliases as in llm-d's YAML, snake_case too."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+CamelModel = StrictModel
+"""Strict (unknown keys are errors); fields carry llm-d's camelCase aliases (snake_case works)."""
 
 
 class TokenProcessorParams(CamelModel):

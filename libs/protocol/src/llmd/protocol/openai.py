@@ -332,9 +332,12 @@ def _check_prompt(prompt: Prompt) -> None:
             )
 
 
-def error_body(message: str, *, kind: str = "BadRequestError", code: int = 400) -> bytes:
-    """A vLLM-style error response body."""
-    return _json_encoder.encode(ErrorResponse(ErrorInfo(message=message, type=kind, code=code)))
+def error_body(
+    message: str, *, kind: str = "BadRequestError", code: int = 400, param: str | None = None
+) -> bytes:
+    """A vLLM-style error response body (every llmd component builds its errors here)."""
+    info = ErrorInfo(message=message, type=kind, param=param, code=code)
+    return _json_encoder.encode(ErrorResponse(info))
 
 
 def encode_json(obj: Any) -> bytes:

@@ -30,6 +30,7 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmd.protocol import headers as hdr
+from llmd.protocol.openai import error_body
 from llmd.scheduler.director import Decision, Director
 from llmd.scheduler.framework import LLMRequest, SchedulingError
 
@@ -60,9 +61,7 @@ def immediate(
 ) -> pb.ProcessingResponse:
     """An error reply sent by Envoy on our behalf, with an OpenAI-style JSON body."""
     kind = "BadRequestError" if status < 500 else "ServiceUnavailableError"
-    body = msgspec.json.encode(
-        {"error": {"message": message, "type": kind, "param": None, "code": status}}
-    )
+    body = error_body(message, kind=kind, code=status)
     headers = [_header_value("content-type", "application/json")]
     if dropped_reason:
         headers.append(_header_value(hdr.REQUEST_DROPPED_REASON, dropped_reason))

@@ -22,16 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ConfigDict
 
 from llmd.protocol.metrics import EngineSnapshot
+from llmd.runtime.config import StrictModel
 from llmd.runtime.discovery import Endpoint
 
 
-class PluginParams(BaseModel):
+class PluginParams(StrictModel):
     """Base for plugin parameters: unknown keys are errors, llm-d's camelCase keys accepted."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
 class NoParams(PluginParams):

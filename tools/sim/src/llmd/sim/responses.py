@@ -10,15 +10,13 @@ from typing import Any
 
 import msgspec
 
+from llmd.protocol.openai import error_body
+
 _encode = msgspec.json.Encoder().encode
 
 
 def encode(obj: Any) -> bytes:
     return _encode(obj)
-
-
-def error_body(message: str, kind: str, code: int, param: str | None = None) -> bytes:
-    return _encode({"error": {"message": message, "type": kind, "param": param, "code": code}})
 
 
 def usage(
@@ -216,7 +214,7 @@ class ChunkWriter:
 
     @staticmethod
     def error(message: str, kind: str, code: int) -> bytes:
-        return b"data: " + error_body(message, kind, code) + b"\n\n"
+        return b"data: " + error_body(message, kind=kind, code=code) + b"\n\n"
 
 
 DONE = b"data: [DONE]\n\n"

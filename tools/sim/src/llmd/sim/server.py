@@ -25,7 +25,12 @@ from aiohttp import web
 
 from llmd.protocol.errors import ProtocolError
 from llmd.protocol.kv_events import format_topic
-from llmd.protocol.openai import ChatCompletionRequest, CompletionRequest, parse_request
+from llmd.protocol.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    parse_request,
+)
 from llmd.sim import responses
 from llmd.sim.config import FaultConfig, SimServerConfig
 from llmd.sim.engine import Engine, EngineError, EngineSettings, LoraAdapter, SimClock, SimRequest
@@ -316,7 +321,7 @@ class SimServer:
         message: str, kind: str = "BadRequestError", status: int = 400, param: str | None = None
     ) -> web.Response:
         return web.Response(
-            body=responses.error_body(message, kind, status, param),
+            body=error_body(message, kind=kind, code=status, param=param),
             status=status,
             content_type="application/json",
         )
