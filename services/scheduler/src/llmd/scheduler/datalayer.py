@@ -1,13 +1,16 @@
-"""The data layer: the endpoint pool (from discovery) and the collectors that scrape each endpoint.
+"""The data layer: the endpoint pool (from discovery), scraped by `llmd.runtime`'s engine-pool
+scraper.
 
-One collector task per endpoint scrapes `/metrics` every `refresh_interval_s` (llm-d: 50 ms)
-and `/v1/models` every `models_interval_s`. A failed scrape keeps the previous values, counts
-the error, and never blocks other endpoints.
+The scraper (`llmd.runtime.enginepool`) scrapes each endpoint's `/metrics` every
+`refresh_interval_s` (llm-d: 50 ms) and `/v1/models` every `models_interval_s`; this module turns
+its samples into each `EndpointState` (with the scheduler's own pick-time accounting) and
+exports llm-d's `llm_d_epp_*` pool metrics. A failed scrape keeps the previous values, counts the
+error, and never blocks other endpoints.
 
-Staleness, one rule everywhere: an endpoint is *fresh* if its last good scrape is at most
-`staleness_s` old. Candidates are the fresh endpoints; when none is fresh (start-up, a metrics
-outage) every endpoint is a candidate and scorers use the last known values, so the pool never
-halts. Stale endpoints are counted in `llm_d_epp_stale_endpoints`.
+Staleness is the scraper's one rule (`is_fresh`, `fresh_or_all`): candidates are the fresh
+endpoints; when none is fresh (start-up, a metrics outage) every endpoint is a candidate and
+scorers use the last known values, so the pool never halts. Stale endpoints are counted in
+`llm_d_epp_stale_endpoints`.
 """
 
 from __future__ import annotations
@@ -17,25 +20,15 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
-import aiohttp
-import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from llmd.protocol.errors import DecodeError
-from llmd.protocol.metrics import parse_engine_snapshot
+from llmd.protocol.metrics import EngineSnapshot
 from llmd.runtime.discovery import Endpoint, EndpointSet
+from llmd.runtime.enginepool import EnginePoolScraper, fresh_or_all
 from llmd.scheduler.framework import EndpointState
 
 log = logging.getLogger(__name__)
-
-
-class _Models(msgspec.Struct):
-    data: list[dict[str, Any]] = []
-
-
-_models_decoder = msgspec.json.Decoder(_Models)
 
 
 class Datastore:
@@ -52,15 +45,18 @@ class Datastore:
         pool_name: str = "llmd",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.refresh_interval_s = max(0.01, refresh_interval_s)
         self.staleness_s = staleness_s
-        self.models_interval_s = models_interval_s
-        self.scrape_timeout_s = scrape_timeout_s
         self.clock = clock
         self.endpoints: dict[str, EndpointState] = {}
         self.synced = asyncio.Event()
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self.scraper = EnginePoolScraper(
+            interval_s=refresh_interval_s,
+            models_interval_s=models_interval_s,
+            timeout_s=scrape_timeout_s,
+            registry=registry,
+            listener=self,
+            clock=clock,
+        )
         self._listeners: list[Callable[[set[str]], None]] = []
         self.pool_name = pool_name
         self._poll_errors = Counter(
@@ -112,22 +108,27 @@ class Datastore:
         """Call `listener(live endpoint keys)` whenever the pool changes."""
         self._listeners.append(listener)
 
+    @property
+    def models_interval_s(self) -> float:
+        return self.scraper.models_interval_s
+
+    @models_interval_s.setter
+    def models_interval_s(self, value: float) -> None:
+        self.scraper.models_interval_s = value
+
     def stale_count(self) -> int:
         now = self.clock()
         return sum(1 for e in self.endpoints.values() if not e.fresh(now, self.staleness_s))
 
     def candidates(self) -> list[EndpointState]:
         """Fresh endpoints, or all of them when none is fresh (never fail closed)."""
-        now = self.clock()
-        eps = list(self.endpoints.values())
-        fresh = [e for e in eps if e.fresh(now, self.staleness_s)]
-        return fresh or eps
+        return fresh_or_all(list(self.endpoints.values()), self.clock(), self.staleness_s)
 
     def all(self) -> list[EndpointState]:
         return list(self.endpoints.values())
 
     def set_endpoints(self, endpoints: EndpointSet) -> None:
-        """Replace the pool: new endpoints get a collector, removed ones lose theirs."""
+        """Replace the pool: new endpoints are scraped, removed ones no longer."""
         wanted: dict[str, Endpoint] = {e.host_port: e for e in endpoints if e.ready}
         for key in list(self.endpoints):
             if key not in wanted:
@@ -135,94 +136,41 @@ class Datastore:
                 del self.endpoints[key]
                 with contextlib.suppress(KeyError):
                     self._queue_gauge.remove(key, key)
-                task = self._tasks.pop(key, None)
-                if task is not None:
-                    task.cancel()
         for key, ep in wanted.items():
             state = self.endpoints.get(key)
             if state is None:
                 log.info("endpoint %s (%s) joined the pool", key, ep.name)
                 self.endpoints[key] = EndpointState(ep)
-                if self._session is not None:
-                    self._start(key)
             elif state.endpoint != ep:
                 state.endpoint = ep  # labels changed; keep metrics and accounting
+        self.scraper.set_targets(self.endpoints)
         self.synced.set()
         live = set(self.endpoints)
         for listener in self._listeners:
             listener(live)
 
-    def _start(self, key: str) -> None:
-        self._tasks[key] = asyncio.create_task(self._collect(key), name=f"collect-{key}")
-
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.scrape_timeout_s),
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=2, keepalive_timeout=30),
-        )
-        for key in self.endpoints:
-            if key not in self._tasks:
-                self._start(key)
+        await self.scraper.start()
 
     async def stop(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()
-        for task in self._tasks.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self.scraper.stop()
 
-    async def _collect(self, key: str) -> None:
-        next_models = 0.0
-        while True:
-            state = self.endpoints.get(key)
-            if state is None:
-                return
-            started = self.clock()
-            await self.scrape_metrics(state)
-            if self.models_interval_s > 0 and started >= next_models:
-                next_models = started + self.models_interval_s
-                await self.scrape_models(state)
+    # --- the scraper's listener --------------------------------------------------------------
+
+    def metrics(self, key: str, started_at: float, snapshot: EngineSnapshot, now: float) -> None:
+        state = self.endpoints.get(key)
+        if state is not None:
+            state.note_scrape(started_at, snapshot, now)
             self._queue_gauge.labels(key, key).set(state.waiting)
-            elapsed = self.clock() - started
-            await asyncio.sleep(max(0.0, self.refresh_interval_s - elapsed))
 
-    async def scrape_metrics(self, state: EndpointState) -> None:
-        assert self._session is not None
-        started = self.clock()
-        url = f"http://{state.key}/metrics"
-        try:
-            async with self._session.get(url) as resp:
-                if resp.status != 200:
-                    raise RuntimeError(f"HTTP {resp.status}")
-                text = await resp.text()
-            snapshot = parse_engine_snapshot(text)
-        except (aiohttp.ClientError, TimeoutError, RuntimeError, DecodeError, ValueError) as exc:
-            self._scrape_failed(state, "metrics", f"{type(exc).__name__}: {exc}")
-            return
-        state.note_scrape(started, snapshot, self.clock())
+    def models(self, key: str, models: frozenset[str]) -> None:
+        state = self.endpoints.get(key)
+        if state is not None:
+            state.loaded_models = models
 
-    async def scrape_models(self, state: EndpointState) -> None:
-        assert self._session is not None
-        try:
-            async with self._session.get(f"http://{state.key}/v1/models") as resp:
-                if resp.status != 200:
-                    raise RuntimeError(f"HTTP {resp.status}")
-                body = await resp.read()
-            models = _models_decoder.decode(body)
-        except (aiohttp.ClientError, TimeoutError, RuntimeError, msgspec.DecodeError) as exc:
-            self._scrape_failed(state, "models", f"{type(exc).__name__}: {exc}")
-            return
-        state.loaded_models = frozenset(
-            str(m["id"]) for m in models.data if isinstance(m, dict) and "id" in m
-        )
-
-    def _scrape_failed(self, state: EndpointState, source: str, error: str) -> None:
+    def failed(self, key: str, source: str, error: str) -> None:
         self._poll_errors.labels(source).inc()
-        state.consecutive_failures += 1
-        if state.last_error != error:
-            log.warning("scrape of %s %s failed: %s", state.key, source, error)
-        state.last_error = error
+        state = self.endpoints.get(key)
+        if state is not None:
+            state.consecutive_failures += 1
+            state.last_error = error

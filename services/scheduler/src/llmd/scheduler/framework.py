@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry
 from llmd.protocol.metrics import EngineSnapshot
 from llmd.runtime.config import StrictModel
 from llmd.runtime.discovery import Endpoint
+from llmd.runtime.enginepool import is_fresh
 
 
 class PluginParams(StrictModel):
@@ -87,7 +88,7 @@ class EndpointState:
         return dict(self.endpoint.labels)
 
     def fresh(self, now: float, threshold_s: float) -> bool:
-        return self.metrics_at > 0 and now - self.metrics_at <= threshold_s
+        return is_fresh(self.metrics_at, now, threshold_s)
 
     @property
     def waiting(self) -> int:

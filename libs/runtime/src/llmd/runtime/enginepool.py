@@ -1,0 +1,245 @@
+"""The engine-pool scraper: each engine's `/metrics` (and `/v1/models`) into typed snapshots.
+
+One task per engine scrapes `/metrics` every `interval_s` and `/v1/models` every
+`models_interval_s`, parses the Prometheus text into an `EngineSnapshot`
+(`llmd.protocol.metrics`), keeps the latest good one, and tells a listener. A failed scrape keeps
+the previous values, counts the error, logs a changed error once, and never blocks other
+engines. The number of engines is bounded (`max_engines`); targets past it are refused loudly.
+
+Staleness is one pure rule, `is_fresh`: a sample is fresh if the last good scrape is at most
+`threshold_s` old. `fresh_or_all` picks the fresh engines, or all of them when none is fresh
+(start-up, a metrics outage), so a consumer never halts on stale metrics.
+
+The scheduler's data layer, the autoscaler and the activator all read engines through this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import httpx
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from llmd.protocol.errors import DecodeError
+from llmd.protocol.metrics import EngineSnapshot, parse_engine_snapshot
+
+log = logging.getLogger(__name__)
+
+
+def is_fresh(last_good_at: float, now: float, threshold_s: float) -> bool:
+    """The one staleness rule: scraped at least once, and at most `threshold_s` ago."""
+    return last_good_at > 0 and now - last_good_at <= threshold_s
+
+
+class HasScrapeTime(Protocol):
+    @property
+    def metrics_at(self) -> float: ...
+
+
+T = TypeVar("T", bound=HasScrapeTime)
+
+
+def fresh_or_all(items: Sequence[T], now: float, threshold_s: float) -> list[T]:
+    """The fresh items, or all of them when none is fresh (never fail closed)."""
+    fresh = [i for i in items if is_fresh(i.metrics_at, now, threshold_s)]
+    return fresh or list(items)
+
+
+@dataclass(slots=True)
+class EngineSample:
+    """What the scraper knows about one engine."""
+
+    key: str
+    """host:port"""
+    snapshot: EngineSnapshot | None = None
+    metrics_at: float = 0.0
+    """Clock time of the last good `/metrics` scrape (0 = never)."""
+    started_at: float = 0.0
+    """Clock time the last good scrape started: it saw every request sent before then."""
+    models: frozenset[str] = field(default_factory=frozenset)
+    last_error: str | None = None
+    consecutive_failures: int = 0
+
+
+class ScrapeListener(Protocol):
+    def metrics(self, key: str, started_at: float, snapshot: EngineSnapshot, now: float) -> None:
+        """A good `/metrics` scrape of `key` that started at `started_at`."""
+
+    def models(self, key: str, models: frozenset[str]) -> None:
+        """A good `/v1/models` scrape of `key`."""
+
+    def failed(self, key: str, source: str, error: str) -> None:
+        """A failed scrape (`source` is `metrics` or `models`)."""
+
+
+class _Models(msgspec.Struct):
+    data: list[dict[str, Any]] = []
+
+
+_models_decoder = msgspec.json.Decoder(_Models)
+
+
+class EnginePoolScraper:
+    """Scrapes a changing set of engines on an interval (bounded, measured, never blocking)."""
+
+    def __init__(
+        self,
+        *,
+        interval_s: float = 0.05,
+        models_interval_s: float = 2.0,
+        timeout_s: float = 1.0,
+        max_engines: int = 4096,
+        registry: CollectorRegistry | None = None,
+        listener: ScrapeListener | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.interval_s = max(0.01, interval_s)
+        self.models_interval_s = models_interval_s
+        self.timeout_s = timeout_s
+        self.max_engines = max_engines
+        self.listener = listener
+        self.clock = clock
+        self.samples: dict[str, EngineSample] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._client: httpx.AsyncClient | None = None
+        self._scrapes = Counter(
+            "llmd_engine_scrapes",
+            "Scrapes of engines by source (metrics, models) and outcome (ok, error)",
+            ["source", "outcome"],
+            registry=registry,
+        )
+        self._refused = Counter(
+            "llmd_engine_scrape_targets_refused",
+            "Engines not scraped because the pool is at max_engines",
+            registry=registry,
+        )
+        Gauge(
+            "llmd_engine_scrape_targets", "Engines being scraped", registry=registry
+        ).set_function(lambda: len(self.samples))
+
+    # --- targets -----------------------------------------------------------------------------
+
+    def set_targets(self, keys: Iterable[str]) -> None:
+        """Scrape exactly these engines (host:port) from now on."""
+        wanted = list(dict.fromkeys(keys))
+        if len(wanted) > self.max_engines:
+            self._refused.inc(len(wanted) - self.max_engines)
+            log.error(
+                "%d engines discovered, scraping the first %d (max_engines)",
+                len(wanted),
+                self.max_engines,
+            )
+            wanted = wanted[: self.max_engines]
+        keep = set(wanted)
+        for key in list(self.samples):
+            if key not in keep:
+                del self.samples[key]
+                task = self._tasks.pop(key, None)
+                if task is not None:
+                    task.cancel()
+        for key in wanted:
+            if key not in self.samples:
+                self.samples[key] = EngineSample(key)
+                if self._client is not None:
+                    self._start(key)
+
+    def fresh(self, threshold_s: float) -> list[EngineSample]:
+        """Samples by the staleness rule (fresh, or all when none is)."""
+        return fresh_or_all(list(self.samples.values()), self.clock(), threshold_s)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(
+            timeout=self.timeout_s,
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=2 * 4096),
+        )
+        for key in self.samples:
+            if key not in self._tasks:
+                self._start(key)
+
+    async def stop(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        for task in self._tasks.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _start(self, key: str) -> None:
+        self._tasks[key] = asyncio.create_task(self._loop(key), name=f"scrape-{key}")
+
+    async def _loop(self, key: str) -> None:
+        next_models = 0.0
+        while key in self.samples:
+            started = self.clock()
+            await self.scrape_metrics(key)
+            if self.models_interval_s > 0 and started >= next_models:
+                next_models = started + self.models_interval_s
+                await self.scrape_models(key)
+            elapsed = self.clock() - started
+            await asyncio.sleep(max(0.0, self.interval_s - elapsed))
+
+    # --- one scrape --------------------------------------------------------------------------
+
+    async def _get(self, url: str) -> bytes:
+        assert self._client is not None, "start() the scraper first"
+        resp = await self._client.get(url)
+        if resp.status_code != 200:
+            raise RuntimeError(f"HTTP {resp.status_code}")
+        return resp.content
+
+    async def scrape_metrics(self, key: str) -> None:
+        """One `/metrics` scrape of `key` (also usable on demand)."""
+        started = self.clock()
+        try:
+            text = (await self._get(f"http://{key}/metrics")).decode("utf-8", "replace")
+            snapshot = parse_engine_snapshot(text)
+        except (httpx.HTTPError, RuntimeError, DecodeError, ValueError) as exc:
+            self._failed(key, "metrics", f"{type(exc).__name__}: {exc}")
+            return
+        now = self.clock()
+        sample = self.samples.get(key)
+        if sample is None:
+            return
+        sample.snapshot, sample.metrics_at, sample.started_at = snapshot, now, started
+        sample.last_error, sample.consecutive_failures = None, 0
+        self._scrapes.labels("metrics", "ok").inc()
+        if self.listener is not None:
+            self.listener.metrics(key, started, snapshot, now)
+
+    async def scrape_models(self, key: str) -> None:
+        try:
+            doc = _models_decoder.decode(await self._get(f"http://{key}/v1/models"))
+        except (httpx.HTTPError, RuntimeError, msgspec.DecodeError) as exc:
+            self._failed(key, "models", f"{type(exc).__name__}: {exc}")
+            return
+        models = frozenset(str(m["id"]) for m in doc.data if isinstance(m, dict) and "id" in m)
+        sample = self.samples.get(key)
+        if sample is None:
+            return
+        sample.models = models
+        self._scrapes.labels("models", "ok").inc()
+        if self.listener is not None:
+            self.listener.models(key, models)
+
+    def _failed(self, key: str, source: str, error: str) -> None:
+        self._scrapes.labels(source, "error").inc()
+        sample = self.samples.get(key)
+        if sample is not None:
+            sample.consecutive_failures += 1
+            if sample.last_error != error:
+                log.warning("scrape of %s %s failed: %s", key, source, error)
+            sample.last_error = error
+        if self.listener is not None:
+            self.listener.failed(key, source, error)

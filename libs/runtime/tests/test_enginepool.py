@@ -1,0 +1,115 @@
+"""The engine-pool scraper: the pure staleness rule, and real scrapes of engines on loopback
+(one healthy, one answering 500, one gone), bounded targets and listener calls."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+from fastapi import FastAPI, Response
+from prometheus_client import CollectorRegistry
+
+from llmd.protocol.metrics import EngineSnapshot
+from llmd.runtime.enginepool import EnginePoolScraper, fresh_or_all, is_fresh
+from llmd.runtime.lifecycle import http_server
+
+METRICS = """\
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="m"} 3.0
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="m"} 5.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{model_name="m"} 0.25
+"""
+
+
+@dataclass
+class Item:
+    metrics_at: float
+
+
+def test_staleness_is_one_rule_and_never_fails_closed() -> None:
+    assert is_fresh(9.5, now=10.0, threshold_s=1.0)
+    assert not is_fresh(8.0, now=10.0, threshold_s=1.0)
+    assert not is_fresh(0.0, now=0.5, threshold_s=1.0)  # never scraped
+    fresh, stale = Item(9.9), Item(5.0)
+    assert fresh_or_all([fresh, stale], 10.0, 1.0) == [fresh]
+    assert fresh_or_all([stale], 10.0, 1.0) == [stale]  # none fresh: all stay candidates
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.snapshots: dict[str, EngineSnapshot] = {}
+        self.model_sets: dict[str, frozenset[str]] = {}
+        self.errors: list[tuple[str, str]] = []
+
+    def metrics(self, key: str, started_at: float, snapshot: EngineSnapshot, now: float) -> None:
+        assert started_at <= now
+        self.snapshots[key] = snapshot
+
+    def models(self, key: str, models: frozenset[str]) -> None:
+        self.model_sets[key] = models
+
+    def failed(self, key: str, source: str, error: str) -> None:
+        self.errors.append((key, source))
+
+
+def engine_app(healthy: bool) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if healthy:
+            return Response(METRICS, media_type="text/plain")
+        return Response("boom", status_code=500)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, object]:
+        return {"data": [{"id": "m"}, {"id": "lora-a"}]}
+
+    return app
+
+
+async def _scrape(ports: list[int]) -> None:
+    good, bad, gone = ports
+    servers = [http_server(engine_app(h), "127.0.0.1", p) for h, p in ((True, good), (False, bad))]
+    tasks = [asyncio.create_task(s.serve()) for s in servers]
+    while not all(s.started for s in servers):
+        await asyncio.sleep(0.01)
+    rec = Recorder()
+    registry = CollectorRegistry()
+    scraper = EnginePoolScraper(
+        interval_s=0.05, timeout_s=0.5, max_engines=3, registry=registry, listener=rec
+    )
+    keys = [f"127.0.0.1:{p}" for p in ports]
+    scraper.set_targets([*keys, "127.0.0.1:1"])  # one past the bound: refused, counted
+    assert list(scraper.samples) == keys
+    await scraper.start()
+    try:
+        for _ in range(100):
+            if keys[0] in rec.snapshots and {k for k, _ in rec.errors} >= set(keys[1:]):
+                break
+            await asyncio.sleep(0.05)
+        snap = rec.snapshots[keys[0]]
+        assert (snap.waiting, snap.running, snap.kv_cache_usage) == (3, 5, 0.25)
+        assert rec.model_sets[keys[0]] == {"m", "lora-a"}
+        assert keys[1] not in rec.snapshots
+        assert scraper.samples[keys[1]].last_error == "RuntimeError: HTTP 500"
+        assert scraper.samples[keys[2]].consecutive_failures >= 1
+        assert [s.key for s in scraper.fresh(threshold_s=1.0)] == [keys[0]]
+        assert registry.get_sample_value("llmd_engine_scrape_targets_refused_total") == 1
+        scraper.set_targets(keys[:1])
+        assert list(scraper.samples) == keys[:1]
+    finally:
+        await scraper.stop()
+        for s in servers:
+            s.should_exit = True
+        await asyncio.gather(*tasks)
+
+
+@pytest.mark.integration
+def test_scraper_reads_good_engines_and_counts_bad_ones() -> None:
+    from llmd.vllm_cpu.server import free_port
+
+    asyncio.run(_scrape([free_port(), free_port(), free_port()]))
