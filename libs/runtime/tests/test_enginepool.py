@@ -72,7 +72,7 @@ def engine_app(healthy: bool) -> FastAPI:
 
 
 async def _scrape(ports: list[int]) -> None:
-    good, bad, gone = ports
+    good, bad, _gone = ports
     servers = [http_server(engine_app(h), "127.0.0.1", p) for h, p in ((True, good), (False, bad))]
     tasks = [asyncio.create_task(s.serve()) for s in servers]
     while not all(s.started for s in servers):

@@ -23,6 +23,7 @@ import msgspec
 import zmq.asyncio
 from aiohttp import web
 
+from llmd.kvcache.publisher import KVEventPublisher
 from llmd.protocol.errors import ProtocolError
 from llmd.protocol.kv_events import format_topic
 from llmd.protocol.openai import (
@@ -34,7 +35,6 @@ from llmd.protocol.openai import (
 from llmd.sim import responses
 from llmd.sim.config import FaultConfig, SimServerConfig
 from llmd.sim.engine import Engine, EngineError, EngineSettings, LoraAdapter, SimClock, SimRequest
-from llmd.sim.events import KVEventPublisher
 from llmd.sim.latency import LatencyModel
 from llmd.sim.metrics import CONTENT_TYPE, EngineMetrics
 from llmd.sim.pd import InvalidTransferParamsError, SimNixlConnector, parse_decode_params

@@ -1,4 +1,7 @@
-"""KV events over ZMQ exactly as vLLM 0.32's ZmqEventPublisher sends them.
+"""A KV-event publisher: ZMQ exactly as vLLM 0.32's ZmqEventPublisher sends events.
+
+Anything that stores or removes KV blocks outside an engine (the simulator, the shared
+filesystem tier and its evictor) publishes with this, so every consumer reads one format.
 
 Live frames are `(topic, seq as 8-byte big-endian, msgpack EventBatch)` on a PUB socket (bound
 when the endpoint has `*`, connected otherwise, as vLLM decides); the replay ROUTER answers
@@ -45,6 +48,7 @@ class KVEventPublisher:
         buffer_steps: int = DEFAULT_BUFFER_STEPS,
         hwm: int = DEFAULT_HWM,
         seed: int = 0,
+        data_parallel_rank: int = 0,
     ) -> None:
         self._ctx = ctx
         self.endpoint = endpoint
@@ -57,6 +61,7 @@ class KVEventPublisher:
         self._replay: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random(seed)
+        self.data_parallel_rank = data_parallel_rank
         self.drop_rate = 0.0
         self.published = 0
         self.dropped = 0
@@ -99,7 +104,9 @@ class KVEventPublisher:
         seq = self._seq
         self._seq += 1
         payload = encode_batch(
-            EventBatch(ts=time.time(), events=list(events), data_parallel_rank=0)
+            EventBatch(
+                ts=time.time(), events=list(events), data_parallel_rank=self.data_parallel_rank
+            )
         )
         self._buffer.append((seq, payload))
         if self.drop_rate and self._rng.random() < self.drop_rate:
