@@ -37,6 +37,7 @@ import aiohttp
 
 from llmd.bench.cli import PRECISE_CONFIG
 from llmd.dev.sim_engines import SimFleetProcess
+from llmd.protocol.openai import Usage, usage_from_body
 from llmd.runtime.discovery import StaticFileDiscovery
 from llmd.scheduler.core import build_core
 from llmd.sim.tokenizer import default_tokenizer_dir
@@ -116,7 +117,7 @@ async def run_config(name: str, arrivals: list[tuple[float, str]], work: Path) -
                 sched_ms.append((time.perf_counter() - t_s) * 1000)
                 t0 = time.perf_counter()
                 first = 0.0
-                usage: dict[str, Any] | None = None
+                usage: Usage | None = None
                 try:
                     async with session.post(
                         f"http://{key}/v1/completions",
@@ -130,18 +131,15 @@ async def run_config(name: str, arrivals: list[tuple[float, str]], work: Path) -
                             if not first:
                                 first = time.perf_counter() - t0
                             if line.startswith(b"data: {") and b'"usage":{' in line:
-                                u = json.loads(line[6:]).get("usage")
-                                if u:
-                                    usage = u
+                                usage = usage_from_body(line, stream=True) or usage
                     done = time.perf_counter() - t0
                     ttfts.append(first)
-                    if usage:
-                        prompt_tokens += usage["prompt_tokens"]
-                        output_tokens += usage["completion_tokens"]
-                        details = usage.get("prompt_tokens_details") or {}
-                        cached_tokens += details.get("cached_tokens") or 0
-                        if usage["completion_tokens"] > 1:
-                            tpots.append((done - first) / (usage["completion_tokens"] - 1))
+                    if usage is not None:
+                        prompt_tokens += usage.prompt_tokens
+                        output_tokens += usage.completion_tokens
+                        cached_tokens += usage.cached_tokens
+                        if usage.completion_tokens > 1:
+                            tpots.append((done - first) / (usage.completion_tokens - 1))
                 finally:
                     if decision is not None:
                         director.complete(decision, "natural", usage)

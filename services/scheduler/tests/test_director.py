@@ -307,5 +307,25 @@ def test_prefix_consumers_read_the_precise_producers_data_under_the_default_name
     req = LLMRequest(request_id="r", path="/v1/completions", headers={}, body=b"")
     scorer = NoHitLRUScorer("no-hit-lru-scorer", NoHitLRUParams(), PluginHandle(list))
     assert scorer._cold(req)  # no producer wrote anything: cold
-    req.data[PRECISE_PRODUCER] = {"10.0.0.1:8000": PrefixMatch(3, 4, 16)}
+    req.prefix[PRECISE_PRODUCER] = {"10.0.0.1:8000": PrefixMatch(3, 4, 16)}
     assert not scorer._cold(req)  # a precise-only config: its matches count
+
+
+def test_plugin_state_is_typed_per_owner() -> None:
+    from dataclasses import dataclass
+
+    from llmd.scheduler.framework import LLMRequest
+
+    @dataclass
+    class Mine:
+        count: int = 0
+
+    @dataclass
+    class Other:
+        name: str = ""
+
+    req = LLMRequest(request_id="r", path="/v1/completions", headers={}, body=b"")
+    req.state("p", Mine).count += 1
+    assert req.state("p", Mine).count == 1
+    with pytest.raises(TypeError, match="p state is Mine, not Other"):
+        req.state("p", Other)

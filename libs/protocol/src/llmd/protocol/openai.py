@@ -368,3 +368,58 @@ def decode_usage(obj: dict[str, Any]) -> Usage | None:
         return msgspec.convert(raw, Usage)
     except msgspec.ValidationError as exc:
         raise DecodeError(f"invalid usage object: {exc}") from None
+
+
+USAGE_TAIL_BYTES = 64 * 1024
+"""How much of a streamed response's end is kept to find its usage chunk."""
+USAGE_BODY_LIMIT = 4 * 1024 * 1024
+"""A non-streamed body larger than this is not kept for its usage."""
+
+
+def usage_from_body(body: bytes, stream: bool) -> Usage | None:
+    """The usage of a whole JSON response, or of the last SSE chunk that carries one (the tail
+    of a stream is enough); None when there is none or it does not decode."""
+    try:
+        if not stream:
+            obj = msgspec.json.decode(body)
+            return decode_usage(obj) if isinstance(obj, dict) else None
+        for block in reversed(body.split(b"\n\n")):
+            line = block.strip()
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]" or b'"usage"' not in payload:
+                continue
+            obj = msgspec.json.decode(payload)
+            usage = decode_usage(obj) if isinstance(obj, dict) else None
+            if usage is not None:
+                return usage
+    except (msgspec.DecodeError, DecodeError):
+        return None
+    return None
+
+
+class UsageTail:
+    """Keeps what is needed of a response, chunk by chunk, to read its usage at the end:
+    the last `USAGE_TAIL_BYTES` of a stream, or a whole body up to `USAGE_BODY_LIMIT`."""
+
+    __slots__ = ("_buf", "keeping", "stream")
+
+    def __init__(self, stream: bool) -> None:
+        self.stream = stream
+        self.keeping = True
+        self._buf = bytearray()
+
+    def add(self, chunk: bytes) -> None:
+        if not self.keeping:
+            return
+        self._buf += chunk
+        if self.stream:
+            if len(self._buf) > USAGE_TAIL_BYTES:
+                del self._buf[: len(self._buf) - USAGE_TAIL_BYTES]
+        elif len(self._buf) > USAGE_BODY_LIMIT:
+            self.keeping = False
+            self._buf = bytearray()
+
+    def usage(self) -> Usage | None:
+        return usage_from_body(bytes(self._buf), self.stream) if self.keeping else None

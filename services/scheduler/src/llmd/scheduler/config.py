@@ -165,9 +165,9 @@ class Profile:
     """A named pipeline: filters in order, weighted scorers, one picker."""
 
     name: str
-    filters: list[Filter]
-    scorers: list[tuple[Scorer, float]]
-    picker: Picker
+    filters: list[Filter[Any]]
+    scorers: list[tuple[Scorer[Any], float]]
+    picker: Picker[Any]
 
 
 @dataclass(frozen=True)
@@ -186,12 +186,12 @@ class BuiltConfig:
     """The plugin instances and profiles a Director runs."""
 
     source: EndpointPickerConfig
-    plugins: dict[str, Plugin]
+    plugins: dict[str, Plugin[Any]]
     profiles: dict[str, Profile]
-    handler: ProfileHandler
-    producers: list[DataProducer]
-    pre_request: list[PreRequest]
-    response_hooks: list[ResponseHook]
+    handler: ProfileHandler[Any]
+    producers: list[DataProducer[Any]]
+    pre_request: list[PreRequest[Any]]
+    response_hooks: list[ResponseHook[Any]]
     parsers: list[str]
     settings: SchedulerSettings = field(default_factory=SchedulerSettings)
 
@@ -268,7 +268,7 @@ def build(
 ) -> BuiltConfig:
     """Instantiate plugins and profiles, applying llm-d's defaults; ConfigError on any issue."""
     issues: list[ConfigIssue] = []
-    plugins: dict[str, Plugin] = {}
+    plugins: dict[str, Plugin[Any]] = {}
     inert: dict[str, str] = {}
     specs = list(enumerate(cfg.plugins))
 
@@ -306,7 +306,7 @@ def build(
             continue
         plugins[name] = cls(name, params, handle)
 
-    def auto(type_name: str) -> Plugin:
+    def auto(type_name: str) -> Plugin[Any]:
         """llm-d auto-creates a default producer a consumer needs but the config lacks."""
         if type_name in plugins:
             return plugins[type_name]
@@ -349,9 +349,9 @@ def build(
         if ps.name in profiles:
             issues.append(ConfigIssue(f"{where}.name", f"duplicate profile name {ps.name!r}"))
             continue
-        filters: list[Filter] = []
-        scorers: list[tuple[Scorer, float]] = []
-        pickers: list[Picker] = []
+        filters: list[Filter[Any]] = []
+        scorers: list[tuple[Scorer[Any], float]] = []
+        pickers: list[Picker[Any]] = []
         for ri, ref in enumerate(ps.plugins):
             rwhere = f"{where}.plugins[{ri}].pluginRef"
             found = plugins.get(ref.plugin_ref)
@@ -400,7 +400,7 @@ def build(
     handlers = [p for p in plugins.values() if isinstance(p, ProfileHandler)]
     if len(handlers) > 1:
         issues.append(ConfigIssue("plugins", "at most one profile handler may be configured"))
-    handler: ProfileHandler | None = None
+    handler: ProfileHandler[Any] | None = None
     if handlers:
         handler = handlers[0]
     elif len(profiles) <= 1:

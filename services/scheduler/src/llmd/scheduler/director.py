@@ -24,6 +24,7 @@ from typing import Any
 from opentelemetry import trace
 
 from llmd.protocol import headers as hdr
+from llmd.protocol.openai import Usage
 from llmd.scheduler.config import BuiltConfig, Profile
 from llmd.scheduler.datalayer import Datastore
 from llmd.scheduler.framework import (
@@ -31,6 +32,7 @@ from llmd.scheduler.framework import (
     EndpointState,
     Filter,
     LLMRequest,
+    LoadEstimator,
     PrefixMatch,
     ProfileResult,
     SchedulingError,
@@ -41,8 +43,6 @@ from llmd.scheduler.framework import (
 )
 from llmd.scheduler.metrics import SchedulerMetrics
 from llmd.scheduler.parsing import ParseError, is_inference_path, parse_openai, rewrite_model
-from llmd.scheduler.plugins.filters import UtilizationFilter
-from llmd.scheduler.plugins.producers import InflightLoadProducer
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Director:
         self.decisions: deque[_Explanation] = deque(maxlen=DECISION_BUFFER)
         self._seq = 0
         self._rng = random.Random()
-        loads = [p for p in built.plugins.values() if isinstance(p, InflightLoadProducer)]
+        loads = [p for p in built.plugins.values() if isinstance(p, LoadEstimator)]
         self._load = loads[0] if loads else None
         self._async_producers = [p for p in built.producers if isinstance(p, AsyncDataProducer)]
         self._timers: dict[tuple[str, str], Any] = {}
@@ -280,14 +280,13 @@ class Director:
         for plugin in self.built.pre_request:
             t = time.perf_counter()
             try:
-                plugin.pre_request(req, result)
+                added = plugin.pre_request(req, result)
             except Exception:
                 log.exception("pre-request plugin %s failed", plugin.name)
                 raise SchedulingError(500, f"pre-request plugin {plugin.name} failed") from None
+            if added:
+                decision.set_headers.update(added)
             self._timer("PreRequest", plugin).observe(time.perf_counter() - t)
-        set_headers = req.data.get("set_headers")
-        if set_headers:
-            decision.set_headers.update(set_headers)
         primary = decision.endpoints[0]
         self._account(decision, primary)
         ep = primary.endpoint
@@ -444,7 +443,7 @@ class Director:
         for hook in self.built.response_hooks:
             hook.first_token(req, endpoint)
 
-    def complete(self, decision: Decision, cause: str, usage: dict[str, Any] | None = None) -> None:
+    def complete(self, decision: Decision, cause: str, usage: Usage | None = None) -> None:
         """Release the request's accounting exactly once, whatever ended it."""
         if decision.completed:
             return
@@ -471,8 +470,8 @@ class Director:
         if cause != "natural" or decision.status >= 400:
             code = str(decision.status) if decision.status >= 400 else cause
             self.metrics.request_error_total.labels(model, target, code).inc()
-        if usage:
-            req.data["usage"] = usage
+        if usage is not None:
+            req.usage = usage
             self._usage(model, target, usage)
         for hook in self.built.response_hooks:
             try:
@@ -480,17 +479,12 @@ class Director:
             except Exception:
                 log.exception("response hook %s failed", hook.name)
 
-    def _usage(self, model: str, target: str, usage: dict[str, Any]) -> None:
-        prompt = usage.get("prompt_tokens")
-        completion = usage.get("completion_tokens")
-        details = usage.get("prompt_tokens_details") or {}
-        cached = details.get("cached_tokens") if isinstance(details, dict) else None
-        if isinstance(prompt, int):
-            self.metrics.input_tokens.labels(model, target).observe(prompt)
-        if isinstance(completion, int):
-            self.metrics.output_tokens.labels(model, target).observe(completion)
-        if isinstance(cached, int):
-            self.metrics.cached_tokens.labels(model, target).observe(cached)
+    def _usage(self, model: str, target: str, usage: Usage) -> None:
+        self.metrics.input_tokens.labels(model, target).observe(usage.prompt_tokens)
+        self.metrics.output_tokens.labels(model, target).observe(usage.completion_tokens)
+        details = usage.prompt_tokens_details
+        if details is not None and details.cached_tokens is not None:
+            self.metrics.cached_tokens.labels(model, target).observe(details.cached_tokens)
 
     # --- debugging -------------------------------------------------------------------------
 
@@ -554,8 +548,8 @@ class Director:
         return {s.endpoint.key: s.score for s in primary.scored}
 
 
-def _drained(f: Filter, profile: str) -> SchedulingError:
-    if isinstance(f, UtilizationFilter):
+def _drained(f: Filter[Any], profile: str) -> SchedulingError:
+    if f.saturation:
         return SchedulingError(
             429,
             f"every endpoint is over the limits of {f.name} (profile {profile})",

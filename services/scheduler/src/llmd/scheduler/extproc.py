@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-import msgspec
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
@@ -30,15 +29,13 @@ from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmd.protocol import headers as hdr
-from llmd.protocol.openai import error_body
+from llmd.protocol.openai import UsageTail, error_body
 from llmd.scheduler.director import Decision, Director
 from llmd.scheduler.framework import LLMRequest, SchedulingError
 
 log = logging.getLogger(__name__)
 
 BODY_CHUNK_BYTES = 62_000
-USAGE_TAIL_BYTES = 64 * 1024
-USAGE_BODY_LIMIT = 4 * 1024 * 1024
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 HEALTH_SERVICES = ("", "liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor")
 
@@ -139,7 +136,6 @@ class _Stream:
 
     __slots__ = (
         "body",
-        "collect",
         "decision",
         "done_request",
         "model_back",
@@ -156,8 +152,7 @@ class _Stream:
         self.done_request = False
         self.stream = False
         self.subset: list[str] | None = None
-        self.tail = bytearray()
-        self.collect = True
+        self.tail: UsageTail | None = None
         self.model_back: tuple[bytes, bytes, bytes, bytes] | None = None
 
 
@@ -252,6 +247,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     hdrs = read_headers(msg.response_headers)
                     status = int(hdrs.get(":status", "0") or 0)
                     s.stream = "text/event-stream" in hdrs.get("content-type", "")
+                    s.tail = UsageTail(s.stream)
                     if s.decision is not None:
                         self.director.response_headers(s.decision, status)
                     yield pb.ProcessingResponse(
@@ -300,43 +296,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             metrics.streams_total.labels(cause).inc()
 
     def _keep(self, s: _Stream, chunk: bytes) -> None:
-        if not s.collect:
-            return
-        s.tail += chunk
-        if s.stream:
-            if len(s.tail) > USAGE_TAIL_BYTES:
-                del s.tail[: len(s.tail) - USAGE_TAIL_BYTES]
-        elif len(s.tail) > USAGE_BODY_LIMIT:
-            s.collect = False
-            s.tail = bytearray()
+        if s.tail is not None:
+            s.tail.add(chunk)
 
     def _finish(self, s: _Stream, cause: str) -> None:
         if s.decision is None or s.decision.completed:
             return
-        usage = _usage(bytes(s.tail), s.stream) if s.collect and s.tail else None
+        usage = s.tail.usage() if s.tail is not None else None
         self.director.complete(s.decision, cause, usage)
-
-
-def _usage(body: bytes, stream: bool) -> dict[str, Any] | None:
-    try:
-        if not stream:
-            obj = msgspec.json.decode(body)
-            u = obj.get("usage") if isinstance(obj, dict) else None
-            return u if isinstance(u, dict) else None
-        for block in reversed(body.split(b"\n\n")):
-            line = block.strip()
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]" or b'"usage"' not in payload:
-                continue
-            obj = msgspec.json.decode(payload)
-            u = obj.get("usage") if isinstance(obj, dict) else None
-            if isinstance(u, dict):
-                return u
-    except msgspec.DecodeError:
-        return None
-    return None
 
 
 class HealthService(health_pb2_grpc.HealthServicer):

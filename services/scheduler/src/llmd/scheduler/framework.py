@@ -17,13 +17,14 @@ construction; they never reach for globals.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry
 
 from llmd.protocol.metrics import EngineSnapshot
+from llmd.protocol.openai import Usage
 from llmd.runtime.config import StrictModel
 from llmd.runtime.discovery import Endpoint
 from llmd.runtime.enginepool import is_fresh
@@ -167,6 +168,9 @@ class EndpointState:
 # --- requests ------------------------------------------------------------------------------
 
 
+StateT = TypeVar("StateT")
+
+
 @dataclass(slots=True)
 class PrefixMatch:
     """How many of a request's prefix blocks an endpoint holds (llm-d's PrefixCacheMatchInfo)."""
@@ -180,13 +184,15 @@ APPROX_PRODUCER = "approx-prefix-cache-producer"
 PRECISE_PRODUCER = "precise-prefix-cache-producer"
 
 
-def prefix_matches(request: LLMRequest, producer: str = APPROX_PRODUCER) -> dict[str, Any] | None:
+def prefix_matches(
+    request: LLMRequest, producer: str = APPROX_PRODUCER
+) -> dict[str, PrefixMatch] | None:
     """The `PrefixMatch` per endpoint that `producer` wrote. Consumers name the approximate
     producer by default (llm-d's default); when a config has the precise one instead (the
     builder then adds no approximate one), its data answers for that default name."""
-    got: dict[str, Any] | None = request.data.get(producer)
+    got = request.prefix.get(producer)
     if got is None and producer == APPROX_PRODUCER:
-        got = request.data.get(PRECISE_PRODUCER)
+        got = request.prefix.get(PRECISE_PRODUCER)
     return got
 
 
@@ -208,8 +214,21 @@ class LLMRequest:
     prompt_tokens: int = 0
     parsed: bool = False
     received_at: float = field(default_factory=time.monotonic)
-    data: dict[str, Any] = field(default_factory=dict)
-    """What data producers wrote for the scorers (keyed by producer name)."""
+    prefix: dict[str, dict[str, PrefixMatch]] = field(default_factory=dict)
+    """Prefix matches per endpoint key, written by each prefix producer under its name."""
+    usage: Usage | None = None
+    """The response's usage (set when the response completes)."""
+    _state: dict[str, object] = field(default_factory=dict)
+
+    def state(self, owner: str, kind: type[StateT]) -> StateT:
+        """The per-request state plugin `owner` keeps in its own type `kind` (created empty on
+        first use); another type under the same owner is a programming error."""
+        got = self._state.get(owner)
+        if got is None:
+            got = self._state[owner] = kind()
+        if not isinstance(got, kind):
+            raise TypeError(f"{owner} state is {type(got).__name__}, not {kind.__name__}")
+        return got
 
     def header(self, name: str, *aliases: str) -> str | None:
         for key in (name, *aliases):
@@ -264,14 +283,19 @@ class PluginHandle:
     endpoints: Callable[[], Sequence[EndpointState]]
 
 
-class Plugin:
-    """Base of every plugin. Subclasses set `type_name` and, if configurable, `Params`."""
+ParamsT = TypeVar("ParamsT", bound=PluginParams)
+
+
+class Plugin(Generic[ParamsT]):
+    """Base of every plugin, generic over its parameters (`Scorer[MyParams]`). Subclasses set
+    `type_name` and, if configurable, `Params` (the same model as the type argument)."""
 
     type_name: ClassVar[str] = ""
     Params: ClassVar[type[PluginParams]] = NoParams
+    """The model `parameters` are validated with; the instance's `params` is one of these."""
     experimental: ClassVar[bool] = False
 
-    def __init__(self, name: str, params: PluginParams, handle: PluginHandle) -> None:
+    def __init__(self, name: str, params: ParamsT, handle: PluginHandle) -> None:
         self.name = name
         self.params = params
         self.handle = handle
@@ -289,12 +313,16 @@ class Plugin:
         return
 
 
-class Filter(Plugin):
+class Filter(Plugin[ParamsT]):
+    saturation: ClassVar[bool] = False
+    """True for a filter that drops endpoints for load: when it leaves none, the request is
+    rejected as saturated (429) rather than unroutable (503)."""
+
     def filter(self, request: LLMRequest, endpoints: list[EndpointState]) -> list[EndpointState]:
         raise NotImplementedError
 
 
-class Scorer(Plugin):
+class Scorer(Plugin[ParamsT]):
     category: ClassVar[str] = "distribution"
 
     def score(self, request: LLMRequest, endpoints: list[EndpointState]) -> list[float]:
@@ -302,28 +330,37 @@ class Scorer(Plugin):
         raise NotImplementedError
 
 
-class Picker(Plugin):
+class Picker(Plugin[ParamsT]):
     def pick(self, request: LLMRequest, scored: list[ScoredEndpoint]) -> list[EndpointState]:
         """The chosen endpoints, best first (more than one = an ordered fallback list)."""
         raise NotImplementedError
 
 
-class DataProducer(Plugin):
+class DataProducer(Plugin[ParamsT]):
     """Computes per-request data (e.g. prefix matches) before scoring."""
 
     def produce(self, request: LLMRequest, endpoints: list[EndpointState]) -> None:
         raise NotImplementedError
 
 
-class AsyncDataProducer(DataProducer):
+class LoadEstimator(Plugin[ParamsT]):
+    """Says how many tokens of load a request puts on the endpoint it is sent to (counted at
+    pick time, released at completion). Without one: uncached prompt tokens."""
+
+    def tokens(self, request: LLMRequest, cached_tokens: int) -> int:
+        raise NotImplementedError
+
+
+class AsyncDataProducer(DataProducer[ParamsT]):
     """A producer whose data needs I/O (a shared index, a remote indexer): `prefetch` runs on
-    the event loop before scheduling, then `produce` fills `request.data` without blocking."""
+    the event loop before scheduling, then `produce` fills the request's fields without
+    blocking."""
 
     async def prefetch(self, request: LLMRequest, endpoints: list[EndpointState]) -> None:
         raise NotImplementedError
 
 
-class Lifecycle(Plugin):
+class Lifecycle(Plugin[ParamsT]):
     """A plugin with background work (subscriptions, timers): started and stopped with the app."""
 
     async def start(self) -> None:
@@ -333,14 +370,18 @@ class Lifecycle(Plugin):
         raise NotImplementedError
 
 
-class PreRequest(Plugin):
+class PreRequest(Plugin[ParamsT]):
     """Runs once the request's endpoints are chosen, before it is forwarded."""
 
-    def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
+    def pre_request(
+        self, request: LLMRequest, result: SchedulingResult
+    ) -> Mapping[str, str] | None:
+        """Record the decision; headers returned here are added to the forwarded request
+        (P/D uses this for `x-prefiller-host-port`)."""
         raise NotImplementedError
 
 
-class ResponseHook(Plugin):
+class ResponseHook(Plugin[ParamsT]):
     """Sees the response: headers, then completion (with usage, once, whatever the outcome)."""
 
     def response_headers(
@@ -358,7 +399,7 @@ class ResponseHook(Plugin):
         return
 
 
-class ProfileHandler(Plugin):
+class ProfileHandler(Plugin[ParamsT]):
     def pick_profiles(
         self, request: LLMRequest, profiles: Sequence[str], results: dict[str, ProfileResult | None]
     ) -> list[str]:
@@ -373,17 +414,14 @@ class ProfileHandler(Plugin):
 # --- registry ------------------------------------------------------------------------------
 
 
-P = TypeVar("P", bound=type[Plugin])
-
-
 class PluginRegistry:
     """Plugin classes by type string, plus deprecated aliases."""
 
     def __init__(self) -> None:
-        self._types: dict[str, type[Plugin]] = {}
+        self._types: dict[str, type[Plugin[Any]]] = {}
         self._aliases: dict[str, str] = {}
 
-    def add(self, cls: type[Plugin], *aliases: str) -> None:
+    def add(self, cls: type[Plugin[Any]], *aliases: str) -> None:
         if not cls.type_name:
             raise ValueError(f"{cls.__name__} has no type_name")
         if cls.type_name in self._types:
@@ -392,7 +430,7 @@ class PluginRegistry:
         for alias in aliases:
             self._aliases[alias] = cls.type_name
 
-    def resolve(self, type_name: str) -> tuple[type[Plugin] | None, str | None]:
+    def resolve(self, type_name: str) -> tuple[type[Plugin[Any]] | None, str | None]:
         """The class for a type string, and the canonical name when it was an alias."""
         if type_name in self._types:
             return self._types[type_name], None

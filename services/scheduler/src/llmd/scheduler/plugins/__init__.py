@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+from typing import Any
 
 from llmd.runtime.config import ConfigError, ConfigIssue
 from llmd.scheduler.framework import Plugin, PluginRegistry
@@ -33,7 +34,7 @@ def builtin_registry() -> PluginRegistry:
     return registry
 
 
-def _classes(obj: object) -> list[type[Plugin]]:
+def _classes(obj: object) -> list[type[Plugin[Any]]]:
     if isinstance(obj, type) and issubclass(obj, Plugin):
         return [obj]
     if callable(obj):

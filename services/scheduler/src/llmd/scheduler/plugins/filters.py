@@ -6,12 +6,18 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from llmd.scheduler.framework import EndpointState, Filter, LLMRequest, PluginParams
+from llmd.scheduler.framework import (
+    EndpointState,
+    Filter,
+    LLMRequest,
+    NoParams,
+    PluginParams,
+)
 
 ROLE_LABEL = "llm-d.ai/role"
 
 
-class _RoleFilter(Filter):
+class _RoleFilter(Filter[NoParams]):
     roles: ClassVar[frozenset[str]] = frozenset()
     keep_unlabelled: ClassVar[bool] = False
 
@@ -59,14 +65,14 @@ class LabelSelectorParams(PluginParams):
     match_expressions: list[LabelExpression] = Field(default_factory=list, alias="matchExpressions")
 
 
-class LabelSelectorFilter(Filter):
+class LabelSelectorFilter(Filter[LabelSelectorParams]):
     """Keeps endpoints whose labels satisfy a Kubernetes label selector."""
 
     type_name = "label-selector-filter"
     Params = LabelSelectorParams
 
     def _matches(self, labels: Any) -> bool:
-        p: LabelSelectorParams = self.params  # type: ignore[assignment]
+        p = self.params
         for k, v in p.match_labels.items():
             if labels.get(k) != v:
                 return False
@@ -106,14 +112,16 @@ def _metric(e: EndpointState, name: str) -> float:
     return e.kv_usage
 
 
-class UtilizationFilter(Filter):
+class UtilizationFilter(Filter[UtilizationParams]):
+    saturation = True
+
     """Drops endpoints over any cap; with fallbackOnEmpty, keeps all when every one is over."""
 
     type_name = "utilization-filter"
     Params = UtilizationParams
 
     def filter(self, request: LLMRequest, endpoints: list[EndpointState]) -> list[EndpointState]:
-        p: UtilizationParams = self.params  # type: ignore[assignment]
+        p = self.params
         kept = [
             e for e in endpoints if all(_metric(e, c.metric) <= c.max_value for c in p.conditions)
         ]

@@ -12,7 +12,9 @@ from pydantic import Field
 from llmd.scheduler.framework import (
     EndpointState,
     LLMRequest,
+    NoParams,
     Picker,
+    PluginHandle,
     PluginParams,
     ProfileHandler,
     ProfileResult,
@@ -31,7 +33,7 @@ class MaxScoreParams(PickerParams):
     """`random` is llm-d's behaviour (shuffle, then stable sort)."""
 
 
-class MaxScorePicker(Picker):
+class MaxScorePicker(Picker[MaxScoreParams]):
     """Highest total score first. Ties go to the endpoint with the least outstanding work
     (in flight plus sent since its last scrape), then at random, so a burst that sees equal
     scores does not pile onto one endpoint."""
@@ -39,14 +41,14 @@ class MaxScorePicker(Picker):
     type_name = "max-score-picker"
     Params = MaxScoreParams
 
-    def __init__(self, *args: object) -> None:
-        super().__init__(*args)  # type: ignore[arg-type]
+    def __init__(self, name: str, params: MaxScoreParams, handle: PluginHandle) -> None:
+        super().__init__(name, params, handle)
         self._rng = random.Random()
 
     def pick(self, request: LLMRequest, scored: list[ScoredEndpoint]) -> list[EndpointState]:
-        k = self.params.max_num_of_endpoints  # type: ignore[attr-defined]
+        k = self.params.max_num_of_endpoints
         rnd = self._rng.random
-        if self.params.tie_break == "random":  # type: ignore[attr-defined]
+        if self.params.tie_break == "random":
             ranked = sorted(scored, key=lambda s: (-round(s.score, 9), rnd()))
             return [s.endpoint for s in ranked[:k]]
         if k == 1:
@@ -70,25 +72,25 @@ class MaxScorePicker(Picker):
         return [s.endpoint for s in ranked[:k]]
 
 
-class RandomPicker(Picker):
+class RandomPicker(Picker[PickerParams]):
     """Uniformly random endpoints."""
 
     type_name = "random-picker"
     Params = PickerParams
 
     def pick(self, request: LLMRequest, scored: list[ScoredEndpoint]) -> list[EndpointState]:
-        k = min(self.params.max_num_of_endpoints, len(scored))  # type: ignore[attr-defined]
+        k = min(self.params.max_num_of_endpoints, len(scored))
         return [s.endpoint for s in random.sample(scored, k)]
 
 
-class WeightedRandomPicker(Picker):
+class WeightedRandomPicker(Picker[PickerParams]):
     """Random in proportion to score (A-Res sampling without replacement)."""
 
     type_name = "weighted-random-picker"
     Params = PickerParams
 
     def pick(self, request: LLMRequest, scored: list[ScoredEndpoint]) -> list[EndpointState]:
-        k = self.params.max_num_of_endpoints  # type: ignore[attr-defined]
+        k = self.params.max_num_of_endpoints
         if all(s.score <= 0 for s in scored):
             return [s.endpoint for s in random.sample(scored, min(k, len(scored)))]
 
@@ -102,7 +104,7 @@ class WeightedRandomPicker(Picker):
         return [s.endpoint for s in ranked[:k]]
 
 
-class SingleProfileHandler(ProfileHandler):
+class SingleProfileHandler(ProfileHandler[NoParams]):
     """Runs the one profile once; its picks are the destination."""
 
     type_name = "single-profile-handler"

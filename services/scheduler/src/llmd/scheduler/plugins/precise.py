@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -56,9 +57,26 @@ from llmd.scheduler.framework import (
 log = logging.getLogger(__name__)
 
 PRODUCER = "precise-prefix-cache-producer"
-KEYS_KEY = "precise-prefix-keys"
-HITS_KEY = "precise-prefix-hits"
-PREDICTION_KEY = "precise-prediction"
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """What the index predicted for the chosen pod, checked against the engine's usage."""
+
+    pod: str
+    confirmed_tokens: int
+    """Tokens in blocks the pod's events confirmed on the GPU tier."""
+    speculative_tokens: int
+    """Tokens in blocks including those only just routed there."""
+
+
+@dataclass(slots=True)
+class PreciseState:
+    """Per request: the prompt's request keys, the pods' hits, the prediction."""
+
+    keys: list[int] | None = None
+    hits: dict[str, PrefixHit] | None = None
+    prediction: Prediction | None = None
 
 
 class PreciseParams(PluginParams, KVCacheConfig):
@@ -90,15 +108,20 @@ class _PromptView(msgspec.Struct):
 _view = msgspec.json.Decoder(_PromptView)
 
 
-class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
+class PreciseProducer(
+    AsyncDataProducer[PreciseParams],
+    PreRequest[PreciseParams],
+    ResponseHook[PreciseParams],
+    Lifecycle[PreciseParams],
+):
     """Prefix matches from the engines' KV events (embedded index, Valkey, or llmd-indexer)."""
 
     type_name = PRODUCER
     Params = PreciseParams
 
-    def __init__(self, name: str, params: PluginParams, handle: PluginHandle) -> None:
+    def __init__(self, name: str, params: PreciseParams, handle: PluginHandle) -> None:
         super().__init__(name, params, handle)
-        p: PreciseParams = params  # type: ignore[assignment]
+        p = params
         self.p = p
         self.remote = p.indexer_url.rstrip("/") if p.indexer_url else None
         self.stack: KVCacheStack | None = None
@@ -173,7 +196,7 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
     def _keys_of(self, request: LLMRequest, tokens: list[int]) -> list[int]:
         request.prompt_tokens = len(tokens) or request.prompt_tokens
         keys = self.keymaker.keys(tokens, request.target_model, request.cache_salt or None)
-        request.data[KEYS_KEY] = keys
+        request.state(self.name, PreciseState).keys = keys
         return keys
 
     async def prefetch(self, request: LLMRequest, endpoints: list[EndpointState]) -> None:
@@ -207,7 +230,7 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
         except Exception as exc:  # scoring degrades to no prefix data, never fails requests
             self._failed("lookup", exc)
             hits = {}
-        request.data[HITS_KEY] = hits
+        request.state(self.name, PreciseState).hits = hits
 
     def _track(self, coro: Any, stage: str) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -223,7 +246,8 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
     def produce(self, request: LLMRequest, endpoints: list[EndpointState]) -> None:
         if not request.parsed:
             return
-        hits: dict[str, PrefixHit] | None = request.data.get(HITS_KEY)
+        st = request.state(self.name, PreciseState)
+        hits = st.hits
         if hits is None:
             if not self.embedded_sync:
                 return  # prefetch did not run (or failed): no prefix data this time
@@ -233,22 +257,21 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
             except (TokenizerError, msgspec.DecodeError) as exc:
                 self._failed("tokenize", exc)
                 return
-            hits = self.stack.indexer.score_sync(keys, [e.key for e in endpoints])
-            request.data[HITS_KEY] = hits
-        keys = request.data.get(KEYS_KEY) or []
+            hits = st.hits = self.stack.indexer.score_sync(keys, [e.key for e in endpoints])
+        total = len(st.keys or ())
         self.queries += 1
-        total = len(keys)
         bs = self.keymaker.block_size
-        request.data[self.name] = {
+        request.prefix[self.name] = {
             e.key: PrefixMatch(int(hits[e.key].score) if e.key in hits else 0, total, bs)
             for e in endpoints
         }
 
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
-        keys: list[int] | None = request.data.get(KEYS_KEY)
+        st = request.state(self.name, PreciseState)
+        keys = st.keys
         if not keys:
             return
-        hits: dict[str, PrefixHit] = request.data.get(HITS_KEY) or {}
+        hits = st.hits or {}
         for profile in {result.primary, "prefill"}:
             r = result.profiles.get(profile)
             if r is None or not r.targets:
@@ -257,10 +280,8 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
             if profile == result.primary:
                 hit = hits.get(pod)
                 bs = self.keymaker.block_size
-                request.data[PREDICTION_KEY] = (
-                    pod,
-                    confirmed_gpu_blocks(hit) * bs,
-                    (hit.blocks if hit else 0) * bs,
+                st.prediction = Prediction(
+                    pod, confirmed_gpu_blocks(hit) * bs, (hit.blocks if hit else 0) * bs
                 )
             if not self.p.speculative_indexing:
                 continue
@@ -278,17 +299,20 @@ class PreciseProducer(AsyncDataProducer, PreRequest, ResponseHook, Lifecycle):
     ) -> None:
         if not self.p.health_check or cause != "natural" or endpoint is None:
             return
-        predicted = request.data.get(PREDICTION_KEY)
-        usage = request.data.get("usage")
-        if not predicted or not isinstance(usage, dict):
-            return
-        details = usage.get("prompt_tokens_details")
-        cached = details.get("cached_tokens") if isinstance(details, dict) else None
-        prompt = usage.get("prompt_tokens")
+        predicted = request.state(self.name, PreciseState).prediction
+        usage = request.usage
         m = endpoint.metrics
-        if not isinstance(cached, int) or not isinstance(prompt, int) or m is None:
+        if predicted is None or usage is None or m is None:
             return
-        pod, tokens, speculative = predicted
+        details = usage.prompt_tokens_details
+        if details is None or details.cached_tokens is None:
+            return  # the engine does not report cached tokens: nothing to judge
+        cached, prompt = details.cached_tokens, usage.prompt_tokens
+        pod, tokens, speculative = (
+            predicted.pod,
+            predicted.confirmed_tokens,
+            predicted.speculative_tokens,
+        )
         ebs = m.block_size or self.keymaker.block_size
         if self.client is not None:
             observation = ObserveRequest(pod, tokens, cached, prompt, ebs, speculative)

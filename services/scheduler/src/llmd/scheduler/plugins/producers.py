@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
@@ -11,6 +12,8 @@ from llmd.scheduler.framework import (
     DataProducer,
     EndpointState,
     LLMRequest,
+    LoadEstimator,
+    NoParams,
     PluginHandle,
     PluginParams,
     PrefixMatch,
@@ -18,8 +21,6 @@ from llmd.scheduler.framework import (
     SchedulingResult,
 )
 from llmd.scheduler.prefix import MIN_BLOCK_SIZE_TOKENS, ApproxPrefixIndex, prompt_hashes
-
-HASHES_KEY = "approx-prefix-hashes"
 
 
 class ApproxPrefixParams(PluginParams):
@@ -30,16 +31,23 @@ class ApproxPrefixParams(PluginParams):
     lru_capacity_per_server: int = Field(default=31_250, gt=0, alias="lruCapacityPerServer")
 
 
-class ApproxPrefixCacheProducer(DataProducer, PreRequest):
+@dataclass(slots=True)
+class _ApproxState:
+    """Per request: the prompt's block hashes, recorded on the chosen endpoint afterwards."""
+
+    hashes: list[int] = field(default_factory=list)
+
+
+class ApproxPrefixCacheProducer(DataProducer[ApproxPrefixParams], PreRequest[ApproxPrefixParams]):
     """Matches each request's prompt blocks against where earlier requests were sent, and
     records this request's blocks on its destination (and its prefill endpoint, if any)."""
 
     type_name = "approx-prefix-cache-producer"
     Params = ApproxPrefixParams
 
-    def __init__(self, name: str, params: PluginParams, handle: PluginHandle) -> None:
+    def __init__(self, name: str, params: ApproxPrefixParams, handle: PluginHandle) -> None:
         super().__init__(name, params, handle)
-        p: ApproxPrefixParams = params  # type: ignore[assignment]
+        p = params
         self.index = ApproxPrefixIndex(p.lru_capacity_per_server)
         self.queries = 0
         self.hit_blocks = 0
@@ -48,7 +56,7 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
         self._sized: dict[str, tuple[int, int]] = {}
 
     def block_size(self, endpoints: list[EndpointState]) -> int:
-        p: ApproxPrefixParams = self.params  # type: ignore[assignment]
+        p = self.params
         size = p.block_size_tokens
         if p.auto_tune and endpoints:
             m = endpoints[0].metrics
@@ -57,14 +65,14 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
         return max(size, MIN_BLOCK_SIZE_TOKENS)
 
     def _max_blocks(self, block_size: int) -> int:
-        p: ApproxPrefixParams = self.params  # type: ignore[assignment]
+        p = self.params
         if p.max_prefix_tokens_to_match:
             return max(1, p.max_prefix_tokens_to_match // block_size)
         return p.max_prefix_blocks_to_match
 
     def _size_lrus(self, endpoints: list[EndpointState], block_size: int) -> None:
         """Per endpoint LRU capacity = the engine's KV capacity in index blocks."""
-        if not self.params.auto_tune:  # type: ignore[attr-defined]
+        if not self.params.auto_tune:
             return
         for e in endpoints:
             m = e.metrics
@@ -88,10 +96,10 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
             block_size,
             self._max_blocks(block_size),
         )
-        request.data[HASHES_KEY] = hashes
+        request.state(self.name, _ApproxState).hashes = hashes
         counts = self.index.match(hashes)
         total = len(hashes)
-        request.data[self.name] = {
+        request.prefix[self.name] = {
             e.key: PrefixMatch(counts.get(e.key, 0), total, block_size) for e in endpoints
         }
         self.queries += 1
@@ -101,7 +109,7 @@ class ApproxPrefixCacheProducer(DataProducer, PreRequest):
         self.hit_tokens += best * block_size
 
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
-        hashes = request.data.get(HASHES_KEY)
+        hashes = request.state(self.name, _ApproxState).hashes
         if not hashes:
             return
         for profile in {result.primary, "prefill"}:
@@ -160,7 +168,7 @@ class InflightLoadParams(PluginParams):
     max_estimated_output_tokens: int = Field(default=8192, ge=0, alias="maxEstimatedOutputTokens")
 
 
-class InflightLoadProducer(DataProducer):
+class InflightLoadProducer(DataProducer[InflightLoadParams], LoadEstimator[InflightLoadParams]):
     """Sets how the in-flight token load of a request is estimated. The accounting itself
     (at pick time, released at completion) always runs in the director."""
 
@@ -171,7 +179,7 @@ class InflightLoadProducer(DataProducer):
         return None
 
     def tokens(self, request: LLMRequest, cached_tokens: int) -> int:
-        p: InflightLoadParams = self.params  # type: ignore[assignment]
+        p = self.params
         tokens = max(0, request.prompt_tokens - cached_tokens)
         if p.add_estimated_output_tokens:
             est = round(request.prompt_tokens * p.output_ratio)
@@ -181,7 +189,7 @@ class InflightLoadProducer(DataProducer):
         return tokens
 
 
-class TokenProducer(DataProducer):
+class TokenProducer(DataProducer[NoParams]):
     """The token estimate (4 bytes per pseudo-token) is built by the parser; this type exists so
     configs that name it keep working. A real-tokenizer backend comes with precise routing."""
 

@@ -12,6 +12,7 @@ from llmd.scheduler.framework import (
     APPROX_PRODUCER,
     EndpointState,
     LLMRequest,
+    NoParams,
     PluginParams,
     PrefixMatch,
     PreRequest,
@@ -29,7 +30,7 @@ def _min_max_inverted(values: list[float]) -> list[float]:
     return [(hi - v) / span for v in values]
 
 
-class QueueScorer(Scorer):
+class QueueScorer(Scorer[NoParams]):
     """Shorter waiting queues score higher: (max - q) / (max - min); all equal -> 1."""
 
     type_name = "queue-scorer"
@@ -38,7 +39,7 @@ class QueueScorer(Scorer):
         return _min_max_inverted([float(e.waiting) for e in endpoints])
 
 
-class RunningRequestsSizeScorer(Scorer):
+class RunningRequestsSizeScorer(Scorer[NoParams]):
     """Fewer running requests score higher (min-max over the candidates)."""
 
     type_name = "running-requests-size-scorer"
@@ -47,7 +48,7 @@ class RunningRequestsSizeScorer(Scorer):
         return _min_max_inverted([float(e.running) for e in endpoints])
 
 
-class KVCacheUtilizationScorer(Scorer):
+class KVCacheUtilizationScorer(Scorer[NoParams]):
     """1 - KV-cache usage (usage includes the blocks of requests sent since the scrape)."""
 
     type_name = "kv-cache-utilization-scorer"
@@ -60,14 +61,14 @@ class LoadAwareParams(PluginParams):
     threshold: int = Field(default=128, gt=0)
 
 
-class LoadAwareScorer(Scorer):
+class LoadAwareScorer(Scorer[LoadAwareParams]):
     """Empty queue -> 0.5; otherwise 0.5 * (1 - min(q, threshold) / threshold) (llm-d's scale)."""
 
     type_name = "load-aware-scorer"
     Params = LoadAwareParams
 
     def score(self, request: LLMRequest, endpoints: list[EndpointState]) -> list[float]:
-        t = self.params.threshold  # type: ignore[attr-defined]
+        t = self.params.threshold
         return [0.5 if e.waiting == 0 else 0.5 * (1 - min(e.waiting, t) / t) for e in endpoints]
 
 
@@ -77,14 +78,14 @@ class ActiveRequestParams(PluginParams):
     request_timeout: str | None = Field(default=None, alias="requestTimeout")
 
 
-class ActiveRequestScorer(Scorer):
+class ActiveRequestScorer(Scorer[ActiveRequestParams]):
     """In-flight requests from this scheduler: idle -> 1, else (max - n) / max * maxBusyScore."""
 
     type_name = "active-request-scorer"
     Params = ActiveRequestParams
 
     def score(self, request: LLMRequest, endpoints: list[EndpointState]) -> list[float]:
-        p: ActiveRequestParams = self.params  # type: ignore[assignment]
+        p = self.params
         counts = [e.inflight_requests for e in endpoints]
         top = max(counts)
         out = []
@@ -100,14 +101,14 @@ class TokenLoadParams(PluginParams):
     queue_threshold_tokens: int = Field(default=4_194_304, gt=0, alias="queueThresholdTokens")
 
 
-class TokenLoadScorer(Scorer):
+class TokenLoadScorer(Scorer[TokenLoadParams]):
     """1 - min(1, in-flight tokens / queueThresholdTokens)."""
 
     type_name = "token-load-scorer"
     Params = TokenLoadParams
 
     def score(self, request: LLMRequest, endpoints: list[EndpointState]) -> list[float]:
-        t = self.params.queue_threshold_tokens  # type: ignore[attr-defined]
+        t = self.params.queue_threshold_tokens
         return [1.0 - min(1.0, e.inflight_tokens / t) for e in endpoints]
 
 
@@ -119,7 +120,7 @@ class PrefixScorerParams(PluginParams):
     )
 
 
-class PrefixCacheScorer(Scorer):
+class PrefixCacheScorer(Scorer[PrefixScorerParams]):
     """w * min(1, matched tokens / scale)^2 + (1 - w) * matched blocks / total blocks."""
 
     type_name = "prefix-cache-scorer"
@@ -127,7 +128,7 @@ class PrefixCacheScorer(Scorer):
     Params = PrefixScorerParams
 
     def score(self, request: LLMRequest, endpoints: list[EndpointState]) -> list[float]:
-        p: PrefixScorerParams = self.params  # type: ignore[assignment]
+        p = self.params
         matches = prefix_matches(request, p.prefix_match_info_producer_name)
         if not matches:
             return [0.0] * len(endpoints)
@@ -154,7 +155,7 @@ class NoHitLRUParams(PluginParams):
     )
 
 
-class NoHitLRUScorer(Scorer, PreRequest):
+class NoHitLRUScorer(Scorer[NoHitLRUParams], PreRequest[NoHitLRUParams]):
     """Cold requests (no prefix hit anywhere) go to the least recently used endpoint first."""
 
     type_name = "no-hit-lru-scorer"
@@ -165,7 +166,7 @@ class NoHitLRUScorer(Scorer, PreRequest):
         self._lru: OrderedDict[str, None] = OrderedDict()
 
     def _cold(self, request: LLMRequest) -> bool:
-        p: NoHitLRUParams = self.params  # type: ignore[assignment]
+        p = self.params
         matches: dict[str, PrefixMatch] = (
             prefix_matches(request, p.prefix_match_info_producer_name) or {}
         )
@@ -189,7 +190,7 @@ class NoHitLRUScorer(Scorer, PreRequest):
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
         if not self._cold(request):
             return
-        p: NoHitLRUParams = self.params  # type: ignore[assignment]
+        p = self.params
         for profile in (result.primary, "prefill"):
             r = result.profiles.get(profile)
             if r is not None and r.targets:
@@ -203,7 +204,7 @@ class NoHitLRUScorer(Scorer, PreRequest):
         return {"lru_oldest_first": list(self._lru)}
 
 
-class LoraAffinityScorer(Scorer):
+class LoraAffinityScorer(Scorer[NoParams]):
     """Adapter already active -> 1; a free adapter slot -> 0.8; only waiting -> 0.6; else 0."""
 
     type_name = "lora-affinity-scorer"
@@ -235,7 +236,7 @@ class SessionAffinityParams(PluginParams):
     profile_name: str | None = Field(default=None, alias="profileName")
 
 
-class SessionAffinityScorer(Scorer, PreRequest):
+class SessionAffinityScorer(Scorer[SessionAffinityParams], PreRequest[SessionAffinityParams]):
     """1 for the endpoint that served this session (header `x-session-id`) recently, else 0."""
 
     type_name = "session-affinity-scorer"
@@ -248,14 +249,14 @@ class SessionAffinityScorer(Scorer, PreRequest):
         self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def _session(self, request: LLMRequest) -> str | None:
-        return request.headers.get(self.params.header_name.lower())  # type: ignore[attr-defined]
+        return request.headers.get(self.params.header_name.lower())
 
     def pinned(self, request: LLMRequest) -> str | None:
         sid = self._session(request)
         if sid is None:
             return None
         hit = self._sessions.get(sid)
-        ttl = self.params.eviction_ttl_seconds  # type: ignore[attr-defined]
+        ttl = self.params.eviction_ttl_seconds
         if hit is None or time.monotonic() - hit[1] > ttl:
             return None
         return hit[0]
@@ -270,7 +271,7 @@ class SessionAffinityScorer(Scorer, PreRequest):
             return
         self._sessions.pop(sid, None)
         self._sessions[sid] = (result.targets[0].key, time.monotonic())
-        while len(self._sessions) > self.params.max_sessions:  # type: ignore[attr-defined]
+        while len(self._sessions) > self.params.max_sessions:
             self._sessions.popitem(last=False)
 
     def state(self) -> dict[str, Any]:

@@ -1,0 +1,200 @@
+"""The streaming HTTP proxy layer (httpx) shared by the P/D sidecar and the activator.
+
+    client request (FastAPI/Starlette) -> forward_headers -> httpx stream to the upstream
+      -> status and headers back at once -> body chunks passed through as they arrive
+      -> UsageTail keeps what is needed to read `usage` at the end -> on_complete(ProxyResult)
+
+- Hop-by-hop headers (RFC 9110 7.6.1, plus any named in `Connection`) are dropped both ways;
+  `host` and `content-length` are owned by the HTTP stacks and recomputed.
+- Timeouts: connecting, and the wait for each upstream read (which bounds the time to first
+  byte and any silence inside a stream). An upstream that cannot be reached, refuses, or times
+  out before answering gets an OpenAI-shaped error (502 or 504) from the proxy itself.
+- A client that disconnects cancels the upstream request at once (its stream is closed), so a
+  dead client never keeps an engine generating.
+- `on_complete` runs exactly once per request with the outcome, status, timing and usage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from llmd.protocol.openai import Usage, UsageTail, error_body
+
+log = logging.getLogger(__name__)
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+SYSTEM_OWNED = frozenset({"host", "content-length"})
+
+Outcome = Literal["ok", "client-disconnect", "upstream-error", "timeout"]
+
+
+def forward_headers(
+    headers: Iterable[tuple[str, str]], drop: Iterable[str] = ()
+) -> list[tuple[str, str]]:
+    """The headers to pass on: hop-by-hop, those named in `Connection`, system-owned and
+    `drop` removed (names compared case-insensitively)."""
+    pairs = [(k.lower(), v) for k, v in headers]
+    named = {
+        token.strip().lower()
+        for k, v in pairs
+        if k == "connection"
+        for token in v.split(",")
+        if token.strip()
+    }
+    removed = HOP_BY_HOP | SYSTEM_OWNED | named | {d.lower() for d in drop}
+    return [(k, v) for k, v in pairs if k not in removed]
+
+
+@dataclass(frozen=True)
+class ProxyTimeouts:
+    """How long the proxy waits: to connect, and for each read from the upstream."""
+
+    connect_s: float = 5.0
+    read_s: float = 600.0
+    write_s: float = 60.0
+
+    def httpx(self) -> httpx.Timeout:
+        return httpx.Timeout(
+            connect=self.connect_s, read=self.read_s, write=self.write_s, pool=self.connect_s
+        )
+
+
+@dataclass
+class ProxyResult:
+    """One proxied request, as `on_complete` sees it."""
+
+    url: str
+    outcome: Outcome
+    status: int = 0
+    first_byte_s: float | None = None
+    """Seconds from sending to the upstream's first body byte (None when none came)."""
+    duration_s: float = 0.0
+    response_bytes: int = 0
+    usage: Usage | None = None
+    error: str = ""
+    response_headers: dict[str, str] = field(default_factory=dict)
+
+
+def error_response(status: int, message: str, kind: str) -> Response:
+    """An OpenAI-shaped error answered by the proxy itself."""
+    return Response(
+        error_body(message, kind=kind, code=status), status, media_type="application/json"
+    )
+
+
+class StreamingProxy:
+    """Forwards requests to upstreams over one pooled httpx client."""
+
+    def __init__(
+        self,
+        timeouts: ProxyTimeouts | None = None,
+        *,
+        max_connections: int = 1024,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.timeouts = timeouts or ProxyTimeouts()
+        self.client = client or httpx.AsyncClient(
+            timeout=self.timeouts.httpx(),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=256),
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def forward(
+        self,
+        request: Request,
+        url: str,
+        *,
+        body: bytes | None = None,
+        stream: bool = False,
+        headers: Mapping[str, str] | None = None,
+        drop_headers: Iterable[str] = (),
+        on_complete: Callable[[ProxyResult], None] | None = None,
+    ) -> Response:
+        """Proxy `request` to `url` (`body` replaces the client's; `headers` are added or
+        replace the client's). `stream` says whether the answer is SSE (for its usage)."""
+        content = body if body is not None else await request.body()
+        out = forward_headers(request.headers.items(), drop=[*drop_headers, *(headers or {})])
+        out += [(k.lower(), v) for k, v in (headers or {}).items()]
+        started = time.monotonic()
+        result = ProxyResult(url=url, outcome="ok")
+        done = False
+
+        def finish() -> None:
+            nonlocal done
+            if done:
+                return
+            done = True
+            result.duration_s = time.monotonic() - started
+            if on_complete is not None:
+                try:
+                    on_complete(result)
+                except Exception:
+                    log.exception("proxy completion hook failed")
+
+        upstream_request = self.client.build_request(
+            request.method, url, content=content, headers=out
+        )
+        try:
+            upstream = await self.client.send(upstream_request, stream=True)
+        except httpx.TimeoutException as exc:
+            result.outcome, result.status, result.error = "timeout", 504, str(exc) or "timeout"
+            finish()
+            return error_response(504, f"upstream {url} timed out", "GatewayTimeoutError")
+        except httpx.HTTPError as exc:
+            result.outcome, result.status = "upstream-error", 502
+            result.error = f"{type(exc).__name__}: {exc}"
+            finish()
+            return error_response(502, f"upstream {url} failed: {result.error}", "BadGatewayError")
+        result.status = upstream.status_code
+        reply_headers = dict(forward_headers(upstream.headers.items()))
+        result.response_headers = reply_headers
+        tail = UsageTail(stream)
+
+        async def body_iter() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in upstream.aiter_raw():
+                    if result.first_byte_s is None:
+                        result.first_byte_s = time.monotonic() - started
+                    result.response_bytes += len(chunk)
+                    tail.add(chunk)
+                    yield chunk
+                result.usage = tail.usage()
+            except httpx.TimeoutException as exc:
+                result.outcome, result.error = "timeout", str(exc) or "read timeout"
+                raise
+            except httpx.HTTPError as exc:
+                result.outcome, result.error = "upstream-error", f"{type(exc).__name__}: {exc}"
+                raise
+            except BaseException:  # the client went away (Starlette cancels this generator)
+                if result.outcome == "ok":
+                    result.outcome, result.error = "client-disconnect", "client disconnected"
+                raise
+            finally:
+                await upstream.aclose()
+                finish()
+
+        return StreamingResponse(
+            body_iter(), status_code=upstream.status_code, headers=reply_headers
+        )
