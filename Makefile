@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := .venv
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: setup run test lint typecheck test-unit test-vllm bench-protocol bench-sim bench-scheduler bench-kvcache vllm-env clean help
+.PHONY: setup run test lint typecheck test-unit test-vllm bench-protocol bench-sim bench-scheduler bench-kvcache bench-http vllm-env clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ bench-scheduler: setup ## scheduling latency/CPU per decision, and the herding c
 bench-kvcache: setup ## KV index ingestion/lookup, and precise vs approximate vs round-robin routing
 	$(RUN) python benchmarks/kvcache_index.py
 	$(RUN) python benchmarks/precise_routing.py
+
+bench-http: setup ## CPU per request of the HTTP client and server libraries (decides which one)
+	$(RUN) python benchmarks/http_stacks.py
 
 clean: ## remove local environments (not the vLLM cache)
 	rm -rf .venv $(TOOLS) .mypy_cache .ruff_cache .pytest_cache

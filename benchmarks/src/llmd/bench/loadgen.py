@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-import aiohttp
+import aiohttp  # a tenth of httpx's client CPU per streamed request: benchmarks/http_stacks.py
 
 from llmd.bench.metrics import RequestRecord
 from llmd.bench.workloads import Stage, TraceRequest

@@ -5,15 +5,16 @@
     POST /v1/observe    ObserveRequest   -> the pod's index-health record
     GET  /v1/pods       subscriptions, stream state, index health
 
-`IndexerClient` (httpx) is what the scheduler's remote-indexer mode uses: every call either
-succeeds or raises `IndexerError`; the caller counts and logs it (never a silent fallback).
+`IndexerClient` (aiohttp, llmd's client library on per-request paths) is what the scheduler's
+remote-indexer mode uses: every call either succeeds or raises `IndexerError`; the caller
+counts and logs it (never a silent fallback).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import httpx
+import aiohttp
 import msgspec
 
 from llmd.kvcache.index import PrefixHit
@@ -75,33 +76,36 @@ class IndexerError(RuntimeError):
 
 
 class IndexerClient:
-    """An async client of llmd-indexer's HTTP API."""
+    """An async client of llmd-indexer's HTTP API (its session opens on first use)."""
 
     def __init__(self, base_url: str, timeout_s: float = 2.0) -> None:
         self.base_url = base_url.rstrip("/")
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=timeout_s,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
-        )
+        self.timeout_s = timeout_s
+        self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def _post(self, path: str, doc: msgspec.Struct) -> bytes:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                connector=aiohttp.TCPConnector(limit=64),
+            )
+        url = f"{self.base_url}{path}"
         try:
-            resp = await self._client.post(
-                path,
-                content=msgspec.json.encode(doc),
-                headers={"content-type": "application/json"},
-            )
-        except httpx.HTTPError as exc:
-            raise IndexerError(f"{self.base_url}{path}: {type(exc).__name__}: {exc}") from None
-        if resp.status_code != 200:
-            raise IndexerError(
-                f"{self.base_url}{path} answered {resp.status_code}: {resp.text[:300]}"
-            )
-        return resp.content
+            async with self._session.post(
+                url, data=msgspec.json.encode(doc), headers={"content-type": "application/json"}
+            ) as resp:
+                body = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise IndexerError(f"{url}: {type(exc).__name__}: {exc}") from None
+        if status != 200:
+            raise IndexerError(f"{url} answered {status}: {body[:300].decode(errors='replace')}")
+        return body
 
     async def score(self, request: ScoreRequest) -> ScoreResponse:
         raw = await self._post("/v1/score", request)

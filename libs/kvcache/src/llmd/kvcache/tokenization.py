@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
@@ -167,28 +167,28 @@ class RenderClient:
 
     def __init__(self, base_url: str, timeout_s: float = 5.0) -> None:
         self.base_url = base_url.rstrip("/")
-        self._timeout_s = timeout_s
-        self._client: httpx.AsyncClient | None = None
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def tokens(self, path: str, body: bytes | dict[str, Any]) -> list[int]:
         """The token ids of an OpenAI request to `path` (`/v1/completions` or a chat path);
         for a batch of prompts, the first one's. TokenizerError on any failure."""
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self._timeout_s)
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         url = f"{self.base_url}{path.rstrip('/')}/render"
         try:
-            resp = await self._client.post(
-                url, content=data, headers={"content-type": "application/json"}
-            )
-            status = resp.status_code
-            doc = resp.json()
-        except (httpx.HTTPError, ValueError) as exc:
+            async with self._session.post(
+                url, data=data, headers={"content-type": "application/json"}
+            ) as resp:
+                status = resp.status
+                doc = await resp.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise TokenizerError(f"render request to {url} failed: {exc}") from None
         if status != 200:
             raise TokenizerError(f"{url} answered {status}: {str(doc)[:300]}")

@@ -11,6 +11,9 @@ Staleness is one pure rule, `is_fresh`: a sample is fresh if the last good scrap
 (start-up, a metrics outage), so a consumer never halts on stale metrics.
 
 The scheduler's data layer, the autoscaler and the activator all read engines through this.
+HTTP is aiohttp, llmd's client library on hot paths: `benchmarks/http_stacks.py` measured a
+scrape-sized GET at 0.30 ms of client CPU with aiohttp against 2.3 ms with httpx (1.5 ms with
+`sniffio` installed), and a scheduler scrapes every engine 20 times a second.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-import httpx
+import aiohttp
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -108,7 +111,7 @@ class EnginePoolScraper:
         self.clock = clock
         self.samples: dict[str, EngineSample] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._client: httpx.AsyncClient | None = None
+        self._session: aiohttp.ClientSession | None = None
         self._scrapes = Counter(
             "llmd_engine_scrapes",
             "Scrapes of engines by source (metrics, models) and outcome (ok, error)",
@@ -147,7 +150,7 @@ class EnginePoolScraper:
         for key in wanted:
             if key not in self.samples:
                 self.samples[key] = EngineSample(key)
-                if self._client is not None:
+                if self._session is not None:
                     self._start(key)
 
     def fresh(self, threshold_s: float) -> list[EngineSample]:
@@ -157,9 +160,9 @@ class EnginePoolScraper:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(
-            timeout=self.timeout_s,
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=2 * 4096),
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=2, keepalive_timeout=30),
         )
         for key in self.samples:
             if key not in self._tasks:
@@ -172,9 +175,9 @@ class EnginePoolScraper:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     def _start(self, key: str) -> None:
         self._tasks[key] = asyncio.create_task(self._loop(key), name=f"scrape-{key}")
@@ -193,11 +196,11 @@ class EnginePoolScraper:
     # --- one scrape --------------------------------------------------------------------------
 
     async def _get(self, url: str) -> bytes:
-        assert self._client is not None, "start() the scraper first"
-        resp = await self._client.get(url)
-        if resp.status_code != 200:
-            raise RuntimeError(f"HTTP {resp.status_code}")
-        return resp.content
+        assert self._session is not None, "start() the scraper first"
+        async with self._session.get(url) as resp:
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}")
+            return await resp.read()
 
     async def scrape_metrics(self, key: str) -> None:
         """One `/metrics` scrape of `key` (also usable on demand)."""
@@ -205,7 +208,7 @@ class EnginePoolScraper:
         try:
             text = (await self._get(f"http://{key}/metrics")).decode("utf-8", "replace")
             snapshot = parse_engine_snapshot(text)
-        except (httpx.HTTPError, RuntimeError, DecodeError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError, RuntimeError, DecodeError, ValueError) as exc:
             self._failed(key, "metrics", f"{type(exc).__name__}: {exc}")
             return
         now = self.clock()
@@ -221,7 +224,7 @@ class EnginePoolScraper:
     async def scrape_models(self, key: str) -> None:
         try:
             doc = _models_decoder.decode(await self._get(f"http://{key}/v1/models"))
-        except (httpx.HTTPError, RuntimeError, msgspec.DecodeError) as exc:
+        except (aiohttp.ClientError, TimeoutError, RuntimeError, msgspec.DecodeError) as exc:
             self._failed(key, "models", f"{type(exc).__name__}: {exc}")
             return
         models = frozenset(str(m["id"]) for m in doc.data if isinstance(m, dict) and "id" in m)

@@ -1,6 +1,6 @@
-"""The streaming HTTP proxy layer (httpx) shared by the P/D sidecar and the activator.
+"""The streaming HTTP proxy layer shared by the P/D sidecar and the activator.
 
-    client request (FastAPI/Starlette) -> forward_headers -> httpx stream to the upstream
+    client request (FastAPI/Starlette) -> forward_headers -> aiohttp stream to the upstream
       -> status and headers back at once -> body chunks passed through as they arrive
       -> UsageTail keeps what is needed to read `usage` at the end -> on_complete(ProxyResult)
 
@@ -12,6 +12,10 @@
 - A client that disconnects cancels the upstream request at once (its stream is closed), so a
   dead client never keeps an engine generating.
 - `on_complete` runs exactly once per request with the outcome, status, timing and usage.
+
+The upstream leg is aiohttp, llmd's client library on hot paths: `benchmarks/http_stacks.py`
+measured 0.34 ms of client CPU per 17-chunk streamed response with aiohttp against 5.1 ms with
+httpx, and a proxy pays that on every response it carries.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-import httpx
+import aiohttp
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -67,15 +71,15 @@ def forward_headers(
 
 @dataclass(frozen=True)
 class ProxyTimeouts:
-    """How long the proxy waits: to connect, and for each read from the upstream."""
+    """How long the proxy waits: to connect, and for each read from the upstream (which
+    bounds the wait for the response headers and any silence inside a stream)."""
 
     connect_s: float = 5.0
     read_s: float = 600.0
-    write_s: float = 60.0
 
-    def httpx(self) -> httpx.Timeout:
-        return httpx.Timeout(
-            connect=self.connect_s, read=self.read_s, write=self.write_s, pool=self.connect_s
+    def client_timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=None, connect=self.connect_s, sock_connect=self.connect_s, sock_read=self.read_s
         )
 
 
@@ -103,23 +107,29 @@ def error_response(status: int, message: str, kind: str) -> Response:
 
 
 class StreamingProxy:
-    """Forwards requests to upstreams over one pooled httpx client."""
+    """Forwards requests to upstreams over one pooled aiohttp session (created on first use,
+    inside the running event loop)."""
 
-    def __init__(
-        self,
-        timeouts: ProxyTimeouts | None = None,
-        *,
-        max_connections: int = 1024,
-        client: httpx.AsyncClient | None = None,
-    ) -> None:
+    def __init__(self, timeouts: ProxyTimeouts | None = None, *, max_connections: int = 1024):
         self.timeouts = timeouts or ProxyTimeouts()
-        self.client = client or httpx.AsyncClient(
-            timeout=self.timeouts.httpx(),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=256),
-        )
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=self.timeouts.client_timeout(),
+                connector=aiohttp.TCPConnector(limit=self.max_connections),
+                auto_decompress=False,
+                skip_auto_headers=("user-agent", "accept-encoding", "content-type"),
+            )
+        return self._session
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def forward(
         self,
@@ -153,38 +163,38 @@ class StreamingProxy:
                 except Exception:
                     log.exception("proxy completion hook failed")
 
-        upstream_request = self.client.build_request(
-            request.method, url, content=content, headers=out
-        )
         try:
-            upstream = await self.client.send(upstream_request, stream=True)
-        except httpx.TimeoutException as exc:
+            upstream = await self.session.request(
+                request.method, url, data=content, headers=out, allow_redirects=False
+            )
+        except TimeoutError as exc:
             result.outcome, result.status, result.error = "timeout", 504, str(exc) or "timeout"
             finish()
             return error_response(504, f"upstream {url} timed out", "GatewayTimeoutError")
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             result.outcome, result.status = "upstream-error", 502
             result.error = f"{type(exc).__name__}: {exc}"
             finish()
             return error_response(502, f"upstream {url} failed: {result.error}", "BadGatewayError")
-        result.status = upstream.status_code
+        result.status = upstream.status
         reply_headers = dict(forward_headers(upstream.headers.items()))
         result.response_headers = reply_headers
         tail = UsageTail(stream)
 
         async def body_iter() -> AsyncIterator[bytes]:
             try:
-                async for chunk in upstream.aiter_raw():
+                async for chunk in upstream.content.iter_any():
                     if result.first_byte_s is None:
                         result.first_byte_s = time.monotonic() - started
                     result.response_bytes += len(chunk)
                     tail.add(chunk)
                     yield chunk
                 result.usage = tail.usage()
-            except httpx.TimeoutException as exc:
+                upstream.release()  # read to its end: the connection goes back to the pool
+            except TimeoutError as exc:
                 result.outcome, result.error = "timeout", str(exc) or "read timeout"
                 raise
-            except httpx.HTTPError as exc:
+            except aiohttp.ClientError as exc:
                 result.outcome, result.error = "upstream-error", f"{type(exc).__name__}: {exc}"
                 raise
             except BaseException:  # the client went away (Starlette cancels this generator)
@@ -192,9 +202,8 @@ class StreamingProxy:
                     result.outcome, result.error = "client-disconnect", "client disconnected"
                 raise
             finally:
-                await upstream.aclose()
+                if not upstream.closed:
+                    upstream.close()  # not read to its end: the connection cannot be reused
                 finish()
 
-        return StreamingResponse(
-            body_iter(), status_code=upstream.status_code, headers=reply_headers
-        )
+        return StreamingResponse(body_iter(), status_code=upstream.status, headers=reply_headers)

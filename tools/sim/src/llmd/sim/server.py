@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 import zmq.asyncio
-from aiohttp import web
+from aiohttp import web  # a third of uvicorn/Starlette's CPU per request: benchmarks/http_stacks.py
 
 from llmd.kvcache.publisher import KVEventPublisher
 from llmd.protocol.errors import ProtocolError
