@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,7 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", a
 """
 
 
-ClientRun = Callable[[str, int, int], Awaitable[None]]
+ClientRun = Callable[[str, int, int], Coroutine[Any, Any, None]]
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -141,7 +141,7 @@ async def httpx_get(url: str, n: int, concurrency: int) -> None:
 
 def measure(
     server: subprocess.Popen[bytes],
-    client: Callable[[str, int, int], Awaitable[None]],
+    client: ClientRun,
     url: str,
     n: int,
 ) -> dict[str, Any]:
