@@ -3,6 +3,8 @@ subscriptions as the pool changes, clear errors, and a scheduler that scores thr
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +22,11 @@ import yaml
 from llmd.dev.gateway import SchedulerProcess
 from llmd.dev.sim_engines import SimFleetProcess
 from llmd.indexer import proto
+from llmd.protocol.metrics import EngineSnapshot
+from llmd.protocol.openai import PromptTokensDetails, Usage
+from llmd.runtime.discovery import StaticFileDiscovery
+from llmd.scheduler.core import build_core
+from llmd.scheduler.plugins.precise import PreciseProducer
 from llmd.sim.tokenizer import default_tokenizer_dir
 from llmd.vllm_cpu.server import free_port
 
@@ -181,6 +188,59 @@ schedulingProfiles:
         assert doc["scores"]["prefix-cache-scorer"]["per_endpoint"]["sim-1"] > 0.9
     finally:
         sched.stop()
+
+
+async def test_remote_mode_sends_speculative_entries_and_observations(setup: Setup) -> None:
+    """A scheduler core in remote-indexer mode keeps no index of its own: the pick becomes a
+    speculative entry in the indexer, and the response's usage feeds the indexer's health."""
+    config = f"""
+plugins:
+- type: precise-prefix-cache-producer
+  parameters:
+    tokenizer: {{modelDir: "{default_tokenizer_dir()}"}}
+    indexerUrl: "{setup.indexer.http}"
+- type: prefix-cache-scorer
+"""
+    core = build_core(config)
+    producer = core.built.plugins["precise-prefix-cache-producer"]
+    assert isinstance(producer, PreciseProducer)
+    assert producer.stack is None  # no local index, no subscriptions
+    core.datastore.set_endpoints(StaticFileDiscovery(setup.pool_file).load())
+    now = core.datastore.clock()
+    for e in core.datastore.all():
+        e.note_scrape(now, EngineSnapshot(waiting=0, running=0, block_size=16), now)
+    prompt = "speculated " + PROMPT
+    req = core.director.new_request({}, "/v1/completions")
+    req.body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 2}).encode()
+    await core.director.prefetch(req)
+    decision = core.director.schedule(req)
+    pod = decision.endpoints[0].key
+    try:
+        name = next(e.pod for e in setup.fleet.engines if address(setup, e.pod) == pod)
+        for _ in range(50):  # the speculative entry is posted in the background
+            if await asyncio.to_thread(blocks, setup, prompt, name) > 0:
+                break
+            await asyncio.sleep(0.1)
+        answer = await asyncio.to_thread(score, setup, {"model": "tiny", "prompt": prompt})
+        hits = answer.json()["pods"]
+        assert hits[pod]["blocks"] > 0  # routed, not computed yet: speculative
+        usage = Usage(
+            prompt_tokens=200,
+            completion_tokens=2,
+            total_tokens=202,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=0),
+        )
+        core.director.complete(decision, "natural", usage)
+        for _ in range(50):
+            pods = await asyncio.to_thread(httpx.get, setup.indexer.http + "/v1/pods")
+            health = pods.json()["health"]
+            if health.get(pod, {}).get("samples", 0) >= 1:
+                break
+            await asyncio.sleep(0.1)
+        assert health[pod]["samples"] >= 1
+        assert producer.errors == 0
+    finally:
+        await core.stop()
 
 
 def test_pods_leaving_the_pool_are_unsubscribed_and_cleared(setup: Setup) -> None:
