@@ -35,11 +35,12 @@ import shlex
 import subprocess
 import sys
 import tempfile
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from llmd.bench import guidellm
 from llmd.bench import report as rep
@@ -297,10 +298,9 @@ def vllm_fleet(args: argparse.Namespace, work: Path) -> Iterator[Fleet]:
 
     def reset() -> None:
         for url in urls:
-            req = urllib.request.Request(url + "/reset_prefix_cache", data=b"", method="POST")
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                if resp.status != 200:
-                    raise RuntimeError(f"{url}/reset_prefix_cache answered {resp.status}")
+            resp = httpx.post(url + "/reset_prefix_cache", content=b"", timeout=30)
+            if resp.status_code != 200:
+                raise RuntimeError(f"{url}/reset_prefix_cache answered {resp.status_code}")
 
     try:
         yield Fleet(
@@ -435,8 +435,9 @@ Scrape = dict[str, dict[str, float]]
 def engine_scrape(urls: Sequence[str]) -> Scrape:
     out: Scrape = {}
     for url in urls:
-        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
-            text = resp.read().decode()
+        resp = httpx.get(url + "/metrics", timeout=10)
+        resp.raise_for_status()
+        text = resp.text
         acc: dict[str, float] = {}
         for sample in pm.parse_samples(text, _WANTED):
             acc[sample.name] = acc.get(sample.name, 0.0) + sample.value

@@ -18,11 +18,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from llmd.vllm_cpu.install import pip_index_args
 
@@ -119,10 +119,9 @@ def running(
                     f"{name} exited with {proc.returncode}: {log_path.read_text()[-2000:]}"
                 )
             try:
-                with urllib.request.urlopen(url + "/health", timeout=1) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
                 raise PeerError(f"{name} not healthy after {timeout_s:.0f}s; log {log_path}")
