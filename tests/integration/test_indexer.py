@@ -156,10 +156,9 @@ def test_bad_requests_get_clear_errors(setup: Setup) -> None:
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_a_scheduler_scores_through_the_indexer(setup: Setup) -> None:
-    config = setup.work / "remote.yaml"
-    config.write_text(
-        f"""
+def remote_config(setup: Setup) -> str:
+    """An EndpointPickerConfig whose precise producer scores through this indexer."""
+    return f"""
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
 plugins:
@@ -172,7 +171,11 @@ schedulingProfiles:
 - name: default
   plugins: [{{pluginRef: prefix-cache-scorer, weight: 1}}]
 """
-    )
+
+
+def test_a_scheduler_scores_through_the_indexer(setup: Setup) -> None:
+    config = setup.work / "remote.yaml"
+    config.write_text(remote_config(setup))
     sched = SchedulerProcess.start(setup.pool_file, setup.work, config_file=config)
     try:
         send(setup, "sim-1", "remote " + PROMPT)
@@ -193,15 +196,7 @@ schedulingProfiles:
 async def test_remote_mode_sends_speculative_entries_and_observations(setup: Setup) -> None:
     """A scheduler core in remote-indexer mode keeps no index of its own: the pick becomes a
     speculative entry in the indexer, and the response's usage feeds the indexer's health."""
-    config = f"""
-plugins:
-- type: precise-prefix-cache-producer
-  parameters:
-    tokenizer: {{modelDir: "{default_tokenizer_dir()}"}}
-    indexerUrl: "{setup.indexer.http}"
-- type: prefix-cache-scorer
-"""
-    core = build_core(config)
+    core = build_core(remote_config(setup))
     producer = core.built.plugins["precise-prefix-cache-producer"]
     assert isinstance(producer, PreciseProducer)
     assert producer.stack is None  # no local index, no subscriptions

@@ -9,8 +9,9 @@ written against this Protocol only.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from llmd.runtime.discovery import Endpoint, pod_endpoint
 
@@ -25,6 +26,17 @@ class PoolStatus:
 
 class ClusterError(RuntimeError):
     """A pool that does not exist or a scaling request the cluster refused."""
+
+
+PoolT = TypeVar("PoolT")
+
+
+def lookup_pool(pools: Mapping[str, PoolT], name: str) -> PoolT:
+    """The pool named `name`; ClusterError naming the known pools otherwise."""
+    try:
+        return pools[name]
+    except KeyError:
+        raise ClusterError(f"unknown pool {name!r}; known: {sorted(pools)}") from None
 
 
 @runtime_checkable
@@ -65,10 +77,7 @@ class KubernetesCluster:
         self._pools = pools
 
     def _pool(self, name: str) -> KubernetesPool:
-        try:
-            return self._pools[name]
-        except KeyError:
-            raise ClusterError(f"unknown pool {name!r}; known: {sorted(self._pools)}") from None
+        return lookup_pool(self._pools, name)
 
     async def pools(self) -> list[str]:
         return sorted(self._pools)

@@ -30,7 +30,7 @@ import httpx
 import yaml
 
 from llmd.protocol.metrics import parse_engine_snapshot
-from llmd.runtime.cluster import ClusterError, PoolStatus
+from llmd.runtime.cluster import ClusterError, PoolStatus, lookup_pool
 from llmd.runtime.discovery import Endpoint
 from llmd.vllm_cpu.install import VllmEnv
 from llmd.vllm_cpu.server import VllmServer, VllmServerSpec, free_port, new_server
@@ -195,10 +195,7 @@ class LocalCluster:
         self._write_discovery()
 
     def _pool(self, name: str) -> _Pool:
-        try:
-            return self._pools[name]
-        except KeyError:
-            raise ClusterError(f"unknown pool {name!r}; known: {sorted(self._pools)}") from None
+        return lookup_pool(self._pools, name)
 
     # --- the Cluster protocol ------------------------------------------------------------------
 
