@@ -83,3 +83,63 @@ async def _publish_and_ingest() -> None:
 
 def test_published_batches_reach_the_index_and_gaps_are_replayed() -> None:
     asyncio.run(_publish_and_ingest())
+
+
+async def _restart_after_replay_join() -> None:
+    events, replay = free_port(), free_port()
+    ctx = zmq.asyncio.Context()
+    pub = KVEventPublisher(
+        ctx,
+        endpoint=f"tcp://*:{events}",
+        replay_endpoint=f"tcp://*:{replay}",
+        topic=format_topic("pod-a", MODEL),
+    )
+    await pub.start()
+    index = InMemoryIndex()
+    processor = TokenProcessor()
+    ingestor = Ingestor(EventApplier(index, processor), shards=1, replay_timeout_s=2.0)
+    indexer = KVCacheIndexer(index, processor)
+    old = list(range(1, 65))
+    new = list(range(1001, 1065))
+    # the engine ran before the subscriber joined: 4 batches only a replay can deliver
+    for i in range(4):
+        pub.publish([stored([100 + i], old[16 * i : 16 * (i + 1)], 100 + i - 1 if i else None)])
+    await ingestor.start()
+    ingestor.subscribe(
+        EngineEndpoint(
+            pod="pod-a", events=f"tcp://127.0.0.1:{events}", replay=f"tcp://127.0.0.1:{replay}"
+        )
+    )
+
+    async def blocks(tokens: list[int]) -> int:
+        await ingestor.drain()
+        hit = indexer.score_sync(indexer.keys(tokens, MODEL), None).get("pod-a")
+        return hit.blocks if hit else 0
+
+    try:
+        for _ in range(100):  # the join-time replay brings the old engine's four blocks
+            if await blocks(old) == 4:
+                break
+            await asyncio.sleep(0.05)
+        assert await blocks(old) == 4
+        await asyncio.sleep(0.3)
+        # the engine restarts: empty cache, sequence from 0 again, nothing to replay
+        pub.reset_sequence()
+        for i in range(2):
+            pub.publish([stored([900 + i], new[16 * i : 16 * (i + 1)], 900 + i - 1 if i else None)])
+        for _ in range(100):
+            if await blocks(new) == 2 and await blocks(old) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await blocks(new) == 2  # the new engine's batches are not dropped as duplicates
+        assert await blocks(old) == 0  # and the old engine's blocks are gone
+        stream = next(iter(ingestor.snapshot().values()))
+        assert stream["restarts"] == 1
+    finally:
+        await ingestor.stop()
+        await pub.close()
+        ctx.term()
+
+
+def test_an_engine_restart_after_a_replay_join_clears_and_follows_the_new_engine() -> None:
+    asyncio.run(_restart_after_replay_join())

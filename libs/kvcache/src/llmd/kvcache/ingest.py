@@ -44,6 +44,10 @@ from llmd.protocol.kv_events import (
 
 log = logging.getLogger(__name__)
 
+RECENT_BATCHES = 1024
+"""Per stream, how many applied batches are remembered (by digest) to tell duplicates from a
+restarted engine's new batches."""
+
 INDEXABLE_KINDS = frozenset({"full_attention", "mla_attention", "sink_full_attention"})
 
 
@@ -221,6 +225,10 @@ class EngineEndpoint:
 class StreamState:
     last_seq: int = -1
     """The last sequence applied (live or replayed)."""
+    recent: dict[int, int] = field(default_factory=dict)
+    """Digest of each recently applied batch by sequence (the last RECENT_BATCHES): a batch
+    whose sequence was applied is a duplicate only if its bytes are the same; otherwise the
+    engine restarted and is numbering from 0 again."""
     live_seq: int = -1
     """The last sequence seen live: a lower one means the engine restarted."""
     batches: int = 0
@@ -387,6 +395,11 @@ class Ingestor:
             finally:
                 q.task_done()
 
+    @staticmethod
+    def _is_duplicate(state: StreamState, seq: int, payload: bytes) -> bool:
+        """An already-applied sequence with the same bytes (not a restarted engine's batch)."""
+        return state.recent.get(seq) == hash(payload)
+
     def _decode(
         self, frames: list[bytes], state: StreamState, where: str
     ) -> tuple[str, str, int, EventBatch] | None:
@@ -440,20 +453,29 @@ class Ingestor:
             return
         _, topic_model, seq, batch = got
         model = endpoint.model or topic_model
+        digest = hash(frames[2])
         async with state.lock:
             live_before = state.live_seq
             state.live_seq = seq
-            if live_before >= 0 and seq < live_before:
+            restarted = (live_before >= 0 and seq < live_before) or (
+                seq <= state.last_seq and not self._is_duplicate(state, seq, frames[2])
+            )
+            if restarted:
                 # Lower than the last live sequence: the engine restarted (empty cache, new seq).
                 state.restarts += 1
                 self.metrics.sequence.labels("restart").inc()
-                await self._enqueue_clear(
-                    endpoint.pod, f"engine restarted (seq {live_before} -> {seq})"
+                await self._enqueue_clear(endpoint.pod, "engine restarted")
+                log.info(
+                    "engine %s restarted (sequence %d after %d)",
+                    endpoint.pod,
+                    seq,
+                    max(live_before, state.last_seq),
                 )
                 state.last_seq = -1
+                state.recent.clear()
                 if seq > 0 and endpoint.replay:
                     await self._replay(endpoint, state, 0, model, seq)
-                await self._push(endpoint.pod, model, state, seq, batch)
+                await self._push(endpoint.pod, model, state, seq, batch, digest)
                 return
             last = state.last_seq
             if seq <= last:  # already applied (replayed while it was in flight)
@@ -466,15 +488,22 @@ class Ingestor:
                     endpoint, state, last + 1, model, seq
                 )
                 if not repaired:
-                    await self._enqueue_clear(
-                        endpoint.pod, f"events {last + 1}..{seq - 1} lost and not replayable"
+                    log.warning(
+                        "events %d..%d of %s lost and not replayable",
+                        last + 1,
+                        seq - 1,
+                        endpoint.pod,
                     )
-            await self._push(endpoint.pod, model, state, seq, batch)
+                    await self._enqueue_clear(endpoint.pod, "events lost")
+            await self._push(endpoint.pod, model, state, seq, batch, digest)
 
     async def _push(
-        self, pod: str, model: str, state: StreamState, seq: int, batch: EventBatch
+        self, pod: str, model: str, state: StreamState, seq: int, batch: EventBatch, digest: int
     ) -> None:
         state.last_seq = seq
+        state.recent[seq] = digest
+        if len(state.recent) > RECENT_BATCHES:
+            del state.recent[next(iter(state.recent))]
         state.batches += 1
         state.last_event_at = time.time()
         state.models.add(model)
@@ -511,6 +540,7 @@ class Ingestor:
                 _, topic_model, seq, batch = got
                 if seq < expected or (stop is not None and seq >= stop):
                     continue
+                digest = hash(frames[3])
                 if seq != expected:
                     if stop is None and expected == start:
                         # Joining: the engine's buffer no longer starts at 0; take what is left.
@@ -518,7 +548,12 @@ class Ingestor:
                     else:
                         raise LookupError(f"replay starts at {seq}, {expected} is gone")
                 await self._push(
-                    endpoint.pod, pod_model or endpoint.model or topic_model, state, seq, batch
+                    endpoint.pod,
+                    pod_model or endpoint.model or topic_model,
+                    state,
+                    seq,
+                    batch,
+                    digest,
                 )
                 expected = seq + 1
             if stop is not None and expected < stop:
@@ -559,7 +594,7 @@ class Ingestor:
                     rstate.gaps += 1
                     self.metrics.sequence.labels("gap").inc()
                     await self._enqueue_clear(pod, "events lost (centralized mode has no replay)")
-                await self._push(pod, model, rstate, seq, batch)
+                await self._push(pod, model, rstate, seq, batch, hash(frames[2]))
         finally:
             sock.close(linger=0)
 

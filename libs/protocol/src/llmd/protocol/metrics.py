@@ -209,8 +209,22 @@ def _add(current: float | None, value: float) -> float:
     return value if current is None else current + value
 
 
+_BOUNDED = frozenset(
+    {
+        NUM_REQUESTS_WAITING,
+        NUM_REQUESTS_RUNNING,
+        KV_CACHE_USAGE_PERC,
+        PREFIX_CACHE_HITS,
+        PREFIX_CACHE_QUERIES,
+    }
+)
+
+
 def parse_engine_snapshot(text: str) -> EngineSnapshot:
-    """Build an EngineSnapshot from a vLLM /metrics page; DecodeError on malformed input."""
+    """Build an EngineSnapshot from a vLLM /metrics page; DecodeError on malformed input.
+
+    A non-finite or negative count, or a KV usage outside [0, 1], is malformed: it could only
+    come from a broken or hostile server, and no scorer can use it."""
     waiting: float | None = None
     running: float | None = None
     kv: float | None = None
@@ -222,6 +236,10 @@ def parse_engine_snapshot(text: str) -> EngineSnapshot:
         name, value = s.name, s.value
         if math.isnan(value):
             continue
+        if name in _BOUNDED and (math.isinf(value) or value < 0):
+            raise DecodeError(f"{name} is {value}: not a count")
+        if name == KV_CACHE_USAGE_PERC and value > 1.0:
+            raise DecodeError(f"{name} is {value}: not a fraction")
         if name == NUM_REQUESTS_WAITING:
             waiting = _add(waiting, value)
         elif name == NUM_REQUESTS_RUNNING:

@@ -310,6 +310,8 @@ def parse_request(path: str, body: bytes) -> InferenceRequest:
         raise DecodeError(f"invalid request body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise DecodeError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise DecodeError("request body is nested too deeply") from None
     if isinstance(request, CompletionRequest):
         _check_prompt(request.prompt)
     if request.stream_options is not None and not request.stream:
@@ -378,7 +380,8 @@ USAGE_BODY_LIMIT = 4 * 1024 * 1024
 
 def usage_from_body(body: bytes, stream: bool) -> Usage | None:
     """The usage of a whole JSON response, or of the last SSE chunk that carries one (the tail
-    of a stream is enough); None when there is none or it does not decode."""
+    of a stream is enough); None when there is none or it does not decode. Never raises: the
+    body comes from an upstream, and a bad one must not stop the request's accounting."""
     try:
         if not stream:
             obj = msgspec.json.decode(body)
@@ -394,7 +397,7 @@ def usage_from_body(body: bytes, stream: bool) -> Usage | None:
             usage = decode_usage(obj) if isinstance(obj, dict) else None
             if usage is not None:
                 return usage
-    except (msgspec.DecodeError, DecodeError):
+    except (msgspec.DecodeError, DecodeError, RecursionError, UnicodeDecodeError, ValueError):
         return None
     return None
 

@@ -96,17 +96,30 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return yaml_mapping(text, str(path))
 
 
-def yaml_mapping(text: str, name: str, origin: str = "configuration") -> dict[str, Any]:
-    """The YAML mapping in `text` ({} when empty); ConfigError says where it is malformed."""
+class YamlSyntaxError(ValueError):
+    """Text that is not YAML llmd can read (syntax, or nesting past the parser's limit)."""
+
+
+def load_yaml(text: str) -> Any:
+    """The one YAML reader for text from outside: YamlSyntaxError (with the position when
+    known) is the only error it raises."""
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(
-            [ConfigIssue("", f"{name} is not valid YAML{where}: {problem}")], origin
-        ) from None
+        raise YamlSyntaxError(f"not valid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise YamlSyntaxError("not valid YAML: nested too deeply") from None
+
+
+def yaml_mapping(text: str, name: str, origin: str = "configuration") -> dict[str, Any]:
+    """The YAML mapping in `text` ({} when empty); ConfigError says where it is malformed."""
+    try:
+        data = load_yaml(text)
+    except YamlSyntaxError as exc:
+        raise ConfigError([ConfigIssue("", f"{name} is {exc}")], origin) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -151,8 +164,8 @@ def text_value(raw: str, annotation: Any) -> Any:
     if takes_text(annotation) or _scalar(annotation) or not raw.strip():
         return raw
     try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
+        return load_yaml(raw)
+    except YamlSyntaxError:
         return raw
 
 

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
 from prometheus_client import CollectorRegistry, Counter
+
+from llmd.runtime.config import YamlSyntaxError, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,9 @@ def _port(raw: object, where: str) -> int:
 def parse_endpoints_document(text: str, origin: str = "endpoints file") -> EndpointSet:
     """Parse the static discovery document; DiscoveryError names the bad entry and field."""
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise DiscoveryError(f"{origin} is not valid YAML/JSON: {exc}") from None
+        doc = load_yaml(text)
+    except YamlSyntaxError as exc:
+        raise DiscoveryError(f"{origin} is {exc}") from None
     if doc is None:
         return ()
     if not isinstance(doc, dict) or not isinstance(doc.get("endpoints", []), list):

@@ -186,10 +186,14 @@ class EnginePoolScraper:
         next_models = 0.0
         while key in self.samples:
             started = self.clock()
-            await self.scrape_metrics(key)
-            if self.models_interval_s > 0 and started >= next_models:
-                next_models = started + self.models_interval_s
-                await self.scrape_models(key)
+            try:
+                await self.scrape_metrics(key)
+                if self.models_interval_s > 0 and started >= next_models:
+                    next_models = started + self.models_interval_s
+                    await self.scrape_models(key)
+            except Exception as exc:  # whatever an engine sends, its scraper keeps running
+                log.exception("scrape of %s failed unexpectedly", key)
+                self._failed(key, "metrics", f"{type(exc).__name__}: {exc}")
             elapsed = self.clock() - started
             await asyncio.sleep(max(0.0, self.interval_s - elapsed))
 

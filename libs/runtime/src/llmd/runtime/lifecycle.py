@@ -98,7 +98,8 @@ def health_router(health: Health, registry: CollectorRegistry) -> APIRouter:
 
     @router.get("/metrics")
     async def metrics() -> Response:
-        payload, content_type = render_metrics(registry)
+        # off the event loop: a large registry must not stall the service's requests
+        payload, content_type = await asyncio.to_thread(render_metrics, registry)
         return Response(payload, media_type=content_type)
 
     return router

@@ -23,7 +23,7 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 METRICS_CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
@@ -140,3 +140,45 @@ def setup_tracing(
 def render_metrics(registry: CollectorRegistry) -> tuple[bytes, str]:
     """Prometheus text exposition of `registry` and its content type."""
     return generate_latest(registry), METRICS_CONTENT_TYPE
+
+
+class LabelBudget:
+    """Bounds the values a metric label set may take, whoever supplies them (model names come
+    from clients): at most `max_sets` distinct sets, each value at most `max_length`
+    characters. A set past either bound is reported as `overflow` in every position and counted
+    in `llmd_metric_label_overflow_total{budget}`, so a hostile client cannot grow `/metrics`."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        max_sets: int = 1000,
+        max_length: int = 128,
+        overflow: str = "other",
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.name = name
+        self.max_sets = max_sets
+        self.max_length = max_length
+        self.overflow = overflow
+        self._seen: set[tuple[str, ...]] = set()
+        self._overflows = (
+            Counter(
+                "llmd_metric_label_overflow",
+                "Label sets reported as the overflow value (too many, or a value too long)",
+                ["budget"],
+                registry=registry,
+            ).labels(name)
+            if registry is not None
+            else None
+        )
+
+    def __call__(self, *values: str) -> tuple[str, ...]:
+        if values in self._seen:
+            return values
+        if len(self._seen) < self.max_sets and all(len(v) <= self.max_length for v in values):
+            self._seen.add(values)
+            return values
+        if self._overflows is not None:
+            self._overflows.inc()
+        return (self.overflow,) * len(values)

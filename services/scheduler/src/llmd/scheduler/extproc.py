@@ -300,9 +300,14 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             s.tail.add(chunk)
 
     def _finish(self, s: _Stream, cause: str) -> None:
+        """Release the request's accounting; nothing in the response can prevent it."""
         if s.decision is None or s.decision.completed:
             return
-        usage = s.tail.usage() if s.tail is not None else None
+        try:
+            usage = s.tail.usage() if s.tail is not None else None
+        except Exception:  # usage_from_body never raises; this guards the accounting anyway
+            log.exception("reading usage of %s failed", s.decision.request.request_id)
+            usage = None
         self.director.complete(s.decision, cause, usage)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from llmd.runtime.observability import LabelBudget
+
 _LATENCY_BUCKETS = (
     0.0001,
     0.0002,
@@ -78,6 +80,7 @@ _TOKEN_BUCKETS = (
     1048576,
 )
 MAX_MODEL_LABELS = 1000
+MAX_LABEL_LENGTH = 128
 
 
 class SchedulerMetrics:
@@ -85,7 +88,9 @@ class SchedulerMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         req = ["model_name", "target_model_name"]
-        self._models: set[tuple[str, str]] = set()
+        self._models = LabelBudget(
+            "model_name", max_sets=MAX_MODEL_LABELS, max_length=MAX_LABEL_LENGTH, registry=registry
+        )
         self.request_total = Counter(
             "llm_d_epp_request", "Requests handled", req, registry=registry
         )
@@ -196,11 +201,7 @@ class SchedulerMetrics:
         )
 
     def model_labels(self, model: str, target: str) -> tuple[str, str]:
-        """Model label values, capped at MAX_MODEL_LABELS distinct pairs (then `other`)."""
-        pair = (model, target)
-        if pair in self._models:
-            return pair
-        if len(self._models) >= MAX_MODEL_LABELS:
-            return ("other", "other")
-        self._models.add(pair)
-        return pair
+        """Model label values: at most MAX_MODEL_LABELS distinct pairs, each name at most
+        MAX_LABEL_LENGTH characters (clients choose them); the rest are `other`."""
+        model, target = self._models(model, target)
+        return model, target

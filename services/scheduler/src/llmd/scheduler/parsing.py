@@ -102,6 +102,8 @@ def parse_openai(request: LLMRequest) -> None:
         raise ParseError(f"invalid request body: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ParseError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ParseError("request body is nested too deeply") from None
     if not view.model:
         raise ParseError("model not found in request body")
     chat = request.path.endswith(CHAT_SUFFIXES)

@@ -56,6 +56,10 @@ from llmd.scheduler.framework import (
 
 log = logging.getLogger(__name__)
 
+INLINE_TOKENIZE_BYTES = 65_536
+"""Bodies up to this size are tokenized on the event loop (well under a millisecond); larger
+ones in a worker thread, so one huge prompt never stalls routing or response passthrough."""
+
 PRODUCER = "precise-prefix-cache-producer"
 
 
@@ -200,8 +204,8 @@ class PreciseProducer(
         return keys
 
     async def prefetch(self, request: LLMRequest, endpoints: list[EndpointState]) -> None:
-        if self.embedded_sync:
-            return
+        if self.embedded_sync and len(request.body) <= INLINE_TOKENIZE_BYTES:
+            return  # short prompts: tokenized and scored inside `produce`, no I/O
         try:
             if self.keymaker.render is not None:
                 view = _view.decode(request.body)
@@ -212,7 +216,7 @@ class PreciseProducer(
                 )
                 tokens = await self.keymaker.tokens(request.target_model, view.prompt, messages)
                 keys = self._keys_of(request, tokens)
-            elif len(request.body) > 65_536:  # long prompts tokenize off the event loop
+            elif len(request.body) > INLINE_TOKENIZE_BYTES:  # never block the event loop
                 keys = await asyncio.to_thread(self._local_keys, request)
             else:
                 keys = self._local_keys(request)
