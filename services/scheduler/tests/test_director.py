@@ -329,3 +329,35 @@ def test_plugin_state_is_typed_per_owner() -> None:
     assert req.state("p", Mine).count == 1
     with pytest.raises(TypeError, match="p state is Mine, not Other"):
         req.state("p", Other)
+
+
+def test_failed_scrape_and_5xx_answers_hold_an_endpoint_out_until_it_recovers() -> None:
+    d, ds, clock = make_director(n=3)
+    dead = ds.all()[0]
+    ds.failed(dead.key, "metrics", "ConnectionRefusedError")  # its last scrape failed
+    picks = set()
+    for i in range(6):
+        dec = d.schedule(completion(d, f"prompt {i}"))
+        picks.add(dec.endpoints[0].key)
+        d.complete(dec, "natural")
+    assert dead.key not in picks
+    # a 5xx answer from another endpoint holds it out too
+    dec = d.schedule(completion(d, "one more"))
+    bad = dec.endpoints[0]
+    d.response_headers(dec, 503)
+    d.complete(dec, "natural")
+    for i in range(4):
+        dec = d.schedule(completion(d, f"after {i}"))
+        assert dec.endpoints[0].key not in {dead.key, bad.key}
+        d.complete(dec, "natural")
+    # when every endpoint is held out, routing goes on (never fail closed)
+    for e in ds.all():
+        ds.endpoint_failed(e, "response")
+    dec = d.schedule(completion(d, "all held out"))
+    assert dec.endpoints
+    d.complete(dec, "natural")
+    # the backoff passes and a good scrape brings the endpoint back
+    clock.now += 11
+    ds.metrics(dead.key, clock.now - 0.01, EngineSnapshot(waiting=0, running=0), clock.now)
+    assert dead.failure_streak == 0
+    assert dead in ds.candidates()

@@ -75,7 +75,7 @@ def test_up_runs_simulated_engines_by_default_and_stops_cleanly(
     sender.join()
     assert scaled == [0, 0]
     out = capsys.readouterr().out
-    assert f"metrics and debug http://127.0.0.1:{metrics}" in out
+    assert f"metrics http://127.0.0.1:{metrics}/metrics" in out
     assert "pool sim: 3 ready" in out
     assert "sim-2 ready at" in out
     assert "pool sim: 1 ready" in out

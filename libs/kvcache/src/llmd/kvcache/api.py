@@ -78,9 +78,12 @@ class IndexerError(RuntimeError):
 class IndexerClient:
     """An async client of llmd-indexer's HTTP API (its session opens on first use)."""
 
-    def __init__(self, base_url: str, timeout_s: float = 2.0) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 2.0, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self._headers = {"content-type": "application/json"}
+        if token:
+            self._headers["authorization"] = f"Bearer {token}"
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
@@ -97,7 +100,7 @@ class IndexerClient:
         url = f"{self.base_url}{path}"
         try:
             async with self._session.post(
-                url, data=msgspec.json.encode(doc), headers={"content-type": "application/json"}
+                url, data=msgspec.json.encode(doc), headers=self._headers
             ) as resp:
                 body = await resp.read()
                 status = resp.status

@@ -43,6 +43,8 @@ class HealthConfig:
     untrusted_weight: float = 0.25
     """Multiplier on an untrusted pod's prefix score."""
     resync_cooldown_s: float = 30.0
+    max_pods: int = 4096
+    """Pods whose health is tracked; past it the longest-tracked one is forgotten."""
 
 
 @dataclass(slots=True)
@@ -206,6 +208,9 @@ class KVCacheIndexer:
         unexplained = max(0, (cached_tokens - upper) // ebs)
         h = self.health.get(pod)
         if h is None:
+            if len(self.health) >= self.health_config.max_pods:
+                oldest = next(iter(self.health))  # insertion order: the longest-known pod
+                del self.health[oldest]
             h = self.health[pod] = PodHealth()
         h.errors.append((unexplained, int(unexplained > 0)))
         while len(h.errors) > self.health_config.window:

@@ -58,3 +58,15 @@ SYSTEM_OWNED: Final = frozenset(
     }
 )
 """Headers the scheduler strips before forwarding so they never leak to model servers."""
+
+SCHEDULER_OWNED: Final = frozenset(
+    {
+        DESTINATION_ENDPOINT,
+        PREFILLER_HOST_PORT,
+        DATA_PARALLEL_HOST_PORT,
+        ENCODER_HOSTS_PORTS,
+        KV_CACHE_SOURCE_HOST_PORT,
+    }
+)
+"""Routing headers only the scheduler may set: a client's own values are removed, so a
+client cannot choose its engine, its prefill pod or where KV comes from."""

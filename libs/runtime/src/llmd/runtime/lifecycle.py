@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
-from fastapi import APIRouter, FastAPI, Response
+from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from prometheus_client import CollectorRegistry, Gauge
 
 from llmd.runtime.observability import render_metrics
@@ -103,6 +105,37 @@ def health_router(health: Health, registry: CollectorRegistry) -> APIRouter:
         return Response(payload, media_type=content_type)
 
     return router
+
+
+class BodyTooLargeError(Exception):
+    """A request body over the route's limit (answered 413)."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, read no further than `limit` bytes (BodyTooLargeError past it)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLargeError(f"request body is over {limit} bytes")
+    out = bytearray()
+    async for chunk in request.stream():
+        out += chunk
+        if len(out) > limit:
+            raise BodyTooLargeError(f"request body is over {limit} bytes")
+    return bytes(out)
+
+
+def require_token(token: str | None) -> Callable[[Request], Awaitable[None]]:
+    """A FastAPI dependency: with a token configured, requests must carry
+    `Authorization: Bearer <token>` (401 otherwise); without one, it lets everything through."""
+
+    async def check(request: Request) -> None:
+        if token is None:
+            return
+        got = request.headers.get("authorization", "")
+        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
+            raise HTTPException(401, "missing or wrong bearer token")
+
+    return check
 
 
 class ServiceRunner:
@@ -206,3 +239,42 @@ def http_server(app: FastAPI, host: str, port: int) -> QuietHttpServer:
             app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
         )
     )
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket; OSError names the address when it cannot be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def serve_http(
+    app: FastAPI, host: str, port: int, name: str = "http"
+) -> tuple[QuietHttpServer, asyncio.Task[None]]:
+    """Bind first (a taken port is an OSError now, not a log line later), then serve `app`."""
+    sock = listen_socket(host, port)
+    server = http_server(app, host, port)
+    return server, asyncio.create_task(server.serve(sockets=[sock]), name=name)
+
+
+def grpc_listen(server: Any, address: str, credentials: Any = None) -> int:
+    """Add a port to a grpc.aio server; OSError when it cannot be bound (grpc raises
+    RuntimeError or returns 0, depending on the version)."""
+    try:
+        if credentials is None:
+            port: int = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return port

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import grpc
 import msgspec
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from pydantic import Field, ValidationError, model_validator
@@ -43,7 +43,16 @@ from llmd.kvcache.stack import EngineAddress, build_kvcache
 from llmd.kvcache.tokenization import TokenizerError
 from llmd.runtime.config import ConfigError, ConfigIssue, Seconds
 from llmd.runtime.discovery import Endpoint, discovery_source
-from llmd.runtime.lifecycle import Health, QuietHttpServer, health_router, http_server
+from llmd.runtime.lifecycle import (
+    BodyTooLargeError,
+    Health,
+    QuietHttpServer,
+    grpc_listen,
+    health_router,
+    read_body,
+    require_token,
+    serve_http,
+)
 from llmd.runtime.service import ServiceConfig
 
 log = logging.getLogger(__name__)
@@ -103,6 +112,14 @@ class IndexerConfig(ServiceConfig):
     cpu_weight: float = Field(default=0.8, ge=0, description="score of a CPU-tier block")
     speculative_ttl: Seconds = Field(
         default=2.0, ge=0, description="how long a /v1/speculate entry lives (0 = off)"
+    )
+    api_token: str | None = Field(
+        default=None,
+        description="when set, /v1/score, /v1/speculate and /v1/observe require "
+        "'Authorization: Bearer <token>'",
+    )
+    max_request_bytes: int = Field(
+        default=4 * 1024 * 1024, gt=0, description="largest accepted request body"
     )
 
     @model_validator(mode="after")
@@ -214,6 +231,13 @@ class IndexerApp:
 
     # --- discovery -> subscriptions ----------------------------------------------------------
 
+    def known_pods(self) -> set[str]:
+        """Pods the indexer follows: writes about any other pod are refused, which bounds
+        every per-pod structure by the size of the pool."""
+        pods = {e.pod for e in self.ingestor.subscribed}
+        pods.update(k.split("|", 1)[0] for k in self.ingestor.streams)  # centralized mode
+        return pods
+
     async def _follow(self, source: Any) -> None:
         async for endpoints in source.watch():
             self.endpoints = [e for e in endpoints if e.ready]
@@ -241,12 +265,22 @@ class IndexerApp:
         observe_decoder = msgspec.json.Decoder(ObserveRequest)
         speculate_decoder = msgspec.json.Decoder(SpeculateRequest)
 
-        @app.post("/v1/score")
+        guarded = [Depends(require_token(self.config.api_token))]
+        limit = self.config.max_request_bytes
+
+        @app.post("/v1/score", dependencies=guarded)
         async def score(request: Request) -> Response:
             try:
-                doc = score_decoder.decode(await request.body())
+                doc = score_decoder.decode(await read_body(request, limit))
                 hits, total = await self.score(doc)
-            except (msgspec.DecodeError, msgspec.ValidationError, BadRequestError) as exc:
+            except BodyTooLargeError as exc:
+                return _json({"error": str(exc)}, 413)
+            except (
+                msgspec.DecodeError,
+                msgspec.ValidationError,
+                BadRequestError,
+                RecursionError,
+            ) as exc:
                 return _json({"error": str(exc)}, 400)
             except (TokenizerError, ValueError) as exc:
                 return _json({"error": str(exc)}, 422)
@@ -261,12 +295,16 @@ class IndexerApp:
                 }
             )
 
-        @app.post("/v1/observe")
+        @app.post("/v1/observe", dependencies=guarded)
         async def observe(request: Request) -> Response:
             try:
-                o = observe_decoder.decode(await request.body())
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                o = observe_decoder.decode(await read_body(request, limit))
+            except BodyTooLargeError as exc:
+                return _json({"error": str(exc)}, 413)
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
                 return _json({"error": str(exc)}, 400)
+            if o.pod not in self.known_pods():
+                return _json({"error": f"unknown pod {o.pod[:100]!r}"}, 404)
             self.indexer.observe(
                 o.pod,
                 o.predicted_tokens,
@@ -277,12 +315,16 @@ class IndexerApp:
             )
             return _json(self.indexer.health_snapshot().get(o.pod, {}))
 
-        @app.post("/v1/speculate")
+        @app.post("/v1/speculate", dependencies=guarded)
         async def speculate(request: Request) -> Response:
             try:
-                s = speculate_decoder.decode(await request.body())
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                s = speculate_decoder.decode(await read_body(request, limit))
+            except BodyTooLargeError as exc:
+                return _json({"error": str(exc)}, 413)
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
                 return _json({"error": str(exc)}, 400)
+            if s.pod not in self.known_pods():
+                return _json({"error": f"unknown pod {s.pod[:100]!r}"}, 404)
             await self.indexer.speculate(s.keys, s.pod)
             return _json({})
 
@@ -344,14 +386,13 @@ class IndexerApp:
         )
         server.add_generic_rpc_handlers((handler,))
         health_pb2_grpc.add_HealthServicer_to_server(self._grpc_health, server)
-        if server.add_insecure_port(f"{o.host}:{o.grpc_port}") == 0:
-            raise OSError(f"cannot listen on gRPC port {o.grpc_port}")
+        grpc_listen(server, f"{o.host}:{o.grpc_port}")
         await server.start()
         await self._grpc_health.set(proto.SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._grpc_health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._grpc = server
-        self._http = http_server(self.http_app(), o.host, o.http_port)
-        self._tasks.append(asyncio.create_task(self._http.serve(), name="http"))
+        self._http, task = serve_http(self.http_app(), o.host, o.http_port)
+        self._tasks.append(task)
         log.info(
             "llmd-indexer serving HTTP :%d, gRPC :%d (%s index, block %d tokens)",
             o.http_port,

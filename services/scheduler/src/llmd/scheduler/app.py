@@ -1,9 +1,11 @@
 """Composition root: builds the scheduler from its options and runs its servers.
 
 discovery (static file | Kubernetes) -> Datastore (collectors) -> Director (plugins)
-gRPC :9002  ExternalProcessor + Health      (Envoy talks here)
+gRPC :9002  ExternalProcessor + Health      (Envoy talks here; TLS with --secure-serving)
 gRPC :9003  Health only                     (probes)
-HTTP :9090  /metrics /healthz /readyz /debug/decisions /debug/explain /debug/plugins/state
+HTTP :9090  /metrics /healthz /readyz
+HTTP debug  /debug/decisions /debug/explain /debug/plugins/state: off unless --debug-port,
+            on 127.0.0.1 unless --debug-host, behind --debug-token when one is set
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
 import msgspec
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from grpc_health.v1 import health_pb2_grpc
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry
@@ -25,14 +28,26 @@ from pydantic import Field, model_validator
 
 from llmd.runtime.config import ConfigError, ConfigIssue, Seconds
 from llmd.runtime.discovery import discovery_source
-from llmd.runtime.lifecycle import Health, QuietHttpServer, health_router, http_server
+from llmd.runtime.lifecycle import (
+    BodyTooLargeError,
+    Health,
+    QuietHttpServer,
+    grpc_listen,
+    health_router,
+    read_body,
+    require_token,
+    serve_http,
+)
 from llmd.runtime.service import ServiceConfig
+from llmd.runtime.tls import TLSFiles
 from llmd.scheduler.config import load_config_file
 from llmd.scheduler.core import SchedulerCore, build_core
 from llmd.scheduler.extproc import ExternalProcessor, HealthService
 from llmd.scheduler.framework import SchedulingError
 
 log = logging.getLogger(__name__)
+
+MAX_EXPLAIN_BYTES = 1024 * 1024
 
 
 class SchedulerConfig(ServiceConfig):
@@ -66,9 +81,32 @@ class SchedulerConfig(ServiceConfig):
         default=0.05, gt=0, description="how often each endpoint's /metrics is scraped"
     )
     allow_experimental_plugins: bool = Field(default=False, description="allow Alpha plugins")
+    debug_port: int = Field(
+        default=0,
+        ge=0,
+        lt=65536,
+        description="HTTP port of /debug/* (routing decisions, dry runs, plugin state); 0 = off",
+    )
+    debug_host: str = Field(
+        default="127.0.0.1", description="address the debug port listens on (loopback only)"
+    )
+    debug_token: str | None = Field(
+        default=None, description="when set, /debug/* requires 'Authorization: Bearer <token>'"
+    )
+    secure_serving: bool = Field(
+        default=False,
+        description="serve ext_proc and gRPC health over TLS (certificates from cert_path)",
+    )
+    cert_path: str | None = Field(
+        default=None,
+        description="directory with tls.crt and tls.key (and ca.crt to require client "
+        "certificates); re-read when they change",
+    )
 
     @model_validator(mode="after")
     def _one_of_each(self) -> SchedulerConfig:
+        if self.secure_serving and not self.cert_path:
+            raise ValueError("secure_serving needs cert_path (a directory with tls.crt, tls.key)")
         if self.config_file is not None and self.config_text is not None:
             raise ValueError("give config_file or config_text, not both")
         if self.endpoints_file is not None and self.endpoint_selector is not None:
@@ -101,7 +139,10 @@ class SchedulerApp:
         self.grpc_health = HealthService(lambda: self.datastore.synced.is_set())
         self.extproc = ExternalProcessor(self.director, self.built.settings.max_body_bytes)
         self._servers: list[grpc.aio.Server] = []
-        self._http: QuietHttpServer | None = None
+        self._http: list[QuietHttpServer] = []
+        self.tls = (
+            TLSFiles(Path(config.cert_path)) if config.secure_serving and config.cert_path else None
+        )
         self._tasks: list[asyncio.Task[Any]] = []
         self._started = False
 
@@ -119,8 +160,19 @@ class SchedulerApp:
     # --- HTTP ------------------------------------------------------------------------------
 
     def http_app(self) -> FastAPI:
+        """Health, readiness and metrics: what probes and Prometheus need, nothing else."""
         app = FastAPI(title="llmd-scheduler", docs_url=None, redoc_url=None)
         app.include_router(health_router(self.health, self.registry))
+        return app
+
+    def debug_app(self) -> FastAPI:
+        """The operator's view: recent decisions, dry runs, plugin and endpoint state."""
+        app = FastAPI(
+            title="llmd-scheduler debug",
+            docs_url=None,
+            redoc_url=None,
+            dependencies=[Depends(require_token(self.config.debug_token))],
+        )
 
         @app.get("/debug/decisions")
         async def decisions(
@@ -132,11 +184,13 @@ class SchedulerApp:
         async def explain(request: Request) -> Response:
             """Score a request without sending it: {"path", "body": {...}, "headers": {...}}."""
             try:
-                doc = msgspec.json.decode(await request.body())
+                doc = msgspec.json.decode(await read_body(request, MAX_EXPLAIN_BYTES))
                 path = str(doc.get("path", "/v1/completions"))
                 body = msgspec.json.encode(doc["body"])
                 headers = {str(k).lower(): str(v) for k, v in (doc.get("headers") or {}).items()}
-            except (msgspec.DecodeError, KeyError, AttributeError, TypeError):
+            except BodyTooLargeError as exc:
+                return _json({"error": str(exc)}, 413)
+            except (msgspec.DecodeError, KeyError, AttributeError, TypeError, RecursionError):
                 return _json(
                     {"error": 'expected {"path": str, "body": object, "headers": object}'}, 400
                 )
@@ -198,29 +252,36 @@ class SchedulerApp:
         self._started = True
         await self.core.start()
         self._tasks.append(asyncio.create_task(self._follow(source), name="discovery"))
+        credentials = self.tls.credentials() if self.tls is not None else None
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         main = grpc.aio.server(options=options)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.extproc, main)
         health_pb2_grpc.add_HealthServicer_to_server(self.grpc_health, main)
-        if main.add_insecure_port(f"{o.host}:{o.grpc_port}") == 0:
-            raise OSError(f"cannot listen on gRPC port {o.grpc_port}")
+        grpc_listen(main, f"{o.host}:{o.grpc_port}", credentials)
         await main.start()
         self._servers.append(main)
         if o.grpc_health_port and o.grpc_health_port != o.grpc_port:
             hs = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.grpc_health, hs)
-            if hs.add_insecure_port(f"{o.host}:{o.grpc_health_port}") == 0:
-                raise OSError(f"cannot listen on gRPC health port {o.grpc_health_port}")
+            grpc_listen(hs, f"{o.host}:{o.grpc_health_port}", credentials)
             await hs.start()
             self._servers.append(hs)
         if o.metrics_port:
-            self._http = http_server(self.http_app(), o.host, o.metrics_port)
-            self._tasks.append(asyncio.create_task(self._http.serve(), name="http"))
+            server, task = serve_http(self.http_app(), o.host, o.metrics_port)
+            self._http.append(server)
+            self._tasks.append(task)
+        if o.debug_port:
+            server, task = serve_http(self.debug_app(), o.debug_host, o.debug_port, "debug")
+            self._http.append(server)
+            self._tasks.append(task)
         log.info(
-            "llmd-scheduler serving ext_proc on :%d (health :%d, metrics :%d) with %s",
+            "llmd-scheduler serving ext_proc on :%d (%s; health :%d, metrics :%d, debug %s) "
+            "with %s",
             o.grpc_port,
+            "TLS" if credentials is not None else "plaintext",
             o.grpc_health_port,
             o.metrics_port,
+            f"{o.debug_host}:{o.debug_port}" if o.debug_port else "off",
             self.config_origin,
         )
 
@@ -238,8 +299,8 @@ class SchedulerApp:
             log.warning("drain timeout: %d requests still in flight", self.director.inflight)
         for server in self._servers:
             await server.stop(grace=1.0)
-        if self._http is not None:
-            self._http.should_exit = True
+        for http in self._http:
+            http.should_exit = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -65,6 +65,12 @@ class Datastore:
             ["source_type"],
             registry=registry,
         )
+        self._failures = Counter(
+            "llmd_endpoint_failures",
+            "Failures that held an endpoint out of the candidates, by source (scrape, response)",
+            ["source"],
+            registry=registry,
+        )
         self._queue_gauge = Gauge(
             "llm_d_epp_per_endpoint_queue_size",
             "Waiting requests per endpoint (scraped, plus requests sent since the scrape)",
@@ -121,8 +127,19 @@ class Datastore:
         return sum(1 for e in self.endpoints.values() if not e.fresh(now, self.staleness_s))
 
     def candidates(self) -> list[EndpointState]:
-        """Fresh endpoints, or all of them when none is fresh (never fail closed)."""
-        return fresh_or_all(list(self.endpoints.values()), self.clock(), self.staleness_s)
+        """Usable endpoints (fresh, not held out after a failure); else the fresh ones; else
+        all of them: the pool never fails closed."""
+        now = self.clock()
+        eps = list(self.endpoints.values())
+        usable = [e for e in eps if e.usable(now, self.staleness_s)]
+        return usable or fresh_or_all(eps, now, self.staleness_s)
+
+    def endpoint_failed(self, state: EndpointState, source: str) -> None:
+        """Hold `state` out after a failed scrape or a 5xx answer (`source` says which)."""
+        if state.failed_until <= self.clock():
+            log.warning("endpoint %s held out after a failed %s", state.key, source)
+        state.note_failure(self.clock())
+        self._failures.labels(source).inc()
 
     def all(self) -> list[EndpointState]:
         return list(self.endpoints.values())
@@ -161,6 +178,8 @@ class Datastore:
         state = self.endpoints.get(key)
         if state is not None:
             state.note_scrape(started_at, snapshot, now)
+            if state.failure_streak and state.failed_until <= now:
+                state.note_success()
             self._queue_gauge.labels(key, key).set(state.waiting)
 
     def models(self, key: str, models: frozenset[str]) -> None:
@@ -174,3 +193,5 @@ class Datastore:
         if state is not None:
             state.consecutive_failures += 1
             state.last_error = error
+            if source == "metrics":
+                self.endpoint_failed(state, "scrape")

@@ -426,6 +426,11 @@ class Director:
     def response_headers(self, decision: Decision, status: int) -> None:
         decision.status = status
         endpoint = decision.endpoints[0] if decision.endpoints else None
+        if endpoint is not None:
+            if status >= 500:  # a dead, refusing or overloaded engine: route around it
+                self.datastore.endpoint_failed(endpoint, "response")
+            elif endpoint.failure_streak:
+                endpoint.note_success()
         for hook in self.built.response_hooks:
             hook.response_headers(decision.request, status, endpoint)
 

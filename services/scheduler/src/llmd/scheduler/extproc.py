@@ -89,6 +89,7 @@ def _routing_reply(
     if body_len is not None:
         set_headers.append(_header_value("content-length", str(body_len)))
     remove = [h for h in req.headers if h in hdr.SYSTEM_OWNED and h != "content-length"]
+    remove += [h for h in req.headers if h in hdr.SCHEDULER_OWNED and h not in decision.set_headers]
     common = pb.CommonResponse(
         header_mutation=pb.HeaderMutation(set_headers=set_headers, remove_headers=remove),
         clear_route_cache=True,

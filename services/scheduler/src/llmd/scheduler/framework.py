@@ -41,6 +41,10 @@ class NoParams(PluginParams):
 # --- endpoints -----------------------------------------------------------------------------
 
 
+FAILURE_BACKOFF_S = 0.5
+FAILURE_BACKOFF_MAX_S = 10.0
+
+
 class EndpointState:
     """What the scheduler knows about one endpoint: scraped metrics plus its own accounting.
 
@@ -54,6 +58,8 @@ class EndpointState:
         "_pick_seq",
         "consecutive_failures",
         "endpoint",
+        "failed_until",
+        "failure_streak",
         "inflight_requests",
         "inflight_tokens",
         "key",
@@ -79,6 +85,8 @@ class EndpointState:
         self.unseen_tokens = 0
         self._pick_seq = 0
         self.loaded_models: frozenset[str] = frozenset()
+        self.failed_until = 0.0  # monotonic time until which the endpoint is held out
+        self.failure_streak = 0
 
     @property
     def name(self) -> str:
@@ -90,6 +98,21 @@ class EndpointState:
 
     def fresh(self, now: float, threshold_s: float) -> bool:
         return is_fresh(self.metrics_at, now, threshold_s)
+
+    def note_failure(self, now: float) -> None:
+        """A failed scrape or a 5xx answer: hold the endpoint out of the candidates for a
+        backoff that doubles with each consecutive failure (0.5 s up to 10 s)."""
+        self.failure_streak += 1
+        backoff = min(FAILURE_BACKOFF_MAX_S, FAILURE_BACKOFF_S * 2 ** (self.failure_streak - 1))
+        self.failed_until = now + backoff
+
+    def note_success(self) -> None:
+        self.failure_streak = 0
+        self.failed_until = 0.0
+
+    def usable(self, now: float, threshold_s: float) -> bool:
+        """Fresh metrics and not held out after a failure."""
+        return self.fresh(now, threshold_s) and self.failed_until <= now
 
     @property
     def waiting(self) -> int:
@@ -154,6 +177,7 @@ class EndpointState:
             "address": self.key,
             "labels": self.labels,
             "metrics_age_s": round(now - self.metrics_at, 3) if self.metrics_at else None,
+            "held_out_s": round(self.failed_until - now, 3) if self.failed_until > now else 0,
             "waiting": m.waiting if m else None,
             "running": m.running if m else None,
             "kv_cache_usage": m.kv_cache_usage if m else None,

@@ -66,8 +66,8 @@ def banner(
         lines.append(f"  {e.pod:<8} {e.url}   KV events {e.kv_events_endpoint}")
     sched = gateway.scheduler
     lines += [
-        f"scheduler: ext_proc :{sched.grpc_port}, metrics and debug {sched.url}"
-        " (/metrics, /debug/decisions, /debug/plugins/state)",
+        f"scheduler: ext_proc :{sched.grpc_port}, metrics {sched.url}/metrics,"
+        f" debug {sched.debug_url} (/debug/decisions, /debug/plugins/state)",
         f"gateway:   {gateway.url}  (Envoy; admin http://127.0.0.1:{gateway.envoy.settings.admin_port})",
         f"control:   http://127.0.0.1:{control_port}/pools"
         f"  (scale: llmd-dev scale {pool} N --control-url http://127.0.0.1:{control_port})",
@@ -107,7 +107,7 @@ async def follow_decisions(
     async with httpx.AsyncClient(timeout=2) as client:
         while not stop.is_set():
             try:
-                r = await client.get(f"{gateway.scheduler.url}/debug/decisions?since={since}")
+                r = await client.get(f"{gateway.scheduler.debug_url}/debug/decisions?since={since}")
                 for d in r.json():
                     since = max(since, int(d["seq"]))
                     emit(describe_decision(d))
@@ -317,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--scheduler-metrics-port",
         type=int,
         default=None,
-        help="scheduler /metrics and /debug port (default: a free one)",
+        help="scheduler /metrics port (default: a free one)",
     )
     up.add_argument(
         "--control-port", type=int, default=8003, help="the local stack's control API port"

@@ -8,6 +8,17 @@ HTTP/2 with gRPC health checks on `envoy.service.ext_proc.v3.ExternalProcessor`.
 Failure mode: fail-closed (default) answers 503 when the scheduler is unreachable; fail-open
 (`failure_mode_allow`) sends such requests to a round-robin cluster of the endpoints given at
 generation time.
+
+Hardening, on by default (every knob is an `EnvoySettings` field):
+- only inference paths are routed (`allowed_path_prefixes`); anything else is a 404 from Envoy,
+  so engine admin and debug endpoints are not reachable through the gateway;
+- routing headers a client must not choose (the destination endpoint, P/D and encoder hosts)
+  are removed before the scheduler sees the request, so only the scheduler can set them, and a
+  spoofed destination can never reach the ORIGINAL_DST cluster (also not in fail-open mode);
+- circuit breakers sized by `max_concurrent_requests` on the scheduler, pool and fallback
+  clusters (Envoy's default, 1,024, let one client's slow requests block everyone);
+- timeouts: request headers, the whole request body, idle streams, the scheduler's answer to
+  each message, and upstream silence (a hung engine gets a 504 instead of holding the client).
 """
 
 from __future__ import annotations
@@ -27,7 +38,8 @@ from typing import Any
 import httpx
 import yaml
 
-from llmd.protocol.headers import DESTINATION_ENDPOINT
+from llmd.protocol.headers import DESTINATION_ENDPOINT, SCHEDULER_OWNED
+from llmd.protocol.openai import error_body
 
 
 @dataclass
@@ -41,9 +53,31 @@ class EnvoySettings:
     listen_address: str = "0.0.0.0"
     fail_open: bool = False
     fallback_endpoints: Sequence[tuple[str, int]] = field(default_factory=list)
-    message_timeout_s: int = 1000
+    message_timeout_s: int = 30
+    """How long the scheduler may take to answer one ext_proc message."""
     grpc_timeout_s: int = 10
     upstream_connect_timeout_s: float = 5.0
+    max_concurrent_requests: int = 8192
+    """Circuit breakers of the scheduler, pool and fallback clusters (each request holds one
+    ext_proc stream for its whole life)."""
+    request_headers_timeout_s: float = 10.0
+    """A client must send its headers within this."""
+    request_timeout_s: float = 60.0
+    """A client must send its whole request (headers and body) within this: slow clients are
+    cut off with 408 instead of holding a stream forever."""
+    stream_idle_timeout_s: float = 300.0
+    """A stream with no activity either way for this long is reset."""
+    upstream_idle_timeout_s: float = 300.0
+    """An engine silent this long (no first byte, or nothing mid-stream) ends the request with
+    504; long prefills and slow decodes stay well under it."""
+    allowed_path_prefixes: Sequence[str] = (
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/embeddings",
+        "/v1/responses",
+        "/v1/models",
+    )
+    """Paths routed to engines; everything else is answered 404 by Envoy."""
     access_log: bool = False
     round_robin_only: bool = False
     """No scheduler: round-robin over `fallback_endpoints` (the "Kubernetes Service" baseline
@@ -56,6 +90,34 @@ HCM_TYPE = _T + "filters.network.http_connection_manager.v3.HttpConnectionManage
 ROUTER_TYPE = _T + "filters.http.router.v3.Router"
 STDOUT_LOG_TYPE = _T + "access_loggers.stream.v3.StdoutAccessLog"
 HTTP_OPTIONS_TYPE = _T + "upstreams.http.v3.HttpProtocolOptions"
+
+
+CLIENT_FORBIDDEN_HEADERS = tuple(sorted(SCHEDULER_OWNED))
+"""Routing headers only the scheduler may set: removed from every client request."""
+EARLY_HEADER_MUTATION_TYPE = _T + "http.early_header_mutation.header_mutation.v3.HeaderMutation"
+
+
+_JSON = {
+    "header": {"key": "content-type", "value": "application/json"},
+    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+}
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _breakers(limit: int) -> dict[str, Any]:
+    return {
+        "thresholds": [
+            {
+                "max_connections": limit,
+                "max_pending_requests": limit,
+                "max_requests": limit,
+                "max_retries": 3,
+            }
+        ]
+    }
 
 
 def _address(host: str, port: int) -> dict[str, Any]:
@@ -73,6 +135,7 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                 "timeout": f"{s.grpc_timeout_s}s",
             },
             "failure_mode_allow": s.fail_open,
+            "status_on_error": {"code": "ServiceUnavailable"},
             "message_timeout": f"{s.message_timeout_s}s",
             "processing_mode": {
                 "request_header_mode": "SEND",
@@ -89,43 +152,72 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
             },
         },
     }
-    routes: list[dict[str, Any]] = [
-        {
-            "match": {
-                "prefix": "/",
-                "headers": [{"name": DESTINATION_ENDPOINT, "present_match": True}],
-            },
-            "route": {"cluster": "llmd_pool", "timeout": "0s", "idle_timeout": "0s"},
-        }
-    ]
+    idle = _seconds(s.upstream_idle_timeout_s)
+    routes: list[dict[str, Any]] = []
+    for prefix in s.allowed_path_prefixes:
+        routes.append(
+            {
+                "match": {
+                    "prefix": prefix,
+                    "headers": [{"name": DESTINATION_ENDPOINT, "present_match": True}],
+                },
+                "route": {"cluster": "llmd_pool", "timeout": "0s", "idle_timeout": idle},
+            }
+        )
     if s.round_robin_only:
         if not s.fallback_endpoints:
             raise ValueError("round_robin_only needs fallback_endpoints")
         routes = []
-    if (s.fail_open or s.round_robin_only) and s.fallback_endpoints:
-        routes.append(
-            {"match": {"prefix": "/"}, "route": {"cluster": "llmd_fallback", "timeout": "0s"}}
-        )
-    else:
-        routes.append(
-            {
-                "match": {"prefix": "/"},
-                "direct_response": {
-                    "status": 503,
-                    "body": {"inline_string": "the scheduler did not pick an endpoint\n"},
-                },
-            }
-        )
+    for prefix in s.allowed_path_prefixes:
+        if (s.fail_open or s.round_robin_only) and s.fallback_endpoints:
+            routes.append(
+                {
+                    "match": {"prefix": prefix},
+                    "route": {"cluster": "llmd_fallback", "timeout": "0s", "idle_timeout": idle},
+                }
+            )
+        else:
+            routes.append(
+                {
+                    "match": {"prefix": prefix},
+                    "direct_response": {
+                        "status": 503,
+                        "body": {"inline_string": _error_json(503, "no endpoint was picked")},
+                    },
+                    "response_headers_to_add": [_JSON],
+                }
+            )
+    routes.append(
+        {
+            "match": {"prefix": "/"},
+            "direct_response": {
+                "status": 404,
+                "body": {"inline_string": _error_json(404, "this path is not served")},
+            },
+            "response_headers_to_add": [_JSON],
+        }
+    )
+    # Early header mutation runs before the route is chosen, so a client's own destination
+    # header can neither pick the ORIGINAL_DST route nor reach the scheduler.
+    strip = {
+        "name": "envoy.http.early_header_mutation.header_mutation",
+        "typed_config": {
+            "@type": EARLY_HEADER_MUTATION_TYPE,
+            "mutations": [{"remove": name} for name in CLIENT_FORBIDDEN_HEADERS],
+        },
+    }
     hcm: dict[str, Any] = {
         "@type": HCM_TYPE,
         "stat_prefix": "llmd_gateway",
         "codec_type": "AUTO",
-        "stream_idle_timeout": "0s",
-        "request_timeout": "0s",
+        "stream_idle_timeout": _seconds(s.stream_idle_timeout_s),
+        "request_timeout": _seconds(s.request_timeout_s),
+        "request_headers_timeout": _seconds(s.request_headers_timeout_s),
         "route_config": {
             "name": "llmd",
             "virtual_hosts": [{"name": "llmd", "domains": ["*"], "routes": routes}],
         },
+        "early_header_mutation_extensions": [strip],
         "http_filters": [
             *([] if s.round_robin_only else [ext_proc]),
             {
@@ -147,6 +239,9 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
             "type": "STATIC",
             "connect_timeout": "1s",
             "lb_policy": "ROUND_ROBIN",
+            # no panic routing: an unhealthy scheduler gets no streams (fail-open needs that)
+            "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+            "circuit_breakers": _breakers(s.max_concurrent_requests),
             "typed_extension_protocol_options": {
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                     "@type": HTTP_OPTIONS_TYPE,
@@ -165,9 +260,14 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
             },
             "health_checks": [
                 {
+                    # A down scheduler must be known before requests reach it: requests with a
+                    # body cannot fail open once they are streaming to the processor, but they
+                    # do when the cluster has no healthy host (checked before streaming).
                     "timeout": "1s",
-                    "interval": "2s",
-                    "unhealthy_threshold": 2,
+                    "interval": "1s",
+                    "no_traffic_interval": "1s",
+                    "unhealthy_interval": "1s",
+                    "unhealthy_threshold": 1,
                     "healthy_threshold": 1,
                     "grpc_health_check": {
                         "service_name": "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -184,16 +284,7 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                 "use_http_header": True,
                 "http_header_name": DESTINATION_ENDPOINT,
             },
-            "circuit_breakers": {
-                "thresholds": [
-                    {
-                        "max_connections": 1_000_000,
-                        "max_pending_requests": 1_000_000,
-                        "max_requests": 1_000_000,
-                        "max_retries": 1000,
-                    }
-                ]
-            },
+            "circuit_breakers": _breakers(s.max_concurrent_requests),
         },
     ]
     if s.round_robin_only:
@@ -205,15 +296,7 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                 "type": "STATIC",
                 "connect_timeout": f"{s.upstream_connect_timeout_s}s",
                 "lb_policy": "ROUND_ROBIN",
-                "circuit_breakers": {
-                    "thresholds": [
-                        {
-                            "max_connections": 1_000_000,
-                            "max_pending_requests": 1_000_000,
-                            "max_requests": 1_000_000,
-                        }
-                    ]
-                },
+                "circuit_breakers": _breakers(s.max_concurrent_requests),
                 "load_assignment": {
                     "cluster_name": "llmd_fallback",
                     "endpoints": [
@@ -249,6 +332,11 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
             "clusters": clusters,
         },
     }
+
+
+def _error_json(status: int, message: str) -> str:
+    kind = "NotFoundError" if status == 404 else "ServiceUnavailableError"
+    return error_body(message, kind=kind, code=status).decode() + "\n"
 
 
 def envoy_binary() -> str:

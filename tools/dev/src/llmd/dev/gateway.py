@@ -47,10 +47,17 @@ class SchedulerProcess:
     health_port: int
     metrics_port: int
     log_path: Path
+    debug_port: int = 0
 
     @property
     def url(self) -> str:
+        """Health, readiness and /metrics."""
         return f"http://127.0.0.1:{self.metrics_port}"
+
+    @property
+    def debug_url(self) -> str:
+        """/debug/decisions, /debug/explain, /debug/plugins/state (loopback only)."""
+        return f"http://127.0.0.1:{self.debug_port}"
 
     @classmethod
     def start(
@@ -66,13 +73,14 @@ class SchedulerProcess:
         """Start the scheduler (chosen ports, or free ones) and wait until it is ready."""
         grpc_port = grpc_port or free_port()
         metrics_port = metrics_port or free_port()
-        health_port = free_port()
+        health_port, debug_port = free_port(), free_port()
         log_path = work / "llmd-scheduler.log"
         cmd = [
             sys.executable, "-m", "llmd.scheduler.cli",
             "--endpoints-file", str(endpoints_file), "--host", "127.0.0.1",
             "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
             "--metrics-port", str(metrics_port), "--drain-timeout", "5s",
+            "--debug-port", str(debug_port),
         ]  # fmt: skip
         if config_file is not None:
             cmd += ["--config-file", str(config_file)]
@@ -80,7 +88,7 @@ class SchedulerProcess:
         env = {**os.environ, "LLMD_LOG_FORMAT": "json"}
         with log_path.open("ab") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        sched = cls(proc, grpc_port, health_port, metrics_port, log_path)
+        sched = cls(proc, grpc_port, health_port, metrics_port, log_path, debug_port)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
             if proc.poll() is not None:
@@ -95,7 +103,8 @@ class SchedulerProcess:
         raise GatewayStartError(f"llmd-scheduler not ready after {READY_TIMEOUT_S:.0f}s")
 
     def get_json(self, path: str) -> Any:
-        status, body = _get(self.url + path)
+        base = self.debug_url if path.startswith("/debug/") else self.url
+        status, body = _get(base + path)
         if status != 200:
             raise RuntimeError(f"GET {path}: HTTP {status}: {body[:200]!r}")
         return json.loads(body)
@@ -138,6 +147,7 @@ class Gateway:
         admin_port: int | None = None,
         scheduler_grpc_port: int | None = None,
         scheduler_metrics_port: int | None = None,
+        envoy_overrides: dict[str, Any] | None = None,
     ) -> Gateway:
         work.mkdir(parents=True, exist_ok=True)
         scheduler = SchedulerProcess.start(
@@ -156,6 +166,7 @@ class Gateway:
             listen_address="127.0.0.1" if listen_port is None else "0.0.0.0",
             fail_open=fail_open,
             fallback_endpoints=fallback,
+            **(envoy_overrides or {}),
         )
         envoy = EnvoyProcess(settings, work / "envoy")
         try:

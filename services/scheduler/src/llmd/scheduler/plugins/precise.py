@@ -88,6 +88,8 @@ class PreciseParams(PluginParams, KVCacheConfig):
 
     indexer_url: str | None = Field(default=None, alias="indexerUrl")
     """Use a remote llmd-indexer (HTTP) instead of the embedded index and subscriptions."""
+    indexer_token: str | None = Field(default=None, alias="indexerToken")
+    """The bearer token the indexer requires (its --api-token), if any."""
 
     @model_validator(mode="after")
     def _needs_tokenizer(self) -> PreciseParams:
@@ -133,7 +135,7 @@ class PreciseProducer(
         try:
             if self.remote is not None:
                 self.keymaker: RequestKeys = build_request_keys(p)
-                self.client = IndexerClient(self.remote)
+                self.client = IndexerClient(self.remote, token=p.indexer_token)
             else:
                 self.stack = build_kvcache(p)
                 self.keymaker = self.stack.keys

@@ -1,0 +1,65 @@
+"""TLS for llmd's gRPC servers, with certificates re-read when they change.
+
+A certificate directory holds `tls.crt` and `tls.key` (what a Kubernetes TLS secret mounts, and
+llm-d's `--cert-path` layout), and optionally `ca.crt`: with it, clients must present a
+certificate signed by that CA (mutual TLS). `TLSFiles.credentials()` gives gRPC server
+credentials that look at the files again for each new connection and switch to the new pair
+when they changed (cert-manager rotations need no restart). A missing or unreadable file at
+start is an OSError naming it; a bad rotation keeps the previous pair and is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TLSFiles:
+    """A certificate directory and what was last loaded from it."""
+
+    directory: Path
+    _loaded: tuple[bytes, bytes, bytes | None] | None = field(default=None, repr=False)
+    reloads: int = 0
+
+    @property
+    def mutual(self) -> bool:
+        return (self.directory / "ca.crt").is_file()
+
+    def _read(self) -> tuple[bytes, bytes, bytes | None]:
+        crt, key = self.directory / "tls.crt", self.directory / "tls.key"
+        try:
+            ca = self.directory / "ca.crt"
+            return crt.read_bytes(), key.read_bytes(), ca.read_bytes() if ca.is_file() else None
+        except OSError as exc:
+            raise OSError(f"cannot read TLS files in {self.directory}: {exc}") from None
+
+    def _config(self) -> grpc.ServerCertificateConfiguration | None:
+        """The certificate configuration when the files changed since the last call."""
+        try:
+            current = self._read()
+        except OSError as exc:
+            log.error("%s; keeping the certificates already loaded", exc)
+            return None
+        if current == self._loaded:
+            return None
+        crt, key, ca = current
+        if self._loaded is not None:
+            self.reloads += 1
+            log.info("TLS certificates in %s changed: reloaded", self.directory)
+        self._loaded = current
+        return grpc.ssl_server_certificate_configuration([(key, crt)], root_certificates=ca)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Server credentials that follow the files (OSError when they cannot be read now)."""
+        crt, key, ca = self._read()
+        self._loaded = (crt, key, ca)
+        initial = grpc.ssl_server_certificate_configuration([(key, crt)], root_certificates=ca)
+        return grpc.dynamic_ssl_server_credentials(
+            initial, self._config, require_client_authentication=ca is not None
+        )
