@@ -126,6 +126,9 @@ def test_only_inference_paths_are_routed(tmp_path: Path) -> None:
         assert r.status_code == 404
         assert r.headers["content-type"] == "application/json"
         assert r.json()["error"]["code"] == 404
+        assert (
+            httpx.get(s.url + "/health", timeout=10).status_code == 200
+        )  # load generators probe it
         for i in range(4):  # no engine was crashed through the gateway
             ok = httpx.post(s.url + "/v1/completions", json={**SIM, "prompt": f"p{i}"}, timeout=20)
             assert ok.status_code == 200

@@ -76,8 +76,10 @@ class EnvoySettings:
         "/v1/embeddings",
         "/v1/responses",
         "/v1/models",
+        "/health",
     )
-    """Paths routed to engines; everything else is answered 404 by Envoy."""
+    """Paths routed to engines (the OpenAI inference API, the model list, and the engine
+    health check load generators probe); everything else is answered 404 by Envoy."""
     access_log: bool = False
     round_robin_only: bool = False
     """No scheduler: round-robin over `fallback_endpoints` (the "Kubernetes Service" baseline
