@@ -113,3 +113,41 @@ def test_scraper_reads_good_engines_and_counts_bad_ones() -> None:
     from llmd.vllm_cpu.server import free_port
 
     asyncio.run(_scrape([free_port(), free_port(), free_port()]))
+
+
+async def _hostile_metrics(port: int) -> None:
+    app = FastAPI()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response('vllm:num_requests_waiting{model_name="m"} +Inf\n', media_type="text/plain")
+
+    server = http_server(app, "127.0.0.1", port)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    rec = Recorder()
+    scraper = EnginePoolScraper(interval_s=0.05, models_interval_s=0, listener=rec)
+    key = f"127.0.0.1:{port}"
+    scraper.set_targets([key])
+    await scraper.start()
+    try:
+        for _ in range(100):
+            if scraper.samples[key].consecutive_failures >= 3:
+                break
+            await asyncio.sleep(0.05)
+        # the scraper keeps trying (its task did not die) and says why
+        assert scraper.samples[key].consecutive_failures >= 3
+        assert "not a count" in (scraper.samples[key].last_error or "")
+        assert key not in rec.snapshots
+    finally:
+        await scraper.stop()
+        server.should_exit = True
+        await task
+
+
+@pytest.mark.integration
+def test_an_infinite_queue_is_an_error_and_the_scraper_keeps_going() -> None:
+    from llmd.vllm_cpu.server import free_port
+
+    asyncio.run(_hostile_metrics(free_port()))

@@ -194,6 +194,7 @@ class IndexerApp:
         self._grpc: grpc.aio.Server | None = None
         self._grpc_health = health.aio.HealthServicer()
         self._http: QuietHttpServer | None = None
+        self._http_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.endpoints: list[Endpoint] = []
 
@@ -391,8 +392,7 @@ class IndexerApp:
         await self._grpc_health.set(proto.SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._grpc_health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._grpc = server
-        self._http, task = serve_http(self.http_app(), o.host, o.http_port)
-        self._tasks.append(task)
+        self._http, self._http_task = serve_http(self.http_app(), o.host, o.http_port)
         log.info(
             "llmd-indexer serving HTTP :%d, gRPC :%d (%s index, block %d tokens)",
             o.http_port,
@@ -404,6 +404,8 @@ class IndexerApp:
     async def stop(self) -> None:
         if self._http is not None:
             self._http.should_exit = True
+        if self._http_task is not None:  # let it close its socket before the process moves on
+            await asyncio.wait([self._http_task], timeout=3)
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         for t in self._tasks:

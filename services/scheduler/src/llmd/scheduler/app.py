@@ -140,6 +140,7 @@ class SchedulerApp:
         self.extproc = ExternalProcessor(self.director, self.built.settings.max_body_bytes)
         self._servers: list[grpc.aio.Server] = []
         self._http: list[QuietHttpServer] = []
+        self._http_tasks: list[asyncio.Task[None]] = []
         self.tls = (
             TLSFiles(Path(config.cert_path)) if config.secure_serving and config.cert_path else None
         )
@@ -269,11 +270,11 @@ class SchedulerApp:
         if o.metrics_port:
             server, task = serve_http(self.http_app(), o.host, o.metrics_port)
             self._http.append(server)
-            self._tasks.append(task)
+            self._http_tasks.append(task)
         if o.debug_port:
             server, task = serve_http(self.debug_app(), o.debug_host, o.debug_port, "debug")
             self._http.append(server)
-            self._tasks.append(task)
+            self._http_tasks.append(task)
         log.info(
             "llmd-scheduler serving ext_proc on :%d (%s; health :%d, metrics :%d, debug %s) "
             "with %s",
@@ -301,6 +302,8 @@ class SchedulerApp:
             await server.stop(grace=1.0)
         for http in self._http:
             http.should_exit = True
+        if self._http_tasks:  # let them close their sockets: a restart can bind again at once
+            await asyncio.wait(self._http_tasks, timeout=3)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -41,6 +41,8 @@ from llmd.kvcache.stack import (
     build_request_keys,
 )
 from llmd.kvcache.tokenization import TokenizerError
+from llmd.runtime.breaker import CircuitBreaker
+from llmd.runtime.config import Seconds
 from llmd.scheduler.framework import (
     AsyncDataProducer,
     EndpointState,
@@ -90,6 +92,10 @@ class PreciseParams(PluginParams, KVCacheConfig):
     """Use a remote llmd-indexer (HTTP) instead of the embedded index and subscriptions."""
     indexer_token: str | None = Field(default=None, alias="indexerToken")
     """The bearer token the indexer requires (its --api-token), if any."""
+    lookup_timeout: Seconds = Field(default=0.1, gt=0, alias="lookupTimeout")
+    """A lookup in a shared index or a remote indexer taking longer is abandoned (the request
+    is routed without precise prefix data); failures open a circuit breaker that skips lookups
+    for 1 s, doubling to 30 s while they keep failing."""
 
     @model_validator(mode="after")
     def _needs_tokenizer(self) -> PreciseParams:
@@ -141,6 +147,7 @@ class PreciseProducer(
                 self.keymaker = self.stack.keys
         except TokenizerError as exc:
             raise ValueError(str(exc)) from None
+        self.breaker = CircuitBreaker(base_s=1.0, max_s=30.0)
         self.queries = 0
         self.errors = 0
         self._errors: Counter | None = None
@@ -157,11 +164,12 @@ class PreciseProducer(
             registry=registry,
         )
 
-    def _failed(self, stage: str, exc: BaseException) -> None:
+    def _failed(self, stage: str, exc: BaseException | None) -> None:
         self.errors += 1
         if self._errors is not None:
             self._errors.labels(self.name, stage).inc()
-        log.warning("precise prefix %s failed: %s", stage, exc)
+        if exc is not None:
+            log.warning("precise prefix %s failed: %s", stage, exc)
 
     @property
     def embedded_sync(self) -> bool:
@@ -226,17 +234,25 @@ class PreciseProducer(
             self._failed("tokenize", exc)
             return
         pods = [e.key for e in endpoints]
-        try:
-            if self.client is not None:
-                answer = await self.client.score(ScoreRequest(keys=keys, pods=pods))
-                hits = {p: h.to_hit() for p, h in answer.pods.items()}
-            else:
-                assert self.stack is not None
-                hits = await self.stack.indexer.score(keys, pods)
-        except Exception as exc:  # scoring degrades to no prefix data, never fails requests
-            self._failed("lookup", exc)
-            hits = {}
+        hits: dict[str, PrefixHit] = {}
+        if not self.breaker.allow():
+            self._failed("lookup-skipped", None)  # the index is failing: route without it
+        else:
+            try:
+                async with asyncio.timeout(self.p.lookup_timeout):
+                    hits = await self._lookup(keys, pods)
+                self.breaker.success()
+            except Exception as exc:  # degrade to no prefix data, never fail the request
+                self.breaker.failure()
+                self._failed("lookup", exc if str(exc) else TimeoutError("lookup timed out"))
         request.state(self.name, PreciseState).hits = hits
+
+    async def _lookup(self, keys: list[int], pods: list[str]) -> dict[str, PrefixHit]:
+        if self.client is not None:
+            answer = await self.client.score(ScoreRequest(keys=keys, pods=pods))
+            return {p: h.to_hit() for p, h in answer.pods.items()}
+        assert self.stack is not None
+        return await self.stack.indexer.score(keys, pods)
 
     def _track(self, coro: Any, stage: str) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -245,7 +261,7 @@ class PreciseProducer(
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
             if not t.cancelled() and t.exception() is not None:
-                self._failed(stage, t.exception())  # type: ignore[arg-type]
+                self._failed(stage, t.exception())
 
         task.add_done_callback(done)
 
