@@ -22,7 +22,7 @@ from llmd.dev.envoy import EnvoyStartError
 from llmd.dev.gateway import Gateway, GatewayStartError
 from llmd.dev.monitor import EngineAddress
 from llmd.runtime.cluster import ClusterError
-from llmd.runtime.lifecycle import Health, ServiceRunner, http_server
+from llmd.runtime.lifecycle import Health, ServiceRunner, serve_http
 from llmd.vllm_cpu.install import ensure_vllm_env
 from llmd.vllm_cpu.server import VllmServer
 from llmd.vllm_cpu.tiny_model import ensure_tiny_model
@@ -182,15 +182,15 @@ def run_stack(args: argparse.Namespace, pool: str, launcher: Launcher) -> int:
         async def main(stop: asyncio.Event) -> None:
             cluster = LocalCluster({pool: launcher}, work / "endpoints.yaml", work, on_change=emit)
             state["cluster"] = cluster
+            # the control API first: once the gateway answers, `llmd-dev scale` works too
+            server, task = serve_http(control_app(cluster), "127.0.0.1", args.control_port)
+            state["control"], state["control_task"] = server, task
             await cluster.scale(pool, args.count)
             await cluster.wait_ready(pool, launcher.startup_timeout_s + 30)
             gateway = await asyncio.to_thread(start_gateway, args, cluster.discovery_file, work)
             if gateway is None:
                 raise RuntimeError("the gateway did not start")
             state["gateway"] = gateway
-            server = http_server(control_app(cluster), "127.0.0.1", args.control_port)
-            state["control"] = server
-            state["control_task"] = asyncio.create_task(server.serve(), name="control")
             engines = [
                 EngineAddress(e.name, f"http://{e.address}:{e.port}", e.labels[EVENTS_LABEL])
                 for e in await cluster.endpoints(pool)

@@ -55,6 +55,8 @@ class Replica:
     alive: Callable[[], bool]
     log_path: Path
     ready: bool = False
+    serial: int = 0
+    """Order of creation in its pool: scaling down stops the highest first."""
 
     @property
     def url(self) -> str:
@@ -248,15 +250,18 @@ class LocalCluster:
                 count = p.desired - len(p.replicas)
                 await asyncio.gather(*(self._add(name, p) for _ in range(count)))
             elif len(p.replicas) > p.desired:
-                victims = p.replicas[p.desired :][::-1]  # newest first
+                by_age = sorted(p.replicas, key=lambda r: r.serial)
+                victims = by_age[p.desired :][::-1]  # newest first
                 await asyncio.gather(*(self._remove(name, p, r) for r in victims))
             if len(p.replicas) == p.desired and not p.changed.is_set():
                 return
 
     async def _add(self, pool: str, p: _Pool) -> None:
-        name = f"{pool}-{p.serial}"
+        serial = p.serial
+        name = f"{pool}-{serial}"
         p.serial += 1
         replica = await asyncio.to_thread(p.launcher.launch, name, self.work)
+        replica.serial = serial
         p.replicas.append(replica)
         deadline = time.monotonic() + p.launcher.startup_timeout_s
         while time.monotonic() < deadline and replica.alive():
