@@ -70,6 +70,8 @@ class EnvoySettings:
     upstream_idle_timeout_s: float = 300.0
     """An engine silent this long (no first byte, or nothing mid-stream) ends the request with
     504; long prefills and slow decodes stay well under it."""
+    upstream_keepalive_s: float = 3.0
+    """Idle engine connections are closed after this (below the engines' own keep-alive)."""
     allowed_path_prefixes: Sequence[str] = (
         "/v1/completions",
         "/v1/chat/completions",
@@ -99,6 +101,9 @@ CLIENT_FORBIDDEN_HEADERS = tuple(sorted(SCHEDULER_OWNED))
 EARLY_HEADER_MUTATION_TYPE = _T + "http.early_header_mutation.header_mutation.v3.HeaderMutation"
 
 
+_SAFE_RETRY = {"retry_on": "reset-before-request", "num_retries": 1}
+"""Retry only a request that never reached the engine: safe for any method."""
+
 _JSON = {
     "header": {"key": "content-type", "value": "application/json"},
     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
@@ -119,6 +124,18 @@ def _breakers(limit: int) -> dict[str, Any]:
                 "max_retries": 3,
             }
         ]
+    }
+
+
+def _upstream_http(s: EnvoySettings) -> dict[str, Any]:
+    """Envoy closes idle engine connections before the engine does (uvicorn: 5 s), so it never
+    sends a request on a connection the engine is closing (a 503 'connection termination')."""
+    return {
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": HTTP_OPTIONS_TYPE,
+            "common_http_protocol_options": {"idle_timeout": _seconds(s.upstream_keepalive_s)},
+            "explicit_http_config": {"http_protocol_options": {}},
+        }
     }
 
 
@@ -163,7 +180,12 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                     "prefix": prefix,
                     "headers": [{"name": DESTINATION_ENDPOINT, "present_match": True}],
                 },
-                "route": {"cluster": "llmd_pool", "timeout": "0s", "idle_timeout": idle},
+                "route": {
+                    "cluster": "llmd_pool",
+                    "timeout": "0s",
+                    "idle_timeout": idle,
+                    "retry_policy": _SAFE_RETRY,
+                },
             }
         )
     if s.round_robin_only:
@@ -287,6 +309,7 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                 "http_header_name": DESTINATION_ENDPOINT,
             },
             "circuit_breakers": _breakers(s.max_concurrent_requests),
+            "typed_extension_protocol_options": _upstream_http(s),
         },
     ]
     if s.round_robin_only:
@@ -299,6 +322,7 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                 "connect_timeout": f"{s.upstream_connect_timeout_s}s",
                 "lb_policy": "ROUND_ROBIN",
                 "circuit_breakers": _breakers(s.max_concurrent_requests),
+                "typed_extension_protocol_options": _upstream_http(s),
                 "load_assignment": {
                     "cluster_name": "llmd_fallback",
                     "endpoints": [
