@@ -39,6 +39,7 @@ class Indexer:
     http: str
     grpc_target: str
     log: Path
+    writes: str
 
 
 @dataclass
@@ -55,16 +56,22 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     fleet = SimFleetProcess.start(count=2, block_size=16, profile="h100-8b", work=work)
     pool_file = work / "pool.yaml"
     pool_file.write_text(Path(fleet.endpoints_file).read_text())
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port, write_port = free_port(), free_port(), free_port()
     log = work / "llmd-indexer.log"
     cmd = [
         sys.executable, "-m", "llmd.indexer.cli", "--endpoints-file", str(pool_file),
         "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-        "--tokenizer-dir", str(default_tokenizer_dir()),
+        "--tokenizer-dir", str(default_tokenizer_dir()), "--write-port", str(write_port),
     ]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
-    ix = Indexer(proc, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", log)
+    ix = Indexer(
+        proc,
+        f"http://127.0.0.1:{http_port}",
+        f"127.0.0.1:{grpc_port}",
+        log,
+        f"http://127.0.0.1:{write_port}",
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()
@@ -166,6 +173,7 @@ plugins:
   parameters:
     tokenizer: {{modelDir: "{default_tokenizer_dir()}"}}
     indexerUrl: "{setup.indexer.http}"
+    indexerWriteUrl: "{setup.indexer.writes}"
 - type: prefix-cache-scorer
 schedulingProfiles:
 - name: default

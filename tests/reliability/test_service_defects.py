@@ -13,7 +13,9 @@ import grpc
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
+from llmd.indexer.app import IndexerApp, IndexerConfig
 from llmd.kvcache.valkey import ValkeyIndex
 from llmd.protocol.metrics import EngineSnapshot
 from llmd.runtime.breaker import CircuitBreaker
@@ -158,6 +160,57 @@ def test_debug_routes_are_off_by_default_and_guarded_when_on(tmp_path: Path) -> 
                     headers={"authorization": "Bearer s3cret"},
                 )
                 assert big.status_code == 413
+        finally:
+            await app.stop()
+
+    asyncio.run(run())
+
+
+def test_indexer_writes_are_on_their_own_guarded_port(tmp_path: Path) -> None:
+    """Forged /v1/observe posts used to mark a real pod untrusted through the scoring port; the
+    write routes now listen on their own port, loopback unless a token guards them."""
+    with pytest.raises(ValidationError, match="need api_token"):
+        IndexerConfig(write_host="0.0.0.0")
+    IndexerConfig(write_host="0.0.0.0", api_token="t")  # a token makes it acceptable
+    IndexerConfig(write_host="0.0.0.0", write_port=0)  # so does turning the routes off
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(
+        "endpoints:\n- {name: e0, address: 127.0.0.1, port: 1, labels: {}, ready: true}\n"
+    )
+
+    async def run() -> None:
+        with socket.socket() as s1, socket.socket() as s2, socket.socket() as s3:
+            for s in (s1, s2, s3):
+                s.bind(("127.0.0.1", 0))
+            http, grpc_port, writes = (s.getsockname()[1] for s in (s1, s2, s3))
+        app = IndexerApp(
+            IndexerConfig(host="127.0.0.1", http_port=http, grpc_port=grpc_port,
+                          write_port=writes, api_token="s3cret", endpoints_file=str(pool))
+        )  # fmt: skip
+        await app.start()
+        auth = {"authorization": "Bearer s3cret"}
+        observe = {"pod": "127.0.0.1:1", "predicted_tokens": 0, "cached_tokens": 0,
+                   "prompt_tokens": 16}  # fmt: skip
+        try:
+            async with httpx.AsyncClient() as c:
+                for _ in range(50):
+                    if app.known_pods():
+                        break
+                    await asyncio.sleep(0.05)
+                main = f"http://127.0.0.1:{http}"
+                write = f"http://127.0.0.1:{writes}"
+                r = await c.post(main + "/v1/observe", json=observe, headers=auth)
+                assert r.status_code == 404  # not on the scoring port
+                r = await c.post(write + "/v1/observe", json=observe)
+                assert r.status_code == 401
+                r = await c.post(write + "/v1/observe", json=observe, headers=auth)
+                assert r.status_code == 200, r.text
+                forged = dict(observe, pod="10.9.9.9:8000")
+                r = await c.post(write + "/v1/observe", json=forged, headers=auth)
+                assert r.status_code == 404
+                assert "10.9.9.9:8000" not in app.indexer.health_snapshot()
+                r = await c.post(write + "/v1/speculate", json={"pod": "x", "keys": [1]})
+                assert r.status_code == 401
         finally:
             await app.stop()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from typing import Any
 
 import httpx
@@ -335,3 +336,28 @@ async def test_fleet_servers_are_independent(start_fleet: StartFleet) -> None:
     doc = fleet.endpoints_document()
     assert [e["name"] for e in doc["endpoints"]] == ["sim-0", "sim-1", "sim-2"]
     assert len({s.url for s in fleet.servers}) == 3
+
+
+def _outward_address() -> str:
+    """This machine's address on its default route (not loopback)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("10.255.255.255", 1))  # picks a route; sends nothing
+        address: str = s.getsockname()[0]
+    return address
+
+
+async def test_kv_sockets_bind_where_the_http_api_does(start_fleet: StartFleet) -> None:
+    """`tcp://*:<port>` used to bind every interface; it now means the simulator's --host."""
+    s = (await start_fleet(kv_events_config=events_config())).servers[0]
+    assert s.cfg.host == "127.0.0.1"
+    assert s.cfg.kv_events_config is not None
+    outward = _outward_address()
+    assert not outward.startswith("127.")
+    for endpoint in (s.cfg.kv_events_config.endpoint, s.cfg.kv_events_config.replay_endpoint):
+        assert endpoint is not None
+        assert endpoint.startswith("tcp://*:")
+        port = int(endpoint.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass  # reachable on loopback
+        with pytest.raises(OSError):  # and nowhere else
+            socket.create_connection((outward, port), timeout=2).close()

@@ -1,9 +1,10 @@
 """llmd-indexer's HTTP API: one typed schema for the server and its client.
 
     POST /v1/score      ScoreRequest     -> ScoreResponse
+    GET  /v1/pods       subscriptions, stream state, index health
+  on the write port (--write-port, loopback unless a token guards it):
     POST /v1/speculate  SpeculateRequest -> {}            (a pod is about to compute these keys)
     POST /v1/observe    ObserveRequest   -> the pod's index-health record
-    GET  /v1/pods       subscriptions, stream state, index health
 
 `IndexerClient` (aiohttp, llmd's client library on per-request paths) is what the scheduler's
 remote-indexer mode uses: every call either succeeds or raises `IndexerError`; the caller
@@ -78,8 +79,15 @@ class IndexerError(RuntimeError):
 class IndexerClient:
     """An async client of llmd-indexer's HTTP API (its session opens on first use)."""
 
-    def __init__(self, base_url: str, timeout_s: float = 2.0, token: str | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        timeout_s: float = 2.0,
+        token: str | None = None,
+        write_url: str | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.write_url = write_url.rstrip("/") if write_url else None
         self.timeout_s = timeout_s
         self._headers = {"content-type": "application/json"}
         if token:
@@ -91,13 +99,18 @@ class IndexerClient:
             await self._session.close()
             self._session = None
 
-    async def _post(self, path: str, doc: msgspec.Struct) -> bytes:
+    @property
+    def writes(self) -> bool:
+        """Whether the indexer's write routes were given (`write_url`)."""
+        return self.write_url is not None
+
+    async def _post(self, path: str, doc: msgspec.Struct, base: str | None = None) -> bytes:
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
                 connector=aiohttp.TCPConnector(limit=64),
             )
-        url = f"{self.base_url}{path}"
+        url = f"{base or self.base_url}{path}"
         try:
             async with self._session.post(
                 url, data=msgspec.json.encode(doc), headers=self._headers
@@ -118,7 +131,12 @@ class IndexerClient:
             raise IndexerError(f"{self.base_url}/v1/score: bad answer: {exc}") from None
 
     async def speculate(self, pod: str, keys: list[int]) -> None:
-        await self._post("/v1/speculate", SpeculateRequest(pod, keys))
+        await self._post("/v1/speculate", SpeculateRequest(pod, keys), self._writes())
 
     async def observe(self, observation: ObserveRequest) -> None:
-        await self._post("/v1/observe", observation)
+        await self._post("/v1/observe", observation, self._writes())
+
+    def _writes(self) -> str:
+        if self.write_url is None:
+            raise IndexerError("no write_url: this client only scores")
+        return self.write_url

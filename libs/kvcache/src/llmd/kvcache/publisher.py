@@ -49,8 +49,12 @@ class KVEventPublisher:
         hwm: int = DEFAULT_HWM,
         seed: int = 0,
         data_parallel_rank: int = 0,
+        bind_host: str | None = None,
     ) -> None:
         self._ctx = ctx
+        self.bind_host = bind_host
+        """When set, a wildcard endpoint (`tcp://*:<port>`) binds this address instead of every
+        interface (the simulator binds where its HTTP API listens)."""
         self.endpoint = endpoint
         self.replay_endpoint = replay_endpoint
         self.topic = topic.encode()
@@ -71,17 +75,26 @@ class KVEventPublisher:
         pub = self._ctx.socket(zmq.PUB)
         pub.setsockopt(zmq.SNDHWM, self._hwm)
         pub.setsockopt(zmq.LINGER, 0)
+        ipv6 = int(self.bind_host is not None and ":" in self.bind_host)
+        pub.setsockopt(zmq.IPV6, ipv6)
         if _binds(self.endpoint):
-            pub.bind(self.endpoint)
+            pub.bind(self._bind_address(self.endpoint))
         else:
             pub.connect(self.endpoint)
         self._pub = pub
         if self.replay_endpoint:
             router = self._ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
-            router.bind(self.replay_endpoint)
+            router.setsockopt(zmq.IPV6, ipv6)
+            router.bind(self._bind_address(self.replay_endpoint))
             self._replay = router
             self._task = asyncio.create_task(self._serve_replay(), name="kv-replay")
+
+    def _bind_address(self, endpoint: str) -> str:
+        if self.bind_host is None or not endpoint.startswith("tcp://*:"):
+            return endpoint
+        host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
+        return f"tcp://{host}:{endpoint.removeprefix('tcp://*:')}"
 
     async def close(self) -> None:
         if self._task is not None:

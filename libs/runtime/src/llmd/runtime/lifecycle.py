@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import signal
@@ -239,6 +240,16 @@ def http_server(app: FastAPI, host: str, port: int) -> QuietHttpServer:
             app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
         )
     )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is a loopback address or name (what only this machine can reach)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def listen_socket(host: str, port: int) -> socket.socket:

@@ -8,13 +8,16 @@ HTTP (JSON):
 - `POST /v1/score`: `{"model", "prompt" | "messages" | "tokens" | "keys", "pods": [...],
   "cache_salt"}` -> `{"pods": {pod: {"blocks", "score", "tiers"}}, "total_blocks",
   "block_size"}`. `keys` are precomputed request keys (the scheduler's remote mode).
+- `GET /v1/pods`: subscriptions, per-stream sequence state, index health.
+- `/metrics`, `/healthz`, `/readyz`.
+
+HTTP write routes, on their own port (`write_port`, loopback by default; any other address
+needs `api_token`; 0 turns them off), because they change what every scheduler believes:
 - `POST /v1/speculate`: `{"pod", "keys"}`: the pod was just picked for these keys (a
   speculative entry until its events confirm them, or `speculative_ttl`).
 - `POST /v1/observe`: `{"pod", "predicted_tokens", "cached_tokens", "prompt_tokens",
   "engine_block_size"}` feeds the index health check.
 The request and response types are `llmd.kvcache.api`'s, shared with its client.
-- `GET /v1/pods`: subscriptions, per-stream sequence state, index health.
-- `/metrics`, `/healthz`, `/readyz`.
 
 gRPC: llm-d's `indexer.v1.IndexerService/GetPodScores` (see `proto.py`) and grpc.health.v1.
 """
@@ -49,6 +52,7 @@ from llmd.runtime.lifecycle import (
     QuietHttpServer,
     grpc_listen,
     health_router,
+    is_loopback,
     read_body,
     require_token,
     serve_http,
@@ -113,9 +117,19 @@ class IndexerConfig(ServiceConfig):
     speculative_ttl: Seconds = Field(
         default=2.0, ge=0, description="how long a /v1/speculate entry lives (0 = off)"
     )
+    write_port: int = Field(
+        default=8086,
+        ge=0,
+        lt=65536,
+        description="port of the write routes (/v1/speculate, /v1/observe); 0 turns them off",
+    )
+    write_host: str = Field(
+        default="127.0.0.1",
+        description="address the write routes listen on; any other than loopback needs api_token",
+    )
     api_token: str | None = Field(
         default=None,
-        description="when set, /v1/score, /v1/speculate and /v1/observe require "
+        description="when set, /v1/score and the write routes require "
         "'Authorization: Bearer <token>'",
     )
     max_request_bytes: int = Field(
@@ -126,6 +140,14 @@ class IndexerConfig(ServiceConfig):
     def _one_discovery(self) -> IndexerConfig:
         if self.endpoints_file is not None and self.endpoint_selector is not None:
             raise ValueError("give endpoints_file or endpoint_selector, not both")
+        if self.write_port and not self.api_token and not is_loopback(self.write_host):
+            raise ValueError(
+                f"write routes on {self.write_host!r} (not loopback) need api_token: anyone who "
+                "can reach them can rewrite the index; set api_token, use write_host 127.0.0.1, "
+                "or turn them off with write_port 0"
+            )
+        if self.write_port and self.write_port == self.http_port:
+            raise ValueError("write_port must differ from http_port (0 turns the routes off)")
         return self
 
     def kvcache(self) -> KVCacheConfig:
@@ -193,8 +215,7 @@ class IndexerApp:
         self.health.set("endpoints-synced", False, "discovery has not reported yet")
         self._grpc: grpc.aio.Server | None = None
         self._grpc_health = health.aio.HealthServicer()
-        self._http: QuietHttpServer | None = None
-        self._http_task: asyncio.Task[None] | None = None
+        self._servers: list[tuple[QuietHttpServer, asyncio.Task[None]]] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self.endpoints: list[Endpoint] = []
 
@@ -203,6 +224,7 @@ class IndexerApp:
         return (
             f"llmd-indexer: {type(self.index).__name__} index, block {c.block_size} tokens, "
             f"hash {c.hash_algorithm}, HTTP :{c.http_port}, gRPC :{c.grpc_port}, "
+            f"writes {f'{c.write_host}:{c.write_port}' if c.write_port else 'off'}, "
             f"tokenizer {'render ' + c.render_url if c.render_url else c.tokenizer_dir or 'none'}"
         )
 
@@ -263,9 +285,6 @@ class IndexerApp:
         app = FastAPI(title="llmd-indexer", docs_url=None, redoc_url=None)
         app.include_router(health_router(self.health, self.registry))
         score_decoder = msgspec.json.Decoder(ScoreRequest)
-        observe_decoder = msgspec.json.Decoder(ObserveRequest)
-        speculate_decoder = msgspec.json.Decoder(SpeculateRequest)
-
         guarded = [Depends(require_token(self.config.api_token))]
         limit = self.config.max_request_bytes
 
@@ -295,6 +314,30 @@ class IndexerApp:
                     "block_size": self.processor.block_size,
                 }
             )
+
+        @app.get("/v1/pods")
+        async def pods() -> Response:
+            return _json(
+                {
+                    "subscriptions": [
+                        {"pod": e.pod, "events": e.events, "replay": e.replay}
+                        for e in self.ingestor.subscribed
+                    ],
+                    "streams": self.ingestor.snapshot(),
+                    "health": self.indexer.health_snapshot(),
+                    "index": self.index.stats(),
+                }
+            )
+
+        return app
+
+    def write_app(self) -> FastAPI:
+        """The routes that change the index, served on their own port (`write_port`)."""
+        app = FastAPI(title="llmd-indexer writes", docs_url=None, redoc_url=None)
+        observe_decoder = msgspec.json.Decoder(ObserveRequest)
+        speculate_decoder = msgspec.json.Decoder(SpeculateRequest)
+        guarded = [Depends(require_token(self.config.api_token))]
+        limit = self.config.max_request_bytes
 
         @app.post("/v1/observe", dependencies=guarded)
         async def observe(request: Request) -> Response:
@@ -328,20 +371,6 @@ class IndexerApp:
                 return _json({"error": f"unknown pod {s.pod[:100]!r}"}, 404)
             await self.indexer.speculate(s.keys, s.pod)
             return _json({})
-
-        @app.get("/v1/pods")
-        async def pods() -> Response:
-            return _json(
-                {
-                    "subscriptions": [
-                        {"pod": e.pod, "events": e.events, "replay": e.replay}
-                        for e in self.ingestor.subscribed
-                    ],
-                    "streams": self.ingestor.snapshot(),
-                    "health": self.indexer.health_snapshot(),
-                    "index": self.index.stats(),
-                }
-            )
 
         return app
 
@@ -392,20 +421,23 @@ class IndexerApp:
         await self._grpc_health.set(proto.SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._grpc_health.set("", health_pb2.HealthCheckResponse.SERVING)
         self._grpc = server
-        self._http, self._http_task = serve_http(self.http_app(), o.host, o.http_port)
+        self._servers.append(serve_http(self.http_app(), o.host, o.http_port))
+        if o.write_port:
+            self._servers.append(serve_http(self.write_app(), o.write_host, o.write_port))
         log.info(
-            "llmd-indexer serving HTTP :%d, gRPC :%d (%s index, block %d tokens)",
+            "llmd-indexer serving HTTP :%d, gRPC :%d, writes %s (%s index, block %d tokens)",
             o.http_port,
             o.grpc_port,
+            f"{o.write_host}:{o.write_port}" if o.write_port else "off",
             type(self.index).__name__,
             o.block_size,
         )
 
     async def stop(self) -> None:
-        if self._http is not None:
-            self._http.should_exit = True
-        if self._http_task is not None:  # let it close its socket before the process moves on
-            await asyncio.wait([self._http_task], timeout=3)
+        for server, _ in self._servers:
+            server.should_exit = True
+        if self._servers:  # let them close their sockets before the process moves on
+            await asyncio.wait([task for _, task in self._servers], timeout=3)
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         for t in self._tasks:

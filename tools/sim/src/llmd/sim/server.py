@@ -146,6 +146,7 @@ class SimServer:
                 self._zmq,
                 endpoint=events.endpoint,
                 replay_endpoint=events.replay_endpoint,
+                bind_host=cfg.host,  # `tcp://*:<port>` binds where the HTTP API listens
                 topic=events.topic,
                 buffer_steps=events.buffer_steps,
                 hwm=events.hwm,

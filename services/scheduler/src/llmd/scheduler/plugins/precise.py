@@ -90,6 +90,9 @@ class PreciseParams(PluginParams, KVCacheConfig):
 
     indexer_url: str | None = Field(default=None, alias="indexerUrl")
     """Use a remote llmd-indexer (HTTP) instead of the embedded index and subscriptions."""
+    indexer_write_url: str | None = Field(default=None, alias="indexerWriteUrl")
+    """The indexer's write routes (its --write-port): speculative entries and index-health
+    observations go there. Without it, remote mode only scores."""
     indexer_token: str | None = Field(default=None, alias="indexerToken")
     """The bearer token the indexer requires (its --api-token), if any."""
     lookup_timeout: Seconds = Field(default=0.1, gt=0, alias="lookupTimeout")
@@ -141,7 +144,9 @@ class PreciseProducer(
         try:
             if self.remote is not None:
                 self.keymaker: RequestKeys = build_request_keys(p)
-                self.client = IndexerClient(self.remote, token=p.indexer_token)
+                self.client = IndexerClient(
+                    self.remote, token=p.indexer_token, write_url=p.indexer_write_url
+                )
             else:
                 self.stack = build_kvcache(p)
                 self.keymaker = self.stack.keys
@@ -308,7 +313,8 @@ class PreciseProducer(
             if not self.p.speculative_indexing:
                 continue
             if self.client is not None:
-                self._track(self.client.speculate(pod, keys), "speculate")
+                if self.client.writes:
+                    self._track(self.client.speculate(pod, keys), "speculate")
             elif self.embedded_sync:
                 assert self.stack is not None
                 self.stack.indexer.speculate_sync(keys, pod)
@@ -337,8 +343,9 @@ class PreciseProducer(
         )
         ebs = m.block_size or self.keymaker.block_size
         if self.client is not None:
-            observation = ObserveRequest(pod, tokens, cached, prompt, ebs, speculative)
-            self._track(self.client.observe(observation), "observe")
+            if self.client.writes:
+                observation = ObserveRequest(pod, tokens, cached, prompt, ebs, speculative)
+                self._track(self.client.observe(observation), "observe")
         else:
             assert self.stack is not None
             self.stack.indexer.observe(pod, tokens, cached, prompt, ebs, speculative)
@@ -357,6 +364,7 @@ class PreciseProducer(
         }
         if self.remote is not None:
             out["indexer_url"] = self.remote
+            out["indexer_write_url"] = self.p.indexer_write_url
         if self.stack is not None:
             out["index"] = self.stack.index.stats()
             out["health"] = self.stack.indexer.health_snapshot()
