@@ -143,7 +143,10 @@ def test_a_down_scheduler_is_503_not_500(tmp_path: Path) -> None:
         assert s.gateway.scheduler.stop() == 0
         statuses = set()
         for _ in range(6):
-            statuses.add(httpx.post(s.url + "/v1/completions", json=SIM, timeout=20).status_code)
+            r = httpx.post(s.url + "/v1/completions", json=SIM, timeout=20)
+            statuses.add(r.status_code)
+            # a JSON error a client can parse (a failed ext_proc stream used to be an empty body)
+            assert r.json()["error"]["type"] == "ServiceUnavailableError", r.content
             time.sleep(0.3)
         assert statuses == {503}
     finally:
@@ -199,6 +202,12 @@ def test_a_hung_engine_times_out_with_504_and_is_released(tmp_path: Path) -> Non
         httpx.post(s.fleet.engines[0].url + "/sim/faults", json={"hang": True}, timeout=5)
         r = httpx.post(s.url + "/v1/completions", json=SIM, timeout=30)
         assert r.status_code == 504
+        assert r.json()["error"] == {  # Envoy's own reply, as an OpenAI-style error
+            "message": "stream timeout",
+            "type": "GatewayTimeoutError",
+            "param": None,
+            "code": 504,
+        }
         time.sleep(0.5)
         assert s.gateway.scheduler.get_json("/debug/plugins/state")["inflight"] == 0
     finally:

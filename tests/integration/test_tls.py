@@ -1,5 +1,6 @@
 """llmd-scheduler's gRPC over TLS: a client that trusts the certificate is served, a plaintext
-client is not, and a rotated certificate is picked up without a restart."""
+client is not, a rotated certificate is picked up without a restart, and the generated Envoy
+config reaches the scheduler over mutual TLS."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmd.dev.gateway import Gateway, GatewayTLS
+from llmd.dev.sim_engines import SimFleetProcess
 from llmd.vllm_cpu.server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
@@ -97,3 +101,60 @@ def test_secure_serving_without_certificates_is_a_config_error(tmp_path: Path) -
     )
     assert done.returncode == 2
     assert "secure_serving needs cert_path" in done.stderr
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+
+def make_ca_pair(directory: Path, name: str, ca: Path, ca_key: Path) -> tuple[Path, Path]:
+    """A key and a certificate for localhost/127.0.0.1 signed by `ca`."""
+    key, csr, crt = (directory / f"{name}.{ext}" for ext in ("key", "csr", "crt"))
+    ext = directory / f"{name}.ext"
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+             "-keyout", str(key), "-out", str(csr))  # fmt: skip
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+             "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", str(crt))  # fmt: skip
+    return crt, key
+
+
+def test_envoy_reaches_the_scheduler_over_mutual_tls(tmp_path: Path) -> None:
+    """The generated Envoy config speaks TLS to the scheduler with a client certificate: requests
+    are routed, the scheduler serves no plaintext and no client without a certificate."""
+    ca, ca_key = tmp_path / "ca.crt", tmp_path / "ca.key"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=llmd-test-ca", "-keyout", str(ca_key), "-out", str(ca))  # fmt: skip
+    server_crt, server_key = make_ca_pair(tmp_path, "scheduler", ca, ca_key)
+    client_crt, client_key = make_ca_pair(tmp_path, "envoy", ca, ca_key)
+    certs = tmp_path / "scheduler-certs"
+    certs.mkdir()
+    for src, dst in ((server_crt, "tls.crt"), (server_key, "tls.key"), (ca, "ca.crt")):
+        (certs / dst).write_bytes(src.read_bytes())
+    fleet = SimFleetProcess.start(count=1, block_size=16, profile="instant", work=tmp_path)
+    try:
+        tls = GatewayTLS(certs, ca, client_cert=client_crt, client_key=client_key)
+        gw = Gateway.start(Path(fleet.endpoints_file), tmp_path / "gw", tls=tls)
+        try:
+            r = httpx.post(
+                gw.url + "/v1/completions",
+                json={"model": "tiny", "prompt": "hello", "max_tokens": 2},
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+            assert r.headers.get("x-gateway-destination-endpoint") is None  # never echoed
+            stats = gw.envoy.stats("cluster.llmd_scheduler.ssl")
+            assert stats.get("cluster.llmd_scheduler.ssl.handshake", 0) >= 1, stats
+            target = f"localhost:{gw.scheduler.grpc_port}"
+            with pytest.raises(grpc.RpcError):
+                health(target, None)  # plaintext is refused
+            with pytest.raises(grpc.RpcError):
+                health(target, grpc.ssl_channel_credentials(ca.read_bytes()))  # no client cert
+            mutual = grpc.ssl_channel_credentials(
+                ca.read_bytes(), client_key.read_bytes(), client_crt.read_bytes()
+            )
+            assert health(target, mutual) == health_pb2.HealthCheckResponse.SERVING
+        finally:
+            gw.stop()
+    finally:
+        fleet.stop()

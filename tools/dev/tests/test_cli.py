@@ -6,11 +6,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from llmd.dev.cli import main
+from llmd.dev.cli import gateway_tls, main
+from llmd.dev.envoy import EnvoySettings, envoy_config
 from llmd.vllm_cpu.server import free_port
 
 
@@ -94,3 +96,34 @@ def test_bad_arguments_exit_with_usage(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def test_tls_dir_is_read_as_documented(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"tls\.crt is missing"):
+        gateway_tls(tmp_path)
+    for name in ("tls.crt", "tls.key"):
+        (tmp_path / name).write_text("pem")
+    plain = gateway_tls(tmp_path)  # server-side TLS: Envoy trusts the (self-signed) tls.crt
+    assert plain.ca == tmp_path / "tls.crt"
+    assert plain.client_cert is None
+    (tmp_path / "ca.crt").write_text("pem")
+    with pytest.raises(ValueError, match=r"envoy\.crt and envoy\.key"):
+        gateway_tls(tmp_path)
+    for name in ("envoy.crt", "envoy.key"):
+        (tmp_path / name).write_text("pem")
+    mutual = gateway_tls(tmp_path)
+    assert (mutual.ca, mutual.client_cert) == (tmp_path / "ca.crt", tmp_path / "envoy.crt")
+    settings = EnvoySettings(
+        extproc_tls_ca=str(mutual.ca),
+        extproc_tls_client_cert=str(mutual.client_cert),
+        extproc_tls_client_key=str(mutual.client_key),
+    )
+    cluster = next(c for c in envoy_config(settings)["static_resources"]["clusters"]
+                   if c["name"] == "llmd_scheduler")  # fmt: skip
+    tls = cluster["transport_socket"]["typed_config"]
+    assert tls["sni"] == "localhost"
+    assert tls["common_tls_context"]["tls_certificates"][0]["certificate_chain"] == {
+        "filename": str(tmp_path / "envoy.crt")
+    }
+    with pytest.raises(ValueError, match="need extproc_tls_ca"):
+        envoy_config(EnvoySettings(extproc_tls_client_cert="x", extproc_tls_client_key="y"))

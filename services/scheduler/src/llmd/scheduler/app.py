@@ -69,7 +69,10 @@ class SchedulerConfig(ServiceConfig):
     pool_name: str = Field(default="llmd", description="pool name in metric labels")
     grpc_port: int = Field(default=9002, ge=0, lt=65536, description="ext_proc gRPC port")
     grpc_health_port: int = Field(
-        default=9003, ge=0, lt=65536, description="gRPC health port (0 = off)"
+        default=9003,
+        ge=0,
+        lt=65536,
+        description="gRPC health port, plaintext for kubelet probes (0 = off)",
     )
     metrics_port: int = Field(
         default=9090,
@@ -262,9 +265,10 @@ class SchedulerApp:
         await main.start()
         self._servers.append(main)
         if o.grpc_health_port and o.grpc_health_port != o.grpc_port:
+            # plaintext: it answers only grpc.health.v1, and kubelet's gRPC probes speak no TLS
             hs = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.grpc_health, hs)
-            grpc_listen(hs, f"{o.host}:{o.grpc_health_port}", credentials)
+            grpc_listen(hs, f"{o.host}:{o.grpc_health_port}")
             await hs.start()
             self._servers.append(hs)
         if o.metrics_port:

@@ -19,7 +19,7 @@ from fastapi import FastAPI, Request, Response
 
 from llmd.dev.cluster import EVENTS_LABEL, Launcher, LocalCluster, SimLauncher, VllmLauncher
 from llmd.dev.envoy import EnvoyStartError
-from llmd.dev.gateway import Gateway, GatewayStartError
+from llmd.dev.gateway import Gateway, GatewayStartError, GatewayTLS
 from llmd.dev.monitor import EngineAddress
 from llmd.runtime.cluster import ClusterError
 from llmd.runtime.lifecycle import Health, ServiceRunner, serve_http
@@ -215,6 +215,23 @@ def run_stack(args: argparse.Namespace, pool: str, launcher: Launcher) -> int:
         return 1
 
 
+def gateway_tls(directory: Path) -> GatewayTLS:
+    """`--tls-dir`: the scheduler's certificate directory, read as the option's help says."""
+    for name in ("tls.crt", "tls.key"):
+        if not (directory / name).is_file():
+            raise ValueError(f"--tls-dir {directory}: {name} is missing")
+    ca = directory / "ca.crt"
+    if not ca.is_file():
+        return GatewayTLS(directory, directory / "tls.crt")
+    client_cert, client_key = directory / "envoy.crt", directory / "envoy.key"
+    if not (client_cert.is_file() and client_key.is_file()):
+        raise ValueError(
+            f"--tls-dir {directory}: with ca.crt the scheduler requires client certificates; "
+            "put Envoy's in envoy.crt and envoy.key"
+        )
+    return GatewayTLS(directory, ca, client_cert=client_cert, client_key=client_key)
+
+
 def start_gateway(args: argparse.Namespace, endpoints_file: Path, work: Path) -> Gateway | None:
     print(f"starting llmd-scheduler and Envoy on :{args.port}", flush=True)
     try:
@@ -226,8 +243,9 @@ def start_gateway(args: argparse.Namespace, endpoints_file: Path, work: Path) ->
             admin_port=args.admin_port,
             scheduler_grpc_port=args.scheduler_grpc_port,
             scheduler_metrics_port=args.scheduler_metrics_port,
+            tls=gateway_tls(Path(args.tls_dir)) if args.tls_dir else None,
         )
-    except (GatewayStartError, EnvoyStartError, OSError) as exc:
+    except (GatewayStartError, EnvoyStartError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
 
@@ -326,6 +344,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--config",
         default=None,
         help="EndpointPickerConfig YAML for the scheduler (default: built-in)",
+    )
+    up.add_argument(
+        "--tls-dir",
+        default=None,
+        help="Envoy talks TLS to the scheduler: DIR holds the scheduler's tls.crt and tls.key, "
+        "and ca.crt (the CA Envoy trusts; the scheduler then requires client certificates, "
+        "Envoy's being DIR/envoy.crt and DIR/envoy.key); without ca.crt, tls.crt is trusted",
     )
     sc = sub.add_parser("scale", help="resize a pool of the running local stack (0 stops all)")
     sc.add_argument("pool", help="the pool: sim or vllm (as `llmd-dev up` printed)")

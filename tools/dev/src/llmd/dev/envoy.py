@@ -19,6 +19,10 @@ Hardening, on by default (every knob is an `EnvoySettings` field):
   clusters (Envoy's default, 1,024, let one client's slow requests block everyone);
 - timeouts: request headers, the whole request body, idle streams, the scheduler's answer to
   each message, and upstream silence (a hung engine gets a 504 instead of holding the client).
+
+TLS to the scheduler (`extproc_tls_ca`, optionally a client certificate for mutual TLS): the
+scheduler cluster, its ext_proc streams and its gRPC health checks all go over TLS, and the
+scheduler's certificate must be signed by that CA for `extproc_tls_server_name`.
 """
 
 from __future__ import annotations
@@ -82,6 +86,15 @@ class EnvoySettings:
     )
     """Paths routed to engines (the OpenAI inference API, the model list, and the engine
     health check load generators probe); everything else is answered 404 by Envoy."""
+    extproc_tls_ca: str | None = None
+    """A CA file (PEM): when set, Envoy speaks TLS to the scheduler (its `--secure-serving`)
+    and accepts only a certificate signed by this CA for `extproc_tls_server_name`."""
+    extproc_tls_server_name: str = "localhost"
+    """The name Envoy sends (SNI) and expects in the scheduler certificate's SANs."""
+    extproc_tls_client_cert: str | None = None
+    """Envoy's own certificate (PEM) for mutual TLS, when the scheduler's cert directory has
+    a `ca.crt`; `extproc_tls_client_key` is its key."""
+    extproc_tls_client_key: str | None = None
     access_log: bool = False
     round_robin_only: bool = False
     """No scheduler: round-robin over `fallback_endpoints` (the "Kubernetes Service" baseline
@@ -94,6 +107,7 @@ HCM_TYPE = _T + "filters.network.http_connection_manager.v3.HttpConnectionManage
 ROUTER_TYPE = _T + "filters.http.router.v3.Router"
 STDOUT_LOG_TYPE = _T + "access_loggers.stream.v3.StdoutAccessLog"
 HTTP_OPTIONS_TYPE = _T + "upstreams.http.v3.HttpProtocolOptions"
+UPSTREAM_TLS_TYPE = _T + "transport_sockets.tls.v3.UpstreamTlsContext"
 
 
 CLIENT_FORBIDDEN_HEADERS = tuple(sorted(SCHEDULER_OWNED))
@@ -135,6 +149,42 @@ def _upstream_http(s: EnvoySettings) -> dict[str, Any]:
             "@type": HTTP_OPTIONS_TYPE,
             "common_http_protocol_options": {"idle_timeout": _seconds(s.upstream_keepalive_s)},
             "explicit_http_config": {"http_protocol_options": {}},
+        }
+    }
+
+
+def _scheduler_tls(s: EnvoySettings) -> dict[str, Any]:
+    """The TLS transport socket of the scheduler cluster (empty when TLS is off)."""
+    if s.extproc_tls_ca is None:
+        if s.extproc_tls_client_cert or s.extproc_tls_client_key:
+            raise ValueError("extproc_tls_client_cert/key need extproc_tls_ca")
+        return {}
+    if (s.extproc_tls_client_cert is None) != (s.extproc_tls_client_key is None):
+        raise ValueError("give both extproc_tls_client_cert and extproc_tls_client_key")
+    common: dict[str, Any] = {
+        "alpn_protocols": ["h2"],
+        "validation_context": {
+            "trusted_ca": {"filename": s.extproc_tls_ca},
+            "match_typed_subject_alt_names": [
+                {"san_type": "DNS", "matcher": {"exact": s.extproc_tls_server_name}}
+            ],
+        },
+    }
+    if s.extproc_tls_client_cert is not None:
+        common["tls_certificates"] = [
+            {
+                "certificate_chain": {"filename": s.extproc_tls_client_cert},
+                "private_key": {"filename": s.extproc_tls_client_key},
+            }
+        ]
+    return {
+        "transport_socket": {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": UPSTREAM_TLS_TYPE,
+                "sni": s.extproc_tls_server_name,
+                "common_tls_context": common,
+            },
         }
     }
 
@@ -242,6 +292,7 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
             "virtual_hosts": [{"name": "llmd", "domains": ["*"], "routes": routes}],
         },
         "early_header_mutation_extensions": [strip],
+        "local_reply_config": local_reply_config(),
         "http_filters": [
             *([] if s.round_robin_only else [ext_proc]),
             {
@@ -298,6 +349,7 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                     },
                 }
             ],
+            **_scheduler_tls(s),
         },
         {
             "name": "llmd_pool",
@@ -358,6 +410,72 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
             "clusters": clusters,
         },
     }
+
+
+CEL_FILTER_TYPE = _T + "access_loggers.filters.cel.v3.ExpressionFilter"
+
+_LOCAL_REPLY_TYPES = {
+    400: "BadRequestError",
+    408: "RequestTimeoutError",
+    413: "PayloadTooLargeError",
+    429: "RateLimitError",
+    431: "BadRequestError",
+    500: "InternalServerError",
+    502: "BadGatewayError",
+    503: "ServiceUnavailableError",
+    504: "GatewayTimeoutError",
+}
+
+
+def _cel(expression: str) -> dict[str, Any]:
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {"@type": CEL_FILTER_TYPE, "expression": expression},
+        }
+    }
+
+
+def _json_reply(kind: str) -> dict[str, Any]:
+    return {
+        "json_format": {
+            "error": {
+                "message": "%LOCAL_REPLY_BODY%",
+                "type": kind,
+                "param": None,
+                "code": "%RESPONSE_CODE%",
+            }
+        }
+    }
+
+
+def local_reply_config() -> dict[str, Any]:
+    """Every answer Envoy makes itself is an OpenAI-style JSON error: Envoy's own replies are
+    plain text (`upstream request timeout`) and some are empty (a failed ext_proc stream), which
+    clients cannot parse. Direct responses already carry their JSON and are left alone."""
+    own = "response.code_details != 'direct_response'"
+    mappers: list[dict[str, Any]] = [
+        {
+            "filter": _cel("response.code_details.startsWith('ext_proc_error')"),
+            "status_code": 503,
+            "body": {"inline_string": "the scheduler is unavailable; retry later"},
+            "body_format_override": _json_reply("ServiceUnavailableError"),
+        }
+    ]
+    for status, kind in _LOCAL_REPLY_TYPES.items():
+        mappers.append(
+            {
+                "filter": _cel(f"response.code == {status} && {own}"),
+                "body_format_override": _json_reply(kind),
+            }
+        )
+    mappers.append(
+        {
+            "filter": _cel(f"response.code >= 400 && {own}"),
+            "body_format_override": _json_reply("GatewayError"),
+        }
+    )
+    return {"mappers": mappers}
 
 
 def _error_json(status: int, message: str) -> str:

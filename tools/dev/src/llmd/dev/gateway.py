@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,16 +123,43 @@ class SchedulerProcess:
         return self.process.returncode
 
 
+@dataclass(frozen=True)
+class GatewayTLS:
+    """TLS between Envoy and the scheduler: the scheduler's certificate directory (`tls.crt`,
+    `tls.key`, and `ca.crt` to require client certificates), the CA Envoy trusts, and Envoy's
+    client certificate for mutual TLS."""
+
+    cert_path: Path
+    ca: Path
+    server_name: str = "localhost"
+    client_cert: Path | None = None
+    client_key: Path | None = None
+
+
 @dataclass
 class Gateway:
     """Envoy on `listen_port` in front of an llmd-scheduler."""
 
     scheduler: SchedulerProcess
     envoy: EnvoyProcess
+    restart_args: dict[str, Any] = field(default_factory=dict)
+    """How the scheduler was started (`restart_scheduler` starts it the same way)."""
 
     @property
     def url(self) -> str:
         return self.envoy.url
+
+    def restart_scheduler(self, down_s: float = 0.0) -> SchedulerProcess:
+        """Stop the scheduler gracefully (SIGTERM: it drains), stay down `down_s`, and start it
+        again on the same ports; Envoy keeps running and finds it by health checks."""
+        self.scheduler.stop()
+        time.sleep(down_s)
+        self.scheduler = SchedulerProcess.start(
+            grpc_port=self.scheduler.grpc_port,
+            metrics_port=self.scheduler.metrics_port,
+            **self.restart_args,
+        )
+        return self.scheduler
 
     @classmethod
     def start(
@@ -148,15 +175,29 @@ class Gateway:
         scheduler_grpc_port: int | None = None,
         scheduler_metrics_port: int | None = None,
         envoy_overrides: dict[str, Any] | None = None,
+        tls: GatewayTLS | None = None,
     ) -> Gateway:
+        """`tls`: the scheduler serves ext_proc over TLS from `tls.cert_path` and Envoy trusts
+        `tls.ca` (with a client certificate when the scheduler requires one)."""
         work.mkdir(parents=True, exist_ok=True)
+        tls_args: list[str] = []
+        tls_settings: dict[str, Any] = {}
+        if tls is not None:
+            tls_args = ["--secure-serving", "--cert-path", str(tls.cert_path)]
+            tls_settings = {
+                "extproc_tls_ca": str(tls.ca),
+                "extproc_tls_server_name": tls.server_name,
+                "extproc_tls_client_cert": str(tls.client_cert) if tls.client_cert else None,
+                "extproc_tls_client_key": str(tls.client_key) if tls.client_key else None,
+            }
+        restart_args: dict[str, Any] = {
+            "endpoints_file": endpoints_file,
+            "work": work,
+            "config_file": config_file,
+            "extra_args": [*tls_args, *scheduler_args],
+        }
         scheduler = SchedulerProcess.start(
-            endpoints_file,
-            work,
-            config_file=config_file,
-            extra_args=scheduler_args,
-            grpc_port=scheduler_grpc_port,
-            metrics_port=scheduler_metrics_port,
+            grpc_port=scheduler_grpc_port, metrics_port=scheduler_metrics_port, **restart_args
         )
         fallback = [(e.address, e.port) for e in StaticFileDiscovery(endpoints_file).load()]
         settings = EnvoySettings(
@@ -166,7 +207,7 @@ class Gateway:
             listen_address="127.0.0.1" if listen_port is None else "0.0.0.0",
             fail_open=fail_open,
             fallback_endpoints=fallback,
-            **(envoy_overrides or {}),
+            **{**tls_settings, **(envoy_overrides or {})},
         )
         envoy = EnvoyProcess(settings, work / "envoy")
         try:
@@ -183,7 +224,7 @@ class Gateway:
             envoy.stop()
             scheduler.stop()
             raise
-        return cls(scheduler, envoy)
+        return cls(scheduler, envoy, restart_args)
 
     def stop(self) -> None:
         self.envoy.stop()
