@@ -227,3 +227,35 @@ def test_valkey_down_keeps_serving_and_precise_routing_returns(tmp_path: Path) -
     finally:
         s.stop()
         valkey.stop()
+
+
+def test_an_engine_killed_mid_stream_ends_the_stream_and_releases_its_count(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL of the engine process while a streamed answer is flowing: the client's stream
+    ends (it never hangs), the scheduler's in-flight count returns to 0, and the gateway keeps
+    answering (503 JSON once no engine is left)."""
+    s = start_stack(tmp_path, count=1, config=None)
+    try:
+        body = {"model": "tiny", "prompt": "stream " * 20, "max_tokens": 400, "stream": True}
+        chunks = 0
+        ended_with: str = "complete"
+        with httpx.Client(timeout=30) as client:
+            try:
+                with client.stream("POST", s.url + "/v1/completions", json=body) as r:
+                    assert r.status_code == 200
+                    for _ in r.iter_lines():
+                        chunks += 1
+                        if chunks == 5:
+                            s.fleet.process.kill()  # every engine of the fleet, mid-stream
+            except httpx.HTTPError as exc:
+                ended_with = type(exc).__name__
+        assert chunks >= 5
+        assert ended_with == "RemoteProtocolError"  # the stream is cut, visibly to the client
+        assert settle_inflight(s) == 0
+        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny", "prompt": "x"},
+                       timeout=30)  # fmt: skip
+        assert r.status_code == 503
+        assert "error" in r.json()
+    finally:
+        s.stop()
