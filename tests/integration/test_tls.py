@@ -4,7 +4,9 @@ config reaches the scheduler over mutual TLS."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -14,9 +16,11 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import ValidationError
 
 from llmd.dev.gateway import Gateway, GatewayTLS
 from llmd.dev.sim_engines import SimFleetProcess
+from llmd.indexer.app import IndexerApp, IndexerConfig
 from llmd.vllm_cpu.server import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.reliability]
@@ -158,3 +162,34 @@ def test_envoy_reaches_the_scheduler_over_mutual_tls(tmp_path: Path) -> None:
             gw.stop()
     finally:
         fleet.stop()
+
+
+def test_the_indexer_serves_grpc_over_tls(tmp_path: Path) -> None:
+    certs = tmp_path / "certs"
+    crt = make_cert(tmp_path, "indexer")
+    certs.mkdir()
+    (certs / "tls.crt").write_bytes(crt)
+    (certs / "tls.key").write_bytes((tmp_path / "indexer.key").read_bytes())
+    with pytest.raises(ValidationError, match="secure_serving needs cert_path"):
+        IndexerConfig(secure_serving=True)
+
+    async def run() -> None:
+        with socket.socket() as s1, socket.socket() as s2:
+            for s in (s1, s2):
+                s.bind(("127.0.0.1", 0))
+            http, grpc_port = (s.getsockname()[1] for s in (s1, s2))
+        app = IndexerApp(
+            IndexerConfig(host="127.0.0.1", http_port=http, grpc_port=grpc_port, write_port=0,
+                          secure_serving=True, cert_path=str(certs))
+        )  # fmt: skip
+        await app.start()
+        try:
+            target = f"localhost:{grpc_port}"
+            ok = await asyncio.to_thread(health, target, grpc.ssl_channel_credentials(crt))
+            assert ok == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError):
+                await asyncio.to_thread(health, target, None)  # plaintext is refused
+        finally:
+            await app.stop()
+
+    asyncio.run(run())

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 from typing import Any, Literal
 
 import grpc
@@ -58,6 +59,7 @@ from llmd.runtime.lifecycle import (
     serve_http,
 )
 from llmd.runtime.service import ServiceConfig
+from llmd.runtime.tls import TLSFiles
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +137,19 @@ class IndexerConfig(ServiceConfig):
     max_request_bytes: int = Field(
         default=4 * 1024 * 1024, gt=0, description="largest accepted request body"
     )
+    secure_serving: bool = Field(
+        default=False, description="serve gRPC over TLS (certificates from cert_path)"
+    )
+    cert_path: str | None = Field(
+        default=None,
+        description="directory with tls.crt and tls.key (and ca.crt to require client "
+        "certificates); re-read when they change",
+    )
 
     @model_validator(mode="after")
     def _one_discovery(self) -> IndexerConfig:
+        if self.secure_serving and not self.cert_path:
+            raise ValueError("secure_serving needs cert_path (a directory with tls.crt, tls.key)")
         if self.endpoints_file is not None and self.endpoint_selector is not None:
             raise ValueError("give endpoints_file or endpoint_selector, not both")
         if self.write_port and not self.api_token and not is_loopback(self.write_host):
@@ -223,7 +235,8 @@ class IndexerApp:
         c = self.config
         return (
             f"llmd-indexer: {type(self.index).__name__} index, block {c.block_size} tokens, "
-            f"hash {c.hash_algorithm}, HTTP :{c.http_port}, gRPC :{c.grpc_port}, "
+            f"hash {c.hash_algorithm}, HTTP :{c.http_port}, "
+            f"gRPC :{c.grpc_port} ({'TLS' if c.secure_serving else 'plaintext'}), "
             f"writes {f'{c.write_host}:{c.write_port}' if c.write_port else 'off'}, "
             f"tokenizer {'render ' + c.render_url if c.render_url else c.tokenizer_dir or 'none'}"
         )
@@ -416,7 +429,10 @@ class IndexerApp:
         )
         server.add_generic_rpc_handlers((handler,))
         health_pb2_grpc.add_HealthServicer_to_server(self._grpc_health, server)
-        grpc_listen(server, f"{o.host}:{o.grpc_port}")
+        credentials = None
+        if o.secure_serving and o.cert_path:
+            credentials = TLSFiles(Path(o.cert_path)).credentials()
+        grpc_listen(server, f"{o.host}:{o.grpc_port}", credentials)
         await server.start()
         await self._grpc_health.set(proto.SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self._grpc_health.set("", health_pb2.HealthCheckResponse.SERVING)
