@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import msgspec
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from fastapi import Depends, FastAPI, Request, Response
 from grpc_health.v1 import health_pb2_grpc
@@ -43,6 +44,7 @@ from llmd.runtime.tls import TLSFiles
 from llmd.scheduler.config import load_config_file
 from llmd.scheduler.core import SchedulerCore, build_core
 from llmd.scheduler.extproc import ExternalProcessor, HealthService
+from llmd.scheduler.feedback import AccessLogService, FeedbackBook
 from llmd.scheduler.framework import SchedulingError
 
 log = logging.getLogger(__name__)
@@ -140,7 +142,11 @@ class SchedulerApp:
         self.health = Health(self.registry)
         self.health.set("endpoints-synced", False, "discovery has not reported yet")
         self.grpc_health = HealthService(lambda: self.datastore.synced.is_set())
-        self.extproc = ExternalProcessor(self.director, self.built.settings.max_body_bytes)
+        self.feedback = FeedbackBook(self.director)
+        self.extproc = ExternalProcessor(
+            self.director, self.built.settings.max_body_bytes, self.feedback
+        )
+        self.access_log = AccessLogService(self.feedback)
         self._servers: list[grpc.aio.Server] = []
         self._http: list[QuietHttpServer] = []
         self._http_tasks: list[asyncio.Task[None]] = []
@@ -260,7 +266,9 @@ class SchedulerApp:
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         main = grpc.aio.server(options=options)
         pb_grpc.add_ExternalProcessorServicer_to_server(self.extproc, main)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(self.access_log, main)
         health_pb2_grpc.add_HealthServicer_to_server(self.grpc_health, main)
+        self.feedback.start()
         grpc_listen(main, f"{o.host}:{o.grpc_port}", credentials)
         await main.start()
         self._servers.append(main)
@@ -302,8 +310,12 @@ class SchedulerApp:
             await asyncio.sleep(0.05)
         if self.director.inflight:
             log.warning("drain timeout: %d requests still in flight", self.director.inflight)
+        settle = min(deadline, time.monotonic() + 1.0)  # the access log's last entries
+        while self.feedback.waiting and time.monotonic() < settle:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
         for server in self._servers:
             await server.stop(grace=1.0)
+        await self.feedback.stop()
         for http in self._http:
             http.should_exit = True
         if self._http_tasks:  # let them close their sockets: a restart can bind again at once

@@ -63,6 +63,12 @@ class Decision:
     status: int = 0
     first_byte_at: float = 0.0
     completed: bool = False
+    released: bool = False
+    """The in-flight accounting was given back (at the latest when `completed`)."""
+    ended_at: float = 0.0
+    """When the gateway ended the request's stream (0 while it runs)."""
+    token: str = ""
+    """Correlates the gateway's access-log entry with this decision (lean response path)."""
     accounted: bool = False
     pick_id: int = 0
     """The endpoint's unseen-pick entry (0 = none), dropped when the request completes."""
@@ -434,10 +440,13 @@ class Director:
         for hook in self.built.response_hooks:
             hook.response_headers(decision.request, status, endpoint)
 
-    def first_byte(self, decision: Decision) -> None:
+    def first_byte(self, decision: Decision, ttft_s: float | None = None) -> None:
+        """The response's first body byte reached the gateway now, or `ttft_s` after the
+        request arrived (as the gateway measured it, reported later)."""
         if decision.first_byte_at:
             return
-        decision.first_byte_at = time.monotonic()
+        received = decision.request.received_at
+        decision.first_byte_at = time.monotonic() if ttft_s is None else received + ttft_s
         req = decision.request
         if req.parsed:
             model, target = self.metrics.model_labels(req.model, req.target_model)
@@ -448,15 +457,17 @@ class Director:
         for hook in self.built.response_hooks:
             hook.first_token(req, endpoint)
 
-    def complete(self, decision: Decision, cause: str, usage: Usage | None = None) -> None:
-        """Release the request's accounting exactly once, whatever ended it."""
-        if decision.completed:
+    def release(self, decision: Decision) -> None:
+        """Give back the request's in-flight accounting, once: its response has ended at the
+        gateway. Usage and timings may still follow (`complete`)."""
+        if decision.released:
             return
-        decision.completed = True
-        req = decision.request
+        decision.released = True
+        decision.ended_at = decision.ended_at or time.monotonic()
         endpoint = decision.endpoints[0] if decision.endpoints else None
-        model, target = self.metrics.model_labels(req.model, req.target_model)
         if decision.accounted and endpoint is not None:
+            req = decision.request
+            model, target = self.metrics.model_labels(req.model, req.target_model)
             endpoint.inflight_requests = max(0, endpoint.inflight_requests - 1)
             endpoint.inflight_tokens = max(0, endpoint.inflight_tokens - decision.tokens)
             if decision.pick_id:
@@ -468,11 +479,22 @@ class Director:
             self.metrics.inflight_tokens.labels(ep.name, ep.namespace).set(endpoint.inflight_tokens)
             self.metrics.request_running.labels(model, target).dec()
             self.inflight -= 1
+
+    def complete(self, decision: Decision, cause: str, usage: Usage | None = None) -> None:
+        """Release the request's accounting (if not yet) and record its outcome, exactly once,
+        whatever ended it."""
+        if decision.completed:
+            return
+        self.release(decision)
+        decision.completed = True
+        req = decision.request
+        endpoint = decision.endpoints[0] if decision.endpoints else None
+        model, target = self.metrics.model_labels(req.model, req.target_model)
         if req.parsed:
             self.metrics.request_duration.labels(model, target).observe(
-                time.monotonic() - req.received_at
+                decision.ended_at - req.received_at
             )
-        if cause != "natural" or decision.status >= 400:
+        if cause not in ("natural", "unobserved") or decision.status >= 400:
             code = str(decision.status) if decision.status >= 400 else cause
             self.metrics.request_error_total.labels(model, target, code).inc()
         if usage is not None:

@@ -1,6 +1,8 @@
-"""Envoy's ExternalProcessor in FULL_DUPLEX_STREAMED mode, and llm-d's gRPC health service.
+"""Envoy's ExternalProcessor, and llm-d's gRPC health service.
 
-Per stream (one HTTP request):
+Two gateway shapes are served; the first message's `protocol_config` says which.
+
+Full path (llm-d's reference Envoy config, every body mode FULL_DUPLEX_STREAMED), per stream:
   request_headers  -> remember them (a bodiless request is routed at once, to a random endpoint)
   request_body*    -> buffer to end of stream (bounded), then schedule and reply with
                       HeadersResponse (x-gateway-destination-endpoint + envoy.lb metadata,
@@ -9,6 +11,16 @@ Per stream (one HTTP request):
   response_body*   -> passed straight back chunk by chunk; usage read from the tail
   end of stream    -> the Director releases the request's accounting exactly once, whatever
                       ended it (natural end, client gone, upstream reset, our own error)
+
+Lean path (llmd's generated config: request body BUFFERED, response body NONE):
+  request_headers  -> an empty reply (Envoy sends the body without waiting for it)
+  request_body     -> the whole body in one message: schedule, reply with the routing header
+                      mutation (the body goes back only if the scheduler changed it) and a
+                      feedback token in the `llmd` metadata namespace
+  end of stream    -> Envoy keeps the stream open until the HTTP stream ends: its end releases
+                      the accounting; usage, time to first byte and how the response ended
+                      arrive from Envoy's access log (`feedback.py`)
+
 Errors before routing become ImmediateResponse with llm-d's status codes and
 `x-llm-d-request-dropped-reason`.
 """
@@ -22,6 +34,7 @@ from typing import Any
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
@@ -31,12 +44,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llmd.protocol import headers as hdr
 from llmd.protocol.openai import UsageTail, error_body
 from llmd.scheduler.director import Decision, Director
+from llmd.scheduler.feedback import NAMESPACE, TOKEN_KEY, FeedbackBook
 from llmd.scheduler.framework import LLMRequest, SchedulingError
 
 log = logging.getLogger(__name__)
 
 BODY_CHUNK_BYTES = 62_000
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_MODES = processing_mode_pb2.ProcessingMode
+FULL_DUPLEX = _MODES.FULL_DUPLEX_STREAMED
+BUFFERED = _MODES.BUFFERED
+NONE = _MODES.NONE
 HEALTH_SERVICES = ("", "liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor")
 
 
@@ -67,14 +85,18 @@ def immediate(
             status=http_status_pb2.HttpStatus(code=status),
             headers=pb.HeaderMutation(set_headers=headers),
             body=body,
-            details=dropped_reason or "",
+            # Envoy's response-code details: marks the reply as the scheduler's own (the
+            # gateway's JSON error mapping leaves it alone) and names the reason in access logs
+            details=f"llmd_{dropped_reason or 'rejected'}".replace(" ", "_"),
         )
     )
 
 
-def _routing_reply(
+def _routing(
     decision: Decision, director: Director, body_len: int | None
-) -> pb.ProcessingResponse:
+) -> tuple[pb.CommonResponse, struct_pb2.Struct]:
+    """The header mutation that routes a request, and the dynamic metadata that goes with it
+    (`envoy.lb` for the load balancer; `llmd` for the lean response path's feedback)."""
     dest = decision.destination
     primary = decision.endpoints[0].key
     req = decision.request
@@ -98,10 +120,40 @@ def _routing_reply(
     scores = director.endpoint_scores(decision)
     if scores is not None:
         lb[hdr.DESTINATION_ENDPOINT_SCORES] = scores
+    doc: dict[str, Any] = {hdr.ENVOY_LB_NAMESPACE: lb}
+    if decision.token:
+        llmd: dict[str, Any] = {TOKEN_KEY: decision.token}
+        if req.target_model and req.target_model != req.model:
+            llmd["model_from"] = req.target_model  # the Lua filter rewrites it back
+            llmd["model_to"] = req.model
+        doc[NAMESPACE] = llmd
     metadata = struct_pb2.Struct()
-    metadata.update({hdr.ENVOY_LB_NAMESPACE: lb})
+    metadata.update(doc)
+    return common, metadata
+
+
+def _routing_reply(
+    decision: Decision, director: Director, body_len: int | None
+) -> pb.ProcessingResponse:
+    """Routing in the reply to the request headers (full-duplex and bodiless requests)."""
+    common, metadata = _routing(decision, director, body_len)
     return pb.ProcessingResponse(
         request_headers=pb.HeadersResponse(response=common), dynamic_metadata=metadata
+    )
+
+
+def _buffered_routing_reply(
+    decision: Decision, director: Director, original: bytes
+) -> pb.ProcessingResponse:
+    """Routing in the reply to a buffered request body: the body goes back only if the
+    scheduler changed it."""
+    body = decision.body
+    changed = body is not None and body != original
+    common, metadata = _routing(decision, director, len(body) if changed and body else None)
+    if changed and body is not None:
+        common.body_mutation.body = body
+    return pb.ProcessingResponse(
+        request_body=pb.BodyResponse(response=common), dynamic_metadata=metadata
     )
 
 
@@ -141,12 +193,18 @@ class _Stream:
         "done_request",
         "model_back",
         "request",
+        "request_mode",
+        "response_mode",
+        "saw_response",
         "stream",
         "subset",
         "tail",
     )
 
     def __init__(self) -> None:
+        self.request_mode: int = FULL_DUPLEX
+        self.response_mode: int = FULL_DUPLEX
+        self.saw_response = False
         self.request: LLMRequest | None = None
         self.body = bytearray()
         self.decision: Decision | None = None
@@ -160,9 +218,17 @@ class _Stream:
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     """The ext_proc service; all policy lives in the Director."""
 
-    def __init__(self, director: Director, max_body_bytes: int) -> None:
+    def __init__(
+        self, director: Director, max_body_bytes: int, book: FeedbackBook | None = None
+    ) -> None:
         self.director = director
         self.max_body_bytes = max_body_bytes
+        self.book = book
+        """The lean response path's feedback (None: every response must come through here)."""
+
+    def _lean(self, s: _Stream) -> bool:
+        """Envoy sends no response to this stream; the access log reports on it instead."""
+        return self.book is not None and s.response_mode == NONE and not s.saw_response
 
     async def Process(  # noqa: N802 - gRPC method name
         self,
@@ -176,6 +242,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         try:
             async for msg in request_iterator:
                 kind = msg.WhichOneof("request")
+                if msg.HasField("protocol_config"):  # the first message: Envoy's body modes
+                    s.request_mode = msg.protocol_config.request_body_mode
+                    s.response_mode = msg.protocol_config.response_body_mode
                 if kind == "request_headers":
                     s.request = self.director.new_request(read_headers(msg.request_headers), "")
                     s.request.path = s.request.headers.get(":path", "/").split("?", 1)[0]
@@ -189,7 +258,24 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                             self.director.rejected(s.request, exc)
                             yield immediate(exc.status, exc.message, exc.dropped_reason)
                             return
+                        if self._lean(s):
+                            s.decision.token = self.book.token() if self.book else ""
                         yield _routing_reply(s.decision, self.director, None)
+                    elif s.request_mode == BUFFERED:
+                        # the body follows in one message; routing goes in the reply to it
+                        yield pb.ProcessingResponse(request_headers=pb.HeadersResponse())
+                    elif s.request_mode != FULL_DUPLEX:
+                        cause = "rejected"
+                        mode = _MODES.BodySendMode.Name(s.request_mode)
+                        self.director.rejected(
+                            s.request, SchedulingError(500, "unsupported request_body_mode")
+                        )
+                        yield immediate(
+                            500,
+                            f"the gateway's ext_proc request_body_mode is {mode}; llmd-scheduler "
+                            "routes with FULL_DUPLEX_STREAMED or BUFFERED",
+                        )
+                        return
                 elif kind == "request_body" or kind == "request_trailers":
                     if s.done_request or s.request is None:
                         if kind == "request_trailers":
@@ -228,11 +314,18 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                         )
                         yield immediate(exc.status, exc.message, exc.dropped_reason)
                         return
-                    body = s.decision.body if s.decision.body is not None else s.request.body
-                    replies = [_routing_reply(s.decision, self.director, len(body))]
-                    replies += _body_replies(body, request=True)
+                    if self._lean(s) and self.book is not None:
+                        s.decision.token = self.book.token()
+                    if s.request_mode == BUFFERED:
+                        replies = [
+                            _buffered_routing_reply(s.decision, self.director, s.request.body)
+                        ]
+                    else:
+                        body = s.decision.body if s.decision.body is not None else s.request.body
+                        replies = [_routing_reply(s.decision, self.director, len(body))]
+                        replies += _body_replies(body, request=True)
                     req = s.request
-                    if req.target_model and req.target_model != req.model:
+                    if req.target_model and req.target_model != req.model and not s.decision.token:
                         s.model_back = (
                             f'"model":"{req.target_model}"'.encode(),
                             f'"model":"{req.model}"'.encode(),
@@ -245,6 +338,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     if kind == "request_trailers":
                         yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
                 elif kind == "response_headers":
+                    s.saw_response = True
                     hdrs = read_headers(msg.response_headers)
                     status = int(hdrs.get(":status", "0") or 0)
                     s.stream = "text/event-stream" in hdrs.get("content-type", "")
@@ -258,6 +352,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                         cause = "natural"
                         self._finish(s, cause)
                 elif kind == "response_body":
+                    s.saw_response = True
                     chunk = msg.response_body.body
                     if s.decision is not None and chunk:
                         self.director.first_byte(s.decision)
@@ -282,17 +377,22 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
                     cause = "natural"
                     self._finish(s, cause)
-            if s.decision is not None and not s.decision.completed:
+            if s.decision is not None and not s.decision.completed and not self._lean(s):
                 # Envoy closed the stream before the response ended: upstream reset or
                 # the client went away. Either way the accounting must be released.
                 cause = "error" if s.decision.status == 0 or s.decision.status >= 500 else cause
+            elif s.decision is not None and not s.decision.completed:
+                cause = "ended"  # the access log says how
         except Exception:
             cause = "error"
             log.exception("ext_proc stream failed")
             raise
         finally:
             if s.decision is not None and not s.decision.completed:
-                self._finish(s, cause)
+                if self.book is not None and self._lean(s) and cause != "error":
+                    self.book.ended(s.decision)  # accounting released now, outcome reported
+                else:
+                    self._finish(s, cause)
             metrics.streams_inflight.dec()
             metrics.streams_total.labels(cause).inc()
 

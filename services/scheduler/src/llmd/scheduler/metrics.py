@@ -188,6 +188,19 @@ class SchedulerMetrics:
         self.streams_inflight = Gauge(
             "llm_d_epp_extproc_streams_inflight", "Open ext_proc streams", registry=registry
         )
+        self.gateway_feedback = Counter(
+            "llmd_gateway_feedback",
+            "Requests on the lean response path by how their usage and timings arrived from "
+            "the gateway's access log: observed, early (before the stream ended), missing (none "
+            "within the timeout), evicted (too many waiting), unobserved (no feedback token)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.gateway_feedback_waiting = Gauge(
+            "llmd_gateway_feedback_waiting",
+            "Ended requests waiting for their access-log entry",
+            registry=registry,
+        )
         self.streams_total = Counter(
             "llm_d_epp_extproc_streams",
             "ext_proc streams by outcome",

@@ -37,7 +37,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import yaml
@@ -95,6 +95,16 @@ class EnvoySettings:
     """Envoy's own certificate (PEM) for mutual TLS, when the scheduler's cert directory has
     a `ca.crt`; `extproc_tls_client_key` is its key."""
     extproc_tls_client_key: str | None = None
+    response_path: Literal["lean", "full"] = "lean"
+    """`lean`: the request body is sent to the scheduler once (BUFFERED) and never sent back
+    unless the scheduler changes it, and responses do not go through the scheduler at all; a Lua
+    filter notes each response's first-byte time and usage, and Envoy's gRPC access log reports
+    them to the scheduler. `full`: llm-d's reference shape, every body chunk both ways through
+    the scheduler (FULL_DUPLEX_STREAMED)."""
+    max_request_body_bytes: int = 16 * 1024 * 1024
+    """The lean path buffers each request body in Envoy: larger ones get 413."""
+    feedback_flush_s: float = 0.02
+    """How often Envoy sends buffered access-log entries to the scheduler (lean path)."""
     access_log: bool = False
     round_robin_only: bool = False
     """No scheduler: round-robin over `fallback_endpoints` (the "Kubernetes Service" baseline
@@ -108,6 +118,81 @@ ROUTER_TYPE = _T + "filters.http.router.v3.Router"
 STDOUT_LOG_TYPE = _T + "access_loggers.stream.v3.StdoutAccessLog"
 HTTP_OPTIONS_TYPE = _T + "upstreams.http.v3.HttpProtocolOptions"
 UPSTREAM_TLS_TYPE = _T + "transport_sockets.tls.v3.UpstreamTlsContext"
+LUA_TYPE = _T + "filters.http.lua.v3.Lua"
+GRPC_ALS_TYPE = _T + "access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
+
+FEEDBACK_LUA = """
+-- llmd lean response path: note the first body byte's time and the usage in the body's tail
+-- as dynamic metadata (namespace llmd) for the access log, and rewrite the model name back
+-- when the scheduler rewrote it. Only requests the scheduler routed (llmd.pick) are touched.
+local TAIL = 4096
+
+local function replace_plain(s, from, to)
+  local out, i = {}, 1
+  while true do
+    local a, b = string.find(s, from, i, true)
+    if a == nil then break end
+    out[#out + 1] = string.sub(s, i, a - 1)
+    out[#out + 1] = to
+    i = b + 1
+  end
+  if i == 1 then return s end
+  out[#out + 1] = string.sub(s, i)
+  return table.concat(out)
+end
+
+local function last_number(s, key)
+  local v = nil
+  for n in string.gmatch(s, '"' .. key .. '"%s*:%s*(%d+)') do v = n end
+  return v
+end
+
+function envoy_on_response(h)
+  local meta = h:streamInfo():dynamicMetadata():get("llmd")
+  if meta == nil or meta["pick"] == nil then return end
+  local from, to = meta["model_from"], meta["model_to"]
+  local a, b, c, d
+  if from ~= nil and to ~= nil then
+    a = '"model":"' .. from .. '"'
+    b = '"model":"' .. to .. '"'
+    c = '"model": "' .. from .. '"'
+    d = '"model": "' .. to .. '"'
+    h:headers():remove("content-length")  -- the body changes length: send it chunked
+  end
+  local first, prev, last = nil, "", ""
+  for chunk in h:bodyChunks() do
+    local len = chunk:length()
+    if len > 0 then
+      if first == nil then
+        first = h:timestampString(EnvoyTimestampResolution.MICROSECOND)
+      end
+      prev = last
+      if a ~= nil then
+        local bytes = chunk:getBytes(0, len)
+        local fixed = replace_plain(replace_plain(bytes, a, b), c, d)
+        if fixed ~= bytes then chunk:setBytes(fixed) end
+        local n = string.len(fixed)
+        if n > TAIL then last = string.sub(fixed, n - TAIL + 1) else last = fixed end
+      elseif len > TAIL then
+        last = chunk:getBytes(len - TAIL, TAIL)
+      else
+        last = chunk:getBytes(0, len)
+      end
+    end
+  end
+  local dm = h:streamInfo():dynamicMetadata()
+  if first ~= nil then dm:set("llmd", "first_us", first) end
+  local tail = prev .. last
+  local p = last_number(tail, "prompt_tokens")
+  local k = last_number(tail, "completion_tokens")
+  if p ~= nil and k ~= nil then
+    dm:set("llmd", "prompt_tokens", p)
+    dm:set("llmd", "completion_tokens", k)
+    local cached = last_number(tail, "cached_tokens")
+    if cached ~= nil then dm:set("llmd", "cached_tokens", cached) end
+  end
+end
+"""
 
 
 CLIENT_FORBIDDEN_HEADERS = tuple(sorted(SCHEDULER_OWNED))
@@ -189,13 +274,59 @@ def _scheduler_tls(s: EnvoySettings) -> dict[str, Any]:
     }
 
 
+def _processing_mode(s: EnvoySettings) -> dict[str, str]:
+    if s.response_path == "full":
+        return {
+            "request_header_mode": "SEND",
+            "response_header_mode": "SEND",
+            "request_body_mode": "FULL_DUPLEX_STREAMED",
+            "response_body_mode": "FULL_DUPLEX_STREAMED",
+            "request_trailer_mode": "SEND",
+            "response_trailer_mode": "SEND",
+        }
+    return {
+        "request_header_mode": "SEND",
+        "response_header_mode": "SKIP",
+        "request_body_mode": "BUFFERED",
+        "response_body_mode": "NONE",
+        "request_trailer_mode": "SKIP",
+        "response_trailer_mode": "SKIP",
+    }
+
+
+def _feedback_log(s: EnvoySettings) -> dict[str, Any]:
+    """Envoy's gRPC access log to the scheduler, for requests it routed (`llmd.pick`)."""
+    return {
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {
+            "metadata_filter": {
+                "matcher": {
+                    "filter": "llmd",
+                    "path": [{"key": "pick"}],
+                    "value": {"present_match": True},
+                }
+            }
+        },
+        "typed_config": {
+            "@type": GRPC_ALS_TYPE,
+            "common_config": {
+                "log_name": "llmd-feedback",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "llmd_scheduler"}},
+                "transport_api_version": "V3",
+                "buffer_flush_interval": _seconds(s.feedback_flush_s),
+                "buffer_size_bytes": 16384,
+            },
+        },
+    }
+
+
 def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
 def envoy_config(s: EnvoySettings) -> dict[str, Any]:
     """The Envoy bootstrap as a dict (dump it with yaml.safe_dump)."""
-    ext_proc = {
+    ext_proc: dict[str, Any] = {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
             "@type": EXT_PROC_TYPE,
@@ -206,20 +337,20 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
             "failure_mode_allow": s.fail_open,
             "status_on_error": {"code": "ServiceUnavailable"},
             "message_timeout": f"{s.message_timeout_s}s",
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "response_header_mode": "SEND",
-                "request_body_mode": "FULL_DUPLEX_STREAMED",
-                "response_body_mode": "FULL_DUPLEX_STREAMED",
-                "request_trailer_mode": "SEND",
-                "response_trailer_mode": "SEND",
-            },
+            "processing_mode": _processing_mode(s),
             "allow_mode_override": False,
             "metadata_options": {
                 "forwarding_namespaces": {"untyped": ["envoy.lb.subset_hint", "envoy.lb"]},
-                "receiving_namespaces": {"untyped": ["envoy.lb"]},
+                "receiving_namespaces": {"untyped": ["envoy.lb", "llmd"]},
             },
         },
+    }
+    lean = s.response_path == "lean" and not s.round_robin_only
+    if lean:
+        ext_proc["typed_config"]["send_body_without_waiting_for_header_response"] = True
+    lua = {
+        "name": "envoy.filters.http.lua",
+        "typed_config": {"@type": LUA_TYPE, "default_source_code": {"inline_string": FEEDBACK_LUA}},
     }
     idle = _seconds(s.upstream_idle_timeout_s)
     routes: list[dict[str, Any]] = []
@@ -295,19 +426,23 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
         "local_reply_config": local_reply_config(),
         "http_filters": [
             *([] if s.round_robin_only else [ext_proc]),
+            *([lua] if lean else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": ROUTER_TYPE},
             },
         ],
     }
+    logs: list[dict[str, Any]] = [_feedback_log(s)] if lean else []
     if s.access_log:
-        hcm["access_log"] = [
+        logs.append(
             {
                 "name": "envoy.access_loggers.stdout",
                 "typed_config": {"@type": STDOUT_LOG_TYPE},
             }
-        ]
+        )
+    if logs:
+        hcm["access_log"] = logs
     clusters: list[dict[str, Any]] = [
         {
             "name": "llmd_scheduler",
@@ -395,6 +530,8 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                 {
                     "name": "llmd_gateway",
                     "address": _address(s.listen_address, s.listen_port),
+                    # the lean path buffers request bodies: the buffer bounds their size
+                    "per_connection_buffer_limit_bytes": s.max_request_body_bytes,
                     "filter_chains": [
                         {
                             "filters": [
@@ -452,8 +589,10 @@ def _json_reply(kind: str) -> dict[str, Any]:
 def local_reply_config() -> dict[str, Any]:
     """Every answer Envoy makes itself is an OpenAI-style JSON error: Envoy's own replies are
     plain text (`upstream request timeout`) and some are empty (a failed ext_proc stream), which
-    clients cannot parse. Direct responses already carry their JSON and are left alone."""
-    own = "response.code_details != 'direct_response'"
+    clients cannot parse. Direct responses and the scheduler's immediate responses already
+    carry their JSON and are left alone."""
+    # direct responses and the scheduler's own replies (details llmd_*) are JSON already
+    own = "response.code_details != 'direct_response' && !response.code_details.startsWith('llmd_')"
     mappers: list[dict[str, Any]] = [
         {
             "filter": _cel("response.code_details.startsWith('ext_proc_error')"),

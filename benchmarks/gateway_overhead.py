@@ -1,0 +1,311 @@
+"""What a router costs per request, measured from outside on one fleet in one run.
+
+Targets, each in front of the same simulated engines (llmd-sim, profile `instant` unless
+--profile): `direct` (the client round-robins over the engines itself: the baseline), `envoy-rr`
+(Envoy alone, round-robin), `llmd-lean` (Envoy + llmd-scheduler, the generated lean path:
+request body buffered once, responses never through the scheduler), `llmd-full` (the same with
+llm-d's full-duplex ext_proc shape: every response chunk through the scheduler), and the peers
+`sglang-cache-aware` and `vllm-router` when their virtualenvs can be made.
+
+Workload: streamed chat completions whose system prompts (~`--prompt-words` words) come from
+16 groups, a short distinct user turn, `--output-tokens` tokens, `--concurrency` in flight,
+`--requests` per target. For each target: client TTFT p50/p99 (first content chunk), the same
+minus `direct`'s (what the router adds), errors, and CPU milliseconds per request of every
+router process (user + system, from /proc) and of the engines' process.
+
+Usage: uv run python benchmarks/gateway_overhead.py [--requests N] [--concurrency C]
+           [--output-tokens T] [--prompt-words W] [--targets a,b,...] [--rounds R] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from protocol_throughput import write_report
+
+from llmd.bench.peers import PEERS, PeerError, running
+from llmd.dev.envoy import EnvoyProcess, EnvoySettings
+from llmd.dev.gateway import Gateway
+from llmd.dev.sim_engines import SimFleetProcess
+from llmd.runtime.discovery import StaticFileDiscovery
+from llmd.vllm_cpu.server import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TICKS = os.sysconf("SC_CLK_TCK")
+ALL_TARGETS = ("direct", "envoy-rr", "llmd-lean", "llmd-full", "sglang-cache-aware", "vllm-router")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes (all their threads) so far."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICKS
+
+
+def pids_with(fragment: str) -> list[int]:
+    """Processes whose command line contains `fragment` (peers start their own processes)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if fragment in cmdline and "gateway_overhead" not in cmdline:
+                out.append(int(entry.name))
+    return out
+
+
+def session_pids(leaders: list[int]) -> list[int]:
+    """Every process in the sessions these processes lead (a peer's launcher and its workers)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) in leaders:  # session id
+                out.append(int(entry.name))
+    return out
+
+
+@dataclass
+class Target:
+    name: str
+    url: str
+    router_pids: dict[str, list[int]]
+    """Process label -> pids whose CPU counts as the router's."""
+    engine_urls: list[str] = field(default_factory=list)
+    """Only for `direct`: the client spreads requests over these itself."""
+
+
+def workload(n: int, words: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(2000)]
+    systems = [" ".join(rng.choice(vocab) for _ in range(words)) for _ in range(16)]
+    out = []
+    for i in range(n):
+        system = systems[rng.randrange(16)]
+        user = f"question {i}: " + " ".join(rng.choice(vocab) for _ in range(12))
+        out.append([{"role": "system", "content": system}, {"role": "user", "content": user}])
+    return out
+
+
+async def drive(
+    target: Target, prompts: list[list[dict[str, str]]], concurrency: int, output_tokens: int
+) -> dict[str, Any]:
+    ttfts: list[float] = []
+    errors: dict[str, int] = {}
+    queue: asyncio.Queue[tuple[int, list[dict[str, str]]]] = asyncio.Queue()
+    for item in enumerate(prompts):
+        queue.put_nowait(item)
+    bases = target.engine_urls or [target.url]
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while not queue.empty():
+            i, messages = queue.get_nowait()
+            body = {"model": "tiny", "messages": messages, "max_tokens": output_tokens,
+                    "stream": True, "stream_options": {"include_usage": True},
+                    "ignore_eos": True}  # fmt: skip
+            t0 = time.perf_counter()
+            first = None
+            try:
+                url = bases[i % len(bases)] + "/v1/chat/completions"
+                async with session.post(url, json=body) as resp:
+                    if resp.status != 200:
+                        errors[str(resp.status)] = errors.get(str(resp.status), 0) + 1
+                        await resp.read()
+                        continue
+                    async for line in resp.content:
+                        if first is None and line.startswith(b"data: {") and b'"content"' in line:
+                            first = time.perf_counter() - t0
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                continue
+            if first is not None:
+                ttfts.append(first)
+
+    timeout = aiohttp.ClientTimeout(total=120)
+    connector = aiohttp.TCPConnector(limit=concurrency * 2)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ttfts.sort()
+    return {
+        "requests": len(prompts),
+        "ok": len(ttfts),
+        "errors": errors,
+        "wall_s": round(wall, 3),
+        "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 2) if ttfts else None,
+        "ttft_p99_ms": round(ttfts[int(len(ttfts) * 0.99) - 1] * 1000, 2) if ttfts else None,
+    }
+
+
+@contextlib.contextmanager
+def started(
+    name: str, fleet: SimFleetProcess, work: Path, scheduler_args: list[str]
+) -> Iterator[Target]:
+    endpoints = [(e.address, e.port) for e in StaticFileDiscovery(fleet.endpoints_file).load()]
+    if name == "direct":
+        yield Target(name, "", {}, [f"http://{a}:{p}" for a, p in endpoints])
+    elif name == "envoy-rr":
+        envoy = EnvoyProcess(
+            EnvoySettings(listen_port=free_port(), admin_port=free_port(),
+                          listen_address="127.0.0.1", round_robin_only=True,
+                          fallback_endpoints=endpoints),
+            work / name,
+        )  # fmt: skip
+        envoy.start()
+        try:
+            assert envoy.proc is not None
+            yield Target(name, envoy.url, {"envoy": [envoy.proc.pid]})
+        finally:
+            envoy.stop()
+    elif name in ("llmd-lean", "llmd-full"):
+        path = "lean" if name == "llmd-lean" else "full"
+        gw = Gateway.start(
+            fleet.endpoints_file,
+            work / name,
+            envoy_overrides={"response_path": path},
+            scheduler_args=scheduler_args,
+        )
+        try:
+            assert gw.envoy.proc is not None
+            pids = {"scheduler": [gw.scheduler.process.pid], "envoy": [gw.envoy.proc.pid]}
+            yield Target(name, gw.url, pids)
+        finally:
+            gw.stop()
+    elif name in PEERS:
+        port = free_port()
+        urls = [f"http://{a}:{p}" for a, p in endpoints]
+        with running(name, urls, port, work / f"{name}.log") as url:
+            yield Target(name, url, {name: session_pids(pids_with(f"--port {port}"))})
+    else:
+        raise ValueError(f"unknown target {name!r}; expected some of {ALL_TARGETS}")
+
+
+def measure(
+    name: str, fleet: SimFleetProcess, work: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    prompts = workload(args.requests, args.prompt_words, seed=1)
+    warm = workload(max(20, args.concurrency * 4), args.prompt_words, seed=2)
+    with started(name, fleet, work, shlex.split(args.scheduler_args)) as target:
+        asyncio.run(drive(target, warm, args.concurrency, args.output_tokens))
+        all_pids = [p for ps in target.router_pids.values() for p in ps]
+        before = {label: cpu_seconds(ps) for label, ps in target.router_pids.items()}
+        engines_before = cpu_seconds([fleet.process.pid])
+        row = asyncio.run(drive(target, prompts, args.concurrency, args.output_tokens))
+        n = max(1, row["requests"])
+        row["router_cpu_ms_per_request"] = {
+            label: round((cpu_seconds(ps) - before[label]) * 1000 / n, 3)
+            for label, ps in target.router_pids.items()
+        }
+        row["router_cpu_ms_total"] = round(
+            sum(row["router_cpu_ms_per_request"].values()), 3
+        ) if all_pids else 0.0  # fmt: skip
+        row["engines_cpu_ms_per_request"] = round(
+            (cpu_seconds([fleet.process.pid]) - engines_before) * 1000 / n, 3
+        )
+    return row
+
+
+def table(rows: dict[str, dict[str, Any]]) -> str:
+    base = rows.get("direct", {})
+    lines = [
+        "| target | router CPU ms/req (by process) | TTFT p50 / p99 ms | added over direct "
+        "p50 / p99 ms | errors |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        procs = ", ".join(f"{k} {v:.2f}" for k, v in r["router_cpu_ms_per_request"].items())
+        added = "-"
+        if name != "direct" and base.get("ttft_p50_ms") and r.get("ttft_p50_ms"):
+            added = (f"{r['ttft_p50_ms'] - base['ttft_p50_ms']:+.2f} / "
+                     f"{r['ttft_p99_ms'] - base['ttft_p99_ms']:+.2f}")  # fmt: skip
+        total = f"{r['router_cpu_ms_total']:.2f}" + (f" ({procs})" if procs else "")
+        lines.append(
+            f"| {name} | {total} | {r['ttft_p50_ms']} / {r['ttft_p99_ms']} | {added} | "
+            f"{sum(r['errors'].values())} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--requests", type=int, default=300, help="requests per target (300)")
+    p.add_argument("--concurrency", type=int, default=8, help="requests in flight (8)")
+    p.add_argument("--output-tokens", type=int, default=64, help="tokens per answer (64)")
+    p.add_argument("--prompt-words", type=int, default=600, help="system prompt words (600)")
+    p.add_argument("--engines", type=int, default=4, help="simulated engines (4)")
+    p.add_argument("--profile", default="instant", help="llmd-sim latency profile (instant)")
+    p.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma list")
+    p.add_argument("--scheduler-args", default="", help="extra llmd-scheduler flags (llmd-*)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat all targets, keep the medians")
+    p.add_argument("--out", default=str(ROOT / "benchmarks/reports/gateway-overhead.json"))
+    args = p.parse_args()
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    work = Path(tempfile.mkdtemp(prefix="gateway-overhead-"))
+    fleet = SimFleetProcess.start(
+        count=args.engines, block_size=16, profile=args.profile, work=work
+    )
+    runs: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
+    skipped: dict[str, str] = {}
+    try:
+        for rnd in range(args.rounds):
+            for name in targets:
+                if name in skipped:
+                    continue
+                print(f"round {rnd + 1}/{args.rounds}: {name} ...", flush=True)
+                try:
+                    runs[name].append(measure(name, fleet, work, args))
+                except PeerError as exc:
+                    skipped[name] = str(exc)[:300]
+                    print(f"  skipped: {skipped[name]}", flush=True)
+                    continue
+                r = runs[name][-1]
+                print(f"  ttft p50 {r['ttft_p50_ms']} ms, p99 {r['ttft_p99_ms']} ms, "
+                      f"router CPU {r['router_cpu_ms_per_request']} ms/req, "
+                      f"errors {r['errors']}", flush=True)  # fmt: skip
+    finally:
+        fleet.stop()
+    rows = {}
+    for name, rs in runs.items():
+        if not rs:
+            continue
+        mid = sorted(rs, key=lambda r: r["ttft_p50_ms"] or 0)[len(rs) // 2]
+        rows[name] = mid
+    print(table(rows))
+    write_report(
+        args.out,
+        "gateway-overhead",
+        "uv run python benchmarks/gateway_overhead.py " + shlex.join(sys.argv[1:]),
+        settings={k: v for k, v in vars(args).items() if k != "out"},
+        results=rows,
+        all_rounds=runs,
+        skipped=skipped,
+        table=table(rows),
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""The gateway's two shapes on real Envoy, llmd-scheduler and llmd-sim: the lean path (request
+body buffered once, responses never through the scheduler, usage and timings from Envoy's access
+log) and llm-d's full-duplex path. Both must serve the same bytes and record the same facts."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import Stack, start_stack
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "the lean path carries this prompt " * 8
+
+
+@pytest.fixture(scope="module", params=["lean", "full"])
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    s = start_stack(
+        tmp_path_factory.mktemp(request.param), count=2, config=None,
+        envoy={"response_path": request.param},
+    )  # fmt: skip
+    yield s
+    s.stop()
+
+
+def metric(stack: Stack, prefix: str) -> float:
+    total = 0.0
+    for line in stack.gateway.scheduler.metrics_text().splitlines():
+        if line.startswith(prefix):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_metric(stack: Stack, prefix: str, at_least: float, timeout: float = 5.0) -> float:
+    deadline = time.monotonic() + timeout
+    value = metric(stack, prefix)
+    while value < at_least and time.monotonic() < deadline:
+        time.sleep(0.05)
+        value = metric(stack, prefix)
+    return value
+
+
+def test_usage_and_time_to_first_byte_are_recorded(stack: Stack) -> None:
+    inputs = metric(stack, "llm_d_epp_request_input_tokens_count")
+    outputs = metric(stack, "llm_d_epp_request_output_tokens_sum")
+    ttft = metric(stack, "llm_d_epp_request_ttft_seconds_count")
+    r = httpx.post(stack.url + "/v1/completions", timeout=30,
+                   json={"model": "tiny", "prompt": PROMPT, "max_tokens": 5})  # fmt: skip
+    assert r.status_code == 200
+    body = {"model": "tiny", "prompt": PROMPT + "streamed", "max_tokens": 7, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    with httpx.stream("POST", stack.url + "/v1/completions", json=body, timeout=30) as s:
+        assert s.status_code == 200
+        text = s.read().decode()
+    assert text.rstrip().endswith("data: [DONE]")
+    assert wait_metric(stack, "llm_d_epp_request_input_tokens_count", inputs + 2) == inputs + 2
+    assert metric(stack, "llm_d_epp_request_output_tokens_sum") == outputs + 5 + 7
+    assert metric(stack, "llm_d_epp_request_ttft_seconds_count") == ttft + 2
+    state = stack.gateway.scheduler.get_json("/debug/plugins/state")
+    assert state["inflight"] == 0
+
+
+def test_a_rewritten_model_name_is_given_back_in_the_response(stack: Stack) -> None:
+    headers = {"x-llm-d-model-name-rewrite": "tiny"}
+    body = {"model": "public-name", "prompt": PROMPT, "max_tokens": 3}
+    r = httpx.post(stack.url + "/v1/completions", json=body, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "public-name"  # the engine answered for "tiny"
+    with httpx.stream("POST", stack.url + "/v1/completions", headers=headers, timeout=30,
+                      json={**body, "stream": True}) as s:  # fmt: skip
+        events = [line for line in s.iter_lines() if line.startswith("data: {")]
+    assert events
+    assert {json.loads(e[6:])["model"] for e in events} == {"public-name"}
+
+
+def test_a_client_that_leaves_mid_stream_is_released_and_counted(stack: Stack) -> None:
+    before = metric(stack, 'llm_d_epp_request_error_total{error_code="client-disconnect"')
+    body = {"model": "tiny", "prompt": PROMPT + "abandoned", "max_tokens": 300, "stream": True}
+    with httpx.stream("POST", stack.url + "/v1/completions", json=body, timeout=30) as s:
+        for _ in s.iter_lines():
+            break  # read one line, then hang up
+    after = wait_metric(
+        stack, 'llm_d_epp_request_error_total{error_code="client-disconnect"', before + 1
+    )
+    assert after == before + 1
+    deadline = time.monotonic() + 5
+    while stack.gateway.scheduler.get_json("/debug/plugins/state")["inflight"] and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert stack.gateway.scheduler.get_json("/debug/plugins/state")["inflight"] == 0
+
+
+def test_every_lean_request_got_its_report(stack: Stack) -> None:
+    observed = metric(stack, 'llmd_gateway_feedback_total{outcome="observed"')
+    early = metric(stack, 'llmd_gateway_feedback_total{outcome="early"')
+    missing = metric(stack, 'llmd_gateway_feedback_total{outcome="missing"')
+    if stack.gateway.envoy.settings.response_path == "full":
+        assert observed + early == 0  # the full path reads responses itself
+    else:
+        assert observed + early >= 5
+    assert missing == 0
+
+
+def test_a_body_over_the_gateway_limit_is_refused_with_json(tmp_path: Path) -> None:
+    s = start_stack(tmp_path, count=1, config=None, envoy={"max_request_body_bytes": 200_000})
+    try:
+        big = {"model": "tiny", "prompt": "x" * 300_000, "max_tokens": 1}
+        r = httpx.post(s.url + "/v1/completions", json=big, timeout=30)
+        assert r.status_code == 413
+        assert r.json()["error"]["type"] == "PayloadTooLargeError"
+        ok = httpx.post(s.url + "/v1/completions", timeout=30,
+                        json={"model": "tiny", "prompt": "fine", "max_tokens": 1})  # fmt: skip
+        assert ok.status_code == 200
+    finally:
+        s.stop()
