@@ -225,6 +225,18 @@ async def test_vllm_render_endpoints_tokenize_like_the_model_directory(
         got = await render.tokens("/v1/chat/completions", {"model": "tiny", "messages": msgs})
         want = h.tokenizer.encode_chat([ChatMessageIn(m["role"], m["content"]) for m in msgs])
         assert got == want
+        # a long shared system prompt and history: the second and third chats reuse the cached
+        # tokens of the parts seen before, and must still match the engine token for token
+        system = {"role": "system", "content": text("shared system", 400)}
+        history = [{"role": "user", "content": "first question"},
+                   {"role": "assistant", "content": "first answer </s> with a marker"}]  # fmt: skip
+        hits = h.tokenizer.segments.hits
+        for turn in ("one", "two", "three"):
+            chat = [system, *history, {"role": "user", "content": f"question {turn}"}]
+            got = await render.tokens("/v1/chat/completions", {"model": "tiny", "messages": chat})
+            ours = h.tokenizer.encode_chat([ChatMessageIn(m["role"], m["content"]) for m in chat])
+            assert got == ours
+        assert h.tokenizer.segments.hits > hits
         with pytest.raises(TokenizerError, match="404"):
             await render.tokens("/v1/completions", {"model": "no-such-model", "prompt": "x"})
     finally:

@@ -151,3 +151,16 @@ def test_an_infinite_queue_is_an_error_and_the_scraper_keeps_going() -> None:
     from llmd.vllm_cpu.server import free_port
 
     asyncio.run(_hostile_metrics(free_port()))
+
+
+def test_a_large_pool_stretches_the_interval_to_the_scrape_budget() -> None:
+    registry = CollectorRegistry()
+    scraper = EnginePoolScraper(interval_s=0.05, max_scrapes_per_s=200, registry=registry)
+    scraper.set_targets([f"10.0.0.{i}:8000" for i in range(4)])
+    assert scraper.effective_interval_s == 0.05  # a small pool keeps the configured interval
+    scraper.set_targets([f"10.0.{i // 250}.{i % 250}:8000" for i in range(64)])
+    assert scraper.effective_interval_s == pytest.approx(0.32)  # 64 engines, 200 scrapes/s
+    assert registry.get_sample_value("llmd_engine_scrape_interval_seconds") == pytest.approx(0.32)
+    unbounded = EnginePoolScraper(interval_s=0.05)
+    unbounded.set_targets([f"10.0.0.{i}:8000" for i in range(64)])
+    assert unbounded.effective_interval_s == 0.05

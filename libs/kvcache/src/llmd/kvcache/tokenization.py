@@ -10,6 +10,9 @@ prompt's tokens (and therefore its block keys) are the ones the engine computes.
 from __future__ import annotations
 
 import json
+import threading
+from array import array
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +91,16 @@ class ModelTokenizer:
             i for i in (self._tok.token_to_id(s) for s in special) if i is not None
         )
         self.eos_token_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.segments = SegmentCache(self)
+
+    def split_safe_tokens(self) -> list[str]:
+        """Special tokens at which a text can be cut and its parts tokenized apart with the
+        same result: added as whole tokens, without whitespace stripping or normalization."""
+        out = []
+        for t in self._tok.get_added_tokens_decoder().values():
+            if t.special and not (t.lstrip or t.rstrip or t.normalized or t.single_word):
+                out.append(t.content)
+        return out
 
     @staticmethod
     def _read_json(path: Path) -> dict[str, Any]:
@@ -154,7 +167,94 @@ class ModelTokenizer:
         text = self.render_chat(
             messages, add_generation_prompt=add_generation_prompt, template_kwargs=template_kwargs
         )
-        return self.encode(text, add_special_tokens=False)
+        return self.segments.encode(text)
+
+
+class SegmentCache:
+    """Tokens of rendered chat text, reused across requests that share leading messages.
+
+    A chat template puts special tokens between messages, and a tokenizer never merges across
+    an added special token, so the rendered text can be cut right after each one and the parts
+    tokenized apart: their tokens, concatenated, are the whole text's tokens. The parts are
+    cached (bounded LRU, by total tokens): a long system prompt or conversation history seen
+    before costs a dictionary lookup instead of a tokenization. A tokenizer is only cut where a
+    self-test at load shows the cut changes nothing; otherwise every text is encoded whole.
+    """
+
+    def __init__(self, tokenizer: ModelTokenizer, max_tokens: int = 4_000_000) -> None:
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self._parts: OrderedDict[str, array[int]] = OrderedDict()
+        self._tokens = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+        self.cut_at = self._verified_cuts(tokenizer.split_safe_tokens())
+
+    def _verified_cuts(self, candidates: list[str]) -> tuple[str, ...]:
+        tok = self.tokenizer
+        good = []
+        for sp in candidates:
+            probes = [f"a b{sp}\nc d", f"{sp} x", f"x  {sp}  y\n", f"\u00e9{sp}\u00e9 z", f"1{sp}2"]
+            if all(
+                tok.encode(p, add_special_tokens=False)
+                == [
+                    t for part in _cut(p, (sp,)) for t in tok.encode(part, add_special_tokens=False)
+                ]
+                for p in probes
+            ):
+                good.append(sp)
+        return tuple(good)
+
+    @property
+    def cached_tokens(self) -> int:
+        return self._tokens
+
+    def encode(self, text: str) -> list[int]:
+        """`text`'s tokens (no special tokens added), exactly as encoding it whole gives."""
+        if not self.cut_at:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        out: list[int] = []
+        for part in _cut(text, self.cut_at):
+            with self._lock:
+                ids = self._parts.get(part)
+                if ids is not None:
+                    self._parts.move_to_end(part)
+                    self.hits += 1
+            if ids is None:
+                fresh = self.tokenizer.encode(part, add_special_tokens=False)
+                ids = array("l", fresh)
+                with self._lock:
+                    self.misses += 1
+                    if part not in self._parts and len(fresh) <= self.max_tokens:
+                        self._parts[part] = ids
+                        self._tokens += len(fresh)
+                        while self._tokens > self.max_tokens:
+                            _, old = self._parts.popitem(last=False)
+                            self._tokens -= len(old)
+            out.extend(ids)
+        return out
+
+
+def _cut(text: str, markers: Sequence[str]) -> list[str]:
+    """`text` cut right after every occurrence of any marker (the pieces join back to it)."""
+    cuts = []
+    for m in markers:
+        i = text.find(m)
+        while i >= 0:
+            cuts.append(i + len(m))
+            i = text.find(m, i + len(m))
+    if not cuts:
+        return [text]
+    cuts.sort()
+    parts, start = [], 0
+    for c in cuts:
+        if c > start:
+            parts.append(text[start:c])
+            start = c
+    if start < len(text):
+        parts.append(text[start:])
+    return parts
 
 
 class RenderClient:

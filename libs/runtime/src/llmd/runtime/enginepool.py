@@ -1,7 +1,8 @@
 """The engine-pool scraper: each engine's `/metrics` (and `/v1/models`) into typed snapshots.
 
-One task per engine scrapes `/metrics` every `interval_s` and `/v1/models` every
-`models_interval_s`, parses the Prometheus text into an `EngineSnapshot`
+One task per engine scrapes `/metrics` every `interval_s` (stretched when the pool is large, so
+that all engines together cost at most `max_scrapes_per_s` scrapes a second) and `/v1/models`
+every `models_interval_s`, parses the Prometheus text into an `EngineSnapshot`
 (`llmd.protocol.metrics`), keeps the latest good one, and tells a listener. A failed scrape keeps
 the previous values, counts the error, logs a changed error once, and never blocks other
 engines. The number of engines is bounded (`max_engines`); targets past it are refused loudly.
@@ -99,11 +100,13 @@ class EnginePoolScraper:
         models_interval_s: float = 2.0,
         timeout_s: float = 1.0,
         max_engines: int = 4096,
+        max_scrapes_per_s: float | None = None,
         registry: CollectorRegistry | None = None,
         listener: ScrapeListener | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.interval_s = max(0.01, interval_s)
+        self.max_scrapes_per_s = max_scrapes_per_s
         self.models_interval_s = models_interval_s
         self.timeout_s = timeout_s
         self.max_engines = max_engines
@@ -126,6 +129,21 @@ class EnginePoolScraper:
         Gauge(
             "llmd_engine_scrape_targets", "Engines being scraped", registry=registry
         ).set_function(lambda: len(self.samples))
+        Gauge(
+            "llmd_engine_scrape_interval_seconds",
+            "Seconds between two /metrics scrapes of one engine (the configured interval, "
+            "stretched so the whole pool stays within max_scrapes_per_s)",
+            registry=registry,
+        ).set_function(lambda: self.effective_interval_s)
+
+    @property
+    def effective_interval_s(self) -> float:
+        """The configured interval, or longer so that all engines together are scraped at most
+        `max_scrapes_per_s` times a second: the scraper's CPU stays bounded as the pool grows
+        (in-flight accounting covers what happens between two scrapes)."""
+        if not self.max_scrapes_per_s:
+            return self.interval_s
+        return max(self.interval_s, len(self.samples) / self.max_scrapes_per_s)
 
     # --- targets -----------------------------------------------------------------------------
 
@@ -195,7 +213,7 @@ class EnginePoolScraper:
                 log.exception("scrape of %s failed unexpectedly", key)
                 self._failed(key, "metrics", f"{type(exc).__name__}: {exc}")
             elapsed = self.clock() - started
-            await asyncio.sleep(max(0.0, self.interval_s - elapsed))
+            await asyncio.sleep(max(0.0, self.effective_interval_s - elapsed))
 
     # --- one scrape --------------------------------------------------------------------------
 

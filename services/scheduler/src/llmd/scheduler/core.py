@@ -54,6 +54,7 @@ def build_core(
     registry: CollectorRegistry | None = None,
     plugins: PluginRegistry | None = None,
     refresh_interval_s: float = 0.05,
+    max_scrapes_per_s: float | None = None,
     pool_name: str = "llmd",
     allow_experimental: bool = False,
     clock: Callable[[], float] = time.monotonic,
@@ -66,7 +67,11 @@ def build_core(
         epp, _ = load_config_file(None, epp)
     registry = registry if registry is not None else CollectorRegistry()
     datastore = Datastore(
-        registry, refresh_interval_s=refresh_interval_s, pool_name=pool_name, clock=clock
+        registry,
+        refresh_interval_s=refresh_interval_s,
+        max_scrapes_per_s=max_scrapes_per_s,
+        pool_name=pool_name,
+        clock=clock,
     )
     built = build(
         epp,

@@ -39,6 +39,7 @@ class Datastore:
         registry: CollectorRegistry,
         *,
         refresh_interval_s: float = 0.05,
+        max_scrapes_per_s: float | None = None,
         staleness_s: float = 1.0,
         models_interval_s: float = 2.0,
         scrape_timeout_s: float = 1.0,
@@ -51,6 +52,7 @@ class Datastore:
         self.synced = asyncio.Event()
         self.scraper = EnginePoolScraper(
             interval_s=refresh_interval_s,
+            max_scrapes_per_s=max_scrapes_per_s,
             models_interval_s=models_interval_s,
             timeout_s=scrape_timeout_s,
             registry=registry,
@@ -105,7 +107,7 @@ class Datastore:
     def _mean(self, fn: Callable[[EndpointState], float]) -> Callable[[], float]:
         def value() -> float:
             now = self.clock()
-            fresh = [fn(e) for e in self.endpoints.values() if e.fresh(now, self.staleness_s)]
+            fresh = [fn(e) for e in self.endpoints.values() if e.fresh(now, self.stale_after_s)]
             return sum(fresh) / len(fresh) if fresh else 0.0
 
         return value
@@ -122,17 +124,23 @@ class Datastore:
     def models_interval_s(self, value: float) -> None:
         self.scraper.models_interval_s = value
 
+    @property
+    def stale_after_s(self) -> float:
+        """Metrics older than this are stale: the configured threshold, or three scrape
+        intervals when a large pool stretches the interval past it."""
+        return max(self.staleness_s, 3 * self.scraper.effective_interval_s)
+
     def stale_count(self) -> int:
         now = self.clock()
-        return sum(1 for e in self.endpoints.values() if not e.fresh(now, self.staleness_s))
+        return sum(1 for e in self.endpoints.values() if not e.fresh(now, self.stale_after_s))
 
     def candidates(self) -> list[EndpointState]:
         """Usable endpoints (fresh, not held out after a failure); else the fresh ones; else
         all of them: the pool never fails closed."""
         now = self.clock()
         eps = list(self.endpoints.values())
-        usable = [e for e in eps if e.usable(now, self.staleness_s)]
-        return usable or fresh_or_all(eps, now, self.staleness_s)
+        usable = [e for e in eps if e.usable(now, self.stale_after_s)]
+        return usable or fresh_or_all(eps, now, self.stale_after_s)
 
     def endpoint_failed(self, state: EndpointState, source: str) -> None:
         """Hold `state` out after a failed scrape or a 5xx answer (`source` says which)."""
