@@ -5,13 +5,17 @@ Targets, each in front of the same simulated engines (llmd-sim, profile `instant
 (Envoy alone, round-robin), `llmd-lean` (Envoy + llmd-scheduler, the generated lean path:
 request body buffered once, responses never through the scheduler), `llmd-full` (the same with
 llm-d's full-duplex ext_proc shape: every response chunk through the scheduler), and the peers
-`sglang-cache-aware` and `vllm-router` when their virtualenvs can be made.
+`sglang-cache-aware` and `vllm-router` when their virtualenvs can be made. `noop-extproc`
+is Envoy's lean path in front of a do-nothing Python grpc.aio ext_proc server
+(`noop_extproc.py`): the floor under any scheduler written on grpc.aio.
 
 Workload: streamed chat completions whose system prompts (~`--prompt-words` words) come from
 16 groups, a short distinct user turn, `--output-tokens` tokens, `--concurrency` in flight,
 `--requests` per target. For each target: client TTFT p50/p99 (first content chunk), the same
 minus `direct`'s (what the router adds), errors, and CPU milliseconds per request of every
-router process (user + system, from /proc) and of the engines' process.
+router process (user + system, from /proc) and of the engines' process. A router's idle CPU
+(no traffic, `--idle-seconds`: metrics scraping, health checks) is measured first and reported
+per second, with the per-request CPU beyond it (the cost that grows with traffic).
 
 Usage: uv run python benchmarks/gateway_overhead.py [--requests N] [--concurrency C]
            [--output-tokens T] [--prompt-words W] [--targets a,b,...] [--rounds R] [--out FILE]
@@ -26,6 +30,7 @@ import os
 import random
 import shlex
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +53,15 @@ from llmd.vllm_cpu.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
-ALL_TARGETS = ("direct", "envoy-rr", "llmd-lean", "llmd-full", "sglang-cache-aware", "vllm-router")
+ALL_TARGETS = (
+    "direct",
+    "envoy-rr",
+    "noop-extproc",
+    "llmd-lean",
+    "llmd-full",
+    "sglang-cache-aware",
+    "vllm-router",
+)
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -61,16 +74,26 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICKS
 
 
-def pids_with(fragment: str) -> list[int]:
-    """Processes whose command line contains `fragment` (peers start their own processes)."""
+def pids_listening(port: int) -> list[int]:
+    """Processes holding a socket that listens on `port` (peers rename their processes, so
+    their command lines cannot be searched)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                f = line.split()
+                if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":  # LISTEN
+                    inodes.add(f"socket:[{f[9]}]")
     out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            if fragment in cmdline and "gateway_overhead" not in cmdline:
-                out.append(int(entry.name))
+            for fd in (entry / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        out.append(int(entry.name))
+                        break
     return out
 
 
@@ -180,6 +203,26 @@ def started(
             yield Target(name, envoy.url, {"envoy": [envoy.proc.pid]})
         finally:
             envoy.stop()
+    elif name == "noop-extproc":
+        port = free_port()
+        dests = ",".join(f"{a}:{p}" for a, p in endpoints)
+        server = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "noop_extproc.py"), str(port), dests]
+        )
+        envoy = EnvoyProcess(
+            EnvoySettings(listen_port=free_port(), admin_port=free_port(), extproc_port=port,
+                          listen_address="127.0.0.1", feedback=False),
+            work / name,
+        )  # fmt: skip
+        try:
+            time.sleep(1.5)
+            envoy.start()
+            assert envoy.proc is not None
+            yield Target(name, envoy.url, {"noop": [server.pid], "envoy": [envoy.proc.pid]})
+        finally:
+            envoy.stop()
+            server.kill()
+            server.wait(timeout=10)
     elif name in ("llmd-lean", "llmd-full"):
         path = "lean" if name == "llmd-lean" else "full"
         gw = Gateway.start(
@@ -198,7 +241,7 @@ def started(
         port = free_port()
         urls = [f"http://{a}:{p}" for a, p in endpoints]
         with running(name, urls, port, work / f"{name}.log") as url:
-            yield Target(name, url, {name: session_pids(pids_with(f"--port {port}"))})
+            yield Target(name, url, {name: session_pids(pids_listening(port))})
     else:
         raise ValueError(f"unknown target {name!r}; expected some of {ALL_TARGETS}")
 
@@ -211,6 +254,9 @@ def measure(
     with started(name, fleet, work, shlex.split(args.scheduler_args)) as target:
         asyncio.run(drive(target, warm, args.concurrency, args.output_tokens))
         all_pids = [p for ps in target.router_pids.values() for p in ps]
+        idle0, t_idle = cpu_seconds(all_pids), time.monotonic()
+        time.sleep(args.idle_seconds)  # what the router costs with no traffic (scraping...)
+        idle_ms_per_s = (cpu_seconds(all_pids) - idle0) * 1000 / (time.monotonic() - t_idle)
         before = {label: cpu_seconds(ps) for label, ps in target.router_pids.items()}
         engines_before = cpu_seconds([fleet.process.pid])
         row = asyncio.run(drive(target, prompts, args.concurrency, args.output_tokens))
@@ -222,6 +268,10 @@ def measure(
         row["router_cpu_ms_total"] = round(
             sum(row["router_cpu_ms_per_request"].values()), 3
         ) if all_pids else 0.0  # fmt: skip
+        row["router_idle_cpu_ms_per_s"] = round(idle_ms_per_s, 2)
+        row["router_cpu_ms_per_request_beyond_idle"] = round(
+            max(0.0, row["router_cpu_ms_total"] - idle_ms_per_s * row["wall_s"] / n), 3
+        )
         row["engines_cpu_ms_per_request"] = round(
             (cpu_seconds([fleet.process.pid]) - engines_before) * 1000 / n, 3
         )
@@ -231,9 +281,9 @@ def measure(
 def table(rows: dict[str, dict[str, Any]]) -> str:
     base = rows.get("direct", {})
     lines = [
-        "| target | router CPU ms/req (by process) | TTFT p50 / p99 ms | added over direct "
-        "p50 / p99 ms | errors |",
-        "|---|---|---|---|---|",
+        "| target | router CPU ms/req (by process) | of which beyond idle | idle CPU ms/s | "
+        "TTFT p50 / p99 ms | added over direct p50 / p99 ms | errors |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         procs = ", ".join(f"{k} {v:.2f}" for k, v in r["router_cpu_ms_per_request"].items())
@@ -243,8 +293,9 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
                      f"{r['ttft_p99_ms'] - base['ttft_p99_ms']:+.2f}")  # fmt: skip
         total = f"{r['router_cpu_ms_total']:.2f}" + (f" ({procs})" if procs else "")
         lines.append(
-            f"| {name} | {total} | {r['ttft_p50_ms']} / {r['ttft_p99_ms']} | {added} | "
-            f"{sum(r['errors'].values())} |"
+            f"| {name} | {total} | {r['router_cpu_ms_per_request_beyond_idle']:.2f} | "
+            f"{r['router_idle_cpu_ms_per_s']:.1f} | {r['ttft_p50_ms']} / {r['ttft_p99_ms']} | "
+            f"{added} | {sum(r['errors'].values())} |"
         )
     return "\n".join(lines)
 
@@ -258,6 +309,7 @@ def main() -> int:
     p.add_argument("--engines", type=int, default=4, help="simulated engines (4)")
     p.add_argument("--profile", default="instant", help="llmd-sim latency profile (instant)")
     p.add_argument("--targets", default=",".join(ALL_TARGETS), help="comma list")
+    p.add_argument("--idle-seconds", type=float, default=3.0, help="idle CPU window (3 s)")
     p.add_argument("--scheduler-args", default="", help="extra llmd-scheduler flags (llmd-*)")
     p.add_argument("--rounds", type=int, default=1, help="repeat all targets, keep the medians")
     p.add_argument("--out", default=str(ROOT / "benchmarks/reports/gateway-overhead.json"))

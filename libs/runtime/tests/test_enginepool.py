@@ -95,7 +95,7 @@ async def _scrape(ports: list[int]) -> None:
         assert (snap.waiting, snap.running, snap.kv_cache_usage) == (3, 5, 0.25)
         assert rec.model_sets[keys[0]] == {"m", "lora-a"}
         assert keys[1] not in rec.snapshots
-        assert scraper.samples[keys[1]].last_error == "RuntimeError: HTTP 500"
+        assert scraper.samples[keys[1]].last_error == "ScrapeError: HTTP 500"
         assert scraper.samples[keys[2]].consecutive_failures >= 1
         assert [s.key for s in scraper.fresh(threshold_s=1.0)] == [keys[0]]
         assert registry.get_sample_value("llmd_engine_scrape_targets_refused_total") == 1

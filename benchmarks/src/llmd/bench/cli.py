@@ -142,7 +142,7 @@ SCENARIOS: dict[str, tuple[str, WorkloadSpec]] = {
     ),
 }
 
-TARGETS = ("llmd", "llmd-precise", "envoy-rr", *PEERS)
+TARGETS = ("llmd", "llmd-full", "llmd-precise", "envoy-rr", *PEERS)
 
 
 def quick(spec: WorkloadSpec) -> WorkloadSpec:
@@ -374,12 +374,18 @@ def target_on(
     elif llmd_configs and target in llmd_configs:
         config = llmd_configs[target]
         description += f" ({config.name})"
+    elif target == "llmd-full":
+        description += " (llm-d's full-duplex ext_proc: responses through the scheduler)"
     elif target != "llmd":
         raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
     if scheduler_args:
         description += " " + shlex.join(scheduler_args)
     gw = Gateway.start(
-        fleet.endpoints_file, work / "gateway", config_file=config, scheduler_args=scheduler_args
+        fleet.endpoints_file,
+        work / "gateway",
+        config_file=config,
+        scheduler_args=scheduler_args,
+        envoy_overrides={"response_path": "full"} if target == "llmd-full" else None,
     )
     stack.append(_router_stack(target, description))
     try:

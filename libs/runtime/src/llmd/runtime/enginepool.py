@@ -12,9 +12,10 @@ Staleness is one pure rule, `is_fresh`: a sample is fresh if the last good scrap
 (start-up, a metrics outage), so a consumer never halts on stale metrics.
 
 The scheduler's data layer, the autoscaler and the activator all read engines through this.
-HTTP is aiohttp, llmd's client library on hot paths: `benchmarks/http_stacks.py` measured a
-scrape-sized GET at 0.30 ms of client CPU with aiohttp against 2.3 ms with httpx (1.5 ms with
-`sniffio` installed), and a scheduler scrapes every engine 20 times a second.
+HTTP is `scrapeclient.ScrapeClient`: a kept-alive HTTP/1.1 GET per engine and nothing else,
+because a scheduler scrapes every engine up to 20 times a second and a general client spends
+most of a scrape's CPU on itself (`benchmarks/scrape_cost.py`; `benchmarks/http_stacks.py` had
+already chosen aiohttp, 0.30 ms per GET, over httpx, 2.3 ms).
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-import aiohttp
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from llmd.protocol.errors import DecodeError
 from llmd.protocol.metrics import EngineSnapshot, parse_engine_snapshot
+from llmd.runtime.scrapeclient import ScrapeClient, ScrapeError
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ class EnginePoolScraper:
         self.clock = clock
         self.samples: dict[str, EngineSample] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._session: aiohttp.ClientSession | None = None
+        self._clients: dict[str, ScrapeClient] = {}
+        self._started = False
         self._scrapes = Counter(
             "llmd_engine_scrapes",
             "Scrapes of engines by source (metrics, models) and outcome (ok, error)",
@@ -165,10 +167,13 @@ class EnginePoolScraper:
                 task = self._tasks.pop(key, None)
                 if task is not None:
                     task.cancel()
+                client = self._clients.pop(key, None)
+                if client is not None:
+                    client._drop()
         for key in wanted:
             if key not in self.samples:
                 self.samples[key] = EngineSample(key)
-                if self._session is not None:
+                if self._started:
                     self._start(key)
 
     def fresh(self, threshold_s: float) -> list[EngineSample]:
@@ -178,10 +183,7 @@ class EnginePoolScraper:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=2, keepalive_timeout=30),
-        )
+        self._started = True
         for key in self.samples:
             if key not in self._tasks:
                 self._start(key)
@@ -193,9 +195,10 @@ class EnginePoolScraper:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+        self._started = False
 
     def _start(self, key: str) -> None:
         self._tasks[key] = asyncio.create_task(self._loop(key), name=f"scrape-{key}")
@@ -217,20 +220,22 @@ class EnginePoolScraper:
 
     # --- one scrape --------------------------------------------------------------------------
 
-    async def _get(self, url: str) -> bytes:
-        assert self._session is not None, "start() the scraper first"
-        async with self._session.get(url) as resp:
-            if resp.status != 200:
-                raise RuntimeError(f"HTTP {resp.status}")
-            return await resp.read()
+    async def _get(self, key: str, path: str) -> bytes:
+        """`GET path` on engine `key` over its kept-alive scrape connection."""
+        client = self._clients.get(key)
+        if client is None:
+            host, _, port = key.rpartition(":")
+            client = ScrapeClient(host.strip("[]"), int(port), self.timeout_s)
+            self._clients[key] = client
+        return await client.get(path)
 
     async def scrape_metrics(self, key: str) -> None:
         """One `/metrics` scrape of `key` (also usable on demand)."""
         started = self.clock()
         try:
-            text = (await self._get(f"http://{key}/metrics")).decode("utf-8", "replace")
+            text = (await self._get(key, "/metrics")).decode("utf-8", "replace")
             snapshot = parse_engine_snapshot(text)
-        except (aiohttp.ClientError, TimeoutError, RuntimeError, DecodeError, ValueError) as exc:
+        except (ScrapeError, DecodeError, ValueError) as exc:
             self._failed(key, "metrics", f"{type(exc).__name__}: {exc}")
             return
         now = self.clock()
@@ -245,8 +250,8 @@ class EnginePoolScraper:
 
     async def scrape_models(self, key: str) -> None:
         try:
-            doc = _models_decoder.decode(await self._get(f"http://{key}/v1/models"))
-        except (aiohttp.ClientError, TimeoutError, RuntimeError, msgspec.DecodeError) as exc:
+            doc = _models_decoder.decode(await self._get(key, "/v1/models"))
+        except (ScrapeError, ValueError, msgspec.DecodeError) as exc:
             self._failed(key, "models", f"{type(exc).__name__}: {exc}")
             return
         models = frozenset(str(m["id"]) for m in doc.data if isinstance(m, dict) and "id" in m)

@@ -105,6 +105,8 @@ class EnvoySettings:
     """The lean path buffers each request body in Envoy: larger ones get 413."""
     feedback_flush_s: float = 0.02
     """How often Envoy sends buffered access-log entries to the scheduler (lean path)."""
+    feedback: bool = True
+    """The lean path's Lua filter and access log (off only for benchmarks of bare ext_proc)."""
     access_log: bool = False
     round_robin_only: bool = False
     """No scheduler: round-robin over `fallback_endpoints` (the "Kubernetes Service" baseline
@@ -346,6 +348,7 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
         },
     }
     lean = s.response_path == "lean" and not s.round_robin_only
+    feedback = lean and s.feedback
     if lean:
         ext_proc["typed_config"]["send_body_without_waiting_for_header_response"] = True
     lua = {
@@ -426,14 +429,14 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
         "local_reply_config": local_reply_config(),
         "http_filters": [
             *([] if s.round_robin_only else [ext_proc]),
-            *([lua] if lean else []),
+            *([lua] if feedback else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": ROUTER_TYPE},
             },
         ],
     }
-    logs: list[dict[str, Any]] = [_feedback_log(s)] if lean else []
+    logs: list[dict[str, Any]] = [_feedback_log(s)] if feedback else []
     if s.access_log:
         logs.append(
             {
