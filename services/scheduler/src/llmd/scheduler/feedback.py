@@ -60,7 +60,7 @@ class FeedbackBook:
         self.director = director
         self.timeout_s = timeout_s
         self.max_waiting = max_waiting
-        self._nonce = os.urandom(4).hex()
+        self._nonce = os.urandom(8).hex()
         self._ids = itertools.count(1)
         self._waiting: OrderedDict[str, tuple[float, Decision]] = OrderedDict()
         self._early: OrderedDict[str, tuple[float, GatewayReport]] = OrderedDict()
