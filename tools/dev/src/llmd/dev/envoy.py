@@ -476,7 +476,10 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                     # A down scheduler must be known before requests reach it: requests with a
                     # body cannot fail open once they are streaming to the processor, but they
                     # do when the cluster has no healthy host (checked before streaming).
-                    "timeout": "1s",
+                    # A refused connection fails at once; a slow answer gets 2 s, so a
+                    # scheduler that is merely busy on a saturated machine is not marked down
+                    # (that turned requests into 503s in a real-vLLM run).
+                    "timeout": "2s",
                     "interval": "1s",
                     "no_traffic_interval": "1s",
                     "unhealthy_interval": "1s",
