@@ -169,7 +169,7 @@ class EnginePoolScraper:
                     task.cancel()
                 client = self._clients.pop(key, None)
                 if client is not None:
-                    client._drop()
+                    client.discard()
         for key in wanted:
             if key not in self.samples:
                 self.samples[key] = EngineSample(key)

@@ -136,6 +136,10 @@ class ScrapeClient:
             raise ScrapeError(f"Content-Length {length} out of bounds")
         return await reader.readexactly(length)
 
+    def discard(self) -> None:
+        """Close the connection now (the engine left the pool); a later get opens a new one."""
+        self._drop()
+
     def _drop(self) -> None:
         if self._conn is not None:
             self._conn.close()

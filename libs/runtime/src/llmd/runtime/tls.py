@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from pydantic import BaseModel, Field, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +64,27 @@ class TLSFiles:
         return grpc.dynamic_ssl_server_credentials(
             initial, self._config, require_client_authentication=ca is not None
         )
+
+
+class TLSServing(BaseModel):
+    """The TLS settings a service with gRPC servers takes (llm-d's `--secure-serving` and
+    `--cert-path`); a service config inherits them."""
+
+    secure_serving: bool = Field(
+        default=False, description="serve gRPC over TLS (certificates from cert_path)"
+    )
+    cert_path: str | None = Field(
+        default=None,
+        description="directory with tls.crt and tls.key (and ca.crt to require client "
+        "certificates); re-read when they change",
+    )
+
+    @model_validator(mode="after")
+    def _needs_certificates(self) -> TLSServing:
+        if self.secure_serving and not self.cert_path:
+            raise ValueError("secure_serving needs cert_path (a directory with tls.crt, tls.key)")
+        return self
+
+    def tls_files(self) -> TLSFiles | None:
+        """The certificate directory to serve from, or None for plaintext."""
+        return TLSFiles(Path(self.cert_path)) if self.secure_serving and self.cert_path else None

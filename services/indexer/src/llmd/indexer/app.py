@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from pathlib import Path
 from typing import Any, Literal
 
 import grpc
@@ -59,12 +58,12 @@ from llmd.runtime.lifecycle import (
     serve_http,
 )
 from llmd.runtime.service import ServiceConfig
-from llmd.runtime.tls import TLSFiles
+from llmd.runtime.tls import TLSServing
 
 log = logging.getLogger(__name__)
 
 
-class IndexerConfig(ServiceConfig):
+class IndexerConfig(ServiceConfig, TLSServing):
     """Everything `llmd-indexer` takes; `kvcache()` maps it onto llm-d-kv-cache's config."""
 
     endpoints_file: str | None = Field(
@@ -137,19 +136,9 @@ class IndexerConfig(ServiceConfig):
     max_request_bytes: int = Field(
         default=4 * 1024 * 1024, gt=0, description="largest accepted request body"
     )
-    secure_serving: bool = Field(
-        default=False, description="serve gRPC over TLS (certificates from cert_path)"
-    )
-    cert_path: str | None = Field(
-        default=None,
-        description="directory with tls.crt and tls.key (and ca.crt to require client "
-        "certificates); re-read when they change",
-    )
 
     @model_validator(mode="after")
     def _one_discovery(self) -> IndexerConfig:
-        if self.secure_serving and not self.cert_path:
-            raise ValueError("secure_serving needs cert_path (a directory with tls.crt, tls.key)")
         if self.endpoints_file is not None and self.endpoint_selector is not None:
             raise ValueError("give endpoints_file or endpoint_selector, not both")
         if self.write_port and not self.api_token and not is_loopback(self.write_host):
@@ -429,9 +418,8 @@ class IndexerApp:
         )
         server.add_generic_rpc_handlers((handler,))
         health_pb2_grpc.add_HealthServicer_to_server(self._grpc_health, server)
-        credentials = None
-        if o.secure_serving and o.cert_path:
-            credentials = TLSFiles(Path(o.cert_path)).credentials()
+        tls = o.tls_files()
+        credentials = tls.credentials() if tls is not None else None
         grpc_listen(server, f"{o.host}:{o.grpc_port}", credentials)
         await server.start()
         await self._grpc_health.set(proto.SERVICE, health_pb2.HealthCheckResponse.SERVING)

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -40,7 +39,7 @@ from llmd.runtime.lifecycle import (
     serve_http,
 )
 from llmd.runtime.service import ServiceConfig
-from llmd.runtime.tls import TLSFiles
+from llmd.runtime.tls import TLSServing
 from llmd.scheduler.config import load_config_file
 from llmd.scheduler.core import SchedulerCore, build_core
 from llmd.scheduler.extproc import ExternalProcessor, HealthService
@@ -52,7 +51,7 @@ log = logging.getLogger(__name__)
 MAX_EXPLAIN_BYTES = 1024 * 1024
 
 
-class SchedulerConfig(ServiceConfig):
+class SchedulerConfig(ServiceConfig, TLSServing):
     """Everything `llmd-scheduler` takes (flags follow llm-d's EPP where they overlap)."""
 
     config_file: str | None = Field(
@@ -104,20 +103,9 @@ class SchedulerConfig(ServiceConfig):
     debug_token: str | None = Field(
         default=None, description="when set, /debug/* requires 'Authorization: Bearer <token>'"
     )
-    secure_serving: bool = Field(
-        default=False,
-        description="serve ext_proc and gRPC health over TLS (certificates from cert_path)",
-    )
-    cert_path: str | None = Field(
-        default=None,
-        description="directory with tls.crt and tls.key (and ca.crt to require client "
-        "certificates); re-read when they change",
-    )
 
     @model_validator(mode="after")
     def _one_of_each(self) -> SchedulerConfig:
-        if self.secure_serving and not self.cert_path:
-            raise ValueError("secure_serving needs cert_path (a directory with tls.crt, tls.key)")
         if self.config_file is not None and self.config_text is not None:
             raise ValueError("give config_file or config_text, not both")
         if self.endpoints_file is not None and self.endpoint_selector is not None:
@@ -157,9 +145,7 @@ class SchedulerApp:
         self._servers: list[grpc.aio.Server] = []
         self._http: list[QuietHttpServer] = []
         self._http_tasks: list[asyncio.Task[None]] = []
-        self.tls = (
-            TLSFiles(Path(config.cert_path)) if config.secure_serving and config.cert_path else None
-        )
+        self.tls = config.tls_files()
         self._tasks: list[asyncio.Task[Any]] = []
         self._started = False
 
