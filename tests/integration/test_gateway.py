@@ -118,8 +118,8 @@ def test_streaming_passes_through_unchanged(stack: Stack) -> None:
     assert len(chunks) == 1 + 6 + 1  # role chunk, one per token, usage chunk
     metrics = stack.gateway.scheduler.metrics_text()
     assert (
-        'llm_d_epp_request_ttft_seconds_count{model_name="tiny",streaming="true",target_model_name="tiny"}'
-        in metrics
+        'llm_d_epp_request_ttft_seconds_count{fairness_id="",model_name="tiny",priority="0",'
+        'streaming="true",target_model_name="tiny"}' in metrics
     )
 
 

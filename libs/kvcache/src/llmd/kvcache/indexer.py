@@ -116,8 +116,17 @@ class KVCacheIndexer:
         self._expire()
         t = time.perf_counter()
         hits = self.index.longest_prefix_sync(keys, pods, self.weights)
-        self._lookup_hist.observe(time.perf_counter() - t)
+        self._looked_up(time.perf_counter() - t, hits)
         return self._trusted(hits)
+
+    def _looked_up(self, seconds: float, hits: dict[str, PrefixHit]) -> None:
+        self._lookup_hist.observe(seconds)
+        m = self.metrics
+        m.lookup_latency.observe(seconds)
+        m.lookup_requests.inc()
+        best = max((h.blocks for h in hits.values()), default=0)
+        if best:
+            m.lookup_hits.inc(best)
 
     async def score(
         self, keys: Sequence[int], pods: Collection[str] | None
@@ -125,7 +134,7 @@ class KVCacheIndexer:
         await self._expire_async()
         t = time.perf_counter()
         hits = await self.index.longest_prefix(keys, pods, self.weights)
-        self._lookup_hist.observe(time.perf_counter() - t)
+        self._looked_up(time.perf_counter() - t, hits)
         return self._trusted(hits)
 
     # --- speculative entries ---------------------------------------------------------------

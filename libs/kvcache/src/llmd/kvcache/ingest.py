@@ -103,13 +103,14 @@ class EventApplier:
         self._seen = {k: v for k, v in self._seen.items() if k[0].pod != pod}
         return await self.index.clear(pod)
 
-    def _skip(self, reason: str) -> None:
+    def _skip(self, reason: str, kind: str | None = None) -> None:
         self.metrics.stores_skipped.labels(reason).inc()
+        self.metrics.stores_skipped_by_kind.labels(kind or "full", reason).inc()
 
     async def _stored(self, pod: str, model: str, rank: int, ev: BlockStored) -> None:
         self._ev_stored.inc()
         if ev.kv_cache_spec_kind is not None and ev.kv_cache_spec_kind not in INDEXABLE_KINDS:
-            self._skip("attention-kind")
+            self._skip("attention-kind", ev.kv_cache_spec_kind)
             return
         group = ev.group_idx if ev.group_idx is not None else -1
         entry = PodEntry(pod, normalize_tier(ev.medium), group, rank)
@@ -180,6 +181,7 @@ class EventApplier:
                 del refs[k]
         self.blocks_stored += len(engine_keys)
         self._blk_stored.inc(len(engine_keys))
+        self.metrics.admissions.inc(len(engine_keys))
 
     async def _removed(self, pod: str, rank: int, ev: BlockRemoved) -> None:
         self._ev_removed.inc()
@@ -197,6 +199,7 @@ class EventApplier:
                 else:
                     del refs[k]
                 self._blk_dup.inc()
+                self.metrics.dedup_suppressed.inc()
                 continue
             self._seen.pop(k, None)
             if fast:
@@ -205,6 +208,8 @@ class EventApplier:
                 await self.index.evict_engine_key(ek, entry)
             self.blocks_removed += 1
             self._blk_removed.inc()
+            self.metrics.dedup_forwarded.inc()
+            self.metrics.evictions.inc()
 
 
 # --- subscriptions ----------------------------------------------------------------------------
@@ -278,6 +283,8 @@ class Ingestor:
         for i, q in enumerate(self._queues):
             self._workers.append(asyncio.create_task(self._work(q), name=f"kv-shard-{i}"))
             self.metrics.queue_capacity.labels(str(i)).set(q.maxsize)
+        self.metrics.pool_capacity.set(len(self._queues))
+        self.metrics.pool_queue_depth.set_function(lambda: sum(q.qsize() for q in self._queues))
 
     async def stop(self) -> None:
         for _, task in list(self._subs.values()):
@@ -309,10 +316,12 @@ class Ingestor:
         task = asyncio.create_task(self._follow(endpoint), name=f"kv-sub-{endpoint.pod}")
         self._subs[key] = (endpoint, task)
         self.metrics.subscriptions.set(len(self._subs))
+        self.metrics.active_subscribers.set(len(self._subs))
 
     async def unsubscribe(self, events: str, *, clear: bool = True) -> None:
         got = self._subs.pop(events, None)
         self.metrics.subscriptions.set(len(self._subs))
+        self.metrics.active_subscribers.set(len(self._subs))
         if got is None:
             return
         endpoint, task = got
@@ -441,6 +450,8 @@ class Ingestor:
             except Exception as exc:
                 state.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("KV subscription to %s failed: %s", endpoint.events, exc)
+                self.metrics.zmq_errors.labels(endpoint.pod, "recv").inc()
+                self.metrics.reconnections.labels(endpoint.pod).inc()
                 await asyncio.sleep(1.0)
             finally:
                 sock.close(linger=0)
@@ -448,6 +459,7 @@ class Ingestor:
     async def _on_live(
         self, endpoint: EngineEndpoint, state: StreamState, frames: list[bytes]
     ) -> None:
+        self.metrics.messages_received.labels(endpoint.pod).inc()
         got = self._decode(frames, state, endpoint.events)
         if got is None:
             return

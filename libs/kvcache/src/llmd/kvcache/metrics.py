@@ -1,4 +1,10 @@
-"""Prometheus metrics of the KV index (names follow llm-d's `kvcache_*` where it has them)."""
+"""Prometheus metrics of the KV index.
+
+Two sets: llm-d-router's families (`llm_d_epp_kv_cache_index_*`, `llm_d_epp_kv_cache_events_*`,
+with its names, types and labels, so llm-d's KV-cache index dashboard and alerts work
+unchanged), and llmd's own `kvcache_*` families for what llm-d does not measure (sequence
+anomalies, replays, index health, predictions).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,75 @@ class KVCacheMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = registry or CollectorRegistry()
         self.registry = r
+        pre = "llm_d_epp_kv_cache_"
+        self.admissions = Counter(
+            f"{pre}index_admissions", "KV blocks written to the index", registry=r
+        )
+        self.evictions = Counter(
+            f"{pre}index_evictions", "KV blocks removed from the index", registry=r
+        )
+        self.lookup_requests = Counter(
+            f"{pre}index_lookup_requests", "Index lookups (one per scored request)", registry=r
+        )
+        self.lookup_hits = Counter(
+            f"{pre}index_lookup_hits",
+            "Prefix blocks matched per lookup on the best pod, summed",
+            registry=r,
+        )
+        self.lookup_latency = Histogram(
+            f"{pre}index_lookup_latency_seconds", "Index lookup latency", registry=r
+        )
+        self.active_subscribers = Gauge(
+            f"{pre}events_active_subscribers",
+            "KV-event subscriptions held, one per engine (retrying ones included)",
+            registry=r,
+        )
+        self.messages_received = Counter(
+            f"{pre}events_messages_received",
+            "KV-event messages received per engine",
+            ["pod_identifier"],
+            registry=r,
+        )
+        self.reconnections = Counter(
+            f"{pre}events_subscriber_reconnections",
+            "Subscriber reconnections per engine",
+            ["pod_identifier"],
+            registry=r,
+        )
+        self.zmq_errors = Counter(
+            f"{pre}events_zmq_errors",
+            "ZMQ errors per engine and operation (connect, recv, replay)",
+            ["pod_identifier", "operation"],
+            registry=r,
+        )
+        self.pool_queue_depth = Gauge(
+            f"{pre}events_pool_queue_depth",
+            "Event batches queued across the worker shards",
+            registry=r,
+        )
+        self.pool_capacity = Gauge(f"{pre}events_pool_capacity", "Event worker shards", registry=r)
+        self.dedup_suppressed = Counter(
+            f"{pre}events_dedup_removed_hashes_suppressed",
+            "Block removals absorbed because another store still holds the block",
+            registry=r,
+        )
+        self.dedup_forwarded = Counter(
+            f"{pre}events_dedup_removed_hashes_forwarded",
+            "Block removals forwarded to the index as evictions",
+            registry=r,
+        )
+        self.stores_skipped_by_kind = Counter(
+            f"{pre}events_stores_skipped",
+            "BlockStored events not indexed, by cache kind and reason",
+            ["cache_kind", "reason"],
+            registry=r,
+        )
+        self.removals_skipped = Counter(
+            f"{pre}events_removals_skipped",
+            "BlockRemoved events not applied, by cache kind and reason",
+            ["cache_kind", "reason"],
+            registry=r,
+        )
         self.events = Counter(
             "kvcache_events_total", "KV events applied, by type", ["type"], registry=r
         )

@@ -306,3 +306,174 @@ def parse_engine_snapshot(text: str) -> EngineSnapshot:
         lora=lora,
         cache_config=cache_config,
     )
+
+
+# --- other engines ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    """A metric name and the label values a series must have (`name{key=value,...}`)."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> MetricSpec:
+        """`name` or `name{key=value,key2="value"}` (llm-d's engineConfigs spec strings)."""
+        text = text.strip()
+        brace = text.find("{")
+        if brace < 0:
+            if not text or any(c in text for c in ' }"='):
+                raise ValueError(f"not a metric spec: {text!r}")
+            return cls(text)
+        if not text.endswith("}") or brace == 0:
+            raise ValueError(f"not a metric spec: {text!r}")
+        pairs = []
+        for part in text[brace + 1 : -1].split(","):
+            if not part.strip():
+                continue
+            key, eq, value = part.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"not a label matcher: {part!r} in {text!r}")
+            pairs.append((key.strip(), value.strip().strip('"')))
+        return cls(text[:brace], tuple(pairs))
+
+    def matches(self, labels: dict[str, str]) -> bool:
+        return all(labels.get(k) == v for k, v in self.labels)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineDialect:
+    """Where one engine kind publishes what an EngineSnapshot holds (llm-d's core metrics
+    extractor mappings). A field is None where the engine publishes nothing equivalent."""
+
+    name: str
+    waiting: MetricSpec | None = None
+    running: MetricSpec | None = None
+    kv_usage: MetricSpec | None = None
+    cache_info: MetricSpec | None = None
+    """An info metric whose labels give the block size and block count."""
+    block_size_label: str = "block_size"
+    num_blocks_label: str = "num_gpu_blocks"
+    block_size: MetricSpec | None = None
+    """Or: the block size as a metric's value (TensorRT-LLM)."""
+    num_blocks: MetricSpec | None = None
+    lora: MetricSpec | None = None
+    prefix_hits: MetricSpec | None = None
+    prefix_queries: MetricSpec | None = None
+
+    def specs(self) -> list[tuple[str, MetricSpec]]:
+        fields = (
+            "waiting",
+            "running",
+            "kv_usage",
+            "cache_info",
+            "block_size",
+            "num_blocks",
+            "lora",
+            "prefix_hits",
+            "prefix_queries",
+        )
+        out = []
+        for f in fields:
+            spec = getattr(self, f)
+            if spec is not None:
+                out.append((f, spec))
+        return out
+
+
+def _spec(text: str) -> MetricSpec:
+    return MetricSpec.parse(text)
+
+
+VLLM: Final = EngineDialect(
+    "vllm",
+    waiting=_spec(NUM_REQUESTS_WAITING),
+    running=_spec(NUM_REQUESTS_RUNNING),
+    kv_usage=_spec(KV_CACHE_USAGE_PERC),
+    cache_info=_spec(CACHE_CONFIG_INFO),
+    lora=_spec(LORA_REQUESTS_INFO),
+    prefix_hits=_spec(PREFIX_CACHE_HITS),
+    prefix_queries=_spec(PREFIX_CACHE_QUERIES),
+)
+SGLANG: Final = EngineDialect(
+    "sglang",
+    waiting=_spec("sglang:num_queue_reqs"),
+    running=_spec("sglang:num_running_reqs"),
+    kv_usage=_spec("sglang:token_usage"),
+    cache_info=_spec("sglang:cache_config_info"),
+    block_size_label="page_size",
+    num_blocks_label="num_pages",
+)
+TRTLLM_SERVE: Final = EngineDialect(
+    "trtllm-serve",
+    waiting=_spec("trtllm_num_requests_waiting"),
+    running=_spec("trtllm_num_requests_running"),
+    kv_usage=_spec("trtllm_kv_cache_utilization"),
+    block_size=_spec("trtllm_kv_cache_tokens_per_block"),
+    num_blocks=_spec("trtllm_kv_cache_max_blocks"),
+)
+TRITON_TENSORRT_LLM: Final = EngineDialect(
+    "triton-tensorrt-llm",
+    waiting=_spec("nv_trt_llm_request_metrics{request_type=waiting}"),
+    running=_spec("nv_trt_llm_request_metrics{request_type=scheduled}"),
+    kv_usage=_spec("nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=fraction}"),
+    block_size=_spec("nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=tokens_per}"),
+    num_blocks=_spec("nv_trt_llm_kv_cache_block_metrics{kv_cache_block_type=max}"),
+)
+TRITON: Final = EngineDialect(
+    "triton",
+    waiting=_spec("nv_inference_pending_request_count"),
+    running=_spec("nv_inference_exec_count"),
+)
+ENGINES: Final = {d.name: d for d in (VLLM, SGLANG, TRTLLM_SERVE, TRITON_TENSORRT_LLM, TRITON)}
+"""The engine kinds llm-d's `defaultEngine` and `llm-d.ai/engine-type` label name."""
+
+
+def parse_dialect_snapshot(text: str, dialect: EngineDialect) -> EngineSnapshot:
+    """An EngineSnapshot from a /metrics page in `dialect`'s names (DecodeError as for vLLM)."""
+    if dialect is VLLM:
+        return parse_engine_snapshot(text)
+    by_name: dict[str, list[tuple[str, MetricSpec]]] = {}
+    for field_name, spec in dialect.specs():
+        by_name.setdefault(spec.name, []).append((field_name, spec))
+    values: dict[str, float] = {}
+    info: dict[str, str] = {}
+    for s in parse_samples(text, by_name):
+        if math.isnan(s.value):
+            continue
+        for field_name, spec in by_name[s.name]:
+            if not spec.matches(s.labels):
+                continue
+            if field_name == "cache_info":
+                info = s.labels
+                continue
+            if math.isinf(s.value) or s.value < 0:
+                raise DecodeError(f"{s.name} is {s.value}: not a count")
+            if field_name == "kv_usage":
+                if s.value > 1.0:
+                    raise DecodeError(f"{s.name} is {s.value}: not a fraction")
+                values[field_name] = max(values.get(field_name, 0.0), s.value)
+            elif field_name in ("block_size", "num_blocks"):
+                values[field_name] = s.value
+            else:
+                values[field_name] = values.get(field_name, 0.0) + s.value
+    block_size = _int_label(info, dialect.block_size_label) if info else None
+    num_blocks = _int_label(info, dialect.num_blocks_label) if info else None
+    if "block_size" in values:
+        block_size = int(values["block_size"])
+    if "num_blocks" in values:
+        num_blocks = int(values["num_blocks"])
+    waiting = values.get("waiting")
+    running = values.get("running")
+    return EngineSnapshot(
+        waiting=None if waiting is None else int(waiting),
+        running=None if running is None else int(running),
+        kv_cache_usage=values.get("kv_usage"),
+        prefix_cache_hits=values.get("prefix_hits"),
+        prefix_cache_queries=values.get("prefix_queries"),
+        block_size=block_size,
+        num_gpu_blocks=num_blocks,
+        cache_config=info,
+    )

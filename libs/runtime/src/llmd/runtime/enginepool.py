@@ -105,7 +105,12 @@ class EnginePoolScraper:
         registry: CollectorRegistry | None = None,
         listener: ScrapeListener | None = None,
         clock: Callable[[], float] = time.monotonic,
+        parser: Callable[[str, str], EngineSnapshot] | None = None,
+        metrics_path: str = "/metrics",
     ) -> None:
+        self.parser = parser or (lambda key, text: parse_engine_snapshot(text))
+        """`(engine key, page) -> snapshot`: vLLM's names unless the owner maps engine kinds."""
+        self.metrics_path = metrics_path
         self.interval_s = max(0.01, interval_s)
         self.max_scrapes_per_s = max_scrapes_per_s
         self.models_interval_s = models_interval_s
@@ -233,8 +238,8 @@ class EnginePoolScraper:
         """One `/metrics` scrape of `key` (also usable on demand)."""
         started = self.clock()
         try:
-            text = (await self._get(key, "/metrics")).decode("utf-8", "replace")
-            snapshot = parse_engine_snapshot(text)
+            text = (await self._get(key, self.metrics_path)).decode("utf-8", "replace")
+            snapshot = self.parser(key, text)
         except (ScrapeError, DecodeError, ValueError) as exc:
             self._failed(key, "metrics", f"{type(exc).__name__}: {exc}")
             return

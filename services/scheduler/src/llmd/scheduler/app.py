@@ -23,7 +23,12 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from fastapi import Depends, FastAPI, Request, Response
 from grpc_health.v1 import health_pb2_grpc
 from opentelemetry import trace
-from prometheus_client import CollectorRegistry
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 from pydantic import Field, model_validator
 
 from llmd.runtime.config import ConfigError, ConfigIssue, Seconds
@@ -45,6 +50,8 @@ from llmd.scheduler.core import SchedulerCore, build_core
 from llmd.scheduler.extproc import ExternalProcessor, HealthService
 from llmd.scheduler.feedback import AccessLogService, FeedbackBook
 from llmd.scheduler.framework import SchedulingError
+from llmd.scheduler.metrics import LegacyNames
+from llmd.scheduler.objectives import load_objectives
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +98,16 @@ class SchedulerConfig(ServiceConfig, TLSServing):
         "stretches for large pools: 64 endpoints at 200/s are scraped every 320 ms)",
     )
     allow_experimental_plugins: bool = Field(default=False, description="allow Alpha plugins")
+    legacy_metric_names: bool = Field(
+        default=True,
+        description="also export the llm_d_router_epp_* names of llm-d-router's earlier "
+        "releases (its Grafana dashboard uses them), as llm-d does",
+    )
+    inference_objectives_file: str | None = Field(
+        default=None,
+        description="YAML of llm-d InferenceObjective documents: the priority a request's "
+        "x-llm-d-inference-objective header selects (unknown or none: 0)",
+    )
     debug_port: int = Field(
         default=0,
         ge=0,
@@ -121,8 +138,14 @@ class SchedulerApp:
         epp, self.config_origin = load_config_file(config.config_file, config.config_text)
         provider = trace.get_tracer_provider()
         traced = not isinstance(provider, trace.ProxyTracerProvider)
+        objectives = (
+            load_objectives(config.inference_objectives_file)
+            if config.inference_objectives_file
+            else None
+        )
         self.core: SchedulerCore = build_core(
             epp,
+            objectives=objectives,
             registry=registry,
             refresh_interval_s=config.refresh_metrics_interval,
             max_scrapes_per_s=config.max_scrapes_per_second,
@@ -131,6 +154,10 @@ class SchedulerApp:
             tracer=provider.get_tracer("llmd.scheduler") if traced else None,
         )
         self.registry = self.core.registry
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=self.registry)
+        if config.legacy_metric_names:
+            self.registry.register(LegacyNames(self.registry))
         self.datastore = self.core.datastore
         self.built = self.core.built
         self.director = self.core.director

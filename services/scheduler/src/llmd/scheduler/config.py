@@ -22,6 +22,8 @@ from llmd.runtime.config import (
     parse_duration,
     yaml_mapping,
 )
+from llmd.scheduler import compat
+from llmd.scheduler.engines import DataLayerSettings, datalayer_settings
 from llmd.scheduler.framework import (
     DataProducer,
     Filter,
@@ -37,7 +39,7 @@ from llmd.scheduler.framework import (
 
 log = logging.getLogger(__name__)
 
-API_VERSIONS = ("llm-d.ai/v1alpha1", "inference.networking.x-k8s.io/v1alpha1")
+API_VERSIONS = ("llm-d.ai/v1alpha1", "llm-d.ai/v1", "inference.networking.x-k8s.io/v1alpha1")
 MAX_CONFIG_BYTES = 1024 * 1024
 
 DEFAULT_CONFIG = """\
@@ -194,6 +196,7 @@ class BuiltConfig:
     response_hooks: list[ResponseHook[Any]]
     parsers: list[str]
     settings: SchedulerSettings = field(default_factory=SchedulerSettings)
+    datalayer: DataLayerSettings = field(default_factory=DataLayerSettings)
 
 
 def _loc(parts: tuple[Any, ...]) -> str:
@@ -207,6 +210,15 @@ def _validation_issues(exc: ValidationError, prefix: str = "") -> list[ConfigIss
     issues = []
     for err in exc.errors():
         path = _loc(tuple(err["loc"]))
+        if not prefix and err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+            issues.append(
+                ConfigIssue(
+                    path,
+                    "not an EndpointPickerConfig key (llm-d's loader rejects it too; a profile "
+                    "handler is a plugin under plugins)",
+                )
+            )
+            continue
         if prefix:
             path = f"{prefix}.{path}" if path else prefix
         issues.append(ConfigIssue(path, err["msg"]))
@@ -221,7 +233,13 @@ def read_config_text(text: str, origin: str) -> EndpointPickerConfig:
     try:
         return EndpointPickerConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_validation_issues(exc), origin) from None
+        issues = _validation_issues(exc)
+        plugins = data.get("plugins")
+        for i, entry in enumerate(plugins if isinstance(plugins, list) else []):
+            kind = entry.get("type") if isinstance(entry, dict) else None
+            if isinstance(kind, str) and (kind in compat.UNAVAILABLE or kind in compat.REMOVED):
+                issues.append(ConfigIssue(f"plugins[{i}].type", compat.missing_message(kind)))
+        raise ConfigError(issues, origin) from None
 
 
 def load_config_file(
@@ -272,39 +290,54 @@ def build(
     inert: dict[str, str] = {}
     specs = list(enumerate(cfg.plugins))
 
-    for i, spec in specs:
-        name = spec.name or spec.type
-        where = f"plugins[{i}]"
-        if name in plugins or name in inert:
+    prepared = compat.prepare([(i, s.name, s.type, s.parameters) for i, s in specs])
+    issues.extend(prepared.issues)
+    missing = prepared.missing
+    inert_params: dict[str, tuple[str, dict[str, Any]]] = {}
+    seen: set[str] = set()
+    for cs in prepared.specs:
+        name, where = cs.name, f"plugins[{cs.index}]"
+        if name in seen:
             issues.append(ConfigIssue(f"{where}.name", f"duplicate plugin name {name!r}"))
             continue
-        if spec.type in _INERT_TYPES:
-            inert[name] = spec.type
+        seen.add(name)
+        if name in missing:
             continue
-        cls, canonical = registry.resolve(spec.type)
+        if cs.type in _INERT_TYPES:
+            inert[name] = cs.type
+            inert_params[name] = (where, cs.parameters)
+            continue
+        cls, canonical = registry.resolve(cs.type)
         if cls is None:
             known = ", ".join(registry.types() + sorted(_INERT_TYPES))
             issues.append(
-                ConfigIssue(f"{where}.type", f"unknown plugin type {spec.type!r}; known: {known}")
+                ConfigIssue(
+                    f"{where}.type",
+                    f"unknown plugin type {cs.type!r} (neither llmd nor llm-d has it); "
+                    f"known: {known}",
+                )
             )
             continue
         if canonical is not None:
-            log.warning("plugin type %r is deprecated; use %r", spec.type, canonical)
+            compat.warn(f"plugin type {cs.type!r} is deprecated; use {canonical!r}")
         if cls.experimental and not allow_experimental:
             issues.append(
                 ConfigIssue(
                     f"{where}.type",
-                    f"{spec.type!r} is experimental (Alpha); start with "
+                    f"{cs.type!r} is experimental (Alpha); start with "
                     "--allow-experimental-plugins to use it",
                 )
             )
             continue
         try:
-            params = cls.Params.model_validate(spec.parameters or {})
+            params = cls.Params.model_validate(cs.parameters)
+            plugins[name] = cls(name, params, handle)
         except ValidationError as exc:
             issues.extend(_validation_issues(exc, f"{where}.parameters"))
             continue
-        plugins[name] = cls(name, params, handle)
+        except ValueError as exc:  # a plugin refusing its settings (an unusable tokenizer)
+            issues.append(ConfigIssue(f"{where}.parameters", str(exc)))
+            continue
 
     def auto(type_name: str) -> Plugin[Any]:
         """llm-d auto-creates a default producer a consumer needs but the config lacks."""
@@ -312,14 +345,15 @@ def build(
             return plugins[type_name]
         cls, _ = registry.resolve(type_name)
         assert cls is not None
-        plugin = cls(type_name, cls.Params.model_validate({}), handle)
+        defaults = prepared.approx_defaults if type_name == "approx-prefix-cache-producer" else {}
+        plugin = cls(type_name, cls.Params.model_validate(defaults), handle)
         plugins[type_name] = plugin
         return plugin
 
-    index_of = {spec.name or spec.type: i for i, spec in specs}
+    index_of = {cs.name: cs.index for cs in prepared.specs}
     for name, plugin in list(plugins.items()):
         wanted = getattr(plugin.params, "prefix_match_info_producer_name", None)
-        if wanted is not None and wanted not in plugins:
+        if wanted is not None and wanted not in plugins and wanted not in missing:
             if wanted == "approx-prefix-cache-producer":
                 if not any(
                     p.type_name == "precise-prefix-cache-producer" for p in plugins.values()
@@ -356,6 +390,8 @@ def build(
             rwhere = f"{where}.plugins[{ri}].pluginRef"
             found = plugins.get(ref.plugin_ref)
             if found is None:
+                if ref.plugin_ref in missing:
+                    continue  # reported where the plugin is declared
                 if ref.plugin_ref in inert:
                     issues.append(
                         ConfigIssue(rwhere, f"{ref.plugin_ref!r} cannot be used in a profile")
@@ -380,7 +416,12 @@ def build(
             if isinstance(plugin, Picker):
                 pickers.append(plugin)
                 matched = True
-            if not matched:
+            if not matched and isinstance(plugin, DataProducer):
+                compat.warn(
+                    f"{rwhere}: {ref.plugin_ref!r} ({plugin.type_name}) is a data producer; "
+                    "producers run for every request, so listing one in a profile changes nothing"
+                )
+            elif not matched:
                 issues.append(
                     ConfigIssue(
                         rwhere,
@@ -407,6 +448,8 @@ def build(
         h = auto("single-profile-handler")
         assert isinstance(h, ProfileHandler)
         handler = h
+    elif missing:
+        pass  # the config's handler is one of the missing plugins, already reported
     else:
         issues.append(
             ConfigIssue(
@@ -430,6 +473,17 @@ def build(
     if not parsers:
         parser_types = list(_PARSERS)
 
+    datalayer = datalayer_settings(
+        {n: v for n, v in inert_params.items() if inert[n] in _DATALAYER_TYPES}, inert, issues
+    )
+    precise = any(p.type_name == "precise-prefix-cache-producer" for p in plugins.values())
+    for name, plugin in plugins.items():
+        vllm = getattr(plugin.params, "backend", "") == "vllm"
+        if plugin.type_name == "token-producer" and vllm and not precise:
+            compat.warn(
+                f"{name}: the vLLM tokenizer backend feeds precise-prefix-cache-producer "
+                "only; llmd's approximate producer hashes the request's byte estimate"
+            )
     for gate in cfg.feature_gates:
         log.warning("feature gate %r is accepted but has no effect in llmd-scheduler", gate)
     if cfg.flow_control is not None:
@@ -455,4 +509,5 @@ def build(
             models_interval_s=parse_duration(cfg.llmd.models_interval),
             emit_endpoint_scores=cfg.llmd.emit_endpoint_scores,
         ),
+        datalayer=datalayer,
     )

@@ -10,7 +10,7 @@ same staleness threshold, the same endpoint-removal hooks, the same plugin metri
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from opentelemetry import trace
@@ -59,6 +59,7 @@ def build_core(
     allow_experimental: bool = False,
     clock: Callable[[], float] = time.monotonic,
     tracer: trace.Tracer | None = None,
+    objectives: Mapping[str, int] | None = None,
 ) -> SchedulerCore:
     """The core for an EndpointPickerConfig (a model, YAML text, or None for the default).
 
@@ -79,11 +80,12 @@ def build_core(
         PluginHandle(endpoints=datastore.all),
         allow_experimental=allow_experimental,
     )
+    datastore.use_datalayer(built.datalayer)
     datastore.staleness_s = built.settings.staleness_s
     datastore.models_interval_s = built.settings.models_interval_s
     for plugin in built.plugins.values():
         plugin.register_metrics(registry)
         datastore.on_change(plugin.endpoints_changed)
     metrics = SchedulerMetrics(registry)
-    director = Director(built, datastore, metrics, tracer=tracer)
+    director = Director(built, datastore, metrics, tracer=tracer, objectives=objectives)
     return SchedulerCore(registry, datastore, built, director, metrics)

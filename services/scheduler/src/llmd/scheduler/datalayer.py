@@ -18,14 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from llmd.protocol.metrics import EngineSnapshot
+from llmd.protocol.metrics import EngineSnapshot, parse_dialect_snapshot
 from llmd.runtime.discovery import Endpoint, EndpointSet
 from llmd.runtime.enginepool import EnginePoolScraper, fresh_or_all
+from llmd.scheduler.engines import DataLayerSettings
 from llmd.scheduler.framework import EndpointState
 
 log = logging.getLogger(__name__)
@@ -91,24 +93,49 @@ class Datastore:
             ["name"],
             registry=registry,
         ).labels(pool_name).set_function(self.stale_count)
+        self._extract_errors = Counter(
+            "llm_d_epp_datalayer_extract_errors",
+            "Scraped pages that could not be read (malformed, or an engine type without a "
+            "metric mapping)",
+            ["source_type", "extractor_type"],
+            registry=registry,
+        )
         for metric, fn in (
-            ("average_kv_cache_utilization", lambda e: e.kv_usage),
-            ("average_queue_size", lambda e: float(e.waiting)),
-            ("average_running_requests", lambda e: float(e.running)),
+            ("kv_cache_utilization", lambda e: e.kv_usage),
+            ("queue_size", lambda e: float(e.waiting)),
+            ("running_requests", lambda e: float(e.running)),
         ):
-            Gauge(
-                f"llm_d_epp_{metric}",
-                f"Pool {metric.removeprefix('average_').replace('_', ' ')}, mean over fresh "
-                "endpoints",
-                ["name"],
-                registry=registry,
-            ).labels(pool_name).set_function(self._mean(fn))
+            what = metric.replace("_", " ")
+            for stat, agg in (("average", _mean), ("std_dev", _std_dev)):
+                Gauge(
+                    f"llm_d_epp_{stat}_{metric}",
+                    f"Pool {what}, {stat.replace('_', ' ')} over endpoints with fresh metrics",
+                    ["name"],
+                    registry=registry,
+                ).labels(pool_name).set_function(self._over_fresh(fn, agg))
+        self.datalayer = DataLayerSettings()
 
-    def _mean(self, fn: Callable[[EndpointState], float]) -> Callable[[], float]:
+    def use_datalayer(self, settings: DataLayerSettings) -> None:
+        """Read each endpoint's metrics in its engine's names (the `llm-d.ai/engine-type`
+        label, else the configured default engine), from the configured path."""
+        self.datalayer = settings
+        self.scraper.metrics_path = settings.metrics_path
+        self.scraper.parser = self._parse
+
+    def _parse(self, key: str, text: str) -> EngineSnapshot:
+        state = self.endpoints.get(key)
+        labels = state.endpoint.labels if state is not None else {}
+        return parse_dialect_snapshot(text, self.datalayer.dialect_for(labels))
+
+    def _over_fresh(
+        self,
+        fn: Callable[[EndpointState], float],
+        agg: Callable[[list[float]], float],
+    ) -> Callable[[], float]:
         def value() -> float:
             now = self.clock()
             fresh = [fn(e) for e in self.endpoints.values() if e.fresh(now, self.stale_after_s)]
-            return sum(fresh) / len(fresh) if fresh else 0.0
+            return agg(fresh) if fresh else 0.0
 
         return value
 
@@ -196,10 +223,23 @@ class Datastore:
             state.loaded_models = models
 
     def failed(self, key: str, source: str, error: str) -> None:
-        self._poll_errors.labels(source).inc()
+        if error.startswith(("DecodeError", "ValueError")):
+            self._extract_errors.labels(source, "core-metrics-extractor").inc()
+        else:
+            self._poll_errors.labels(source).inc()
         state = self.endpoints.get(key)
         if state is not None:
             state.consecutive_failures += 1
             state.last_error = error
             if source == "metrics":
                 self.endpoint_failed(state, "scrape")
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _std_dev(values: list[float]) -> float:
+    """Population standard deviation (llm-d's pool gauges)."""
+    m = _mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / len(values))

@@ -18,6 +18,7 @@ import random
 import time
 import uuid
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,8 +142,11 @@ class Director:
         datastore: Datastore,
         metrics: SchedulerMetrics,
         tracer: trace.Tracer | None = None,
+        objectives: Mapping[str, int] | None = None,
     ) -> None:
         self.built = built
+        self.objectives: Mapping[str, int] = objectives or {}
+        """InferenceObjective name -> priority (llm-d: an unknown objective is priority 0)."""
         self.datastore = datastore
         self.metrics = metrics
         self.pick_time_accounting = built.settings.pick_time_accounting
@@ -167,7 +171,16 @@ class Director:
         rewrite = req.header(hdr.MODEL_NAME_REWRITE, hdr.MODEL_NAME_REWRITE_LEGACY)
         if rewrite:
             req.target_model = rewrite
+        req.fairness_id = req.header(hdr.FAIRNESS_ID, hdr.FAIRNESS_ID_LEGACY) or ""
+        req.objective = req.header(hdr.INFERENCE_OBJECTIVE, hdr.INFERENCE_OBJECTIVE_LEGACY) or ""
+        if req.objective:
+            req.priority = self.objectives.get(req.objective, 0)
         return req
+
+    def _labels(self, req: LLMRequest) -> tuple[str, ...]:
+        return self.metrics.request_labels(
+            req.model or "", req.target_model or "", req.fairness_id, req.priority
+        )
 
     def _timer(self, point: str, plugin: Any) -> Any:
         key = (point, plugin.name)
@@ -229,9 +242,9 @@ class Director:
                 body_out = rewrite_model(req.body, req.target_model)
         elif "passthrough-parser" not in self.built.parsers:
             raise SchedulingError(400, f"no parser handles the path {req.path!r}")
-        model, target = self.metrics.model_labels(req.model or "", req.target_model or "")
-        self.metrics.request_total.labels(model, target).inc()
-        self.metrics.request_size.labels(model, target).observe(len(req.body))
+        labels = self._labels(req)
+        self.metrics.request_total.labels(*labels).inc()
+        self.metrics.request_size.labels(*labels).observe(len(req.body))
 
         candidates = self._candidates(subset)
         if not candidates:
@@ -277,7 +290,7 @@ class Director:
         except SchedulingError as exc:
             explain.error = f"{exc.status}: {exc.message}"
             self.decisions.append(explain)
-            self.metrics.scheduler_attempts.labels("failure", target, "", "", "").inc()
+            self.metrics.scheduler_attempts.labels("failure", labels[1], "", "", "").inc()
             raise
         explain.prefix = prefix_matches(req)
         self.decisions.append(explain)
@@ -297,7 +310,7 @@ class Director:
         self._account(decision, primary)
         ep = primary.endpoint
         self.metrics.scheduler_attempts.labels(
-            "success", target, ep.name, ep.namespace, str(ep.port)
+            "success", labels[1], ep.name, ep.namespace, str(ep.port)
         ).inc()
         return decision
 
@@ -409,16 +422,12 @@ class Director:
             decision.pick_id = endpoint.note_pick(tokens, self.datastore.clock())
         decision.accounted = True
         self.inflight += 1
-        ep = endpoint.endpoint
-        self.metrics.inflight_requests.labels(ep.name, ep.namespace).set(endpoint.inflight_requests)
-        self.metrics.inflight_tokens.labels(ep.name, ep.namespace).set(endpoint.inflight_tokens)
-        model, target = self.metrics.model_labels(req.model, req.target_model)
-        self.metrics.request_running.labels(model, target).inc()
+        self._inflight_gauges(endpoint)
+        self.metrics.request_running.labels(*self._labels(req)).inc()
 
     def rejected(self, req: LLMRequest, exc: SchedulingError) -> None:
         """Count a request answered by the scheduler itself (never forwarded)."""
-        model, target = self.metrics.model_labels(req.model, req.target_model)
-        self.metrics.request_error_total.labels(model, target, str(exc.status)).inc()
+        self.metrics.request_error_total.labels(*self._labels(req), str(exc.status)).inc()
 
     def pick_any(self, req: LLMRequest) -> Decision:
         """A bodiless request (GET): a random endpoint, as llm-d does."""
@@ -449,8 +458,7 @@ class Director:
         decision.first_byte_at = time.monotonic() if ttft_s is None else received + ttft_s
         req = decision.request
         if req.parsed:
-            model, target = self.metrics.model_labels(req.model, req.target_model)
-            self.metrics.request_ttft.labels(model, target, str(req.stream).lower()).observe(
+            self.metrics.request_ttft.labels(*self._labels(req), str(req.stream).lower()).observe(
                 decision.first_byte_at - req.received_at
             )
         endpoint = decision.endpoints[0] if decision.endpoints else None
@@ -467,51 +475,76 @@ class Director:
         endpoint = decision.endpoints[0] if decision.endpoints else None
         if decision.accounted and endpoint is not None:
             req = decision.request
-            model, target = self.metrics.model_labels(req.model, req.target_model)
             endpoint.inflight_requests = max(0, endpoint.inflight_requests - 1)
             endpoint.inflight_tokens = max(0, endpoint.inflight_tokens - decision.tokens)
             if decision.pick_id:
                 endpoint.note_done(decision.pick_id)
-            ep = endpoint.endpoint
-            self.metrics.inflight_requests.labels(ep.name, ep.namespace).set(
-                endpoint.inflight_requests
-            )
-            self.metrics.inflight_tokens.labels(ep.name, ep.namespace).set(endpoint.inflight_tokens)
-            self.metrics.request_running.labels(model, target).dec()
+            self._inflight_gauges(endpoint)
+            self.metrics.request_running.labels(*self._labels(req)).dec()
             self.inflight -= 1
 
-    def complete(self, decision: Decision, cause: str, usage: Usage | None = None) -> None:
+    def _inflight_gauges(self, endpoint: EndpointState) -> None:
+        ep = endpoint.endpoint
+        producer = self._load.name if self._load is not None else "inflight-load-producer"
+        self.metrics.inflight_requests.labels(ep.name, ep.namespace, producer).set(
+            endpoint.inflight_requests
+        )
+        self.metrics.inflight_tokens.labels(ep.name, ep.namespace, producer).set(
+            endpoint.inflight_tokens
+        )
+
+    def complete(
+        self,
+        decision: Decision,
+        cause: str,
+        usage: Usage | None = None,
+        *,
+        response_bytes: int | None = None,
+        served: str | None = None,
+    ) -> None:
         """Release the request's accounting (if not yet) and record its outcome, exactly once,
-        whatever ended it."""
+        whatever ended it. `served` is the endpoint the gateway reports it actually used
+        (`x-gateway-destination-endpoint-served`, or the access log's upstream host): when
+        Envoy retried to a fallback, the outcome belongs to that endpoint."""
         if decision.completed:
             return
         self.release(decision)
         decision.completed = True
         req = decision.request
         endpoint = decision.endpoints[0] if decision.endpoints else None
-        model, target = self.metrics.model_labels(req.model, req.target_model)
+        if served and endpoint is not None and served != endpoint.key:
+            self.metrics.served_elsewhere.inc()
+            endpoint = self.datastore.endpoints.get(served)
+        labels = self._labels(req)
+        e2e = decision.ended_at - req.received_at
         if req.parsed:
-            self.metrics.request_duration.labels(model, target).observe(
-                decision.ended_at - req.received_at
-            )
+            self.metrics.request_duration.labels(*labels).observe(e2e)
+        if response_bytes is not None:
+            self.metrics.response_size.labels(*labels).observe(response_bytes)
         if cause not in ("natural", "unobserved") or decision.status >= 400:
             code = str(decision.status) if decision.status >= 400 else cause
-            self.metrics.request_error_total.labels(model, target, code).inc()
+            self.metrics.request_error_total.labels(*labels, code).inc()
         if usage is not None:
             req.usage = usage
-            self._usage(model, target, usage)
+            self._usage(labels, usage)
+            out = usage.completion_tokens
+            if cause == "natural" and out > 0 and req.parsed:
+                self.metrics.request_ntpot.labels(*labels).observe(e2e / out)
+                if req.stream and out > 1 and decision.first_byte_at:
+                    tpot = (decision.ended_at - decision.first_byte_at) / (out - 1)
+                    self.metrics.request_tpot.labels(*labels).observe(max(0.0, tpot))
         for hook in self.built.response_hooks:
             try:
                 hook.response_complete(req, endpoint, cause)
             except Exception:
                 log.exception("response hook %s failed", hook.name)
 
-    def _usage(self, model: str, target: str, usage: Usage) -> None:
-        self.metrics.input_tokens.labels(model, target).observe(usage.prompt_tokens)
-        self.metrics.output_tokens.labels(model, target).observe(usage.completion_tokens)
+    def _usage(self, labels: tuple[str, ...], usage: Usage) -> None:
+        self.metrics.input_tokens.labels(*labels).observe(usage.prompt_tokens)
+        self.metrics.output_tokens.labels(*labels).observe(usage.completion_tokens)
         details = usage.prompt_tokens_details
         if details is not None and details.cached_tokens is not None:
-            self.metrics.cached_tokens.labels(model, target).observe(details.cached_tokens)
+            self.metrics.cached_tokens.labels(*labels).observe(details.cached_tokens)
 
     # --- debugging -------------------------------------------------------------------------
 

@@ -121,11 +121,17 @@ def _routing(
     if scores is not None:
         lb[hdr.DESTINATION_ENDPOINT_SCORES] = scores
     doc: dict[str, Any] = {hdr.ENVOY_LB_NAMESPACE: lb}
+    llmd: dict[str, Any] = {}
     if decision.token:
-        llmd: dict[str, Any] = {TOKEN_KEY: decision.token}
+        llmd[TOKEN_KEY] = decision.token
         if req.target_model and req.target_model != req.model:
             llmd["model_from"] = req.target_model  # the Lua filter rewrites it back
             llmd["model_to"] = req.model
+    for name in RESPONSE_HEADERS_FROM_METADATA:
+        extra = req.response_headers.get(name)
+        if extra is not None:
+            llmd[name] = extra  # Envoy's route adds it to the response
+    if llmd:
         doc[NAMESPACE] = llmd
     metadata = struct_pb2.Struct()
     metadata.update(doc)
@@ -184,6 +190,27 @@ def _subset_hint(msg: pb.ProcessingRequest) -> list[str] | None:
     return [str(v.string_value) for v in value.list_value.values]
 
 
+RESPONSE_HEADERS_FROM_METADATA = (hdr.SESSION_TOKEN,)
+"""Response headers plugins may set: the scheduler puts them in the `llmd` dynamic metadata and
+the gateway's route adds them to the response (`%DYNAMIC_METADATA(llmd:<name>)%`), on the lean
+and the full response path alike."""
+
+
+def served_endpoint(msg: pb.ProcessingRequest) -> str | None:
+    """`envoy.lb` -> `x-gateway-destination-endpoint-served` in the message's metadata: the
+    endpoint the gateway actually used (it differs from the pick after a retry to a
+    fallback), or None when the gateway does not report it."""
+    if not msg.HasField("metadata_context"):
+        return None
+    ns = msg.metadata_context.filter_metadata.get(hdr.ENVOY_LB_NAMESPACE)
+    if ns is None:
+        return None
+    value = ns.fields.get(hdr.DESTINATION_ENDPOINT_SERVED)
+    if value is None or not value.string_value:
+        return None
+    return str(value.string_value)
+
+
 class _Stream:
     """One request's state across its ext_proc messages."""
 
@@ -194,8 +221,10 @@ class _Stream:
         "model_back",
         "request",
         "request_mode",
+        "response_bytes",
         "response_mode",
         "saw_response",
+        "served",
         "stream",
         "subset",
         "tail",
@@ -205,6 +234,8 @@ class _Stream:
         self.request_mode: int = FULL_DUPLEX
         self.response_mode: int = FULL_DUPLEX
         self.saw_response = False
+        self.response_bytes = 0
+        self.served: str | None = None
         self.request: LLMRequest | None = None
         self.body = bytearray()
         self.decision: Decision | None = None
@@ -343,6 +374,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     status = int(hdrs.get(":status", "0") or 0)
                     s.stream = "text/event-stream" in hdrs.get("content-type", "")
                     s.tail = UsageTail(s.stream)
+                    s.served = served_endpoint(msg) or s.served
                     if s.decision is not None:
                         self.director.response_headers(s.decision, status)
                     yield pb.ProcessingResponse(
@@ -397,6 +429,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             metrics.streams_total.labels(cause).inc()
 
     def _keep(self, s: _Stream, chunk: bytes) -> None:
+        s.response_bytes += len(chunk)
         if s.tail is not None:
             s.tail.add(chunk)
 
@@ -409,7 +442,13 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         except Exception:  # usage_from_body never raises; this guards the accounting anyway
             log.exception("reading usage of %s failed", s.decision.request.request_id)
             usage = None
-        self.director.complete(s.decision, cause, usage)
+        self.director.complete(
+            s.decision,
+            cause,
+            usage,
+            response_bytes=s.response_bytes if s.saw_response else None,
+            served=s.served,
+        )
 
 
 class HealthService(health_pb2_grpc.HealthServicer):

@@ -50,6 +50,9 @@ class GatewayReport:
     """natural, client-disconnect or error."""
     ttft_s: float | None
     usage: Usage | None
+    response_bytes: int | None = None
+    served: str | None = None
+    """The upstream host:port Envoy finally sent the request to."""
 
 
 class FeedbackBook:
@@ -121,7 +124,13 @@ class FeedbackBook:
         d.response_headers(decision, report.status)
         if report.ttft_s is not None and report.status < 400:
             d.first_byte(decision, report.ttft_s)
-        d.complete(decision, report.cause, report.usage)
+        d.complete(
+            decision,
+            report.cause,
+            report.usage,
+            response_bytes=report.response_bytes,
+            served=report.served,
+        )
 
     def sweep(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -228,7 +237,14 @@ def parse_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, GatewayRe
             if cached is not None
             else None,
         )
-    return token_value.string_value, GatewayReport(status, _cause(entry, status), ttft_s, usage)
+    served = None
+    upstream = common.upstream_remote_address.socket_address
+    if upstream.address and upstream.port_value:
+        host = f"[{upstream.address}]" if ":" in upstream.address else upstream.address
+        served = f"{host}:{upstream.port_value}"
+    size = entry.response.response_body_bytes if entry.HasField("response") else None
+    report = GatewayReport(status, _cause(entry, status), ttft_s, usage, size, served)
+    return token_value.string_value, report
 
 
 class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):

@@ -181,6 +181,8 @@ class EndpointState:
             "waiting": m.waiting if m else None,
             "running": m.running if m else None,
             "kv_cache_usage": m.kv_cache_usage if m else None,
+            "block_size": m.block_size if m else None,
+            "num_gpu_blocks": m.num_gpu_blocks if m else None,
             "unseen_requests": len(self.unseen),
             "inflight_requests": self.inflight_requests,
             "inflight_tokens": self.inflight_tokens,
@@ -242,6 +244,14 @@ class LLMRequest:
     """Prefix matches per endpoint key, written by each prefix producer under its name."""
     usage: Usage | None = None
     """The response's usage (set when the response completes)."""
+    response_headers: dict[str, str] = field(default_factory=dict)
+    """Headers plugins add to the response (the gateway sets them; e.g. x-session-token)."""
+    fairness_id: str = ""
+    """llm-d's fairness id (header x-llm-d-inference-fairness-id, or the x-gateway- alias)."""
+    objective: str = ""
+    """The InferenceObjective named by x-llm-d-inference-objective (or the x-gateway- alias)."""
+    priority: int = 0
+    """The objective's priority (0 without an objective, as in llm-d)."""
     _state: dict[str, object] = field(default_factory=dict)
 
     def state(self, owner: str, kind: type[StateT]) -> StateT:

@@ -42,7 +42,7 @@ from typing import Any, Literal
 import httpx
 import yaml
 
-from llmd.protocol.headers import DESTINATION_ENDPOINT, SCHEDULER_OWNED
+from llmd.protocol.headers import DESTINATION_ENDPOINT, SCHEDULER_OWNED, SESSION_TOKEN
 from llmd.protocol.openai import error_body
 
 
@@ -199,6 +199,8 @@ end
 
 CLIENT_FORBIDDEN_HEADERS = tuple(sorted(SCHEDULER_OWNED))
 """Routing headers only the scheduler may set: removed from every client request."""
+SCHEDULER_RESPONSE_HEADERS = (SESSION_TOKEN,)
+"""Response headers the scheduler may ask for through its `llmd` dynamic metadata."""
 EARLY_HEADER_MUTATION_TYPE = _T + "http.early_header_mutation.header_mutation.v3.HeaderMutation"
 
 
@@ -370,6 +372,15 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                     "idle_timeout": idle,
                     "retry_policy": _SAFE_RETRY,
                 },
+                # headers the scheduler asks for (x-session-token), from its dynamic metadata
+                "response_headers_to_add": [
+                    {
+                        "header": {"key": name, "value": f"%DYNAMIC_METADATA(llmd:{name})%"},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        "keep_empty_value": False,
+                    }
+                    for name in SCHEDULER_RESPONSE_HEADERS
+                ],
             }
         )
     if s.round_robin_only:

@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--list-profiles", action="store_true", help="describe the profiles and exit")
     s.add_argument(
+        "--metrics-dialect",
+        choices=("vllm", "sglang"),
+        help="serve /metrics under vLLM's names (default) or SGLang's",
+    )
+    s.add_argument(
         "--latency",
         nargs="+",
         metavar="KEY=SECONDS",

@@ -107,6 +107,8 @@ class SimServerConfig(StrictModel):
     kv_transfer_config: KVTransferConfig | None = None
     side_channel_host: str = "127.0.0.1"
     side_channel_port: int = Field(default=5600, ge=0, le=65535)
+    metrics_dialect: Literal["vllm", "sglang"] = "vllm"
+    """Whose metric names /metrics serves: vLLM's, or SGLang's (to test engine mappings)."""
     profile: str = DEFAULT_PROFILE
     latency: dict[str, float] = Field(default_factory=dict)
     """Coefficient overrides on top of the profile, e.g. {prefill_token_s: 5e-5}."""

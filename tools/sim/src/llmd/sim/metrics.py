@@ -255,6 +255,31 @@ class EngineMetrics:
     def _with(self, key: str, value: str) -> str:
         return _labels([("engine", "0"), ("model_name", self.model_name), (key, value)])
 
+    def render_sglang(self) -> str:
+        """The same state under SGLang's metric names (`--metrics-dialect sglang`), so a
+        scheduler's SGLang mapping can be tested end to end. Only the names llm-d's core
+        metrics extractor reads, plus SGLang's token counters."""
+        labels = _labels([("model_name", self.model_name)])
+        info = _labels(
+            [
+                ("model_name", self.model_name),
+                ("page_size", self.cache_config.get("block_size", "")),
+                ("num_pages", self.cache_config.get("num_gpu_blocks", "")),
+            ]
+        )
+        out: list[str] = []
+        for name, help_text, value in (
+            ("sglang:num_running_reqs", "The number of running requests.", self.running),
+            ("sglang:num_queue_reqs", "The number of requests in the waiting queue.", self.waiting),
+            ("sglang:token_usage", "The token usage (0..1).", self.kv_usage),
+        ):
+            out.append(f"# HELP {name} {help_text}\n# TYPE {name} gauge\n")
+            out.append(f"{name}{{{labels}}} {format_value(value)}\n")
+        out.append("# HELP sglang:cache_config_info KV cache layout.\n")
+        out.append("# TYPE sglang:cache_config_info gauge\n")
+        out.append(f"sglang:cache_config_info{{{info}}} 1\n")
+        return "".join(out)
+
     def render(self) -> str:
         b = self.base
         out: list[str] = []

@@ -344,9 +344,12 @@ class SimServer:
         assert self.metrics is not None
         assert self.engine is not None
         self.engine.refresh_gauges()
-        return web.Response(
-            body=self.metrics.render().encode(), headers={"Content-Type": CONTENT_TYPE}
+        page = (
+            self.metrics.render_sglang()
+            if self.cfg.metrics_dialect == "sglang"
+            else self.metrics.render()
         )
+        return web.Response(body=page.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def models(self, request: web.Request) -> web.Response:
         created = int(time.time())

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import Field, model_validator
 
 from llmd.kvcache.api import IndexerClient, ObserveRequest, ScoreRequest
@@ -153,6 +154,8 @@ class PreciseProducer(
         except TokenizerError as exc:
             raise ValueError(str(exc)) from None
         self.breaker = CircuitBreaker(base_s=1.0, max_s=30.0)
+        self._prompt_tokens: Any = None
+        self._predicted_tokens: Any = None
         self.queries = 0
         self.errors = 0
         self._errors: Counter | None = None
@@ -160,7 +163,17 @@ class PreciseProducer(
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         if self.stack is not None:
-            registry.register(self.stack.metrics.registry)  # the kvcache_* families
+            try:
+                registry.register(self.stack.metrics.registry)  # the KV-cache index families
+            except ValueError:  # a second embedded index: the families are per process
+                log.warning(
+                    "%s: another precise producer already exports the KV-cache index metrics; "
+                    "this one's index is visible at /debug/plugins/state only",
+                    self.name,
+                )
+        fam = _prefix_families(registry)
+        self._prompt_tokens = fam[0].labels(self.name, self.type_name)
+        self._predicted_tokens = fam[1].labels(self.name, self.type_name)
         self._errors = Counter(
             "llmd_precise_prefix_errors",
             "Failed tokenizations, lookups, speculative entries or observations (the request "
@@ -310,6 +323,10 @@ class PreciseProducer(
                 st.prediction = Prediction(
                     pod, confirmed_gpu_blocks(hit) * bs, (hit.blocks if hit else 0) * bs
                 )
+                if self._prompt_tokens is not None:
+                    prompt = max(request.prompt_tokens, len(keys) * bs)
+                    self._prompt_tokens.observe(prompt)
+                    self._predicted_tokens.observe(min(prompt, st.prediction.speculative_tokens))
             if not self.p.speculative_indexing:
                 continue
             if self.client is not None:
@@ -332,6 +349,8 @@ class PreciseProducer(
         m = endpoint.metrics
         if predicted is None or usage is None or m is None:
             return
+        if predicted.pod != endpoint.key:
+            return  # served by another endpoint (a gateway retry): the prediction says nothing
         details = usage.prompt_tokens_details
         if details is None or details.cached_tokens is None:
             return  # the engine does not report cached tokens: nothing to judge
@@ -370,3 +389,35 @@ class PreciseProducer(
             out["health"] = self.stack.indexer.health_snapshot()
             out["streams"] = self.stack.ingestor.snapshot()
         return out
+
+
+_TOKEN_BUCKETS = tuple(float(2**i) for i in range(21))
+_PREFIX_FAMILIES: weakref.WeakKeyDictionary[CollectorRegistry, tuple[Histogram, Histogram]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _prefix_families(registry: CollectorRegistry) -> tuple[Histogram, Histogram]:
+    """llm-d's per-request prefix-prediction histograms, once per registry (several precise
+    producers each get their own `plugin_name` series)."""
+    fam = _PREFIX_FAMILIES.get(registry)
+    if fam is None:
+        labels = ["plugin_name", "plugin_type"]
+        fam = (
+            Histogram(
+                "llm_d_epp_prefix_prompt_tokens",
+                "Prompt tokens of each request the producer scored",
+                labels,
+                buckets=_TOKEN_BUCKETS,
+                registry=registry,
+            ),
+            Histogram(
+                "llm_d_epp_prefix_predicted_cached_tokens",
+                "Prompt tokens the producer predicted the chosen endpoint holds",
+                labels,
+                buckets=_TOKEN_BUCKETS,
+                registry=registry,
+            ),
+        )
+        _PREFIX_FAMILIES[registry] = fam
+    return fam

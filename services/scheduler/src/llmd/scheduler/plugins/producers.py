@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from prometheus_client import CollectorRegistry, Gauge
-from pydantic import Field
+from prometheus_client import CollectorRegistry, Gauge, Histogram
+from pydantic import Field, field_validator, model_validator
 
+from llmd.runtime.config import parse_duration
 from llmd.scheduler.framework import (
     DataProducer,
     EndpointState,
     LLMRequest,
     LoadEstimator,
-    NoParams,
     PluginHandle,
     PluginParams,
     PrefixMatch,
@@ -21,6 +22,8 @@ from llmd.scheduler.framework import (
     SchedulingResult,
 )
 from llmd.scheduler.prefix import MIN_BLOCK_SIZE_TOKENS, ApproxPrefixIndex, prompt_hashes
+
+Duration = str | float
 
 
 class ApproxPrefixParams(PluginParams):
@@ -54,6 +57,8 @@ class ApproxPrefixCacheProducer(DataProducer[ApproxPrefixParams], PreRequest[App
         self.hit_tokens = 0
         self.total_blocks = 0
         self._sized: dict[str, tuple[int, int]] = {}
+        self._ratio: Any = None
+        self._bytes: Any = None
 
     def block_size(self, endpoints: list[EndpointState]) -> int:
         p = self.params
@@ -107,6 +112,9 @@ class ApproxPrefixCacheProducer(DataProducer[ApproxPrefixParams], PreRequest[App
         best = max(counts.values(), default=0)
         self.hit_blocks += best
         self.hit_tokens += best * block_size
+        if self._ratio is not None and total:
+            self._ratio.observe(best / total)
+            self._bytes.observe(best * block_size * 4)
 
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
         hashes = request.state(self.name, _ApproxState).hashes
@@ -138,28 +146,55 @@ class ApproxPrefixCacheProducer(DataProducer[ApproxPrefixParams], PreRequest[App
         }
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
-        labels = {"plugin_name": self.name, "plugin_type": self.type_name}
-        size = Gauge(
-            "llm_d_epp_prefix_indexer_size",
-            "Distinct block hashes in the approximate prefix index",
-            list(labels),
-            registry=registry,
+        fam = _approx_families(registry)
+        labels = (self.name, self.type_name)
+        fam.size.labels(*labels).set_function(lambda: len(self.index))
+        self._ratio = fam.ratio.labels(*labels)
+        self._bytes = fam.hit_bytes.labels(*labels)
+
+
+@dataclass(slots=True)
+class _ApproxFamilies:
+    size: Gauge
+    ratio: Histogram
+    hit_bytes: Histogram
+
+
+_FAMILIES: weakref.WeakKeyDictionary[CollectorRegistry, _ApproxFamilies] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _approx_families(registry: CollectorRegistry) -> _ApproxFamilies:
+    """llm-d's approximate-prefix families, registered once per registry: a config with several
+    producers (llm-d's tiered-prefix-cache guides) gives each its own `plugin_name` series."""
+    fam = _FAMILIES.get(registry)
+    if fam is None:
+        labels = ["plugin_name", "plugin_type"]
+        fam = _ApproxFamilies(
+            Gauge(
+                "llm_d_epp_prefix_indexer_size",
+                "Distinct block hashes in the approximate prefix index",
+                labels,
+                registry=registry,
+            ),
+            Histogram(
+                "llm_d_epp_prefix_indexer_hit_ratio",
+                "Per request: prompt blocks matched on the best endpoint / prompt blocks",
+                labels,
+                buckets=tuple(i / 10 for i in range(11)),
+                registry=registry,
+            ),
+            Histogram(
+                "llm_d_epp_prefix_indexer_hit_bytes",
+                "Per request: prompt bytes matched on the best endpoint (4 bytes per token)",
+                labels,
+                buckets=(0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536),
+                registry=registry,
+            ),
         )
-        size.labels(**labels).set_function(lambda: len(self.index))
-        ratio = Gauge(
-            "llm_d_epp_prefix_indexer_hit_ratio",
-            "Matched prompt blocks / prompt blocks over all requests (best endpoint)",
-            list(labels),
-            registry=registry,
-        )
-        ratio.labels(**labels).set_function(lambda: self.hit_ratio)
-        hit_bytes = Gauge(
-            "llm_d_epp_prefix_indexer_hit_bytes",
-            "Prompt bytes matched in the approximate prefix index (4 bytes per token)",
-            list(labels),
-            registry=registry,
-        )
-        hit_bytes.labels(**labels).set_function(lambda: self.hit_tokens * 4)
+        _FAMILIES[registry] = fam
+    return fam
 
 
 class InflightLoadParams(PluginParams):
@@ -189,11 +224,50 @@ class InflightLoadProducer(DataProducer[InflightLoadParams], LoadEstimator[Infli
         return tokens
 
 
-class TokenProducer(DataProducer[NoParams]):
-    """The token estimate (4 bytes per pseudo-token) is built by the parser; this type exists so
-    configs that name it keep working. A real-tokenizer backend comes with precise routing."""
+class VllmTokenizerParams(PluginParams):
+    url: str = Field(min_length=1)
+    timeout: Duration = "5s"
+    mm_timeout: Duration = Field(default="30s", alias="mmTimeout")
+
+    @field_validator("timeout", "mm_timeout")
+    @classmethod
+    def _duration(cls, v: Duration) -> Duration:
+        parse_duration(v)
+        return v
+
+
+class TokenProducerParams(PluginParams):
+    """llm-d's token-producer parameters. `udsTokenizerConfig` is refused before this model
+    sees it (the scheduler's config compatibility layer says why)."""
+
+    backend: Literal["estimate", "vllm"] | None = None
+    model_name: str | None = Field(default=None, alias="modelName")
+    vllm: VllmTokenizerParams | None = None
+    estimate: dict[str, Any] | None = None
+    """The estimate backend's media placeholders (image and video sizes): accepted; llmd's
+    estimate packs the request's text bytes."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_backend(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("backend") is None:
+            data = {**data, "backend": "vllm" if data.get("vllm") is not None else "estimate"}
+        return data
+
+    @model_validator(mode="after")
+    def _backend(self) -> TokenProducerParams:
+        if self.backend == "vllm" and self.vllm is None:
+            raise ValueError("backend vllm needs vllm.url (a `vllm launch render` server)")
+        return self
+
+
+class TokenProducer(DataProducer[TokenProducerParams]):
+    """Where tokens come from. The byte estimate (4 bytes per pseudo-token) is built by the
+    parser for every request; with `backend: vllm` the precise-prefix-cache-producer tokenizes
+    through that render server (the config loader passes the URL on)."""
 
     type_name = "token-producer"
+    Params = TokenProducerParams
 
     def produce(self, request: LLMRequest, endpoints: list[EndpointState]) -> None:
         return None

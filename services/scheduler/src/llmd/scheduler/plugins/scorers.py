@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 from collections import OrderedDict
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -229,15 +231,49 @@ class LoraAffinityScorer(Scorer[NoParams]):
 
 
 class SessionAffinityParams(PluginParams):
-    header_name: str = Field(default="x-session-id", alias="headerName")
+    strategy: Literal["session_id", "encoded_endpoint_header"] = "session_id"
+    """`session_id`: the client sends an id (header `x-session-id`) and the scheduler remembers
+    where it went (TTL map). `encoded_endpoint_header`: the scheduler answers with
+    `x-session-token` naming the endpoint (base64 of `namespace/name`), and the client sends it
+    back; nothing is stored, so it survives scheduler restarts and replicas (llm-d's default)."""
+    header_name: str | None = Field(default=None, alias="headerName")
     eviction_ttl_seconds: float = Field(default=300, gt=0, alias="evictionTtlSeconds")
+    eviction_sweep_seconds: float = Field(default=10, gt=0, alias="evictionSweepSeconds")
     max_sessions: int = Field(default=100_000, gt=0, alias="maxSessions")
-    strategy: str = Field(default="session_id", pattern="^session_id$")
     profile_name: str | None = Field(default=None, alias="profileName")
+
+    @property
+    def header(self) -> str:
+        if self.header_name:
+            return self.header_name.lower()
+        return SESSION_TOKEN if self.strategy == "encoded_endpoint_header" else SESSION_ID
+
+
+SESSION_ID = "x-session-id"
+SESSION_TOKEN = "x-session-token"
+MAX_TOKEN_CHARS = 512
+
+
+def encode_endpoint(e: EndpointState) -> str:
+    ep = e.endpoint
+    return base64.urlsafe_b64encode(f"{ep.namespace}/{ep.name}".encode()).decode()
+
+
+def decode_endpoint(token: str) -> str | None:
+    """`namespace/name` from a session token, or None for anything malformed (clients send
+    it back, so it is untrusted input)."""
+    if not token or len(token) > MAX_TOKEN_CHARS:
+        return None
+    try:
+        raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
+        text = raw.decode()
+    except (binascii.Error, ValueError):
+        return None
+    return text if "/" in text else None
 
 
 class SessionAffinityScorer(Scorer[SessionAffinityParams], PreRequest[SessionAffinityParams]):
-    """1 for the endpoint that served this session (header `x-session-id`) recently, else 0."""
+    """1 for the endpoint the session is pinned to, else 0 (llm-d's two strategies)."""
 
     type_name = "session-affinity-scorer"
     category = "affinity"
@@ -249,12 +285,15 @@ class SessionAffinityScorer(Scorer[SessionAffinityParams], PreRequest[SessionAff
         self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def _session(self, request: LLMRequest) -> str | None:
-        return request.headers.get(self.params.header_name.lower())
+        return request.headers.get(self.params.header)
 
     def pinned(self, request: LLMRequest) -> str | None:
+        """The endpoint key (session_id) or `namespace/name` (token) the session is pinned to."""
         sid = self._session(request)
         if sid is None:
             return None
+        if self.params.strategy == "encoded_endpoint_header":
+            return decode_endpoint(sid)
         hit = self._sessions.get(sid)
         ttl = self.params.eviction_ttl_seconds
         if hit is None or time.monotonic() - hit[1] > ttl:
@@ -263,19 +302,34 @@ class SessionAffinityScorer(Scorer[SessionAffinityParams], PreRequest[SessionAff
 
     def score(self, request: LLMRequest, endpoints: list[EndpointState]) -> list[float]:
         key = self.pinned(request)
+        if key is None:
+            return [0.0] * len(endpoints)
+        if self.params.strategy == "encoded_endpoint_header":
+            return [
+                1.0 if f"{e.endpoint.namespace}/{e.endpoint.name}" == key else 0.0
+                for e in endpoints
+            ]
         return [1.0 if e.key == key else 0.0 for e in endpoints]
 
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> None:
+        profile = self.params.profile_name or result.primary
+        r = result.profiles.get(profile)
+        if r is None or not r.targets:
+            return
+        target = r.targets[0]
+        if self.params.strategy == "encoded_endpoint_header":
+            request.response_headers[SESSION_TOKEN] = encode_endpoint(target)
+            return
         sid = self._session(request)
-        if sid is None or not result.targets:
+        if sid is None:
             return
         self._sessions.pop(sid, None)
-        self._sessions[sid] = (result.targets[0].key, time.monotonic())
+        self._sessions[sid] = (target.key, time.monotonic())
         while len(self._sessions) > self.params.max_sessions:
             self._sessions.popitem(last=False)
 
     def state(self) -> dict[str, Any]:
-        return {"sessions": len(self._sessions)}
+        return {"strategy": self.params.strategy, "sessions": len(self._sessions)}
 
 
 SCORERS = (
