@@ -243,9 +243,38 @@ async def test_vllm_render_endpoints_tokenize_like_the_model_directory(
         await render.close()
 
 
+LLMD_STYLE = """
+plugins:
+- type: precise-prefix-cache-producer
+  parameters:
+    tokenizer: {{renderUrl: "{url}"}}
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins: [{{pluginRef: prefix-cache-scorer, weight: 1}}]
+"""
+LLM_D_STYLE = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: token-producer
+  parameters: {{backend: vllm, modelName: tiny, vllm: {{url: "{url}"}}}}
+- type: precise-prefix-cache-producer
+  parameters: {{tokenProcessorConfig: {{blockSize: 16}}}}
+- type: prefix-cache-scorer
+  parameters: {{prefixMatchInfoProducerName: precise-prefix-cache-producer}}
+schedulingProfiles:
+- name: default
+  plugins: [{{pluginRef: prefix-cache-scorer, weight: 1}}]
+"""
+
+
+@pytest.mark.parametrize("style", ["llmd", "llm-d-token-producer"])
 async def test_a_scheduler_tokenizing_through_vllm_render_routes_by_vllm_events(
-    h: Harness, server: VllmServer, tmp_path: Path
+    h: Harness, server: VllmServer, tmp_path: Path, style: str
 ) -> None:
+    """The render server given directly, or as llm-d configs give it (token-producer's vLLM
+    backend, which llmd hands to the precise producer)."""
     pool = tmp_path / "pool.yaml"
     labels = {
         "llmd.ai/kv-events-endpoint": server.kv_events_endpoint,
@@ -266,19 +295,8 @@ async def test_a_scheduler_tokenizing_through_vllm_render_routes_by_vllm_events(
         )
     )
     config = tmp_path / "epp.yaml"
-    config.write_text(
-        f"""
-plugins:
-- type: precise-prefix-cache-producer
-  parameters:
-    tokenizer: {{renderUrl: "{server.url}"}}
-- type: prefix-cache-scorer
-schedulingProfiles:
-- name: default
-  plugins: [{{pluginRef: prefix-cache-scorer, weight: 1}}]
-"""
-    )
-    p = text("routed", 120)
+    config.write_text((LLMD_STYLE if style == "llmd" else LLM_D_STYLE).format(url=server.url))
+    p = text(f"routed {style}", 120)
     await h.complete(p)
     sched = await asyncio.to_thread(SchedulerProcess.start, pool, tmp_path, config_file=config)
     try:
