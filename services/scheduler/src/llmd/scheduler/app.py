@@ -248,6 +248,7 @@ class SchedulerApp:
                     },
                     "endpoints": [e.snapshot(now) for e in self.datastore.all()],
                     "inflight": self.director.inflight,
+                    "flow_control": self.director.flow.state() if self.director.flow else None,
                 }
             )
 

@@ -32,8 +32,7 @@ from llmd.runtime.config import ConfigIssue
 log = logging.getLogger(__name__)
 
 _PD = "P/D disaggregation (the llm-d sidecar path)"
-_FLOW = "flow control (priority bands and fairness with saturation-gated admission)"
-_LATENCY = "predicted-latency (SLO-aware) routing"
+_FLOW = "flow control: in-flight eviction and reflective ceilings"
 _MM = "multimodal encoder-cache affinity"
 _MULTI = "multi-cluster routing"
 _TOPOLOGY = "topology-aware routing"
@@ -57,11 +56,6 @@ UNAVAILABLE: dict[str, str] = {
     "dp-rank-header-handler": "data-parallel rank routing",
     "disaggregatedset-rollout-screener": "DisaggregatedSet rollouts",
     # filters and scorers
-    "prefix-cache-affinity-filter": _LATENCY,
-    "slo-headroom-tier-filter": _LATENCY,
-    "latency-scorer": _LATENCY,
-    "predicted-latency-producer": _LATENCY,
-    "latency-slo-admitter": _LATENCY,
     "session-affinity-filter": "session pinning as a filter",
     "endpoint-attribute-filter": _ATTR,
     "endpoint-attribute-scorer": _ATTR,
@@ -96,18 +90,8 @@ UNAVAILABLE: dict[str, str] = {
     "sglanghttp-parser": "SGLang's /generate API",
     "vertexai-parser": "the Vertex AI API",
     # flow control
-    "global-strict-fairness-policy": _FLOW,
-    "round-robin-fairness-policy": _FLOW,
-    "program-aware-fairness": _FLOW,
-    "fcfs-ordering-policy": _FLOW,
-    "edf-ordering-policy": _FLOW,
-    "slo-deadline-ordering-policy": _FLOW,
-    "static-usage-limit-policy": _FLOW,
-    "concurrency-detector": _FLOW,
-    "utilization-detector": _FLOW,
     "sheddable-eviction-filter": _FLOW,
     "priority-then-time-eviction-order-policy": _FLOW,
-    "priority-holdback-policy": _FLOW,
     "soft-reflective-ceiling-policy": _FLOW,
     # data layer
     "dcgm-data-source": _DCGM,

@@ -24,7 +24,15 @@ from llmd.runtime.config import (
 )
 from llmd.scheduler import compat
 from llmd.scheduler.engines import DataLayerSettings, datalayer_settings
+from llmd.scheduler.flowcontrol import (
+    FairnessPolicy,
+    FlowControlSpec,
+    OrderingPolicy,
+    SaturationDetector,
+    UsageLimitPolicy,
+)
 from llmd.scheduler.framework import (
+    Admitter,
     DataProducer,
     Filter,
     Picker,
@@ -45,6 +53,7 @@ MAX_CONFIG_BYTES = 1024 * 1024
 DEFAULT_CONFIG = """\
 apiVersion: llm-d.ai/v1alpha1
 kind: EndpointPickerConfig
+featureGates: [flowControl]
 plugins:
 - type: utilization-filter
   name: overload-filter
@@ -66,12 +75,18 @@ schedulingProfiles:
     weight: 2
   - pluginRef: prefix-cache-scorer
     weight: 3
+flowControl:
+  noEndpointRequestTTL: 5s
 """
 """llm-d's optimized baseline (queue 2, kv 2, prefix 3) plus an overload filter: an endpoint
 with more than 16 waiting requests (scraped, plus those sent since the scrape) leaves the
 candidates unless every endpoint is that loaded, so a hot prefix spreads instead of piling onto
 its cache holder (a reported llm-d problem). Without config llmd also counts each request
-against its endpoint at pick time and breaks ties by outstanding work (the herding fix)."""
+against its endpoint at pick time and breaks ties by outstanding work (the herding fix), and
+flow control is on with llm-d's default policies: below saturation it costs one saturation
+reading per request (24 us), at overload it serves priorities in order
+(`benchmarks/flow_control.py`); a request that finds the pool empty waits 5 s for an endpoint,
+then gets 503. llm-d configs keep llm-d's default: off without the gate."""
 
 Duration = str | float
 
@@ -130,6 +145,9 @@ class LlmdOptions(StrictModel):
     max_request_body_bytes: int = Field(default=16 * 1024 * 1024, gt=0, alias="maxRequestBodyBytes")
     models_interval: Duration = Field(default="2s", alias="modelsInterval")
     emit_endpoint_scores: bool = Field(default=False, alias="emitEndpointScores")
+    flow_control: bool | None = Field(default=None, alias="flowControl")
+    """Flow control on or off regardless of llm-d's `flowControl` feature gate (None: the gate
+    decides)."""
 
     @field_validator("metrics_staleness_threshold", "models_interval")
     @classmethod
@@ -197,6 +215,11 @@ class BuiltConfig:
     parsers: list[str]
     settings: SchedulerSettings = field(default_factory=SchedulerSettings)
     datalayer: DataLayerSettings = field(default_factory=DataLayerSettings)
+    admitters: list[Admitter[Any]] = field(default_factory=list)
+    flow: FlowParts | None = None
+    """Flow control's settings and policies, when it is on."""
+    saturation_detector: SaturationDetector | None = None
+    """The pool's saturation detector (flow control's, or the sheddable-request gate's)."""
 
 
 def _loc(parts: tuple[Any, ...]) -> str:
@@ -350,6 +373,10 @@ def build(
         plugins[type_name] = plugin
         return plugin
 
+    for plugin in list(plugins.values()):
+        for needed in getattr(plugin, "needs", ()):
+            if not any(p.type_name == needed for p in plugins.values()):
+                auto(needed)  # llm-d creates a consumer's default producer
     index_of = {cs.name: cs.index for cs in prepared.specs}
     for name, plugin in list(plugins.items()):
         wanted = getattr(plugin.params, "prefix_match_info_producer_name", None)
@@ -484,10 +511,16 @@ def build(
                 f"{name}: the vLLM tokenizer backend feeds precise-prefix-cache-producer "
                 "only; llmd's approximate producer hashes the request's byte estimate"
             )
-    for gate in cfg.feature_gates:
-        log.warning("feature gate %r is accepted but has no effect in llmd-scheduler", gate)
-    if cfg.flow_control is not None:
-        log.warning("flowControl is accepted but not implemented yet; requests are not queued")
+    gates = _gates(cfg.feature_gates)
+    for gate in gates:
+        if gate != "flowControl":
+            log.warning("feature gate %r is accepted but has no effect in llmd-scheduler", gate)
+    flow_on = (
+        cfg.llmd.flow_control
+        if cfg.llmd.flow_control is not None
+        else gates.get("flowControl", False)
+    )
+    flow, detector = _flow_parts(cfg, flow_on, plugins, registry, auto, issues, set(missing))
 
     if issues or handler is None:
         raise ConfigError(issues, "scheduler config")
@@ -510,4 +543,120 @@ def build(
             emit_endpoint_scores=cfg.llmd.emit_endpoint_scores,
         ),
         datalayer=datalayer,
+        admitters=[p for p in ordered if isinstance(p, Admitter)],
+        flow=flow,
+        saturation_detector=detector,
     )
+
+
+# --- flow control ------------------------------------------------------------------------------
+
+
+@dataclass
+class FlowParts:
+    """Flow control as configured: the spec and the policy instances it names."""
+
+    spec: FlowControlSpec
+    detector: SaturationDetector
+    usage: UsageLimitPolicy
+    fairness: dict[str, FairnessPolicy]
+    ordering: dict[str, OrderingPolicy]
+
+
+def _gates(raw: list[str]) -> dict[str, bool]:
+    """llm-d's feature gates: `name`, `name=true`, `name=false`."""
+    out: dict[str, bool] = {}
+    for g in raw:
+        name, _, value = g.partition("=")
+        out[name.strip()] = value.strip().lower() not in ("false", "0", "off")
+    return out
+
+
+def _flow_parts(
+    cfg: EndpointPickerConfig,
+    on: bool,
+    plugins: dict[str, Plugin[Any]],
+    registry: PluginRegistry,
+    auto: Any,
+    issues: list[ConfigIssue],
+    missing: set[str],
+) -> tuple[FlowParts | None, SaturationDetector | None]:
+    try:
+        spec = FlowControlSpec.model_validate(cfg.flow_control or {})
+    except ValidationError as exc:
+        issues.extend(_validation_issues(exc, "flowControl"))
+        return None, None
+
+    def policy(ref: str | None, kind: type, default: str, where: str) -> Any:
+        name = ref or default
+        if name in missing:
+            return None  # reported where the plugin is declared
+        found = plugins.get(name)
+        if found is None:
+            cls, _ = registry.resolve(name)
+            if cls is not None and issubclass(cls, kind):
+                found = auto(name)
+        if found is None:
+            issues.append(ConfigIssue(where, f"no plugin named {name!r}"))
+        elif not isinstance(found, kind):
+            issues.append(ConfigIssue(where, f"{name!r} is not a {kind.__name__}"))
+            found = None
+        return found
+
+    legacy = cfg.saturation_detector.get("pluginRef") if cfg.saturation_detector else None
+    ref = spec.saturation_detector.plugin_ref if spec.saturation_detector else legacy
+    where = (
+        "flowControl.saturationDetector.pluginRef"
+        if spec.saturation_detector
+        else ("saturationDetector.pluginRef")
+    )
+    detector = policy(ref, SaturationDetector, "utilization-detector", where)
+    if cfg.flow_control is not None and not on:
+        log.warning(
+            "flowControl is set but the flowControl feature gate is off: requests are not "
+            "queued; only the saturation detector is used (llm-d's behaviour)"
+        )
+    if not on:
+        return None, detector
+    usage = policy(
+        spec.usage_limit_policy_plugin_ref,
+        UsageLimitPolicy,
+        "static-usage-limit-policy",
+        "flowControl.usageLimitPolicyPluginRef",
+    )
+    fairness: dict[str, FairnessPolicy] = {}
+    ordering: dict[str, OrderingPolicy] = {}
+    bands: list[tuple[str, Any]] = [
+        (f"flowControl.priorityBands[{i}]", b) for i, b in enumerate(spec.priority_bands)
+    ]
+    for key in ("default_priority_band", "default_negative_priority_band"):
+        t = getattr(spec, key)
+        if t is not None:
+            alias = FlowControlSpec.model_fields[key].alias
+            bands.append((f"flowControl.{alias}", t))
+    wanted_f = {("global-strict-fairness-policy", "flowControl")}
+    wanted_o = {("fcfs-ordering-policy", "flowControl")}
+    for where, b in bands:
+        if b.fairness_policy_ref:
+            wanted_f.add((b.fairness_policy_ref, f"{where}.fairnessPolicyRef"))
+        if b.ordering_policy_ref:
+            wanted_o.add((b.ordering_policy_ref, f"{where}.orderingPolicyRef"))
+    for name, where in sorted(wanted_f):
+        got = policy(name, FairnessPolicy, name, where)
+        if got is not None:
+            fairness[name] = got
+    for name, where in sorted(wanted_o):
+        got = policy(name, OrderingPolicy, name, where)
+        if got is not None:
+            ordering[name] = got
+    if spec.enable_eviction:
+        issues.append(
+            ConfigIssue(
+                "flowControl.enableEviction",
+                "evicting in-flight sheddable requests is not available in llmd yet (missing "
+                "feature: flow control: in-flight eviction and reflective ceilings)",
+            )
+        )
+    if detector is None or usage is None:
+        return None, detector
+    return FlowParts(spec, detector, usage, fairness, ordering), detector

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from llmd.scheduler.config import BuiltConfig, EndpointPickerConfig, build, load_config_file
 from llmd.scheduler.datalayer import Datastore
 from llmd.scheduler.director import Director
+from llmd.scheduler.flowcontrol import FlowMetrics
 from llmd.scheduler.framework import Lifecycle, PluginHandle, PluginRegistry
 from llmd.scheduler.metrics import SchedulerMetrics
 from llmd.scheduler.plugins import plugin_registry
@@ -40,8 +41,12 @@ class SchedulerCore:
         for plugin in self.built.plugins.values():
             if isinstance(plugin, Lifecycle):
                 await plugin.start()
+        if self.director.flow is not None:
+            self.director.flow.start()
 
     async def stop(self) -> None:
+        if self.director.flow is not None:
+            await self.director.flow.stop()  # queued requests get 503 rejected-shutting-down
         for plugin in self.built.plugins.values():
             if isinstance(plugin, Lifecycle):
                 await plugin.stop()
@@ -87,5 +92,12 @@ def build_core(
         plugin.register_metrics(registry)
         datastore.on_change(plugin.endpoints_changed)
     metrics = SchedulerMetrics(registry)
-    director = Director(built, datastore, metrics, tracer=tracer, objectives=objectives)
+    director = Director(
+        built,
+        datastore,
+        metrics,
+        tracer=tracer,
+        objectives=objectives,
+        flow_metrics=FlowMetrics(registry, pool_name) if built.flow is not None else None,
+    )
     return SchedulerCore(registry, datastore, built, director, metrics)

@@ -28,6 +28,7 @@ from llmd.protocol import headers as hdr
 from llmd.protocol.openai import Usage
 from llmd.scheduler.config import BuiltConfig, Profile
 from llmd.scheduler.datalayer import Datastore
+from llmd.scheduler.flowcontrol import FlowController, FlowMetrics, UtilizationDetector
 from llmd.scheduler.framework import (
     AsyncDataProducer,
     EndpointState,
@@ -143,6 +144,7 @@ class Director:
         metrics: SchedulerMetrics,
         tracer: trace.Tracer | None = None,
         objectives: Mapping[str, int] | None = None,
+        flow_metrics: FlowMetrics | None = None,
     ) -> None:
         self.built = built
         self.objectives: Mapping[str, int] = objectives or {}
@@ -159,6 +161,24 @@ class Director:
         self._async_producers = [p for p in built.producers if isinstance(p, AsyncDataProducer)]
         self._timers: dict[tuple[str, str], Any] = {}
         self.inflight = 0
+        self.detector = built.saturation_detector
+        if isinstance(self.detector, UtilizationDetector):
+            self.detector.staleness_source = lambda: datastore.stale_after_s
+        self.flow: FlowController | None = None
+        if built.flow is not None:
+            parts = built.flow
+            self.flow = FlowController(
+                parts.spec,
+                detector=parts.detector,
+                usage=parts.usage,
+                fairness=parts.fairness,
+                ordering=parts.ordering,
+                candidates=datastore.candidates,
+                pool_size=lambda: len(datastore.endpoints),
+                metrics=flow_metrics,
+                clock=datastore.clock,
+                labels=self._flow_labels,
+            )
         self.tracer = tracer
         """Spans per stage (llm-d's names) only when tracing is configured: no cost otherwise."""
 
@@ -177,10 +197,32 @@ class Director:
             req.priority = self.objectives.get(req.objective, 0)
         return req
 
+    def _flow_labels(self, req: LLMRequest) -> tuple[str, str, str, str]:
+        model, target, fairness, priority = self._labels(req)
+        return model, target, fairness, priority
+
     def _labels(self, req: LLMRequest) -> tuple[str, ...]:
         return self.metrics.request_labels(
             req.model or "", req.target_model or "", req.fairness_id, req.priority
         )
+
+    async def admit(self, req: LLMRequest) -> None:
+        """Flow control's gate, before scheduling: returns when the request may be scheduled,
+        SchedulingError (429/503 with llm-d's dropped reason) when it may not. Without flow
+        control only sheddable requests (priority < 0) are dropped, and only while the pool is
+        saturated (llm-d's legacy admission)."""
+        if not req.parsed and is_inference_path(req.path):
+            with contextlib.suppress(ParseError):
+                parse_openai(req)  # model labels for the flow-control metrics
+        if self.flow is not None:
+            await self.flow.admit(req)
+            return
+        if req.priority < 0 and self.detector is not None:
+            now = self.datastore.clock()
+            if self.detector.pool_saturation(self.datastore.candidates(), now) >= 1.0:
+                raise SchedulingError(
+                    429, "system saturated, sheddable request dropped", hdr.DROPPED_SATURATED
+                )
 
     def _timer(self, point: str, plugin: Any) -> Any:
         key = (point, plugin.name)
@@ -257,6 +299,10 @@ class Director:
             except Exception:  # a producer failure degrades scoring, never the request
                 log.exception("data producer %s failed", producer.name)
             self._timer("DataProducer", producer).observe(time.perf_counter() - t)
+        for admitter in self.built.admitters:
+            reason = admitter.admit(req, candidates)
+            if reason is not None:
+                raise SchedulingError(429, reason, hdr.DROPPED_SATURATED)
 
         explain = _Explanation(
             self._next_seq(),
@@ -482,6 +528,8 @@ class Director:
             self._inflight_gauges(endpoint)
             self.metrics.request_running.labels(*self._labels(req)).dec()
             self.inflight -= 1
+        if self.flow is not None:
+            self.flow.wake()  # capacity freed: queued requests may go
 
     def _inflight_gauges(self, endpoint: EndpointState) -> None:
         ep = endpoint.endpoint
@@ -527,6 +575,14 @@ class Director:
         if usage is not None:
             req.usage = usage
             self._usage(labels, usage)
+            if cause == "natural" and decision.first_byte_at and decision.status < 400:
+                req.timing = (
+                    decision.first_byte_at - req.received_at,
+                    decision.ended_at - req.received_at,
+                    usage.completion_tokens,
+                )
+            if self.flow is not None:
+                self.flow.credit(req, usage.completion_tokens)
             out = usage.completion_tokens
             if cause == "natural" and out > 0 and req.parsed:
                 self.metrics.request_ntpot.labels(*labels).observe(e2e / out)

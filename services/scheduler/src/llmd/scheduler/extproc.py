@@ -331,8 +331,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                     t0 = time.perf_counter()
                     s.request.body = bytes(s.body)
                     s.body = bytearray()
-                    await self.director.prefetch(s.request, s.subset)
                     try:
+                        await self.director.admit(s.request)
+                        await self.director.prefetch(s.request, s.subset)
                         s.decision = self.director.schedule(s.request, s.subset)
                     except SchedulingError as exc:
                         cause = "rejected"

@@ -246,6 +246,8 @@ class LLMRequest:
     """The response's usage (set when the response completes)."""
     response_headers: dict[str, str] = field(default_factory=dict)
     """Headers plugins add to the response (the gateway sets them; e.g. x-session-token)."""
+    timing: tuple[float, float, int] | None = None
+    """(TTFT, end-to-end seconds, output tokens) once the response completed naturally."""
     fairness_id: str = ""
     """llm-d's fairness id (header x-llm-d-inference-fairness-id, or the x-gateway- alias)."""
     objective: str = ""
@@ -263,6 +265,10 @@ class LLMRequest:
         if not isinstance(got, kind):
             raise TypeError(f"{owner} state is {type(got).__name__}, not {kind.__name__}")
         return got
+
+    def state_items(self) -> list[tuple[str, object]]:
+        """Every plugin's per-request state, by owner."""
+        return list(self._state.items())
 
     def header(self, name: str, *aliases: str) -> str | None:
         for key in (name, *aliases):
@@ -374,6 +380,17 @@ class DataProducer(Plugin[ParamsT]):
     """Computes per-request data (e.g. prefix matches) before scoring."""
 
     def produce(self, request: LLMRequest, endpoints: list[EndpointState]) -> None:
+        raise NotImplementedError
+
+
+class Admitter(Plugin[ParamsT]):
+    """Runs after the producers, before the profiles: may refuse a request early (429)."""
+
+    needs: ClassVar[tuple[str, ...]] = ()
+    """Producer types this admitter reads (created by default when the config has none)."""
+
+    def admit(self, request: LLMRequest, endpoints: list[EndpointState]) -> str | None:
+        """None to admit, or why the request is refused."""
         raise NotImplementedError
 
 

@@ -57,8 +57,9 @@ class EnvoySettings:
     listen_address: str = "0.0.0.0"
     fail_open: bool = False
     fallback_endpoints: Sequence[tuple[str, int]] = field(default_factory=list)
-    message_timeout_s: int = 30
-    """How long the scheduler may take to answer one ext_proc message."""
+    message_timeout_s: int = 90
+    """How long the scheduler may take to answer one ext_proc message. A request waiting in
+    flow control's queue holds its answer: keep this above the longest queue TTL (60 s)."""
     grpc_timeout_s: int = 10
     upstream_connect_timeout_s: float = 5.0
     max_concurrent_requests: int = 8192
@@ -66,9 +67,10 @@ class EnvoySettings:
     ext_proc stream for its whole life)."""
     request_headers_timeout_s: float = 10.0
     """A client must send its headers within this."""
-    request_timeout_s: float = 60.0
+    request_timeout_s: float = 90.0
     """A client must send its whole request (headers and body) within this: slow clients are
-    cut off with 408 instead of holding a stream forever."""
+    cut off with 408 instead of holding a stream forever. Envoy counts the time the request
+    waits in the scheduler's flow-control queue too, so this stays above its TTL (60 s)."""
     stream_idle_timeout_s: float = 300.0
     """A stream with no activity either way for this long is reset."""
     upstream_idle_timeout_s: float = 300.0

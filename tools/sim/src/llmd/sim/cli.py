@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = p.add_argument_group("faults (also at run time: POST /sim/faults)")
     f.add_argument("--startup-delay", type=float, help="seconds before the port opens")
     f.add_argument("--error-rate", type=float, help="share of requests answered with 500")
+    f.add_argument(
+        "--metrics-error-rate", type=float, help="share of /metrics scrapes answered with 500"
+    )
     f.add_argument("--drop-events-rate", type=float, help="share of KV-event batches not sent")
     f.add_argument("--crash-after-requests", type=int, help="die after N inference requests")
     f.add_argument("--hang-after-requests", type=int, help="stop stepping after N requests")
@@ -163,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 _FAULT_FLAGS = {
     "startup_delay": "startup_delay_s",
     "error_rate": "error_rate",
+    "metrics_error_rate": "metrics_error_rate",
     "drop_events_rate": "drop_events_rate",
     "crash_after_requests": "crash_after_requests",
     "hang_after_requests": "hang_after_requests",

@@ -75,6 +75,8 @@ class FaultConfig(StrictModel):
     """Die (close the port, drop connections) after this many inference requests."""
     hang_after_requests: int | None = Field(default=None, ge=0)
     """Stop stepping (requests stall, /health stays 200) after this many requests."""
+    metrics_error_rate: float = Field(default=0.0, ge=0, le=1)
+    """Share of /metrics scrapes answered with HTTP 500 (a metrics outage; serving goes on)."""
 
 
 class SimServerConfig(StrictModel):

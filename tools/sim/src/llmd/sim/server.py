@@ -343,6 +343,9 @@ class SimServer:
     async def prometheus(self, request: web.Request) -> web.Response:
         assert self.metrics is not None
         assert self.engine is not None
+        rate = self.faults.metrics_error_rate
+        if rate and self._fault_rng.random() < rate:
+            return web.Response(status=500, text="simulated metrics outage (metrics_error_rate)")
         self.engine.refresh_gauges()
         page = (
             self.metrics.render_sglang()

@@ -13,8 +13,10 @@ import logging
 from typing import Any
 
 from llmd.runtime.config import ConfigError, ConfigIssue
+from llmd.scheduler.flowcontrol import FLOW_PLUGINS
 from llmd.scheduler.framework import Plugin, PluginRegistry
 from llmd.scheduler.plugins.filters import FILTERS
+from llmd.scheduler.plugins.latency import LATENCY_PLUGINS
 from llmd.scheduler.plugins.pickers import PICKERS
 from llmd.scheduler.plugins.precise import PreciseProducer
 from llmd.scheduler.plugins.producers import PRODUCERS
@@ -29,7 +31,15 @@ DEPRECATED_ALIASES = {"token-producer": ("tokenizer",)}
 def builtin_registry() -> PluginRegistry:
     """A fresh registry holding every built-in plugin type."""
     registry = PluginRegistry()
-    for cls in (*FILTERS, *SCORERS, *PICKERS, *PRODUCERS, PreciseProducer):
+    for cls in (
+        *FILTERS,
+        *SCORERS,
+        *PICKERS,
+        *PRODUCERS,
+        PreciseProducer,
+        *FLOW_PLUGINS,
+        *LATENCY_PLUGINS,
+    ):
         registry.add(cls, *DEPRECATED_ALIASES.get(cls.type_name, ()))
     return registry
 

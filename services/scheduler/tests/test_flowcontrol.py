@@ -1,0 +1,345 @@
+"""Flow control: bands served highest first, fairness within a band, bounded queues, TTLs,
+clients leaving while queued, and dispatch that never halts on stale metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import pytest
+
+from llmd.protocol import headers as hdr
+from llmd.protocol.metrics import EngineSnapshot
+from llmd.runtime.config import ConfigError
+from llmd.scheduler.core import build_core
+from llmd.scheduler.datalayer import Datastore
+from llmd.scheduler.director import Director
+from llmd.scheduler.flowcontrol import parse_quantity
+from llmd.scheduler.framework import LLMRequest, SchedulingError
+
+from .conftest import make_director
+
+OBJECTIVES = {"critical": 10, "standard": 0, "batch": -5}
+
+
+def config(flow: str = "{}", extra_plugins: str = "") -> str:
+    return f"""
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+{extra_plugins}
+flowControl: {flow}
+"""
+
+
+def setup(flow: str = "{}", n: int = 2, extra_plugins: str = "") -> tuple[Director, Datastore]:
+    director, ds, _ = make_director(n, config(flow, extra_plugins))
+    director.objectives = OBJECTIVES
+    return director, ds
+
+
+def request(
+    director: Director, objective: str = "", tenant: str = "", **headers: str
+) -> LLMRequest:
+    h = dict(headers)
+    if objective:
+        h[hdr.INFERENCE_OBJECTIVE] = objective
+    if tenant:
+        h[hdr.FAIRNESS_ID] = tenant
+    req = director.new_request(h, "/v1/completions")
+    req.body = json.dumps({"model": "m", "prompt": "hello", "max_tokens": 4}).encode()
+    return req
+
+
+def load(ds: Datastore, waiting: int, kv: float = 0.0, running: int = 4) -> None:
+    """Every endpoint reports this queue (fresh metrics)."""
+    now = ds.clock()
+    for e in ds.all():
+        e.unseen.clear()
+        e.note_scrape(
+            now,
+            EngineSnapshot(
+                waiting=waiting,
+                running=running,
+                kv_cache_usage=kv,
+                block_size=16,
+                num_gpu_blocks=10_000,
+            ),
+            now,
+        )
+
+
+async def started(director: Director) -> None:
+    assert director.flow is not None
+    director.flow.tick_s = 0.001
+    director.flow.start()
+
+
+def test_quantities() -> None:
+    assert parse_quantity("500") == 500
+    assert parse_quantity("10k") == 10_000
+    assert parse_quantity("1Gi") == 1 << 30
+    assert parse_quantity(7) == 7
+    for bad in ("ten", "-1", "1Zi", ""):
+        with pytest.raises(ValueError, match=r"quantity|negative"):
+            parse_quantity(bad)
+
+
+async def test_unloaded_requests_pass_at_once() -> None:
+    director, _ = setup()
+    await started(director)
+    try:
+        for _ in range(20):
+            req = request(director)
+            await asyncio.wait_for(director.admit(req), 1)
+        assert director.flow is not None
+        assert director.flow.outcomes["Dispatched"] == 20
+        assert director.flow.queued == 0
+    finally:
+        await director.flow.stop()
+
+
+async def test_higher_bands_go_first_when_the_pool_frees_up() -> None:
+    director, ds = setup()
+    load(ds, waiting=10)  # saturated: 10 / 5 = 2.0
+    await started(director)
+    order: list[str] = []
+
+    async def one(objective: str) -> None:
+        await director.admit(request(director, objective))
+        order.append(objective)
+
+    tasks = [asyncio.create_task(one(o)) for o in ("batch", "standard", "critical", "batch")]
+    await asyncio.sleep(0.05)
+    assert director.flow is not None
+    assert director.flow.queued == 4
+    assert order == []
+    load(ds, waiting=0)
+    director.flow.wake()
+    await asyncio.wait_for(asyncio.gather(*tasks), 2)
+    assert order[0] == "critical"
+    assert order[1] == "standard"
+    assert order[2:] == ["batch", "batch"]
+    await director.flow.stop()
+
+
+async def test_round_robin_shares_a_band_between_tenants() -> None:
+    director, ds = setup(
+        "{priorityBands: [{priority: 0, fairnessPolicyRef: round-robin-fairness-policy}]}"
+    )
+    load(ds, waiting=10)
+    await started(director)
+    order: list[str] = []
+
+    async def one(tenant: str) -> None:
+        await director.admit(request(director, tenant=tenant))
+        order.append(tenant)
+
+    tasks = [asyncio.create_task(one("flood")) for _ in range(8)]
+    await asyncio.sleep(0.01)
+    tasks += [asyncio.create_task(one("quiet")) for _ in range(2)]
+    await asyncio.sleep(0.02)
+    load(ds, waiting=0)
+    assert director.flow is not None
+    director.flow.wake()
+    await asyncio.wait_for(asyncio.gather(*tasks), 2)
+    assert order.index("quiet") <= 2, order  # the quiet tenant does not wait behind the flood
+    await director.flow.stop()
+
+
+async def test_full_band_rejects_with_llm_d_reason() -> None:
+    director, ds = setup("{priorityBands: [{priority: 0, maxRequests: 2}]}")
+    load(ds, waiting=10)
+    await started(director)
+    waiting = [asyncio.create_task(director.admit(request(director))) for _ in range(2)]
+    await asyncio.sleep(0.02)
+    with pytest.raises(SchedulingError) as exc:
+        await director.admit(request(director))
+    assert exc.value.status == 429
+    assert exc.value.dropped_reason == hdr.DROPPED_SATURATED
+    for t in waiting:
+        t.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert director.flow is not None
+    assert director.flow.queued == 0
+    await director.flow.stop()
+
+
+async def test_ttl_expiry_and_the_empty_pool() -> None:
+    director, ds = setup("{defaultRequestTTL: 100ms, noEndpointRequestTTL: 150ms}")
+    load(ds, waiting=10)
+    await started(director)
+
+    async def expired() -> SchedulingError:
+        task = asyncio.create_task(director.admit(request(director)))
+        await asyncio.sleep(0.02)
+        assert not task.done()
+        ds.clock.now += 1  # type: ignore[attr-defined]  # past either TTL
+        with pytest.raises(SchedulingError) as exc:
+            await asyncio.wait_for(task, 2)
+        return exc.value
+
+    err = await expired()
+    assert (err.status, err.dropped_reason) == (429, hdr.DROPPED_TTL_EXPIRED)
+    ds.set_endpoints(())
+    err = await expired()
+    assert (err.status, err.dropped_reason) == (503, hdr.DROPPED_NO_ENDPOINTS)
+    assert director.flow is not None
+    assert director.flow.outcomes["EvictedTTL"] == 2
+    await director.flow.stop()
+
+
+async def test_a_request_waiting_for_scale_from_zero_goes_when_an_endpoint_arrives() -> None:
+    director, ds = setup("{noEndpointRequestTTL: 5s}")
+    endpoints = tuple(e.endpoint for e in ds.all())
+    ds.set_endpoints(())
+    await started(director)
+    task = asyncio.create_task(director.admit(request(director)))
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    ds.set_endpoints(endpoints)
+    load(ds, waiting=0)
+    assert director.flow is not None
+    director.flow.wake()
+    await asyncio.wait_for(task, 2)
+    await director.flow.stop()
+
+
+async def test_a_client_leaving_the_queue_leaks_nothing() -> None:
+    director, ds = setup()
+    load(ds, waiting=10)
+    await started(director)
+    tasks = [
+        asyncio.create_task(director.admit(request(director, tenant=f"t{i}"))) for i in range(5)
+    ]
+    await asyncio.sleep(0.02)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    flow = director.flow
+    assert flow is not None
+    assert flow.queued == 0
+    assert flow.queued_bytes == 0
+    assert flow.outcomes["EvictedContextCancelled"] == 5
+    assert all(b.requests == 0 and b.bytes == 0 for b in flow.bands.values())
+    await flow.stop()
+
+
+async def test_stale_metrics_never_halt_dispatch() -> None:
+    director, ds = setup()
+    load(ds, waiting=0, running=4)
+    assert director.flow is not None
+    director.flow.detector.pool_saturation(ds.all(), ds.clock())  # learns each engine runs 4
+    ds.clock.now += 30  # type: ignore[attr-defined]  # every scrape is now 30 s old
+    await started(director)
+    for _ in range(6):
+        await asyncio.wait_for(director.admit(request(director)), 1)
+    assert director.flow.outcomes["Dispatched"] == 6
+    assert director.flow.detector.stale_count == 2
+    await director.flow.stop()
+
+
+async def test_llm_d_staleness_policy_halts_as_llm_d_does() -> None:
+    director, ds = setup(
+        "{saturationDetector: {pluginRef: strict}, defaultRequestTTL: 100ms}",
+        extra_plugins="- {type: utilization-detector, name: strict, "
+        "parameters: {stalenessPolicy: saturated}}",
+    )
+    load(ds, waiting=0)
+    ds.clock.now += 30  # type: ignore[attr-defined]
+    await started(director)
+    task = asyncio.create_task(director.admit(request(director)))
+    await asyncio.sleep(0.05)
+    assert not task.done()  # stale metrics read as saturated: nothing is dispatched
+    ds.clock.now += 1  # type: ignore[attr-defined]
+    with pytest.raises(SchedulingError) as exc:
+        await asyncio.wait_for(task, 2)
+    assert exc.value.dropped_reason == hdr.DROPPED_TTL_EXPIRED
+    assert director.flow is not None
+    await director.flow.stop()
+
+
+async def test_slo_deadline_ordering() -> None:
+    director, ds = setup(
+        "{priorityBands: [{priority: 0, orderingPolicyRef: slo-deadline-ordering-policy}]}"
+    )
+    load(ds, waiting=10)
+    await started(director)
+    order: list[str] = []
+
+    async def one(slo: str) -> None:
+        await director.admit(request(director, **({hdr.SLO_TTFT_MS: slo} if slo else {})))
+        order.append(slo)
+
+    tasks = [asyncio.create_task(one(s)) for s in ("", "5000", "junk", "100")]
+    await asyncio.sleep(0.02)
+    load(ds, waiting=0)
+    assert director.flow is not None
+    director.flow.wake()
+    await asyncio.wait_for(asyncio.gather(*tasks), 2)
+    assert order[:2] == ["100", "5000"]
+    await director.flow.stop()
+
+
+async def test_without_flow_control_sheddable_requests_are_dropped_when_saturated() -> None:
+    director, ds, _ = make_director(2, "plugins: [{type: queue-scorer}]")  # llm-d: gate off
+    assert director.flow is None
+    director.objectives = OBJECTIVES
+    load(ds, waiting=10)
+    with pytest.raises(SchedulingError) as exc:
+        await director.admit(request(director, "batch"))
+    assert (exc.value.status, exc.value.dropped_reason) == (429, hdr.DROPPED_SATURATED)
+    await director.admit(request(director, "critical"))  # never rejected without flow control
+
+
+def test_flow_control_config_errors_are_clear() -> None:
+    with pytest.raises(ConfigError) as exc:
+        build_core(config("{maxBytes: lots, priorityBands: [{priority: 1, maxRequests: -2}]}"))
+    msgs = [str(i) for i in exc.value.issues]
+    assert any("flowControl.maxBytes" in m and "not a quantity" in m for m in msgs), msgs
+    assert any("flowControl.priorityBands[0].maxRequests" in m for m in msgs), msgs
+    with pytest.raises(ConfigError) as exc:
+        build_core(
+            config(
+                "{priorityBands: [{priority: 1, fairnessPolicyRef: nope}],"
+                " saturationDetector: {pluginRef: queue-scorer}, enableEviction: true}"
+            )
+        )
+    msgs = [str(i) for i in exc.value.issues]
+    assert any("priorityBands[0].fairnessPolicyRef" in m and "nope" in m for m in msgs), msgs
+    assert any("queue-scorer" in m and "SaturationDetector" in m for m in msgs), msgs
+    assert any("enableEviction" in m and "missing feature" in m for m in msgs), msgs
+
+
+def test_llm_d_flow_control_example_loads() -> None:
+    core = build_core(
+        config(
+            """
+  maxBytes: "10Gi"
+  maxRequests: "10k"
+  defaultRequestTTL: 60s
+  noEndpointRequestTTL: 10m
+  defaultPriorityBand: {maxBytes: 1Gi, fairnessPolicyRef: round-robin-fairness-policy}
+  priorityBands: [{priority: 10, maxRequests: "500", fairnessPolicyRef: round-robin-fairness-policy}]
+  saturationDetector: {pluginRef: utilization-detector}
+  usageLimitPolicyPluginRef: static-usage-limit-policy
+""",
+        )
+    )
+    flow = core.director.flow
+    assert flow is not None
+    assert flow.max_bytes == 10 << 30
+    assert flow.max_requests == 10_000
+    assert flow.no_endpoint_ttl_s == 600
+    assert flow.bands[10].max_requests == 500
+    assert not math.isinf(flow.ttl_s)
+
+
+def test_llmd_default_config_has_flow_control_and_llm_d_configs_do_not() -> None:
+    assert build_core(None).director.flow is not None
+    assert build_core("plugins: [{type: queue-scorer}]").director.flow is None
+    forced = build_core("plugins: [{type: queue-scorer}]\nllmd: {flowControl: true}")
+    assert forced.director.flow is not None
