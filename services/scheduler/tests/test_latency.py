@@ -69,7 +69,9 @@ def train(director: Director, ds: Datastore, rounds: int = 60, seed: int = 0) ->
         ttft = true_ttft(waiting[i], running[i])
         decision.first_byte_at = req.received_at + ttft
         decision.ended_at = req.received_at + ttft + 15 * (0.01 + 0.002 * running[i])
-        director.complete(decision, "natural", Usage(prompt_tokens=60, completion_tokens=16, total_tokens=76))
+        director.complete(
+            decision, "natural", Usage(prompt_tokens=60, completion_tokens=16, total_tokens=76)
+        )
 
 
 def test_rls_learns_a_linear_function() -> None:
