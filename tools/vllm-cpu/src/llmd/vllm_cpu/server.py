@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -193,13 +194,33 @@ def new_server(spec: VllmServerSpec, log_dir: Path) -> VllmServer:
 
 
 def start_servers(env: VllmEnv, specs: Sequence[VllmServerSpec], log_dir: Path) -> list[VllmServer]:
-    """Start several servers at once and wait for all; on failure stop them all and raise."""
+    """Start several servers at once and wait for all; on failure stop them all and raise.
+
+    A server whose process exits during start-up is started once more on fresh ports (its
+    first log is kept as `*.failed.log`): on a loaded 2-core machine vLLM's engine core
+    occasionally fails to initialise, and a port picked as free can be taken before vLLM binds
+    it. A server that is still starting when the time runs out is not retried."""
     servers = [new_server(spec, log_dir) for spec in specs]
     try:
         for server in servers:
             server.start(env)
-        for server in servers:
-            server.wait_healthy()
+        for i, server in enumerate(servers):
+            try:
+                server.wait_healthy()
+            except VllmStartError:
+                if server.process is None or server.process.poll() is None:
+                    raise  # timed out while still running: a retry would not help
+                failed_log = server.log_path.with_suffix(".failed.log")
+                server.log_path.replace(failed_log)
+                print(
+                    f"vLLM {server.spec.pod} exited during start-up (log {failed_log}); "
+                    "starting it once more on fresh ports",
+                    file=sys.stderr,
+                )
+                retry = new_server(server.spec, log_dir)
+                servers[i] = retry
+                retry.start(env)
+                retry.wait_healthy()
     except BaseException:
         for server in servers:
             server.stop()
