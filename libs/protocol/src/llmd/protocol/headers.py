@@ -1,5 +1,6 @@
 """HTTP header names llm-d components exchange (all lower case, as Envoy presents them)."""
 
+import math
 from typing import Final
 
 REQUEST_ID: Final = "x-request-id"
@@ -21,6 +22,8 @@ FAIRNESS_ID: Final = "x-llm-d-inference-fairness-id"
 FAIRNESS_ID_LEGACY: Final = "x-gateway-inference-fairness-id"
 SLO_TTFT_MS: Final = "x-llm-d-slo-ttft-ms"
 SLO_TPOT_MS: Final = "x-llm-d-slo-tpot-ms"
+SLO_TTFT_MS_LEGACY: Final = "x-slo-ttft-ms"
+SLO_TPOT_MS_LEGACY: Final = "x-slo-tpot-ms"
 SESSION_ID: Final = "x-session-id"
 SESSION_TOKEN: Final = "x-session-token"
 
@@ -70,3 +73,15 @@ SCHEDULER_OWNED: Final = frozenset(
 )
 """Routing headers only the scheduler may set: a client's own values are removed, so a
 client cannot choose its engine, its prefill pod or where KV comes from."""
+
+
+def slo_ms(raw: str | None) -> float | None:
+    """An SLO header's value in milliseconds; None when absent or not a positive finite
+    number (llm-d ignores such a value)."""
+    if raw is None:
+        return None
+    try:
+        ms = float(raw)
+    except ValueError:
+        return None
+    return ms if math.isfinite(ms) and ms > 0 else None

@@ -407,7 +407,6 @@ class Flow:
     key: FlowKey
     heap: list[tuple[tuple[float, int], Item]] = field(default_factory=list)
     bytes: int = 0
-    idle_since: float = 0.0
     service: float = 0.0
     """Attained service (tokens) for least-attained-service fairness, decayed."""
     service_at: float = 0.0
@@ -627,7 +626,6 @@ class FlowMetrics:
         return got
 
 
-SLO_TTFT_HEADERS = (hdr.SLO_TTFT_MS, "x-slo-ttft-ms")
 MAX_FLOWS = 10_000
 """Distinct flows kept (fairness ids come from clients); idle flows are dropped first."""
 
@@ -829,8 +827,6 @@ class FlowController:
         band.bytes -= item.size
         self.queued -= 1
         self.queued_bytes -= item.size
-        if not flow.heap:
-            flow.idle_since = self.clock()
         self._gauges(band, flow, item.request)
 
     def _drop_idle_flows(self) -> None:
@@ -991,18 +987,8 @@ class FlowController:
 
 
 def _slo_deadline(request: LLMRequest) -> float:
-    for name in SLO_TTFT_HEADERS:
-        raw = request.headers.get(name)
-        if raw is None:
-            continue
-        try:
-            ms = float(raw)
-        except ValueError:
-            return math.inf
-        if not math.isfinite(ms) or ms <= 0:
-            return math.inf
-        return request.received_at + ms / 1000
-    return math.inf
+    ms = hdr.slo_ms(request.header(hdr.SLO_TTFT_MS, hdr.SLO_TTFT_MS_LEGACY))
+    return math.inf if ms is None else request.received_at + ms / 1000
 
 
 def _raw_labels(req: LLMRequest) -> tuple[str, str, str, str]:

@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import Field
 
+from llmd.protocol import headers as hdr
 from llmd.runtime.config import parse_duration
 from llmd.scheduler.framework import (
     Admitter,
@@ -51,8 +52,8 @@ from llmd.scheduler.framework import (
 log = logging.getLogger(__name__)
 
 PRODUCER = "predicted-latency-producer"
-SLO_TTFT = ("x-llm-d-slo-ttft-ms", "x-slo-ttft-ms")
-SLO_TPOT = ("x-llm-d-slo-tpot-ms", "x-slo-tpot-ms")
+SLO_TTFT = (hdr.SLO_TTFT_MS, hdr.SLO_TTFT_MS_LEGACY)
+SLO_TPOT = (hdr.SLO_TPOT_MS, hdr.SLO_TPOT_MS_LEGACY)
 MAX_ENDPOINT_LABELS = 4096
 
 
@@ -201,20 +202,14 @@ class PredictedLatencyProducer(DataProducer[PredictedLatencyParams], ResponseHoo
 
     def _slo(self, request: LLMRequest, names: tuple[str, ...]) -> float | None:
         raw = request.header(*names)
-        if raw is None:
-            return None
-        try:
-            ms = float(raw)
-        except ValueError:
-            ms = -1.0
-        if not math.isfinite(ms) or ms <= 0:
+        ms = hdr.slo_ms(raw)
+        if ms is None and raw is not None:
             if "invalid" in self._m:
                 self._m["invalid"].inc()
             if not self._invalid_warned:
                 self._invalid_warned = True
                 log.warning("ignoring SLO header value %r (not a positive number of ms)", raw)
-            return None
-        return ms / 1000 * self.params.slo_buffer_factor
+        return None if ms is None else ms / 1000 * self.params.slo_buffer_factor
 
     def produce(self, request: LLMRequest, endpoints: list[EndpointState]) -> None:
         st = request.state(self.name, LatencyState)
