@@ -12,6 +12,7 @@ import pytest
 from kubernetes import client
 from prometheus_client import CollectorRegistry
 
+from llmd.dev.fakekube import FakeKube, pod
 from llmd.runtime.cluster import ClusterError, KubernetesCluster, KubernetesPool, PoolStatus
 from llmd.runtime.discovery import (
     DiscoveryError,
@@ -22,8 +23,6 @@ from llmd.runtime.discovery import (
     StaticFileDiscovery,
     parse_endpoints_document,
 )
-
-from .fake_kube import FakeKube, pod
 
 
 class Follower:

@@ -131,6 +131,16 @@ def control_app(cluster: LocalCluster) -> FastAPI:
                 "ready": st.ready,
                 "settled": cluster.settled(pool),
                 "endpoints": [f"{e.name} {e.address}:{e.port}" for e in eps],
+                "replicas": [
+                    {
+                        "name": e.name,
+                        "address": e.address,
+                        "port": e.port,
+                        "ready": e.ready,
+                        "labels": dict(e.labels),
+                    }
+                    for e in eps
+                ],
             }
         return out
 

@@ -1,6 +1,9 @@
-"""A minimal Kubernetes API server on loopback: pods list/watch and the Deployment scale subresource.
+"""A minimal Kubernetes API server on loopback: pods (list, watch) and Deployments' scale.
 
-It speaks the real wire format, so the official `kubernetes` client is exercised end to end.
+It speaks the real wire format, so the official `kubernetes` client is exercised end to end
+(tests of discovery, the Kubernetes Cluster and the autoscaler's actuation use it). Every
+scale-subresource PATCH is recorded in `patches`; an unknown Deployment is a 404 as on a real
+API server.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class FakeKube:
         self.events: list[tuple[int, str, dict[str, Any]]] = []
         self.version = 1
         self.replicas: dict[str, int] = {"vllm": 2}
+        self.patches: list[tuple[str, int]] = []
         self.cond = threading.Condition()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -106,8 +110,17 @@ class FakeKube:
                             float(query.get("timeoutSeconds", ["5"])[0]),
                         )
                         return
+                    wanted = [
+                        tuple(term.split("=", 1))
+                        for term in query.get("labelSelector", [""])[0].split(",")
+                        if "=" in term
+                    ]
                     with kube.cond:
-                        items = list(kube.pods.values())
+                        items = [
+                            p
+                            for p in kube.pods.values()
+                            if all(p["metadata"]["labels"].get(k) == v for k, v in wanted)
+                        ]
                         version = kube.version
                     self._json(
                         200,
@@ -118,7 +131,7 @@ class FakeKube:
                             "items": items,
                         },
                     )
-                elif parts[-1] == "scale":
+                elif parts[-1] == "scale" and parts[-2] in kube.replicas:
                     self._json(200, self._scale(parts[-2]))
                 else:
                     self._json(404, {"kind": "Status", "code": 404})
@@ -126,7 +139,11 @@ class FakeKube:
             def do_PATCH(self) -> None:
                 parts = urlparse(self.path).path.strip("/").split("/")
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                kube.replicas[parts[-2]] = body["spec"]["replicas"]
+                if parts[-1] != "scale" or parts[-2] not in kube.replicas:
+                    self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+                    return
+                kube.replicas[parts[-2]] = int(body["spec"]["replicas"])
+                kube.patches.append((parts[-2], kube.replicas[parts[-2]]))
                 self._json(200, self._scale(parts[-2]))
 
             def _watch(self, since: int, timeout_s: float) -> None:

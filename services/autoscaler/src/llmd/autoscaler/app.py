@@ -1,0 +1,212 @@
+"""`llmd-autoscaler` as a service: config, composition root, HTTP surface.
+
+HTTP (one port): `/metrics` (`wva_desired_replicas` and the loop's own metrics), `/healthz`,
+`/readyz` (ready once a pass has completed), `/debug/decisions` (the last decisions with their
+inputs, newest last; `?variant=NAME` filters).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Literal
+
+import msgspec
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CollectorRegistry
+from pydantic import Field
+
+from llmd.autoscaler.controller import Autoscaler
+from llmd.autoscaler.decide import SaturationSettings
+from llmd.autoscaler.variants import Variant, load_variants
+from llmd.runtime.cluster import Cluster, HttpCluster, KubernetesCluster, KubernetesPool
+from llmd.runtime.config import ConfigError, ConfigIssue, Seconds, StrictModel
+from llmd.runtime.lifecycle import Health, health_router, serve_http
+from llmd.runtime.service import ServiceConfig
+
+log = logging.getLogger(__name__)
+
+
+class Saturation(StrictModel):
+    """WVA's saturation-scaling keys (camelCase names are accepted in a config file)."""
+
+    kv_cache_threshold: float = Field(
+        default=0.8, gt=0, le=1, alias="kvCacheThreshold",
+        description="a replica at this KV-cache usage is saturated",
+    )  # fmt: skip
+    queue_length_threshold: float = Field(
+        default=5, gt=0, alias="queueLengthThreshold",
+        description="a replica with this many waiting requests is saturated",
+    )  # fmt: skip
+    kv_spare_trigger: float = Field(
+        default=0.1, ge=0, lt=1, alias="kvSpareTrigger",
+        description="scale up when the mean spare KV of unsaturated replicas falls below this",
+    )  # fmt: skip
+    queue_spare_trigger: float = Field(
+        default=3, ge=0, alias="queueSpareTrigger",
+        description="scale up when the mean spare queue of unsaturated replicas falls below this",
+    )  # fmt: skip
+
+    def settings(self) -> SaturationSettings:
+        return SaturationSettings(
+            self.kv_cache_threshold,
+            self.queue_length_threshold,
+            self.kv_spare_trigger,
+            self.queue_spare_trigger,
+        )
+
+
+class AutoscalerConfig(ServiceConfig):
+    """Everything `llmd-autoscaler` takes."""
+
+    variants_file: str = Field(
+        default="", description="YAML file of VariantAutoscaling objects (required)"
+    )
+    cluster: Literal["local", "kubernetes"] = Field(
+        default="local",
+        description="local: the process pool of `llmd-dev up` (its control API); kubernetes: "
+        "Deployments' scale subresource and pods through the official client",
+    )
+    control_url: str = Field(
+        default="http://127.0.0.1:8003", description="cluster=local: the control API"
+    )
+    engine_port: int = Field(
+        default=8000, gt=0, lt=65536, description="cluster=kubernetes: the engines' HTTP port"
+    )
+    actuation: Literal["auto", "metric", "scale"] = Field(
+        default="auto",
+        description="metric: only export wva_desired_replicas (an HPA/KEDA scales); scale: also "
+        "set the replicas; auto: scale locally, metric in Kubernetes",
+    )
+    interval: Seconds = Field(default=5.0, gt=0, description="time between two passes")
+    saturation: Saturation = Field(default_factory=Saturation)
+    scale_to_zero: bool = Field(
+        default=False,
+        description="let variants with minReplicas 0 go to zero when idle (WVA_SCALE_TO_ZERO)",
+    )
+    retention_period: Seconds = Field(
+        default=600.0, gt=0, description="idle time before scale-to-zero (WVA's retentionPeriod)"
+    )
+    scale_up_stabilization: Seconds = Field(
+        default=0.0, ge=0, description="scale up on the lowest recommendation of this window"
+    )
+    scale_down_stabilization: Seconds = Field(
+        default=30.0, ge=0, description="scale down on the highest recommendation of this window"
+    )
+    max_scale_up_step: int = Field(default=4, ge=1, description="replicas added per decision")
+    max_scale_down_step: int = Field(default=1, ge=1, description="replicas removed per decision")
+    demand_urls: list[str] = Field(
+        default_factory=list,
+        description="/metrics URLs of schedulers and activators whose queued requests count as "
+        "demand (llm_d_epp_flow_control_queue_size, llmd_activator_queue_size)",
+    )
+    controller_instance: str = Field(
+        default="", description="value of the controller_instance label (WVA's)"
+    )
+    http_port: int = Field(
+        default=8081, ge=0, lt=65536, description="HTTP port: /metrics, health, /debug/decisions"
+    )
+
+
+def kubernetes_cluster(variants: list[Variant], port: int) -> KubernetesCluster:
+    """Deployments named by the variants' scaleTargetRef, pods by their selectors."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    pools = {v.target: KubernetesPool(v.target, v.namespace, v.selector, port) for v in variants}
+    return KubernetesCluster(client.CoreV1Api(), client.AppsV1Api(), pools)
+
+
+class AutoscalerApp:
+    def __init__(self, config: AutoscalerConfig, variants: list[Variant], cluster: Cluster) -> None:
+        self.config = config
+        self.variants = variants
+        self.cluster = cluster
+        self.registry = CollectorRegistry()
+        self.health = Health(self.registry)
+        self.health.set("first-pass", False, "no pass completed yet")
+        actuation = config.actuation
+        if actuation == "auto":
+            actuation = "scale" if config.cluster == "local" else "metric"
+        self.autoscaler = Autoscaler(
+            variants,
+            cluster,
+            settings=config.saturation.settings(),
+            registry=self.registry,
+            interval_s=config.interval,
+            actuation=actuation,
+            scale_to_zero=config.scale_to_zero,
+            retention_s=config.retention_period,
+            up_window_s=config.scale_up_stabilization,
+            down_window_s=config.scale_down_stabilization,
+            max_up=config.max_scale_up_step,
+            max_down=config.max_scale_down_step,
+            demand_urls=config.demand_urls,
+            controller_instance=config.controller_instance,
+        )
+        self._servers: list[Any] = []
+        self._watch: asyncio.Task[None] | None = None
+
+    def describe(self) -> str:
+        lines = [
+            f"llmd-autoscaler: {len(self.variants)} variant(s), cluster {self.config.cluster}, "
+            f"actuation {self.autoscaler.actuation}, every {self.config.interval:g}s"
+        ]
+        for v in self.variants:
+            lines.append(
+                f"  {v.key}: model {v.model_id}, pool {v.target}, cost {v.cost:g}, "
+                f"replicas [{v.min_replicas}, {v.max_replicas}]"
+            )
+        return "\n".join(lines)
+
+    def http_app(self) -> FastAPI:
+        app = FastAPI(title="llmd-autoscaler", docs_url=None, redoc_url=None)
+        app.include_router(health_router(self.health, self.registry))
+
+        @app.get("/debug/decisions")
+        async def decisions(request: Request) -> Response:
+            name = request.query_params.get("variant")
+            out = [d.as_dict() for d in self.autoscaler.decisions if name in (None, d.variant)]
+            return Response(msgspec.json.encode(out), media_type="application/json")
+
+        return app
+
+    async def _ready_when_passed(self) -> None:
+        await self.autoscaler.passed.wait()
+        self.health.set("first-pass", True)
+
+    async def start(self) -> None:
+        self._servers.append(serve_http(self.http_app(), self.config.host, self.config.http_port))
+        self.autoscaler.start()
+        self._watch = asyncio.create_task(self._ready_when_passed())
+        log.info("%s", self.describe())
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        await self.autoscaler.stop()
+        for server, _ in self._servers:
+            server.should_exit = True
+        if self._servers:
+            await asyncio.wait([t for _, t in self._servers], timeout=3)
+        close = getattr(self.cluster, "aclose", None)
+        if close is not None:
+            await close()
+
+
+def build(config: AutoscalerConfig) -> AutoscalerApp:
+    """The composition root (ConfigError for a config that cannot run)."""
+    if not config.variants_file:
+        raise ConfigError(
+            [ConfigIssue("variants_file", "required: a YAML file of VariantAutoscaling objects")]
+        )
+    variants = load_variants(config.variants_file)
+    cluster: Cluster
+    if config.cluster == "kubernetes":
+        cluster = kubernetes_cluster(variants, config.engine_port)
+    else:
+        cluster = HttpCluster(config.control_url)
+    return AutoscalerApp(config, variants, cluster)

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import pytest
+
+from llmd.autoscaler.decide import (
+    ReplicaLoad,
+    SaturationSettings,
+    Stabilizer,
+    VariantState,
+    allocate,
+    analyze,
+)
+from llmd.autoscaler.variants import Variant
+
+S = SaturationSettings()
+
+
+def variant(name: str = "v", cost: float = 10.0, lo: int = 1, hi: int = 10) -> Variant:
+    return Variant(name, "llm", "m", name, cost, lo, hi)
+
+
+def state(*loads: tuple[float, int], desired: int | None = None, v: Variant | None = None,
+          ready: int | None = None) -> VariantState:  # fmt: skip
+    reps = tuple(ReplicaLoad(f"r{i}", kv, w, 1) for i, (kv, w) in enumerate(loads))
+    n = len(reps) if desired is None else desired
+    return VariantState(v or variant(), n, len(reps) if ready is None else ready, reps)
+
+
+def test_within_thresholds_holds() -> None:
+    a = analyze([state((0.5, 0), (0.4, 1))], S)
+    assert a.replicas == 2
+    assert a.reason == "within thresholds"
+    assert a.saturated == 0
+    assert a.spare_kv == pytest.approx(0.35)
+    assert a.spare_queue == pytest.approx(4.5)
+
+
+def test_low_spare_kv_scales_up_by_what_the_load_needs() -> None:
+    # 2 replicas at 0.75 KV: spare 0.05 < 0.1; 1.5 of KV needs ceil(1.5 / 0.7) = 3 replicas
+    a = analyze([state((0.75, 0), (0.75, 0))], S)
+    assert a.replicas == 3
+    assert "spare KV 0.05 < kvSpareTrigger 0.1" in a.reason
+    # far over: 4 replicas at 0.79 KV and 4 waiting each -> queue needs ceil(16 / 2) = 8
+    a = analyze([state(*[(0.79, 4)] * 4)], S)
+    assert a.replicas == 8
+    assert "spare queue 1.0 < queueSpareTrigger 3" in a.reason
+
+
+def test_every_replica_saturated_scales_up() -> None:
+    a = analyze([state((0.9, 0), (0.2, 7))], S)
+    assert a.saturated == 2
+    assert "every replica saturated" in a.reason
+    assert a.replicas >= 3
+
+
+def test_gateway_queue_is_demand() -> None:
+    a = analyze([state((0.1, 0))], S, queued=5)
+    assert a.replicas == 3  # ceil(5 / 2)
+    assert "5 request(s) held at the gateway or activator" in a.reason
+
+
+def test_scale_down_only_while_the_rest_keep_their_spare() -> None:
+    a = analyze([state((0.2, 0), (0.2, 0), (0.1, 0), (0.0, 0))], S)
+    assert a.replicas == 1  # 0.5 of KV fits one replica under 0.7
+    a = analyze([state((0.6, 0), (0.5, 0))], S)
+    assert a.replicas == 2  # 1.1 would put one replica over 0.7
+    a = analyze([state((0.85, 0), (0.0, 0), (0.0, 0))], S)
+    assert a.replicas == 3  # one saturated: never remove
+
+
+def test_starting_replicas_hold_a_scale_down() -> None:
+    a = analyze([state((0.0, 0), desired=3, ready=1)], S)
+    assert a.replicas == 3
+    assert "starting" in a.reason
+
+
+def test_zero_and_idle() -> None:
+    assert analyze([state(desired=0)], S).replicas == 0
+    a = analyze([state(desired=0)], S, queued=1)
+    assert (a.replicas, a.reason) == (1, "scale from zero: 1 request(s) waiting")
+    a = analyze([state((0.0, 0))], S, idle_for_s=31, retention_s=30)
+    assert a.replicas == 0
+    assert "idle for 31s" in a.reason
+    assert analyze([state((0.0, 0))], S, idle_for_s=31, retention_s=None).replicas == 1
+    assert analyze([state((0.0, 0))], S, queued=1, idle_for_s=31, retention_s=30).replicas >= 1
+
+
+def test_missing_metrics_hold() -> None:
+    blind = VariantState(variant(), 2, 2, (ReplicaLoad("r0", None, None, None),))
+    a = analyze([blind], S)
+    assert (a.replicas, a.reason) == (2, "no engine metrics yet: hold")
+    assert analyze([blind], S, queued=3).replicas == 3
+
+
+def test_allocation_adds_cheapest_first_and_removes_most_expensive_first() -> None:
+    h100, l40s = variant("h100", 10, lo=1, hi=4), variant("l40s", 5, lo=0, hi=2)
+    states = [VariantState(h100, 1, 1), VariantState(l40s, 0, 0)]
+    assert allocate(states, 2) == {"llm/h100": 1, "llm/l40s": 1}
+    assert allocate(states, 3) == {"llm/h100": 1, "llm/l40s": 2}
+    assert allocate(states, 5) == {"llm/h100": 3, "llm/l40s": 2}
+    assert allocate(states, 99) == {"llm/h100": 4, "llm/l40s": 2}
+    big = [VariantState(h100, 3, 3), VariantState(l40s, 2, 2)]
+    assert allocate(big, 4) == {"llm/h100": 2, "llm/l40s": 2}
+    assert allocate(big, 1) == {"llm/h100": 1, "llm/l40s": 0}
+    zero = [VariantState(variant("a", lo=0), 2, 2), VariantState(variant("b", lo=0), 1, 1)]
+    assert allocate(zero, 0) == {"llm/a": 0, "llm/b": 0}
+
+
+def test_allocation_prices_capacity_when_engines_report_it() -> None:
+    # a is cheaper per replica but holds a quarter of b's KV: b is cheaper capacity
+    a = VariantState(variant("a", 4, lo=0), 0, 0, capacity_tokens=100_000)
+    b = VariantState(variant("b", 10, lo=0), 0, 0, capacity_tokens=400_000)
+    assert allocate([a, b], 1) == {"llm/a": 0, "llm/b": 1}
+
+
+def test_stabilizer_windows_and_steps() -> None:
+    st = Stabilizer(up_window_s=0, down_window_s=10, max_up=2, max_down=1)
+    assert st.apply(0, 1, 6) == 3  # up at once, 2 at a time
+    assert st.apply(1, 3, 2) == 3  # down: 6 was recommended within 10 s
+    assert st.apply(11.5, 3, 2) == 2  # the window has passed
+    assert st.apply(12, 2, 1) == 2  # 2 still within the window
+    assert st.apply(30, 2, 0) == 0  # scale-to-zero is not step-limited
+    assert st.apply(31, 0, 5) == 5  # nor is scale-from-zero
+    up = Stabilizer(up_window_s=5, down_window_s=0)
+    assert up.apply(0, 1, 1) == 1
+    assert up.apply(1, 1, 3) == 1  # a 1 within 5 s: no scale-up on a blip
+    assert up.apply(6, 1, 3) == 3

@@ -1,0 +1,205 @@
+"""Autoscaling end to end on the local process pool: llmd-autoscaler and llmd-activator as
+processes, driving real engine processes (simulated vLLM with a start-up delay) through the
+local stack's control API.
+
+A request at zero is held and served once an engine is up; a load ramp scales the pool up
+(new engines start and join discovery); when the load stops the pool drains down and, idle,
+goes to zero; a request at zero is served again. Nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from llmd.dev.cli import control_app
+from llmd.dev.cluster import LocalCluster, SimLauncher
+from llmd.runtime.lifecycle import serve_http
+from llmd.vllm_cpu.server import free_port
+
+pytestmark = pytest.mark.integration
+
+VARIANT = {
+    "apiVersion": "llmd.ai/v1alpha1",
+    "kind": "VariantAutoscaling",
+    "metadata": {"name": "sim", "namespace": "local",
+                 "labels": {"inference.optimization/acceleratorName": "sim"}},
+    "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "sim"}, "modelID": "tiny",
+             "variantCost": "10", "minReplicas": 0, "maxReplicas": 3},
+}  # fmt: skip
+
+
+@dataclass
+class Local:
+    cluster: LocalCluster
+    activator: str
+    autoscaler: str
+    work: Path
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+
+def _start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text()[-3000:]
+
+
+async def _ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    async with httpx.AsyncClient(timeout=2) as c:
+        for _ in range(300):
+            assert proc.poll() is None, _tail(log)
+            with contextlib.suppress(httpx.HTTPError):
+                if (await c.get(url + "/readyz")).status_code == 200:
+                    return
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} not ready: {_tail(log)}")
+
+
+@pytest.fixture
+async def local(tmp_path: Path) -> AsyncIterator[Local]:
+    launcher = SimLauncher(
+        profile="h100-8b", extra_args=("--startup-delay", "1", "--max-num-seqs", "2")
+    )
+    cluster = LocalCluster({"sim": launcher}, tmp_path / "endpoints.yaml", tmp_path,
+                           drain_timeout_s=20)  # fmt: skip
+    control_port, act_port, scaler_port = free_port(), free_port(), free_port()
+    server, task = serve_http(control_app(cluster), "127.0.0.1", control_port)
+    control = f"http://127.0.0.1:{control_port}"
+    variants = tmp_path / "variants.yaml"
+    variants.write_text(yaml.safe_dump(VARIANT))
+    act_log, scaler_log = tmp_path / "activator.log", tmp_path / "autoscaler.log"
+    activator = _start(
+        [sys.executable, "-m", "llmd.activator.cli", "--pool", "sim", "--control-url", control,
+         "--host", "127.0.0.1", "--http-port", str(act_port), "--hold-timeout", "60s"],
+        act_log,
+    )  # fmt: skip
+    autoscaler = _start(
+        [sys.executable, "-m", "llmd.autoscaler.cli", "--variants-file", str(variants),
+         "--control-url", control, "--host", "127.0.0.1", "--http-port", str(scaler_port),
+         "--interval", "500ms", "--scale-to-zero", "--retention-period", "4s",
+         "--scale-down-stabilization", "2s",
+         "--demand-urls", json.dumps([f"http://127.0.0.1:{act_port}/metrics"])],
+        scaler_log,
+    )  # fmt: skip
+    env = Local(cluster, f"http://127.0.0.1:{act_port}", f"http://127.0.0.1:{scaler_port}",
+                tmp_path, [activator, autoscaler])  # fmt: skip
+    try:
+        await _ready(env.activator, activator, act_log)
+        await _ready(env.autoscaler, autoscaler, scaler_log)
+        yield env
+    finally:
+        for p in env.procs:
+            p.terminate()
+        for p in env.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        server.should_exit = True
+        await asyncio.wait([task], timeout=5)
+        await cluster.close()
+
+
+async def _wait_for(what: str, check: object, timeout_s: float, local: Local) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await check():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0.1)
+    logs = {p: (local.work / p).read_text()[-2500:] for p in ("autoscaler.log", "activator.log")}
+    raise AssertionError(f"{what} not reached in {timeout_s:.0f}s: {logs}")
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def test_zero_to_load_to_zero_without_losing_a_request(local: Local) -> None:
+    cluster = local.cluster
+    assert (await cluster.status("sim")).desired == 0
+    body = {"model": "tiny", "prompt": "hello " * 40, "max_tokens": 8}
+    statuses: list[int] = []
+    async with httpx.AsyncClient(timeout=90) as c:
+        # 1. a request at zero is held, the pool is scaled up, the request is served
+        t0 = time.monotonic()
+        r = await c.post(local.activator + "/v1/completions", json=body)
+        first = time.monotonic() - t0
+        statuses.append(r.status_code)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 8
+        assert (await cluster.status("sim")).ready == 1
+        assert first >= 1.0  # it waited for the engine's 1 s start-up
+
+        # 2. a load ramp: 12 concurrent long requests on engines that run 2 at a time
+        stop = asyncio.Event()
+        long_body = body | {"max_tokens": 120}
+
+        async def user() -> None:
+            while not stop.is_set():
+                resp = await c.post(local.activator + "/v1/completions", json=long_body)
+                statuses.append(resp.status_code)
+
+        users = [asyncio.create_task(user()) for _ in range(12)]
+
+        async def scaled_up() -> bool:
+            st = await cluster.status("sim")
+            return st.ready >= 2 and len(await cluster.endpoints("sim")) >= 2
+
+        await _wait_for("scale-up to 2+ ready engines", scaled_up, 60, local)
+        stop.set()
+        await asyncio.gather(*users)
+
+        # 3. the load stops: drain down, then idle for the retention -> zero
+        async def at_zero() -> bool:
+            st = await cluster.status("sim")
+            gone = not await cluster.endpoints("sim") and cluster.settled("sim")
+            return st.desired == 0 and gone  # every engine drained and stopped
+
+        await _wait_for("scale-to-zero", at_zero, 90, local)
+
+        # 4. a request at zero again: held, served
+        r = await c.post(local.activator + "/v1/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+            "stream": True,
+        })  # fmt: skip
+        statuses.append(r.status_code)
+        assert r.status_code == 200
+        assert r.text.rstrip().endswith("data: [DONE]")
+
+        decisions = (await c.get(local.autoscaler + "/debug/decisions")).json()
+        act_metrics = (await c.get(local.activator + "/metrics")).text
+        scaler_metrics = (await c.get(local.autoscaler + "/metrics")).text
+
+    assert statuses
+    assert all(s == 200 for s in statuses), statuses  # 0 lost
+    reasons = [d["analysis"]["reason"] for d in decisions]
+    assert any(r.startswith("scale up:") for r in reasons), reasons
+    assert any(r.startswith("idle for") for r in reasons), reasons
+    assert max(d["desired"] for d in decisions) >= 2
+    assert _metric(act_metrics, "llmd_activator_requests_total", outcome="activated") == 2
+    assert _metric(act_metrics, "llmd_activator_requests_total", outcome="timeout") == 0
+    assert _metric(act_metrics, "llmd_activator_scale_requests_total", direction="up") == 2
+    assert _metric(act_metrics, "llmd_activator_queue_size") == 0
+    assert _metric(act_metrics, "llmd_activator_inflight_requests") == 0
+    assert (
+        _metric(scaler_metrics, "wva_replica_scaling_total", direction="down", reason="idle") >= 1
+    )
+    assert _metric(scaler_metrics, "wva_replica_scaling_total", direction="up") >= 1
