@@ -23,8 +23,10 @@ import httpx
 import pytest
 import yaml
 
+from llmd.activator.app import ActivatorApp, ActivatorConfig
 from llmd.dev.cli import control_app
 from llmd.dev.cluster import LocalCluster, SimLauncher
+from llmd.dev.gateway import Gateway
 from llmd.runtime.lifecycle import serve_http
 from llmd.vllm_cpu.server import free_port
 
@@ -203,3 +205,53 @@ async def test_zero_to_load_to_zero_without_losing_a_request(local: Local) -> No
         _metric(scaler_metrics, "wva_replica_scaling_total", direction="down", reason="idle") >= 1
     )
     assert _metric(scaler_metrics, "wva_replica_scaling_total", direction="up") >= 1
+
+
+async def test_gateway_sends_a_pool_at_zero_to_the_activator(tmp_path: Path) -> None:
+    """Envoy -> llmd-scheduler (no endpoint in the pool) -> llmd-activator (holds, scales up)
+    -> the new engine; once discovery lists the engine the scheduler routes to it itself."""
+    launcher = SimLauncher(profile="h100-8b", extra_args=("--startup-delay", "1"))
+    cluster = LocalCluster({"sim": launcher}, tmp_path / "endpoints.yaml", tmp_path)
+    act_port = free_port()
+    cfg = ActivatorConfig(pool="sim", host="127.0.0.1", http_port=act_port)
+    activator = ActivatorApp(cfg, cluster)
+    await activator.start()
+    gateway = await asyncio.to_thread(
+        Gateway.start,
+        cluster.discovery_file,
+        tmp_path / "gw",
+        scheduler_args=["--activator-endpoint", f"127.0.0.1:{act_port}"],
+    )
+    body = {"model": "tiny", "prompt": "hello " * 20, "max_tokens": 4}
+    try:
+        async with httpx.AsyncClient(timeout=60) as c:
+            r = await c.post(gateway.url + "/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 4
+            sched = gateway.scheduler.url + "/metrics"
+            assert _metric((await c.get(sched)).text, "llmd_activator_routed_requests_total") == 1
+            # the scheduler re-reads discovery every second: then it routes by itself
+            for _ in range(100):
+                if _metric((await c.get(sched)).text, "llm_d_epp_ready_endpoints") >= 1:
+                    break
+                await asyncio.sleep(0.1)
+            for _ in range(3):
+                r = await c.post(gateway.url + "/v1/completions", json=body)
+                assert r.status_code == 200
+            text = (await c.get(sched)).text
+        assert _metric(text, "llmd_activator_routed_requests_total") == 1
+        reg = activator.registry
+        assert (
+            reg.get_sample_value(
+                "llmd_activator_requests_total", {"pool": "sim", "outcome": "activated"}
+            )
+            == 1
+        )
+        forwarded = reg.get_sample_value(
+            "llmd_activator_requests_total", {"pool": "sim", "outcome": "forwarded"}
+        )
+        assert forwarded is None  # after the first, requests skipped the activator
+    finally:
+        await asyncio.to_thread(gateway.stop)
+        await activator.stop()
+        await cluster.close()

@@ -6,6 +6,7 @@ from llmd.autoscaler.decide import (
     ReplicaLoad,
     SaturationSettings,
     Stabilizer,
+    Trend,
     VariantState,
     allocate,
     analyze,
@@ -125,3 +126,68 @@ def test_stabilizer_windows_and_steps() -> None:
     assert up.apply(0, 1, 1) == 1
     assert up.apply(1, 1, 3) == 1  # a 1 within 5 s: no scale-up on a blip
     assert up.apply(6, 1, 3) == 3
+
+
+def test_full_batches_are_load_once_the_limit_is_known() -> None:
+    v = variant()
+    busy = tuple(ReplicaLoad(f"r{i}", 0.02, 0, 4) for i in range(4))
+    # limit unknown: tiny KV and empty queues read as one replica's worth
+    assert analyze([VariantState(v, 4, 4, busy)], S).replicas == 1
+    # limit 4 known: 16 running at 75% of 4 per replica need ceil(16 / 3) = 6
+    a = analyze([VariantState(v, 4, 4, busy, batch_limit=4)], S)
+    assert a.replicas == 6
+    assert "running batches need 5.3 replica(s) at 75% of their limit 4" in a.reason
+    assert a.load == pytest.approx(16 / 3)
+    half = tuple(ReplicaLoad(f"r{i}", 0.02, 0, 1) for i in range(4))
+    assert analyze([VariantState(v, 4, 4, half, batch_limit=4)], S).replicas == 2
+
+
+def test_trend_projects_a_rising_load_only() -> None:
+    t = Trend(window_s=30)
+    for i in range(7):
+        t.add(i * 5.0, 1.0 + 0.1 * i)  # +0.02 replicas/s
+    assert t.slope() == pytest.approx(0.02)
+    assert t.ahead(30) == pytest.approx(1.6 + 0.6)
+    falling = Trend(window_s=30)
+    for i in range(5):
+        falling.add(i * 5.0, 3.0 - 0.5 * i)
+    assert falling.ahead(30) == pytest.approx(1.0)  # never below what is measured now
+    few = Trend()
+    few.add(0, 1)
+    few.add(1, 5)
+    assert few.slope() == 0.0  # two points are not a trend
+    old = Trend(window_s=10)
+    for i in range(20):
+        old.add(float(i), 0.0 if i < 15 else float(i))
+    assert len(old.points) == 11
+
+
+def test_autoscaler_scales_ahead_of_a_rising_load_and_learns_start_times() -> None:
+    from llmd.autoscaler.controller import Autoscaler
+    from llmd.autoscaler.decide import Analysis
+    from llmd.runtime.cluster import HttpCluster
+
+    v = variant()
+    scaler = Autoscaler([v], HttpCluster("http://127.0.0.1:9"), startup_estimate_s=20)
+    states = [VariantState(v, 2, 2)]
+    out = None
+    for i, load in enumerate([1.0, 1.2, 1.4, 1.6]):
+        a = Analysis(2, "within thresholds", observed=2, load=load)
+        out = scaler._ahead("m", states, a, i * 5.0)
+    assert out is not None
+    # +0.04 replicas/s: 1.6 + 0.8 = 2.4 expected when a replica asked for now is ready
+    assert out.replicas == 3
+    assert out.reason == (
+        "scale up: load rising 0.040 replicas/s: 2.4 expected in 20s (engine start)"
+    )
+    # while replicas start, or with prediction off, the measured load decides
+    starting = [VariantState(v, 3, 2)]
+    a = Analysis(3, "1 replica(s) starting: hold", observed=2, load=1.8)
+    assert scaler._ahead("m", starting, a, 20.0).replicas == 3
+    scaler.predictive = False
+    assert scaler._ahead("m", states, Analysis(2, "x", observed=2, load=2.0), 25.0).replicas == 2
+    # a scale-up asked at t=0 for 3 replicas, ready at t=24: the estimate moves halfway
+    scaler._pending[v.key] = (0.0, 3)
+    scaler._learn_startup([VariantState(v, 3, 3)], 24.0)
+    assert scaler.startup_s == pytest.approx(22.0)
+    assert v.key not in scaler._pending

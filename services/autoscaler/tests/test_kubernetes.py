@@ -12,7 +12,9 @@ import pytest
 from kubernetes import client
 from prometheus_client import CollectorRegistry
 
+from llmd.autoscaler.app import AutoscalerApp, AutoscalerConfig
 from llmd.autoscaler.controller import Autoscaler
+from llmd.autoscaler.kube import KubeVariants
 from llmd.autoscaler.variants import parse_variants
 from llmd.dev.fakekube import FakeKube, pod
 from llmd.dev.sim_engines import SimFleetProcess
@@ -151,3 +153,44 @@ async def test_metric_actuation_only_exports(kube: FakeKube, engine: str) -> Non
     await scaler.step()
     assert registry.get_sample_value("llmd_autoscaler_errors_total", {"stage": "cluster"}) == 1
     await scaler.stop()
+
+
+async def test_variant_objects_are_followed_and_their_status_written(
+    kube: FakeKube, engine: str
+) -> None:
+    objs = {f"llm/{o['metadata']['name']}": o for o in variants()}  # type: ignore[index]
+    objs["llm/broken"] = {
+        "apiVersion": "llmd.ai/v1alpha1",
+        "kind": "VariantAutoscaling",
+        "metadata": {"name": "broken", "namespace": "llm"},
+        "spec": {"scaleTargetRef": {"kind": "Deployment", "name": "x"}},  # no modelID
+    }
+    kube.custom["variantautoscalings"] = objs
+    api = client.ApiClient(client.Configuration(host=kube.url))
+    cluster = KubernetesCluster(client.CoreV1Api(api), client.AppsV1Api(api), {})
+    config = AutoscalerConfig(
+        cluster="kubernetes", variants_source="kubernetes", actuation="scale",
+        engine_port=kube.port,  # type: ignore[attr-defined]
+    )  # fmt: skip
+    app = AutoscalerApp(config, [], cluster, KubeVariants(client.CustomObjectsApi(api), "llm"))
+    await app.refresh_variants()
+    assert sorted(v.name for v in app.variants) == ["llama-h100", "llama-l40s"]
+    assert app._problems == ("llm/broken.spec.modelID: required, a non-empty string",)
+    tasks = await saturate(engine, 7)
+    try:
+        await app.autoscaler.step()
+    finally:
+        for t in tasks:
+            t.cancel()
+    assert kube.patches == [("llama-l40s", 2)]
+    status = kube.custom["variantautoscalings"]["llm/llama-l40s"]["status"]
+    assert status["currentAlloc"] == {"numReplicas": 0, "accelerator": "L40S"}
+    assert status["desiredOptimizedAlloc"]["numReplicas"] == 2
+    assert status["actuation"] == {"applied": True}
+    written = len(kube.status_patches)
+    assert written == 2  # both variants, once each
+    # an object deleted in the cluster is no longer scaled
+    del kube.custom["variantautoscalings"]["llm/llama-l40s"]
+    await app.refresh_variants()
+    assert [v.name for v in app.autoscaler.variants] == ["llama-h100"]
+    await app.autoscaler.stop()

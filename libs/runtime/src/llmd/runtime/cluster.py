@@ -79,6 +79,10 @@ class KubernetesCluster:
     def _pool(self, name: str) -> KubernetesPool:
         return lookup_pool(self._pools, name)
 
+    def set_pools(self, pools: dict[str, KubernetesPool]) -> None:
+        """Manage these pools from now on (when the objects that declare them change)."""
+        self._pools = dict(pools)
+
     @staticmethod
     async def _call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """A blocking client call in a thread; the API server's refusals and unreachable

@@ -18,8 +18,15 @@ from pydantic import Field
 
 from llmd.autoscaler.controller import Autoscaler
 from llmd.autoscaler.decide import SaturationSettings
+from llmd.autoscaler.kube import KubeVariants
 from llmd.autoscaler.variants import Variant, load_variants
-from llmd.runtime.cluster import Cluster, HttpCluster, KubernetesCluster, KubernetesPool
+from llmd.runtime.cluster import (
+    Cluster,
+    ClusterError,
+    HttpCluster,
+    KubernetesCluster,
+    KubernetesPool,
+)
 from llmd.runtime.config import ConfigError, ConfigIssue, Seconds, StrictModel
 from llmd.runtime.lifecycle import Health, health_router, serve_http
 from llmd.runtime.service import ServiceConfig
@@ -47,12 +54,18 @@ class Saturation(StrictModel):
         description="scale up when the mean spare queue of unsaturated replicas falls below this",
     )  # fmt: skip
 
+    batch_target: float = Field(
+        default=0.75, gt=0, le=1, alias="batchTarget",
+        description="size the load so replicas run this share of their batch limit (llmd)",
+    )  # fmt: skip
+
     def settings(self) -> SaturationSettings:
         return SaturationSettings(
             self.kv_cache_threshold,
             self.queue_length_threshold,
             self.kv_spare_trigger,
             self.queue_spare_trigger,
+            self.batch_target,
         )
 
 
@@ -60,7 +73,18 @@ class AutoscalerConfig(ServiceConfig):
     """Everything `llmd-autoscaler` takes."""
 
     variants_file: str = Field(
-        default="", description="YAML file of VariantAutoscaling objects (required)"
+        default="", description="YAML file of VariantAutoscaling objects (variants_source=file)"
+    )
+    variants_source: Literal["file", "kubernetes"] = Field(
+        default="file",
+        description="file: variants_file; kubernetes: the VariantAutoscaling objects in the "
+        "cluster (re-read every variants_refresh; status written back)",
+    )
+    variants_namespace: str = Field(
+        default="", description="variants_source=kubernetes: one namespace (default: all)"
+    )
+    variants_refresh: Seconds = Field(
+        default=30.0, gt=0, description="variants_source=kubernetes: how often to re-list them"
     )
     cluster: Literal["local", "kubernetes"] = Field(
         default="local",
@@ -95,6 +119,18 @@ class AutoscalerConfig(ServiceConfig):
     )
     max_scale_up_step: int = Field(default=4, ge=1, description="replicas added per decision")
     max_scale_down_step: int = Field(default=1, ge=1, description="replicas removed per decision")
+    predictive: bool = Field(
+        default=True,
+        description="scale up for the load expected once a new replica is ready, when it rises",
+    )
+    trend_window: Seconds = Field(
+        default=30.0, gt=0, description="predictive: the window the load trend is fitted over"
+    )
+    startup_estimate: Seconds = Field(
+        default=30.0,
+        gt=0,
+        description="predictive: replica start-up time until one has been measured",
+    )
     demand_urls: list[str] = Field(
         default_factory=list,
         description="/metrics URLs of schedulers and activators whose queued requests count as "
@@ -108,21 +144,32 @@ class AutoscalerConfig(ServiceConfig):
     )
 
 
-def kubernetes_cluster(variants: list[Variant], port: int) -> KubernetesCluster:
+def kube_pools(variants: list[Variant], port: int) -> dict[str, KubernetesPool]:
     """Deployments named by the variants' scaleTargetRef, pods by their selectors."""
+    return {v.target: KubernetesPool(v.target, v.namespace, v.selector, port) for v in variants}
+
+
+def kube_api() -> Any:
+    """An API client from the in-cluster config, else the kubeconfig."""
     from kubernetes import client, config
 
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
         config.load_kube_config()  # type: ignore[no-untyped-call]
-    pools = {v.target: KubernetesPool(v.target, v.namespace, v.selector, port) for v in variants}
-    return KubernetesCluster(client.CoreV1Api(), client.AppsV1Api(), pools)
+    return client.ApiClient()
 
 
 class AutoscalerApp:
-    def __init__(self, config: AutoscalerConfig, variants: list[Variant], cluster: Cluster) -> None:
+    def __init__(
+        self,
+        config: AutoscalerConfig,
+        variants: list[Variant],
+        cluster: Cluster,
+        kube_variants: KubeVariants | None = None,
+    ) -> None:
         self.config = config
+        self.kube_variants = kube_variants
         self.variants = variants
         self.cluster = cluster
         self.registry = CollectorRegistry()
@@ -146,9 +193,42 @@ class AutoscalerApp:
             max_down=config.max_scale_down_step,
             demand_urls=config.demand_urls,
             controller_instance=config.controller_instance,
+            predictive=config.predictive,
+            trend_window_s=config.trend_window,
+            startup_estimate_s=config.startup_estimate,
         )
+        if kube_variants is not None:
+            self.autoscaler.status_writer = kube_variants.write_status
         self._servers: list[Any] = []
         self._watch: asyncio.Task[None] | None = None
+        self._follow: asyncio.Task[None] | None = None
+        self._problems: tuple[str, ...] = ()
+
+    async def refresh_variants(self) -> None:
+        """Re-list the VariantAutoscaling objects and follow them (variants_source=kubernetes)."""
+        if self.kube_variants is None:
+            return
+        try:
+            variants, problems = await self.kube_variants.list()
+        except ClusterError as exc:
+            self.autoscaler.metrics.errors.labels("variants").inc()
+            log.warning("cannot list VariantAutoscaling objects: %s", exc)
+            return
+        if tuple(problems) != self._problems:
+            for p in problems:
+                log.error("VariantAutoscaling skipped: %s", p)
+            self._problems = tuple(problems)
+        if [v.key for v in variants] != [v.key for v in self.variants] or variants != self.variants:
+            log.info("following %d VariantAutoscaling object(s)", len(variants))
+        self.variants = variants
+        if isinstance(self.cluster, KubernetesCluster):
+            self.cluster.set_pools(kube_pools(variants, self.config.engine_port))
+        self.autoscaler.set_variants(variants)
+
+    async def _follow_variants(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.variants_refresh)
+            await self.refresh_variants()
 
     def describe(self) -> str:
         lines = [
@@ -180,13 +260,17 @@ class AutoscalerApp:
 
     async def start(self) -> None:
         self._servers.append(serve_http(self.http_app(), self.config.host, self.config.http_port))
+        if self.kube_variants is not None:
+            await self.refresh_variants()
+            self._follow = asyncio.create_task(self._follow_variants(), name="variants")
         self.autoscaler.start()
         self._watch = asyncio.create_task(self._ready_when_passed())
         log.info("%s", self.describe())
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in (self._watch, self._follow):
+            if task is not None:
+                task.cancel()
         await self.autoscaler.stop()
         for server, _ in self._servers:
             server.should_exit = True
@@ -199,14 +283,29 @@ class AutoscalerApp:
 
 def build(config: AutoscalerConfig) -> AutoscalerApp:
     """The composition root (ConfigError for a config that cannot run)."""
+    if config.variants_source == "kubernetes":
+        if config.cluster != "kubernetes":
+            raise ConfigError(
+                [ConfigIssue("variants_source", "kubernetes needs cluster: kubernetes")]
+            )
+        from kubernetes import client
+
+        api = kube_api()
+        cluster = KubernetesCluster(client.CoreV1Api(api), client.AppsV1Api(api), {})
+        source = KubeVariants(client.CustomObjectsApi(api), config.variants_namespace)
+        return AutoscalerApp(config, [], cluster, source)
     if not config.variants_file:
         raise ConfigError(
             [ConfigIssue("variants_file", "required: a YAML file of VariantAutoscaling objects")]
         )
     variants = load_variants(config.variants_file)
-    cluster: Cluster
+    local: Cluster
     if config.cluster == "kubernetes":
-        cluster = kubernetes_cluster(variants, config.engine_port)
+        from kubernetes import client
+
+        api = kube_api()
+        pools = kube_pools(variants, config.engine_port)
+        local = KubernetesCluster(client.CoreV1Api(api), client.AppsV1Api(api), pools)
     else:
-        cluster = HttpCluster(config.control_url)
-    return AutoscalerApp(config, variants, cluster)
+        local = HttpCluster(config.control_url)
+    return AutoscalerApp(config, variants, local)

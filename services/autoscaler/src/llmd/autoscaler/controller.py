@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -40,6 +42,7 @@ from llmd.autoscaler.decide import (
     ReplicaLoad,
     SaturationSettings,
     Stabilizer,
+    Trend,
     VariantState,
     allocate,
     analyze,
@@ -128,7 +131,7 @@ class AutoscalerMetrics:
         )
         self.errors = Counter(
             "llmd_autoscaler_errors",
-            "Failures by stage (cluster, scrape, demand, actuate)",
+            "Failures by stage (cluster, scrape, demand, actuate, status, variants)",
             ["stage"],
             registry=registry,
         )
@@ -179,10 +182,11 @@ class Autoscaler:
         demand_urls: Sequence[str] = (),
         scrape_timeout_s: float = 1.0,
         controller_instance: str = "",
+        predictive: bool = True,
+        trend_window_s: float = 30.0,
+        startup_estimate_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.variants = list(variants)
-        self.models = by_model(self.variants)
         self.cluster = cluster
         self.settings = settings or SaturationSettings()
         self.interval_s = interval_s
@@ -193,11 +197,23 @@ class Autoscaler:
         self.scrape_timeout_s = scrape_timeout_s
         self.clock = clock
         self.metrics = AutoscalerMetrics(registry or CollectorRegistry(), controller_instance)
-        self.stabilizers = {
-            v.key: Stabilizer(up_window_s, down_window_s, max_up, max_down) for v in self.variants
-        }
-        now = clock()
-        self.tracks = {m: _ModelTrack(last_activity=now) for m in self.models}
+        self._windows = (up_window_s, down_window_s, max_up, max_down)
+        self.stabilizers: dict[str, Stabilizer] = {}
+        self.tracks: dict[str, _ModelTrack] = {}
+        self.variants: list[Variant] = []
+        self.models: dict[str, list[Variant]] = {}
+        self.status_writer: Callable[[Variant, Decision], Awaitable[None]] | None = None
+        """Writes a changed decision back to the variant's object (Kubernetes status)."""
+        self._written: dict[str, tuple[int, int]] = {}
+        self.predictive = predictive
+        self.trend_window_s = trend_window_s
+        self.trends: dict[str, Trend] = {}
+        self.startup_s = startup_estimate_s
+        """Seconds from asking for a replica to its being ready (learned, moving average)."""
+        self._pending: dict[str, tuple[float, int]] = {}
+        self.batch_limits: dict[str, int] = {}
+        """Per variant, the most requests a replica was seen running while others waited."""
+        self.set_variants(variants)
         self.decisions: deque[Decision] = deque(maxlen=MAX_DECISIONS)
         self._clients: dict[str, ScrapeClient] = {}
         self._used: set[str] = set()
@@ -207,6 +223,21 @@ class Autoscaler:
         self.passed = asyncio.Event()
         """Set once a pass has completed."""
         self.last_ok = 0.0
+
+    def set_variants(self, variants: Sequence[Variant]) -> None:
+        """Follow a changed set of variants (objects added, edited or deleted in the cluster);
+        stabilizer history and activity clocks of variants that remain are kept."""
+        now = self.clock()
+        self.variants = list(variants)
+        self.models = by_model(self.variants)
+        keys = {v.key for v in self.variants}
+        self.stabilizers = {
+            k: self.stabilizers.get(k) or Stabilizer(*self._windows) for k in sorted(keys)
+        }
+        self.tracks = {m: self.tracks.get(m) or _ModelTrack(last_activity=now) for m in self.models}
+        self.trends = {m: self.trends.get(m) or Trend(self.trend_window_s) for m in self.models}
+        self._written = {k: w for k, w in self._written.items() if k in keys}
+        self.batch_limits = {k: n for k, n in self.batch_limits.items() if k in keys}
 
     # --- observation -----------------------------------------------------------------------
 
@@ -248,7 +279,17 @@ class Autoscaler:
         active = any(r[2] for r in results) or any(
             (ld.running or 0) + (ld.waiting or 0) > 0 for ld in loads
         )
-        state = VariantState(v, status.desired, status.ready, loads, max(caps) if caps else None)
+        for ld in loads:  # a replica with requests waiting runs as many as it can
+            if ld.waiting and ld.running:
+                self.batch_limits[v.key] = max(self.batch_limits.get(v.key, 0), ld.running)
+        state = VariantState(
+            v,
+            status.desired,
+            status.ready,
+            loads,
+            max(caps) if caps else None,
+            self.batch_limits.get(v.key),
+        )
         return state, active
 
     async def demand(self) -> tuple[dict[str, float], dict[str, float]]:
@@ -309,6 +350,8 @@ class Autoscaler:
                 idle_for_s=now - track.last_activity,
                 retention_s=retention,
             )
+            analysis = self._ahead(model, states, analysis, now)
+            self._learn_startup(states, now)
             self.metrics.saturated.labels(model).set(analysis.saturated)
             self.metrics.queued.labels(model).set(queued)
             wanted = allocate(states, analysis.replicas)
@@ -331,7 +374,55 @@ class Autoscaler:
         self.metrics.loop_seconds.observe(self.clock() - started)
         return out
 
+    def _ahead(
+        self, model: str, states: Sequence[VariantState], analysis: Analysis, now: float
+    ) -> Analysis:
+        """Scale up for the load expected when a replica asked for now is ready, if rising."""
+        current = sum(st.desired for st in states)
+        starting = sum(st.ready for st in states) < current
+        if analysis.observed == 0 or current == 0:
+            return analysis
+        trend = self.trends[model]
+        trend.add(now, analysis.load)
+        if not self.predictive or starting or analysis.replicas == 0:
+            return analysis
+        ahead = trend.ahead(self.startup_s)
+        want = math.ceil(ahead - 1e-9)
+        if want <= max(analysis.replicas, current):
+            return analysis
+        why = (
+            f"load rising {trend.slope():.3f} replicas/s: {ahead:.1f} expected in "
+            f"{self.startup_s:.0f}s (engine start)"
+        )
+        reason = (
+            f"{analysis.reason}; {why}"
+            if analysis.reason.startswith("scale up")
+            else f"scale up: {why}"
+        )
+        return dataclasses.replace(analysis, replicas=want, reason=reason)
+
+    def _learn_startup(self, states: Sequence[VariantState], now: float) -> None:
+        """Time from a scale-up request to its replicas being ready, as a moving average."""
+        for st in states:
+            pending = self._pending.get(st.variant.key)
+            if pending is not None and st.ready >= pending[1]:
+                took = now - pending[0]
+                self.startup_s = 0.5 * self.startup_s + 0.5 * took
+                del self._pending[st.variant.key]
+            elif pending is not None and st.desired < pending[1]:
+                del self._pending[st.variant.key]  # scaled down again before it was ready
+
     async def _actuate(self, d: Decision, v: Variant) -> None:
+        await self._apply(d, v)
+        if self.status_writer is not None and self._written.get(v.key) != (d.current, d.applied):
+            try:
+                await self.status_writer(v, d)
+                self._written[v.key] = (d.current, d.applied)
+            except ClusterError as exc:
+                self.metrics.errors.labels("status").inc()
+                log.warning("variant %s: status not written: %s", v.name, exc)
+
+    async def _apply(self, d: Decision, v: Variant) -> None:
         labels = self.metrics.labels(v)
         self.metrics.desired.labels(*labels).set(d.applied)
         self.metrics.current.labels(*labels).set(d.current)
@@ -354,6 +445,8 @@ class Autoscaler:
         try:
             await self.cluster.scale(v.target, d.applied)
             d.actuated = True
+            if up and d.current > 0 and v.key not in self._pending:
+                self._pending[v.key] = (d.at, d.applied)
         except ClusterError as exc:
             self.metrics.errors.labels("actuate").inc()
             d.error = str(exc)

@@ -15,7 +15,10 @@ capacity is averaged over the replicas that are not saturated: `kvCacheThreshold
 requests wait at the gateway (flow control) or at the activator. The replicas the load needs
 are the fewest that keep the spare at the triggers with the load spread evenly:
 `ceil(sum(usage) / (kvCacheThreshold - kvSpareTrigger))` and the same for waiting requests, so
-one decision can add several replicas (WVA adds one per 30 s cycle). Scaling down removes
+one decision can add several replicas (WVA adds one per 30 s cycle). Running requests count
+too, once a replica's batch limit is known (its running count while requests wait): the load
+needs `ceil(sum(running) / (limit * batch_target))` replicas, so a pool whose batches are full
+but whose KV and queues look empty is not scaled down into a queue. Scaling down removes
 replicas only while the remaining ones would keep that spare.
 """
 
@@ -35,6 +38,8 @@ class SaturationSettings:
     queue_length_threshold: float = 5.0
     kv_spare_trigger: float = 0.1
     queue_spare_trigger: float = 3.0
+    batch_target: float = 0.75
+    """Running requests per replica, as a share of its batch limit, the load is sized for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,9 @@ class VariantState:
     loads: tuple[ReplicaLoad, ...] = ()
     capacity_tokens: int | None = None
     """KV capacity of one replica (from the engines' cache_config_info), when known."""
+    batch_limit: int | None = None
+    """Most requests one replica runs at once (learned: its running count while requests
+    wait), when known."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +82,8 @@ class Analysis:
     spare_kv: float | None = None
     spare_queue: float | None = None
     queued: float = 0.0
+    load: float = 0.0
+    """The load in replicas, before rounding (what a trend is fitted to)."""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -84,6 +94,7 @@ class Analysis:
             "spare_kv": None if self.spare_kv is None else round(self.spare_kv, 4),
             "spare_queue": None if self.spare_queue is None else round(self.spare_queue, 3),
             "queued": self.queued,
+            "load": round(self.load, 3),
         }
 
 
@@ -134,11 +145,19 @@ def analyze(
     total_wait = sum(ld.waiting or 0 for ld in loads) + queued
     # loads seen on `observed` replicas stand for all `ready` ones (scrapes can miss a few)
     scale = ready / len(loads) if ready > len(loads) else 1.0
+    need_run = 0.0
+    limits = [st.batch_limit for st in states if st.batch_limit]
+    if limits:  # busy batches are load too, not only KV and queues
+        total_run = sum(ld.running or 0 for ld in loads)
+        need_run = total_run * scale / (min(limits) * max(0.05, s.batch_target))
     need = max(1, math.ceil(total_kv * scale / kv_budget - 1e-9),
-               math.ceil(total_wait * scale / q_budget - 1e-9))  # fmt: skip
+               math.ceil(total_wait * scale / q_budget - 1e-9),
+               math.ceil(need_run - 1e-9))  # fmt: skip
+
+    load = max(total_kv * scale / kv_budget, total_wait * scale / q_budget, need_run)
 
     def result(replicas: int, reason: str) -> Analysis:
-        return Analysis(replicas, reason, len(sat), len(loads), spare_kv, spare_q, queued)
+        return Analysis(replicas, reason, len(sat), len(loads), spare_kv, spare_q, queued, load)
 
     reasons = []
     if not free:
@@ -149,6 +168,11 @@ def analyze(
         reasons.append(f"spare queue {spare_q:.1f} < queueSpareTrigger {s.queue_spare_trigger:g}")
     if queued > 0:
         reasons.append(f"{queued:g} request(s) held at the gateway or activator")
+    if math.ceil(need_run - 1e-9) > current:
+        reasons.append(
+            f"running batches need {need_run:.1f} replica(s) at {s.batch_target:.0%} of "
+            f"their limit {min(limits)}"
+        )
     if reasons:
         return result(max(current + 1, need), "scale up: " + "; ".join(reasons))
     if ready < current:
@@ -234,3 +258,35 @@ class Stabilizer:
             target = min(current, max(window, default=recommended))
             return max(target, current - self.max_down)
         return current
+
+
+@dataclass
+class Trend:
+    """The load's recent slope, to scale up before the load arrives rather than after.
+
+    A linear fit over the last `window_s` of load readings (replicas); `ahead(lead_s)` is the
+    load expected `lead_s` from now when it is rising (an engine takes that long to start),
+    and the current load otherwise: a falling trend never scales down early."""
+
+    window_s: float = 30.0
+    points: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=1024))
+
+    def add(self, now: float, load: float) -> None:
+        self.points.append((now, load))
+        while self.points and self.points[0][0] < now - self.window_s:
+            self.points.popleft()
+
+    def slope(self) -> float:
+        if len(self.points) < 3:
+            return 0.0
+        n = len(self.points)
+        mt = sum(t for t, _ in self.points) / n
+        ml = sum(v for _, v in self.points) / n
+        var = sum((t - mt) ** 2 for t, _ in self.points)
+        if var <= 0:
+            return 0.0
+        return sum((t - mt) * (v - ml) for t, v in self.points) / var
+
+    def ahead(self, lead_s: float) -> float:
+        last = self.points[-1][1] if self.points else 0.0
+        return last + max(0.0, self.slope()) * lead_s

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from typing import Any
@@ -98,6 +99,11 @@ class SchedulerConfig(ServiceConfig, TLSServing):
         "stretches for large pools: 64 endpoints at 200/s are scraped every 320 ms)",
     )
     allow_experimental_plugins: bool = Field(default=False, description="allow Alpha plugins")
+    activator_endpoint: str = Field(
+        default="",
+        description="host:port of llmd-activator: while the pool has no endpoint, requests go "
+        "there (it holds them and scales the pool up) instead of waiting in flow control",
+    )
     legacy_metric_names: bool = Field(
         default=True,
         description="also export the llm_d_router_epp_* names of llm-d-router's earlier "
@@ -127,6 +133,18 @@ class SchedulerConfig(ServiceConfig, TLSServing):
             raise ValueError("give config_file or config_text, not both")
         if self.endpoints_file is not None and self.endpoint_selector is not None:
             raise ValueError("give endpoints_file or endpoint_selector, not both")
+        if self.activator_endpoint:
+            host, sep, port = self.activator_endpoint.rpartition(":")
+            try:
+                ipaddress.ip_address(host.strip("[]"))
+                ok = bool(sep) and 0 < int(port) < 65536
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(
+                    f"activator_endpoint {self.activator_endpoint!r} must be IP:port (Envoy's "
+                    "original-destination cluster does not resolve names)"
+                )
         return self
 
 
@@ -152,6 +170,7 @@ class SchedulerApp:
             pool_name=config.pool_name,
             allow_experimental=config.allow_experimental_plugins,
             tracer=provider.get_tracer("llmd.scheduler") if traced else None,
+            activator=config.activator_endpoint,
         )
         self.registry = self.core.registry
         for collector in (ProcessCollector, PlatformCollector, GCCollector):

@@ -65,6 +65,7 @@ def build_core(
     clock: Callable[[], float] = time.monotonic,
     tracer: trace.Tracer | None = None,
     objectives: Mapping[str, int] | None = None,
+    activator: str = "",
 ) -> SchedulerCore:
     """The core for an EndpointPickerConfig (a model, YAML text, or None for the default).
 
@@ -99,5 +100,6 @@ def build_core(
         tracer=tracer,
         objectives=objectives,
         flow_metrics=FlowMetrics(registry, pool_name) if built.flow is not None else None,
+        activator=activator,
     )
     return SchedulerCore(registry, datastore, built, director, metrics)

@@ -75,9 +75,17 @@ class Decision:
     pick_id: int = 0
     """The endpoint's unseen-pick entry (0 = none), dropped when the request completes."""
 
+    route_to: str = ""
+    """host:port of a destination outside the pool (the activator of a pool at zero)."""
+
     @property
     def destination(self) -> str:
-        return ",".join(e.key for e in self.endpoints)
+        return self.route_to or ",".join(e.key for e in self.endpoints)
+
+    @property
+    def primary(self) -> str:
+        """The endpoint Envoy sends the request to first."""
+        return self.route_to or self.endpoints[0].key
 
 
 @dataclass(slots=True)
@@ -145,8 +153,11 @@ class Director:
         tracer: trace.Tracer | None = None,
         objectives: Mapping[str, int] | None = None,
         flow_metrics: FlowMetrics | None = None,
+        activator: str = "",
     ) -> None:
         self.built = built
+        self.activator = activator
+        """host:port of llmd-activator: where requests go while the pool has no endpoint."""
         self.objectives: Mapping[str, int] = objectives or {}
         """InferenceObjective name -> priority (llm-d: an unknown objective is priority 0)."""
         self.datastore = datastore
@@ -214,6 +225,8 @@ class Director:
         if not req.parsed and is_inference_path(req.path):
             with contextlib.suppress(ParseError):
                 parse_openai(req)  # model labels for the flow-control metrics
+        if self.activator and not self.datastore.candidates():
+            return  # the pool is at zero: the activator holds the request, not the queue
         if self.flow is not None:
             await self.flow.admit(req)
             return
@@ -289,6 +302,9 @@ class Director:
         self.metrics.request_size.labels(*labels).observe(len(req.body))
 
         candidates = self._candidates(subset)
+        if not candidates and self.activator and not self.datastore.candidates():
+            self.metrics.activator_routed.inc()
+            return Decision(req, [], body=body_out, route_to=self.activator)
         if not candidates:
             raise SchedulingError(503, "no ready endpoints in the pool", hdr.DROPPED_NO_ENDPOINTS)
 
@@ -478,6 +494,9 @@ class Director:
     def pick_any(self, req: LLMRequest) -> Decision:
         """A bodiless request (GET): a random endpoint, as llm-d does."""
         candidates = self.datastore.candidates()
+        if not candidates and self.activator:
+            self.metrics.activator_routed.inc()
+            return Decision(req, [], route_to=self.activator)
         if not candidates:
             raise SchedulingError(503, "no ready endpoints in the pool", hdr.DROPPED_NO_ENDPOINTS)
         return Decision(req, [self._rng.choice(candidates)])

@@ -98,7 +98,7 @@ def _routing(
     """The header mutation that routes a request, and the dynamic metadata that goes with it
     (`envoy.lb` for the load balancer; `llmd` for the lean response path's feedback)."""
     dest = decision.destination
-    primary = decision.endpoints[0].key
+    primary = decision.primary
     req = decision.request
     set_headers = [_header_value(hdr.DESTINATION_ENDPOINT, primary)]
     for key, value in req.headers.items():

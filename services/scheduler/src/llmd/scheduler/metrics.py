@@ -254,6 +254,11 @@ class SchedulerMetrics:
             inflight,
             registry=registry,
         )
+        self.activator_routed = Counter(
+            "llmd_activator_routed_requests",
+            "Requests sent to llmd-activator because the pool had no endpoint (scale from zero)",
+            registry=registry,
+        )
         self.served_elsewhere = Counter(
             "llmd_served_endpoint_mismatch",
             "Responses the gateway reports as served by another endpoint than the one picked "

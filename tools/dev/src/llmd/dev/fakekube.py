@@ -43,6 +43,10 @@ class FakeKube:
         self.version = 1
         self.replicas: dict[str, int] = {"vllm": 2}
         self.patches: list[tuple[str, int]] = []
+        self.custom: dict[str, dict[str, dict[str, Any]]] = {}
+        """Custom objects by plural (e.g. `variantautoscalings`), then `namespace/name`."""
+        self.status_patches: list[tuple[str, str, dict[str, Any]]] = []
+        """(plural, namespace/name, status) of every status-subresource PATCH."""
         self.cond = threading.Condition()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -133,12 +137,32 @@ class FakeKube:
                     )
                 elif parts[-1] == "scale" and parts[-2] in kube.replicas:
                     self._json(200, self._scale(parts[-2]))
+                elif parts[0] == "apis" and parts[-1] in kube.custom:
+                    # /apis/G/V/[namespaces/NS/]PLURAL
+                    ns = parts[4] if len(parts) == 6 and parts[3] == "namespaces" else None
+                    objs = [
+                        o
+                        for o in kube.custom[parts[-1]].values()
+                        if ns is None or o["metadata"].get("namespace", "default") == ns
+                    ]
+                    self._json(200, {"apiVersion": f"{parts[1]}/{parts[2]}", "kind": "List",
+                                     "metadata": {}, "items": objs})  # fmt: skip
                 else:
                     self._json(404, {"kind": "Status", "code": 404})
 
             def do_PATCH(self) -> None:
                 parts = urlparse(self.path).path.strip("/").split("/")
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if parts[0] == "apis" and parts[-1] == "status" and parts[-3] in kube.custom:
+                    key = f"{parts[4]}/{parts[-2]}"
+                    obj = kube.custom[parts[-3]].get(key)
+                    if obj is None:
+                        self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
+                        return
+                    obj["status"] = {**obj.get("status", {}), **body.get("status", {})}
+                    kube.status_patches.append((parts[-3], key, body.get("status", {})))
+                    self._json(200, obj)
+                    return
                 if parts[-1] != "scale" or parts[-2] not in kube.replicas:
                     self._json(404, {"kind": "Status", "code": 404, "reason": "NotFound"})
                     return
