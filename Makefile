@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := .venv
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: setup run test lint typecheck test-unit test-vllm bench-protocol bench-sim bench-scheduler bench-kvcache bench-http bench-gateway test-reliability vllm-env clean help
+.PHONY: setup run test lint typecheck test-unit test-vllm bench-protocol bench-sim bench-scheduler bench-kvcache bench-http bench-gateway bench-autoscaling test-reliability vllm-env clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -69,6 +69,9 @@ bench-gateway: setup ## the gateway's own cost per request beside the peers, scr
 	$(RUN) python benchmarks/gateway_overhead.py --requests 300 --rounds 2
 	$(RUN) python benchmarks/scrape_cost.py
 	$(RUN) python benchmarks/tokenization_cache.py
+
+bench-autoscaling: setup ## a compressed day: GPU-seconds and SLO attainment of llmd-autoscaler, static peak, a 30 s loop
+	$(RUN) python benchmarks/autoscaling.py
 
 clean: ## remove local environments (not the vLLM cache)
 	rm -rf .venv $(TOOLS) .mypy_cache .ruff_cache .pytest_cache

@@ -9,8 +9,10 @@ target, so routing is the same and only the scaling differs:
 - `static`: `--max-replicas` engines the whole day (provisioned for the peak);
 - `llmd`: `llmd-autoscaler` with its defaults (5 s loop, load-sized steps, 30 s scale-down
   window);
+- `llmd-headroom`: the same with `--saturation-batch-target 0.5` (batches sized at half their
+  limit, room for bursts shorter than an engine's start-up);
 - `wva30`: the same saturation analyzer run the way WVA runs it: a 30 s loop, one replica
-  added or removed per cycle.
+  added or removed per cycle, no load trend.
 
 The trace: Poisson arrivals whose rate follows a day compressed into `--duration` seconds
 (night, a morning ramp, a midday peak, an evening fall) with two short bursts at 3x. Requests
@@ -173,7 +175,9 @@ async def run_target(
         (work / "variants.yaml").write_text(yaml.safe_dump(_variant(args.max_replicas)))
         wva = ["--interval", "30s", "--max-scale-up-step", "1", "--max-scale-down-step", "1",
                "--no-predictive"]  # fmt: skip
-        extra = {"llmd": [], "wva30": wva}[name]
+        extra = {"llmd": [], "llmd-headroom": ["--saturation-batch-target", "0.5"], "wva30": wva}[
+            name
+        ]
         procs.append(_proc(
             [sys.executable, "-m", "llmd.autoscaler.cli", "--variants-file",
              str(work / "variants.yaml"), "--control-url", control, "--host", "127.0.0.1",
@@ -223,6 +227,62 @@ async def run_target(
     await asyncio.wait([task], timeout=5)
     await cluster.close()
     return run
+
+
+async def scale_from_zero(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """One request at a pool with no replicas, through llmd-activator: its time to first token
+    against the moment the engine itself logged that it serves."""
+    await asyncio.to_thread(work.mkdir, parents=True, exist_ok=True)
+    events: list[tuple[float, str]] = []
+    launcher = SimLauncher(
+        profile="h100-8b", extra_args=("--startup-delay", str(args.startup_delay)),
+        startup_timeout_s=args.startup_delay + 60,
+    )  # fmt: skip
+    cluster = LocalCluster(
+        {"sim": launcher}, work / "endpoints.yaml", work,
+        on_change=lambda line: events.append((time.monotonic(), line)),
+    )  # fmt: skip
+    control_port, act_port = free_port(), free_port()
+    server, task = serve_http(control_app(cluster), "127.0.0.1", control_port)
+    act = _proc(
+        [sys.executable, "-m", "llmd.activator.cli", "--pool", "sim", "--control-url",
+         f"http://127.0.0.1:{control_port}", "--host", "127.0.0.1", "--http-port",
+         str(act_port), "--hold-timeout", "120s"],
+        work / "activator.log",
+    )  # fmt: skip
+    await _wait_http(f"http://127.0.0.1:{act_port}/readyz")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
+        t0, wall0 = time.monotonic(), time.time()
+        r = await one_request(s, f"http://127.0.0.1:{act_port}", "hello " * 50, 16, 0.0)
+    ready_at = next((t for t, line in events if "ready at" in line), float("nan"))
+    serving = await asyncio.to_thread(_serving_at, work / "sim-0.log")
+    act.terminate()
+    act.wait(timeout=15)
+    server.should_exit = True
+    await asyncio.wait([task], timeout=5)
+    await cluster.close()
+    ttft = r.ttft_s if r.ttft_s is not None else float("nan")
+    up = serving - wall0 if serving is not None else float("nan")
+    out = {
+        "status": r.status,
+        "ttft_s": round(ttft, 3),
+        "engine_serving_s": round(up, 3),
+        "pool_saw_ready_s": round(ready_at - t0, 3),
+        "first_token_after_engine_serving_ms": round((ttft - up) * 1000, 1),
+    }
+    print(f"scale from zero: {json.dumps(out)}", flush=True)
+    return out
+
+
+def _serving_at(log: Path) -> float | None:
+    """Wall-clock time the engine logged that it serves (its own view of being up)."""
+    import datetime
+
+    for line in log.read_text().splitlines():
+        if " serving " in line:
+            stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+            return stamp.timestamp()
+    return None
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -308,6 +368,7 @@ async def main_async(args: argparse.Namespace) -> None:
         print(f"{r['target']:8} {r['gpu_seconds']:8.0f} {r['mean_replicas']:6.2f} "
               f"{r['slo_attainment']:7.1%} {r['ttft_p50_ms']:9.0f} {r['ttft_p90_ms']:8.0f} "
               f"{r['ttft_p99_ms']:8.0f} {r['errors']:6d}")  # fmt: skip
+    zero = await scale_from_zero(args, work / "zero")
     plot(runs, args, Path(args.plot))
     series = {
         r.name: {"replicas": r.replicas[::4],
@@ -320,6 +381,7 @@ async def main_async(args: argparse.Namespace) -> None:
         "uv run python benchmarks/autoscaling.py " + shlex.join(sys.argv[1:]),
         settings={k: v for k, v in vars(args).items() if k not in {"out", "plot"}},
         rows=rows,
+        scale_from_zero=zero,
         series=series,
     )
 
@@ -335,7 +397,7 @@ def main() -> None:
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--prompt-words", type=int, default=300)
     p.add_argument("--slo-ms", type=float, default=1000, help="TTFT objective")
-    p.add_argument("--targets", default="static,llmd,wva30")
+    p.add_argument("--targets", default="static,llmd,llmd-headroom,wva30")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/reports/autoscaling.json")
     p.add_argument("--plot", default="benchmarks/reports/autoscaling.png")

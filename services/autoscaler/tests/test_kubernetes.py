@@ -18,7 +18,7 @@ from llmd.autoscaler.kube import KubeVariants
 from llmd.autoscaler.variants import parse_variants
 from llmd.dev.fakekube import FakeKube, pod
 from llmd.dev.sim_engines import SimFleetProcess
-from llmd.runtime.cluster import KubernetesCluster, KubernetesPool
+from llmd.runtime.cluster import KubernetesCluster, KubernetesPool, PoolStatus
 
 pytestmark = pytest.mark.integration
 
@@ -45,6 +45,20 @@ def kube(engine: str) -> Iterator[FakeKube]:
     fake.port = port  # type: ignore[attr-defined]
     yield fake
     fake.stop()
+
+
+async def busy(url: str) -> list[asyncio.Task[httpx.Response]]:
+    """One long request, running on the engine when this returns."""
+    tasks = await saturate(url, 1)
+    async with httpx.AsyncClient(timeout=5) as c:
+        for _ in range(100):
+            if (
+                'vllm:num_requests_running{engine="0",model_name="tiny"} 1.0'
+                in (await c.get(url + "/metrics")).text
+            ):
+                break
+            await asyncio.sleep(0.05)
+    return tasks
 
 
 def variants() -> list[dict[str, object]]:
@@ -194,3 +208,49 @@ async def test_variant_objects_are_followed_and_their_status_written(
     await app.refresh_variants()
     assert [v.name for v in app.autoscaler.variants] == ["llama-h100"]
     await app.autoscaler.stop()
+
+
+async def test_scale_down_drains_the_newest_pod_before_the_patch(
+    kube: FakeKube, engine: str
+) -> None:
+    port: int = kube.port  # type: ignore[attr-defined]
+    kube.pods.clear()
+    kube.replicas = {"vllm": 3}
+    for i in range(3):
+        kube.apply("ADDED", pod(f"vllm-{i}", "127.0.0.1", created=f"2026-01-01T0{i}:00:00Z"))
+    api = client.ApiClient(client.Configuration(host=kube.url))
+    cluster = KubernetesCluster(
+        client.CoreV1Api(api), client.AppsV1Api(api),
+        {"decode": KubernetesPool("vllm", "llm", "app=vllm", port)},
+        drain_timeout_s=30, drain_poll_s=0.1,
+    )  # fmt: skip
+    tasks = await busy(engine)  # one long request running
+    try:
+        await cluster.scale("decode", 2)
+        notes = kube.pods["vllm-2"]["metadata"]["annotations"]
+        assert notes == {"llmd.ai/draining": "true",
+                         "controller.kubernetes.io/pod-deletion-cost": "-1000"}  # fmt: skip
+        assert "annotations" not in kube.pods["vllm-1"]["metadata"]
+        eps = {e.name: e.ready for e in await cluster.endpoints("decode")}
+        assert eps == {"vllm-0": True, "vllm-1": True, "vllm-2": False}  # no new requests
+        assert await cluster.status("decode") == PoolStatus(desired=2, ready=2)
+        await asyncio.sleep(0.5)
+        assert kube.patches == []  # in flight: not yet
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        for _ in range(100):
+            if kube.patches:
+                break
+            await asyncio.sleep(0.1)
+        assert kube.patches == [("vllm", 2)]
+        # a drain cancelled by a scale-up takes its annotations back
+        tasks = await busy(engine)
+        await cluster.scale("decode", 1)
+        drained = [n for n, p in kube.pods.items() if p["metadata"].get("annotations")]
+        assert len(drained) == 1
+        await cluster.scale("decode", 3)
+        assert not kube.pods[drained[0]]["metadata"].get("annotations")
+        assert kube.patches == [("vllm", 2), ("vllm", 3)]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await cluster.aclose()

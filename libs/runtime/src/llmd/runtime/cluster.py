@@ -13,7 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
-from llmd.runtime.discovery import Endpoint, pod_endpoint
+from llmd.protocol.metrics import parse_engine_snapshot
+from llmd.runtime.discovery import DRAIN_ANNOTATION, Endpoint, pod_endpoint
+from llmd.runtime.scrapeclient import ScrapeClient, ScrapeError
+
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,12 +73,30 @@ class KubernetesPool:
 
 
 class KubernetesCluster:
-    """Cluster over the Kubernetes API (official client; blocking calls run in threads)."""
+    """Cluster over the Kubernetes API (official client; blocking calls run in threads).
 
-    def __init__(self, core_api: Any, apps_api: Any, pools: dict[str, KubernetesPool]) -> None:
+    Scaling down drains first (when `drain_timeout_s` > 0): the pods to remove are annotated
+    `llmd.ai/draining: "true"` (discovery stops offering them to schedulers) and given the
+    lowest `controller.kubernetes.io/pod-deletion-cost` (the ReplicaSet removes exactly them);
+    the scale subresource is patched once their engines report nothing running or waiting, or
+    after `drain_timeout_s`. Until then `status().desired` already reports the new size. A
+    scale-up during a drain cancels it and takes the annotations back."""
+
+    def __init__(
+        self,
+        core_api: Any,
+        apps_api: Any,
+        pools: dict[str, KubernetesPool],
+        *,
+        drain_timeout_s: float = 0.0,
+        drain_poll_s: float = 0.5,
+    ) -> None:
         self.core = core_api
         self.apps = apps_api
         self._pools = pools
+        self.drain_timeout_s = drain_timeout_s
+        self.drain_poll_s = drain_poll_s
+        self._drains: dict[str, tuple[int, list[str], asyncio.Task[None]]] = {}
 
     def _pool(self, name: str) -> KubernetesPool:
         return lookup_pool(self._pools, name)
@@ -100,32 +122,37 @@ class KubernetesCluster:
     async def pools(self) -> list[str]:
         return sorted(self._pools)
 
-    async def endpoints(self, pool: str) -> list[Endpoint]:
-        p = self._pool(pool)
+    async def _pods(self, p: KubernetesPool) -> list[Any]:
         pods = await self._call(
             f"listing pods {p.selector} in {p.namespace}",
             self.core.list_namespaced_pod,
             p.namespace,
             label_selector=p.selector,
         )
-        eps = (pod_endpoint(pod, p.port) for pod in pods.items)
+        return list(pods.items)
+
+    async def endpoints(self, pool: str) -> list[Endpoint]:
+        p = self._pool(pool)
+        eps = (pod_endpoint(pod, p.port) for pod in await self._pods(p))
         return sorted((e for e in eps if e is not None), key=lambda e: e.name)
 
-    async def status(self, pool: str) -> PoolStatus:
-        p = self._pool(pool)
+    async def _spec_replicas(self, p: KubernetesPool) -> int:
         scale = await self._call(
             f"reading the scale of {p.namespace}/{p.deployment}",
             self.apps.read_namespaced_deployment_scale,
             p.deployment,
             p.namespace,
         )
-        ready = sum(1 for e in await self.endpoints(pool) if e.ready)
-        return PoolStatus(desired=int(scale.spec.replicas or 0), ready=ready)
+        return int(scale.spec.replicas or 0)
 
-    async def scale(self, pool: str, replicas: int) -> None:
-        if replicas < 0:
-            raise ClusterError(f"replicas must be >= 0, got {replicas}")
+    async def status(self, pool: str) -> PoolStatus:
         p = self._pool(pool)
+        drain = self._drains.get(pool)
+        desired = drain[0] if drain is not None else await self._spec_replicas(p)
+        ready = sum(1 for e in await self.endpoints(pool) if e.ready)
+        return PoolStatus(desired=desired, ready=ready)
+
+    async def _patch_scale(self, p: KubernetesPool, replicas: int) -> None:
         await self._call(
             f"scaling {p.namespace}/{p.deployment} to {replicas}",
             self.apps.patch_namespaced_deployment_scale,
@@ -133,6 +160,88 @@ class KubernetesCluster:
             p.namespace,
             {"spec": {"replicas": replicas}},
         )
+
+    async def _annotate(self, p: KubernetesPool, names: list[str], drain: bool) -> None:
+        annotations = (
+            {DRAIN_ANNOTATION: "true", DELETION_COST: "-1000"}
+            if drain
+            else {DRAIN_ANNOTATION: None, DELETION_COST: None}
+        )
+        for name in names:
+            await self._call(
+                f"annotating pod {p.namespace}/{name}",
+                self.core.patch_namespaced_pod,
+                name,
+                p.namespace,
+                {"metadata": {"annotations": annotations}},
+            )
+
+    async def scale(self, pool: str, replicas: int) -> None:
+        if replicas < 0:
+            raise ClusterError(f"replicas must be >= 0, got {replicas}")
+        p = self._pool(pool)
+        drain = self._drains.pop(pool, None)
+        if drain is not None:
+            drain[2].cancel()
+            await self._annotate(p, drain[1], drain=False)
+        if self.drain_timeout_s <= 0:
+            await self._patch_scale(p, replicas)
+            return
+        current = await self._spec_replicas(p)
+        if replicas >= current:
+            await self._patch_scale(p, replicas)
+            return
+        pods = [pod for pod in await self._pods(p) if pod.metadata.deletion_timestamp is None]
+
+        def serving(pod: Any) -> bool:
+            ep = pod_endpoint(pod, p.port)
+            return ep is not None and ep.ready
+
+        def age(pod: Any) -> float:
+            created = pod.metadata.creation_timestamp
+            return created.timestamp() if created is not None else 0.0
+
+        # pods that serve nothing go first, then the newest (as the local pool does)
+        ranked = sorted(pods, key=lambda pod: (serving(pod), -age(pod)))
+        victims = ranked[: current - replicas]
+        names = [pod.metadata.name for pod in victims]
+        addresses = [
+            (pod.status.pod_ip, p.port) for pod in victims if pod.status and pod.status.pod_ip
+        ]
+        await self._annotate(p, names, drain=True)
+        task = asyncio.create_task(self._finish_drain(pool, p, replicas, addresses))
+        self._drains[pool] = (replicas, names, task)
+
+    async def _idle(self, address: tuple[str, int]) -> bool:
+        client = ScrapeClient(address[0], address[1], timeout_s=2.0)
+        try:
+            snap = parse_engine_snapshot((await client.get("/metrics")).decode("utf-8", "replace"))
+        except (ScrapeError, ValueError):
+            return True  # an engine that does not answer serves nothing
+        finally:
+            await client.close()
+        return not (snap.running or 0) and not (snap.waiting or 0)
+
+    async def _finish_drain(
+        self, pool: str, p: KubernetesPool, replicas: int, addresses: list[tuple[str, int]]
+    ) -> None:
+        deadline = asyncio.get_running_loop().time() + self.drain_timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            idle = await asyncio.gather(*(self._idle(a) for a in addresses))
+            if all(idle):
+                break
+            await asyncio.sleep(self.drain_poll_s)
+        try:
+            await self._patch_scale(p, replicas)
+        finally:
+            drain = self._drains.get(pool)
+            if drain is not None and drain[0] == replicas:
+                del self._drains[pool]
+
+    async def aclose(self) -> None:
+        for _, _, task in self._drains.values():
+            task.cancel()
+        self._drains.clear()
 
 
 class HttpCluster:

@@ -182,10 +182,15 @@ class StaticFileDiscovery:
 # --- Kubernetes ----------------------------------------------------------------------------
 
 
+DRAIN_ANNOTATION = "llmd.ai/draining"
+"""A pod being drained before a scale-down: schedulers stop sending it new requests."""
+
+
 def pod_endpoint(pod: Any, port: int) -> Endpoint | None:
     """The endpoint of a `V1Pod` (official client model), or None if it cannot serve.
 
-    A pod serves when it is Running, has an IP, is not being deleted and its Ready condition
+    A pod serves when it is Running, has an IP, is not being deleted, is not being drained
+    (annotation `llmd.ai/draining: "true"`, set before a scale-down) and its Ready condition
     is True.
     """
     meta, status = pod.metadata, pod.status
@@ -194,6 +199,7 @@ def pod_endpoint(pod: Any, port: int) -> Endpoint | None:
     ready = (
         status.phase == "Running"
         and meta.deletion_timestamp is None
+        and (meta.annotations or {}).get(DRAIN_ANNOTATION) != "true"
         and any(c.type == "Ready" and c.status == "True" for c in (status.conditions or []))
     )
     return Endpoint(

@@ -45,7 +45,7 @@ class ActivatorSettings:
     max_queued: int = 1000
     hold_timeout_s: float = 60.0
     poll_s: float = 0.05
-    idle_poll_s: float = 1.0
+    idle_poll_s: float = 0.25
     scale_to_zero: bool = False
     scale_down_delay_s: float = 120.0
     retry_after_s: int = 5

@@ -97,6 +97,13 @@ class AutoscalerConfig(ServiceConfig):
     engine_port: int = Field(
         default=8000, gt=0, lt=65536, description="cluster=kubernetes: the engines' HTTP port"
     )
+    drain_timeout: Seconds = Field(
+        default=120.0,
+        ge=0,
+        description="cluster=kubernetes, actuation=scale: before a scale-down the pods to remove "
+        "are taken out of discovery and the scale is patched once they are idle, or after this "
+        "long (0: patch at once)",
+    )
     actuation: Literal["auto", "metric", "scale"] = Field(
         default="auto",
         description="metric: only export wva_desired_replicas (an HPA/KEDA scales); scale: also "
@@ -291,7 +298,12 @@ def build(config: AutoscalerConfig) -> AutoscalerApp:
         from kubernetes import client
 
         api = kube_api()
-        cluster = KubernetesCluster(client.CoreV1Api(api), client.AppsV1Api(api), {})
+        cluster = KubernetesCluster(
+            client.CoreV1Api(api),
+            client.AppsV1Api(api),
+            {},
+            drain_timeout_s=config.drain_timeout,
+        )
         source = KubeVariants(client.CustomObjectsApi(api), config.variants_namespace)
         return AutoscalerApp(config, [], cluster, source)
     if not config.variants_file:
@@ -305,7 +317,12 @@ def build(config: AutoscalerConfig) -> AutoscalerApp:
 
         api = kube_api()
         pools = kube_pools(variants, config.engine_port)
-        local = KubernetesCluster(client.CoreV1Api(api), client.AppsV1Api(api), pools)
+        local = KubernetesCluster(
+            client.CoreV1Api(api),
+            client.AppsV1Api(api),
+            pools,
+            drain_timeout_s=config.drain_timeout,
+        )
     else:
         local = HttpCluster(config.control_url)
     return AutoscalerApp(config, variants, local)

@@ -284,7 +284,7 @@ class LocalCluster:
         self._write_discovery()  # no new requests from here on
         self.on_change(f"{replica.name} draining")
         deadline = time.monotonic() + self.drain_timeout_s
-        await asyncio.sleep(1.2)  # the scheduler re-reads the discovery file every second
+        await asyncio.sleep(2.0)  # readers of discovery (scheduler: 1 s, activator) catch up
         while time.monotonic() < deadline and replica.alive():
             try:
                 text = (await self._client.get(replica.url + "/metrics")).text

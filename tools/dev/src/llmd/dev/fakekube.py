@@ -23,11 +23,17 @@ def pod(
     ready: bool = True,
     phase: str = "Running",
     labels: dict[str, str] | None = None,
+    created: str = "2026-01-01T00:00:00Z",
 ) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": "llm", "labels": labels or {"app": "vllm"}},
+        "metadata": {
+            "name": name,
+            "namespace": "llm",
+            "labels": labels or {"app": "vllm"},
+            "creationTimestamp": created,
+        },
         "status": {
             "phase": phase,
             "podIP": ip,
@@ -161,6 +167,19 @@ class FakeKube:
                         return
                     obj["status"] = {**obj.get("status", {}), **body.get("status", {})}
                     kube.status_patches.append((parts[-3], key, body.get("status", {})))
+                    self._json(200, obj)
+                    return
+                if parts[-2] == "pods" and parts[-1] in kube.pods:  # merge patch: None deletes
+                    with kube.cond:
+                        obj = json.loads(json.dumps(kube.pods[parts[-1]]))
+                    meta = obj["metadata"]
+                    for key, value in body.get("metadata", {}).get("annotations", {}).items():
+                        notes = meta.setdefault("annotations", {})
+                        if value is None:
+                            notes.pop(key, None)
+                        else:
+                            notes[key] = value
+                    kube.apply("MODIFIED", obj)
                     self._json(200, obj)
                     return
                 if parts[-1] != "scale" or parts[-2] not in kube.replicas:
