@@ -57,7 +57,9 @@ async def test_full_queue_and_deadline_answer_503_with_retry_after(
     body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
     try:
         async with httpx.AsyncClient(timeout=30) as c:
-            held = [asyncio.create_task(c.post(url + "/v1/completions", json=body)) for _ in range(2)]
+            held = [
+                asyncio.create_task(c.post(url + "/v1/completions", json=body)) for _ in range(2)
+            ]
             while app.activator.held < 2:
                 await asyncio.sleep(0.01)
             full = await c.post(url + "/v1/completions", json=body)

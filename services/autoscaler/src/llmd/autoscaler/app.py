@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from llmd.autoscaler.controller import Autoscaler
 from llmd.autoscaler.decide import SaturationSettings
@@ -32,6 +33,14 @@ from llmd.runtime.lifecycle import Health, health_router, serve_http
 from llmd.runtime.service import ServiceConfig
 
 log = logging.getLogger(__name__)
+
+
+def _check_urls(urls: list[str]) -> list[str]:
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"{url!r}: demand URLs are plain http://HOST:PORT/PATH")
+    return urls
 
 
 class Saturation(StrictModel):
@@ -138,7 +147,7 @@ class AutoscalerConfig(ServiceConfig):
         gt=0,
         description="predictive: replica start-up time until one has been measured",
     )
-    demand_urls: list[str] = Field(
+    demand_urls: Annotated[list[str], AfterValidator(_check_urls)] = Field(
         default_factory=list,
         description="/metrics URLs of schedulers and activators whose queued requests count as "
         "demand (llm_d_epp_flow_control_queue_size, llmd_activator_queue_size)",
