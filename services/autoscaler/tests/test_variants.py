@@ -60,6 +60,13 @@ def test_defaults_and_the_older_model_based_fields() -> None:
     v = parse_variant(doc, "[0]")
     assert (v.target, v.cost, v.min_replicas, v.max_replicas) == ("a", 10.0, 1, 10)
     assert (v.selector, v.retention_s) == ("app=a", 90.0)
+    assert v.max_batch is None  # no maxBatchSize declared
+    profiles = {"accelerators": [{"acc": "A100", "accCount": 1, "maxBatchSize": 8},
+                                 {"acc": "H100", "accCount": 1, "maxBatchSize": 64}]}  # fmt: skip
+    doc = va("b", modelProfile=profiles)
+    assert parse_variant(doc, "[0]").max_batch == 8  # no accelerator: the first profile
+    doc["metadata"]["labels"] = {"inference.optimization/acceleratorName": "H100"}
+    assert parse_variant(doc, "[0]").max_batch == 64
 
 
 @pytest.mark.parametrize(

@@ -288,7 +288,7 @@ class Autoscaler:
             status.ready,
             loads,
             max(caps) if caps else None,
-            self.batch_limits.get(v.key),
+            self.batch_limits.get(v.key) or v.max_batch,
         )
         return state, active
 
@@ -329,7 +329,9 @@ class Autoscaler:
                 continue  # a pool we cannot read is never scaled blind
             states = [o[0] for o in observed if o is not None]
             now = self.clock()
-            queued = per_model.get(model, 0.0) + per_model.get("", 0.0) * (len(self.models) == 1)
+            queued = per_model.get(model, 0.0)
+            if len(self.models) == 1:  # queued without a model name: the only model's
+                queued += per_model.get("", 0.0)
             queued += sum(per_pool.get(v.target, 0.0) for v in variants)
             total = sum(st.desired for st in states)
             if any(o[1] for o in observed if o is not None) or queued > 0:

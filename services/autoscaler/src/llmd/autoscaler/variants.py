@@ -19,8 +19,9 @@ in a file locally or as custom objects in a cluster:
 `scaleTargetRef.name` is the pool the autoscaler scales (a Deployment in Kubernetes, a pool of
 the local process pool). Replicas of a variant are found by the pod label `llm-d.ai/variant`
 (WVA's label) unless the annotation `llmd.ai/pod-selector` gives another selector. Fields of
-WVA's older model-based CRD (`modelProfile`, `sloClassRef`) are accepted and not used: the
-saturation analyzer needs no performance profile.
+WVA's older model-based CRD (`modelProfile`, `sloClassRef`) are accepted; of them only
+`modelProfile.accelerators[].maxBatchSize` is used (a replica's batch limit, which the engines
+do not export): the saturation analyzer needs no performance profile.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class Variant:
     selector: str = ""
     retention_s: float | None = None
     """Idle time before scale-to-zero (None: the autoscaler's default)."""
+    max_batch: int | None = None
+    """Requests one replica runs at once (`modelProfile.accelerators[].maxBatchSize`, vLLM's
+    `--max-num-seqs`), when declared; otherwise learned from the engines."""
 
     @property
     def key(self) -> str:
@@ -138,6 +142,7 @@ def parse_variant(doc: Any, where: str) -> Variant:
     assert isinstance(model, str)
     assert isinstance(target, str)
     accelerator = str(spec.get("accelerator") or labels.get(ACCELERATOR_LABEL, ""))
+    max_batch = _max_batch(spec, accelerator)
     return Variant(
         name=name,
         namespace=str(meta.get("namespace") or "default"),
@@ -149,7 +154,22 @@ def parse_variant(doc: Any, where: str) -> Variant:
         accelerator=accelerator,
         selector=str(annotations.get(SELECTOR_ANNOTATION) or f"{VARIANT_LABEL}={name}"),
         retention_s=retention,
+        max_batch=max_batch,
     )
+
+
+def _max_batch(spec: Mapping[str, Any], accelerator: str) -> int | None:
+    """`maxBatchSize` of the profile for this accelerator (else the first profile's)."""
+    profile = spec.get("modelProfile")
+    accs = profile.get("accelerators") if isinstance(profile, Mapping) else None
+    if not isinstance(accs, list):
+        return None
+    entries = [a for a in accs if isinstance(a, Mapping)]
+    chosen = next((a for a in entries if a.get("acc") == accelerator), None)
+    if chosen is None and entries:
+        chosen = entries[0]
+    size = chosen.get("maxBatchSize") if chosen is not None else None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
 def parse_variants(docs: Iterable[Any], origin: str = "variants") -> list[Variant]:
