@@ -9,8 +9,8 @@ target, so routing is the same and only the scaling differs:
 - `static`: `--max-replicas` engines the whole day (provisioned for the peak);
 - `llmd`: `llmd-autoscaler` with its defaults (5 s loop, load-sized steps, 30 s scale-down
   window);
-- `llmd-headroom`: the same with `--saturation-batch-target 0.5` (batches sized at half their
-  limit, room for bursts shorter than an engine's start-up);
+- `llmd-headroom` (not run by default): the same with `--saturation-batch-target 0.5`
+  (batches sized at half their limit);
 - `wva30`: the same saturation analyzer run the way WVA runs it: a 30 s loop, one replica
   added or removed per cycle, no load trend.
 
@@ -266,21 +266,22 @@ async def scale_from_zero(args: argparse.Namespace, work: Path) -> dict[str, Any
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as s:
         t0, wall0 = time.monotonic(), time.time()
         r = await one_request(s, f"http://127.0.0.1:{act_port}", "hello " * 50, 16, 0.0)
-    ready_at = next((t for t, line in events if "ready at" in line), float("nan"))
+    ready_at = next((t for t, line in events if "ready at" in line), None)
     serving = await asyncio.to_thread(_serving_at, work / "sim-0.log")
     act.terminate()
     act.wait(timeout=15)
     server.should_exit = True
     await asyncio.wait([task], timeout=5)
     await cluster.close()
-    ttft = r.ttft_s if r.ttft_s is not None else float("nan")
-    up = serving - wall0 if serving is not None else float("nan")
+    ttft = r.ttft_s
+    up = serving - wall0 if serving is not None else None
+    after = None if ttft is None or up is None else round((ttft - up) * 1000, 1)
     out = {
         "status": r.status,
-        "ttft_s": round(ttft, 3),
-        "engine_serving_s": round(up, 3),
-        "pool_saw_ready_s": round(ready_at - t0, 3),
-        "first_token_after_engine_serving_ms": round((ttft - up) * 1000, 1),
+        "ttft_s": None if ttft is None else round(ttft, 3),
+        "engine_serving_s": None if up is None else round(up, 3),
+        "pool_saw_ready_s": None if ready_at is None else round(ready_at - t0, 3),
+        "first_token_after_engine_serving_ms": after,
     }
     print(f"scale from zero: {json.dumps(out)}", flush=True)
     return out
