@@ -106,3 +106,25 @@ async def test_scale_to_zero_waits_for_streams_in_flight(pool: LocalCluster) -> 
         assert metric(app, "llmd_activator_inflight_requests") == 0
     finally:
         await app.stop()
+
+
+async def test_a_client_that_leaves_gives_up_its_place(slow_pool: LocalCluster) -> None:
+    app, url = await start(slow_pool, hold_timeout="60s")
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+    try:
+        async with httpx.AsyncClient(timeout=30) as c:
+            gone = asyncio.create_task(c.post(url + "/v1/completions", json=body))
+            stays = asyncio.create_task(c.post(url + "/v1/completions", json=body))
+            while app.activator.held < 2:
+                await asyncio.sleep(0.01)
+            gone.cancel()  # the client closes its connection
+            for _ in range(100):
+                if app.activator.held == 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert app.activator.held == 1
+            assert metric(app, "llmd_activator_requests_total", outcome="abandoned") == 1
+            assert metric(app, "llmd_activator_queue_size") == 1
+            stays.cancel()
+    finally:
+        await app.stop()

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import count
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -58,7 +59,8 @@ class ActivatorMetrics:
         self.requests = Counter(
             "llmd_activator_requests",
             "Requests by outcome: forwarded (pool was up), activated (held, then forwarded), "
-            "rejected (queue full), timeout (held past the deadline), error (could not forward)",
+            "rejected (queue full), timeout (held past the deadline), abandoned (the client "
+            "left while held), error (could not forward)",
             ["pool", "outcome"],
             registry=registry,
         )
@@ -96,6 +98,15 @@ class ActivatorMetrics:
             ["pool"],
             registry=registry,
         ).labels(pool)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client of `request` has gone away (its body is read already, so the
+    next ASGI message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message.get("type") == "http.disconnect":
+            return
 
 
 class Activator:
@@ -218,17 +229,28 @@ class Activator:
         resp.headers["retry-after"] = str(self.s.retry_after_s)
         return resp
 
-    async def _hold(self, deadline: float) -> bool:
-        """Wait for a ready engine until `deadline`; False when none came."""
+    async def _hold(self, deadline: float, request: Request | None = None) -> str:
+        """Wait for a ready engine until `deadline`: `ready`, `timeout`, or `gone` when the
+        client disconnected meanwhile (its place in the queue is given up at once)."""
         self.held += 1
         self.metrics.queue.set(self.held)
         self._wake.set()
+        ready = asyncio.ensure_future(self._ready.wait())
+        waits: set[asyncio.Future[Any]] = {ready}
+        if request is not None:
+            waits.add(asyncio.ensure_future(_disconnected(request)))
         try:
-            await asyncio.wait_for(self._ready.wait(), max(0.0, deadline - self.clock()))
-            return True
-        except TimeoutError:
-            return False
+            done, _ = await asyncio.wait(
+                waits,
+                timeout=max(0.0, deadline - self.clock()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if ready in done:
+                return "ready"
+            return "gone" if done else "timeout"
         finally:
+            for w in waits:
+                w.cancel()
             self.held -= 1
             self.metrics.queue.set(self.held)
 
@@ -245,9 +267,12 @@ class Activator:
                         "rejected", f"pool {self.s.pool} is starting and its queue is full"
                     )
                 was_held = True
-                ok = await self._hold(deadline)
+                held = await self._hold(deadline, request)
                 self.metrics.hold.observe(self.clock() - arrived)
-                if not ok:
+                if held == "gone":
+                    self.metrics.requests.labels(self.s.pool, "abandoned").inc()
+                    return error_response(499, "client disconnected", "ClientClosedRequest")
+                if held == "timeout":
                     return self._unavailable(
                         "timeout",
                         f"pool {self.s.pool} has no ready engine after {self.s.hold_timeout_s:g}s",
