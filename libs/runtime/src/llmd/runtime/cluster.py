@@ -62,6 +62,20 @@ class Cluster(Protocol):
         ...
 
 
+async def kube_call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """A blocking official-client call in a thread; the API server's refusals and unreachable
+    servers become ClusterError naming what was asked."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    except ApiException as exc:
+        raise ClusterError(f"{what}: {exc.status} {exc.reason}") from None
+    except HTTPError as exc:
+        raise ClusterError(f"{what}: {type(exc).__name__}: {exc}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class KubernetesPool:
     """A pool backed by one Deployment whose pods carry `selector` labels."""
@@ -105,25 +119,11 @@ class KubernetesCluster:
         """Manage these pools from now on (when the objects that declare them change)."""
         self._pools = dict(pools)
 
-    @staticmethod
-    async def _call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """A blocking client call in a thread; the API server's refusals and unreachable
-        servers become ClusterError naming what was asked."""
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
-        try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
-        except ApiException as exc:
-            raise ClusterError(f"{what}: {exc.status} {exc.reason}") from None
-        except HTTPError as exc:
-            raise ClusterError(f"{what}: {type(exc).__name__}: {exc}") from None
-
     async def pools(self) -> list[str]:
         return sorted(self._pools)
 
     async def _pods(self, p: KubernetesPool) -> list[Any]:
-        pods = await self._call(
+        pods = await kube_call(
             f"listing pods {p.selector} in {p.namespace}",
             self.core.list_namespaced_pod,
             p.namespace,
@@ -137,7 +137,7 @@ class KubernetesCluster:
         return sorted((e for e in eps if e is not None), key=lambda e: e.name)
 
     async def _spec_replicas(self, p: KubernetesPool) -> int:
-        scale = await self._call(
+        scale = await kube_call(
             f"reading the scale of {p.namespace}/{p.deployment}",
             self.apps.read_namespaced_deployment_scale,
             p.deployment,
@@ -153,7 +153,7 @@ class KubernetesCluster:
         return PoolStatus(desired=desired, ready=ready)
 
     async def _patch_scale(self, p: KubernetesPool, replicas: int) -> None:
-        await self._call(
+        await kube_call(
             f"scaling {p.namespace}/{p.deployment} to {replicas}",
             self.apps.patch_namespaced_deployment_scale,
             p.deployment,
@@ -168,7 +168,7 @@ class KubernetesCluster:
             else {DRAIN_ANNOTATION: None, DELETION_COST: None}
         )
         for name in names:
-            await self._call(
+            await kube_call(
                 f"annotating pod {p.namespace}/{name}",
                 self.core.patch_namespaced_pod,
                 name,

@@ -347,13 +347,21 @@ def discovery_source(
     if endpoints_file:
         return StaticFileDiscovery(endpoints_file, poll_interval_s=1.0, registry=registry)
     if selector:
-        from kubernetes import client, config
+        from kubernetes import client
 
-        try:
-            config.load_incluster_config()  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            config.load_kube_config()  # type: ignore[no-untyped-call]
         return KubernetesPodDiscovery(
-            client.CoreV1Api(), namespace, selector, target_port, registry=registry
+            client.CoreV1Api(kube_api_client()), namespace, selector, target_port, registry=registry
         )
     return None
+
+
+def kube_api_client() -> Any:
+    """The official client's ApiClient from the in-cluster config, else the kubeconfig (the
+    one place llmd's services load Kubernetes credentials)."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException:
+        config.load_kube_config()  # type: ignore[no-untyped-call]
+    return client.ApiClient()

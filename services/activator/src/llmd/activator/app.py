@@ -17,6 +17,7 @@ from pydantic import Field
 from llmd.activator.core import Activator, ActivatorSettings
 from llmd.runtime.cluster import Cluster, HttpCluster, KubernetesCluster, KubernetesPool
 from llmd.runtime.config import ConfigError, ConfigIssue, Seconds
+from llmd.runtime.discovery import kube_api_client
 from llmd.runtime.lifecycle import (
     BodyTooLargeError,
     Health,
@@ -154,14 +155,12 @@ def build(config: ActivatorConfig) -> ActivatorApp:
         if not config.selector:
             raise ConfigError([ConfigIssue("selector", "required with cluster=kubernetes")])
         from kubernetes import client
-        from kubernetes import config as kube_config
 
-        try:
-            kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
-        except kube_config.ConfigException:
-            kube_config.load_kube_config()  # type: ignore[no-untyped-call]
+        api = kube_api_client()
         pool = KubernetesPool(config.pool, config.namespace, config.selector, config.engine_port)
-        cluster = KubernetesCluster(client.CoreV1Api(), client.AppsV1Api(), {config.pool: pool})
+        cluster = KubernetesCluster(
+            client.CoreV1Api(api), client.AppsV1Api(api), {config.pool: pool}
+        )
     else:
         cluster = HttpCluster(config.control_url)
     return ActivatorApp(config, cluster)

@@ -100,6 +100,14 @@ class ActivatorMetrics:
         ).labels(pool)
 
 
+class _StreamFlag(msgspec.Struct):
+    stream: bool = False
+
+
+_stream_flag = msgspec.json.Decoder(_StreamFlag)
+"""Reads only `stream` from a request body (other fields are skipped, not built)."""
+
+
 async def _disconnected(request: Request) -> None:
     """Returns once the client of `request` has gone away (its body is read already, so the
     next ASGI message is the disconnect)."""
@@ -295,9 +303,8 @@ class Activator:
         base = self.s.upstream_url.rstrip("/") or f"http://{ep.host_port}"
         url = base + request.url.path + (f"?{request.url.query}" if request.url.query else "")
         stream = False
-        with contextlib.suppress(msgspec.DecodeError, TypeError, AttributeError):
-            doc = msgspec.json.decode(body) if body else {}
-            stream = bool(doc.get("stream")) if isinstance(doc, dict) else False
+        with contextlib.suppress(msgspec.DecodeError):  # not JSON: the engine will say so
+            stream = _stream_flag.decode(body).stream if body else False
         self.inflight += 1
         self.metrics.inflight.set(self.inflight)
         refused = False

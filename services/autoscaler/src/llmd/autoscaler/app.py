@@ -29,6 +29,7 @@ from llmd.runtime.cluster import (
     KubernetesPool,
 )
 from llmd.runtime.config import ConfigError, ConfigIssue, Seconds, StrictModel
+from llmd.runtime.discovery import kube_api_client
 from llmd.runtime.lifecycle import Health, health_router, serve_http
 from llmd.runtime.service import ServiceConfig
 
@@ -165,17 +166,6 @@ def kube_pools(variants: list[Variant], port: int) -> dict[str, KubernetesPool]:
     return {v.target: KubernetesPool(v.target, v.namespace, v.selector, port) for v in variants}
 
 
-def kube_api() -> Any:
-    """An API client from the in-cluster config, else the kubeconfig."""
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
-    return client.ApiClient()
-
-
 class AutoscalerApp:
     def __init__(
         self,
@@ -306,7 +296,7 @@ def build(config: AutoscalerConfig) -> AutoscalerApp:
             )
         from kubernetes import client
 
-        api = kube_api()
+        api = kube_api_client()
         cluster = KubernetesCluster(
             client.CoreV1Api(api),
             client.AppsV1Api(api),
@@ -324,7 +314,7 @@ def build(config: AutoscalerConfig) -> AutoscalerApp:
     if config.cluster == "kubernetes":
         from kubernetes import client
 
-        api = kube_api()
+        api = kube_api_client()
         pools = kube_pools(variants, config.engine_port)
         local = KubernetesCluster(
             client.CoreV1Api(api),

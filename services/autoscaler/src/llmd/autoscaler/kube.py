@@ -13,13 +13,12 @@ subresource in WVA's shape:
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
 from llmd.autoscaler.controller import Decision
 from llmd.autoscaler.variants import Variant, parse_variant
-from llmd.runtime.cluster import ClusterError
+from llmd.runtime.cluster import kube_call
 from llmd.runtime.config import ConfigError
 
 GROUP = "llmd.ai"
@@ -32,26 +31,15 @@ class KubeVariants:
         self.api = custom_api
         self.namespace = namespace
 
-    async def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
-        try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
-        except ApiException as exc:
-            raise ClusterError(f"{what}: {exc.status} {exc.reason}") from None
-        except HTTPError as exc:
-            raise ClusterError(f"{what}: {type(exc).__name__}: {exc}") from None
-
     async def list(self) -> tuple[list[Variant], list[str]]:
         """(the variants, one message per object that was skipped)."""
         if self.namespace:
-            doc = await self._call(
+            doc = await kube_call(
                 f"listing {PLURAL} in {self.namespace}",
                 self.api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL,
             )  # fmt: skip
         else:
-            doc = await self._call(
+            doc = await kube_call(
                 f"listing {PLURAL}", self.api.list_cluster_custom_object, GROUP, VERSION, PLURAL
             )
         out: list[Variant] = []
@@ -85,7 +73,7 @@ class KubeVariants:
                 "actuation": {"applied": d.actuated or d.applied == d.current},
             }
         }
-        await self._call(
+        await kube_call(
             f"writing the status of {v.key}",
             self.api.patch_namespaced_custom_object_status,
             GROUP, VERSION, v.namespace, PLURAL, v.name, status,
