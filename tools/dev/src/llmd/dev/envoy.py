@@ -489,14 +489,16 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                     # A down scheduler must be known before requests reach it: requests with a
                     # body cannot fail open once they are streaming to the processor, but they
                     # do when the cluster has no healthy host (checked before streaming).
-                    # A refused connection fails at once; a slow answer gets 2 s, so a
-                    # scheduler that is merely busy on a saturated machine is not marked down
-                    # (that turned requests into 503s in a real-vLLM run).
+                    # A draining scheduler answers NOT_SERVING, which Envoy acts on at once
+                    # whatever the threshold. Network failures (refused, no answer within 2 s)
+                    # need three in a row: on a saturated machine a busy scheduler can miss one
+                    # check, and a threshold of 1 turned that into 503s in a real-vLLM CI run.
+                    # A killed scheduler is therefore known within ~3 s.
                     "timeout": "2s",
                     "interval": "1s",
                     "no_traffic_interval": "1s",
                     "unhealthy_interval": "1s",
-                    "unhealthy_threshold": 1,
+                    "unhealthy_threshold": 3,
                     "healthy_threshold": 1,
                     "grpc_health_check": {
                         "service_name": "envoy.service.ext_proc.v3.ExternalProcessor"
