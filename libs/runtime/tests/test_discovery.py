@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from llmd.dev.fakekube import FakeKube, pod
 from llmd.runtime.cluster import ClusterError, KubernetesCluster, KubernetesPool, PoolStatus
+from llmd.runtime.config import ConfigError
 from llmd.runtime.discovery import (
     DiscoveryError,
     Endpoint,
@@ -21,6 +22,7 @@ from llmd.runtime.discovery import (
     EndpointSource,
     KubernetesPodDiscovery,
     StaticFileDiscovery,
+    kube_api_client,
     parse_endpoints_document,
 )
 
@@ -188,3 +190,15 @@ async def test_kubernetes_cluster_scales_and_reports_status(kube: FakeKube) -> N
         await cluster.status("prefill")
     with pytest.raises(ClusterError, match=">= 0"):
         await cluster.scale("decode", -1)
+
+
+def test_missing_kubernetes_credentials_are_a_config_error_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside a pod and without a kubeconfig, a service that needs the API server says so
+    (and its entry point prints it and exits 2) instead of raising the client's exception."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="no Kubernetes credentials"):
+        kube_api_client()

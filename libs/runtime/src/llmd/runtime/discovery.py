@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
-from llmd.runtime.config import YamlSyntaxError, load_yaml
+from llmd.runtime.config import ConfigError, ConfigIssue, YamlSyntaxError, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +362,17 @@ def kube_api_client() -> Any:
 
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
-    except config.ConfigException:
-        config.load_kube_config()  # type: ignore[no-untyped-call]
+    except config.ConfigException as in_pod:
+        try:
+            config.load_kube_config()  # type: ignore[no-untyped-call]
+        except (config.ConfigException, OSError) as kubeconfig:
+            raise ConfigError(
+                [
+                    ConfigIssue(
+                        "kubernetes",
+                        f"no Kubernetes credentials: not running in a pod ({in_pod}) and no "
+                        f"usable kubeconfig (KUBECONFIG or ~/.kube/config: {kubeconfig})",
+                    )
+                ]
+            ) from None
     return client.ApiClient()
