@@ -220,7 +220,8 @@ async def test_gateway_sends_a_pool_at_zero_to_the_activator(tmp_path: Path) -> 
         Gateway.start,
         cluster.discovery_file,
         tmp_path / "gw",
-        scheduler_args=["--activator-endpoint", f"127.0.0.1:{act_port}"],
+        # by name, as a chart names the activator's Service: the scheduler resolves it
+        scheduler_args=["--activator-endpoint", f"localhost:{act_port}"],
     )
     body = {"model": "tiny", "prompt": "hello " * 20, "max_tokens": 4}
     try:
@@ -240,6 +241,7 @@ async def test_gateway_sends_a_pool_at_zero_to_the_activator(tmp_path: Path) -> 
                 assert r.status_code == 200
             text = (await c.get(sched)).text
         assert _metric(text, "llmd_activator_routed_requests_total") == 1
+        assert _metric(text, "llmd_activator_resolve_failures_total") == 0
         reg = activator.registry
         assert (
             reg.get_sample_value(

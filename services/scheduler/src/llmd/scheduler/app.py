@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
+import socket
 import time
 from typing import Any
 
@@ -26,6 +28,7 @@ from grpc_health.v1 import health_pb2_grpc
 from opentelemetry import trace
 from prometheus_client import (
     CollectorRegistry,
+    Counter,
     GCCollector,
     PlatformCollector,
     ProcessCollector,
@@ -55,6 +58,8 @@ from llmd.scheduler.metrics import LegacyNames
 from llmd.scheduler.objectives import load_objectives
 
 log = logging.getLogger(__name__)
+
+ACTIVATOR_RESOLVE_S = 30.0
 
 MAX_EXPLAIN_BYTES = 1024 * 1024
 
@@ -101,7 +106,8 @@ class SchedulerConfig(ServiceConfig, TLSServing):
     allow_experimental_plugins: bool = Field(default=False, description="allow Alpha plugins")
     activator_endpoint: str = Field(
         default="",
-        description="host:port of llmd-activator: while the pool has no endpoint, requests go "
+        description="host:port of llmd-activator (an address, or a DNS name such as its "
+        "Kubernetes Service, resolved every 30 s): while the pool has no endpoint, requests go "
         "there (it holds them and scales the pool up) instead of waiting in flow control",
     )
     legacy_metric_names: bool = Field(
@@ -133,19 +139,37 @@ class SchedulerConfig(ServiceConfig, TLSServing):
             raise ValueError("give config_file or config_text, not both")
         if self.endpoints_file is not None and self.endpoint_selector is not None:
             raise ValueError("give endpoints_file or endpoint_selector, not both")
-        if self.activator_endpoint:
-            host, sep, port = self.activator_endpoint.rpartition(":")
-            try:
-                ipaddress.ip_address(host.strip("[]"))
-                ok = bool(sep) and 0 < int(port) < 65536
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ValueError(
-                    f"activator_endpoint {self.activator_endpoint!r} must be IP:port (Envoy's "
-                    "original-destination cluster does not resolve names)"
-                )
+        if self.activator_endpoint and activator_address(self.activator_endpoint) is None:
+            raise ValueError(
+                f"activator_endpoint {self.activator_endpoint!r} must be HOST:PORT, the host an "
+                "IP address or a DNS name (a Kubernetes Service)"
+            )
         return self
+
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+
+
+def activator_address(endpoint: str) -> tuple[str, int, bool] | None:
+    """(host, port, host is an IP address) of a HOST:PORT, or None when it is not one."""
+    host, sep, port_text = endpoint.rpartition(":")
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        return None
+    if not sep or not 0 < port < 65536:
+        return None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return (host, port, False) if _HOSTNAME.match(host) else None
+    return host, port, True
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class SchedulerApp:
@@ -170,9 +194,14 @@ class SchedulerApp:
             pool_name=config.pool_name,
             allow_experimental=config.allow_experimental_plugins,
             tracer=provider.get_tracer("llmd.scheduler") if traced else None,
-            activator=config.activator_endpoint,
+            activator=self._activator_ip(),
         )
         self.registry = self.core.registry
+        self.activator_resolve_failures = Counter(
+            "llmd_activator_resolve_failures_total",
+            "Times the activator's DNS name (--activator-endpoint) did not resolve",
+            registry=self.registry,
+        )
         for collector in (ProcessCollector, PlatformCollector, GCCollector):
             collector(registry=self.registry)
         if config.legacy_metric_names:
@@ -194,6 +223,34 @@ class SchedulerApp:
         self.tls = config.tls_files()
         self._tasks: list[asyncio.Task[Any]] = []
         self._started = False
+
+    def _activator_ip(self) -> str:
+        """The activator's IP:port when configured by address; a name is resolved at start
+        (Envoy's original-destination cluster takes an address, not a name)."""
+        parsed = activator_address(self.config.activator_endpoint)
+        if parsed is None or not parsed[2]:
+            return ""
+        return _join(parsed[0], parsed[1])
+
+    async def _resolve_activator(self, host: str, port: int) -> None:
+        """Follow the activator's DNS name (a Service's ClusterIP rarely changes, but it may):
+        resolve now, then every ACTIVATOR_RESOLVE_S. While it does not resolve, requests that
+        find the pool empty wait in flow control as they would without an activator."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                infos.sort(key=lambda i: i[0] != socket.AF_INET)  # IPv4 first, as Services
+                address = _join(str(infos[0][4][0]), port)
+            except (OSError, IndexError) as exc:
+                self.activator_resolve_failures.inc()
+                log.warning("activator %s:%d does not resolve: %s", host, port, exc)
+                address = ""
+            if address and address != self.director.activator:
+                log.info("activator %s:%d is %s", host, port, address)
+            if address or not self.director.activator:
+                self.director.activator = address
+            await asyncio.sleep(ACTIVATOR_RESOLVE_S)
 
     def describe(self) -> str:
         lines = []
@@ -302,6 +359,13 @@ class SchedulerApp:
         self._started = True
         await self.core.start()
         self._tasks.append(asyncio.create_task(self._follow(source), name="discovery"))
+        parsed = activator_address(o.activator_endpoint)
+        if parsed is not None and not parsed[2]:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._resolve_activator(parsed[0], parsed[1]), name="activator-dns"
+                )
+            )
         credentials = self.tls.credentials() if self.tls is not None else None
         options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         main = grpc.aio.server(options=options)
