@@ -17,8 +17,9 @@ import httpx
 import yaml
 from fastapi import FastAPI, Request, Response
 
+from llmd.dev.charts import KUBERNETES_VERSION, charts_dir, check_all
 from llmd.dev.cluster import EVENTS_LABEL, Launcher, LocalCluster, SimLauncher, VllmLauncher
-from llmd.dev.envoy import EnvoyStartError
+from llmd.dev.envoy import EnvoySettings, EnvoyStartError, envoy_config
 from llmd.dev.gateway import Gateway, GatewayStartError, GatewayTLS
 from llmd.dev.monitor import EngineAddress
 from llmd.runtime.cluster import ClusterError
@@ -275,6 +276,32 @@ def cmd_up(args: argparse.Namespace) -> int:
     return run_stack(args, "vllm", VllmLauncher(env, model, block_size=args.block_size or 32))
 
 
+def cmd_charts(args: argparse.Namespace) -> int:
+    root = Path(args.charts_dir) if args.charts_dir else charts_dir()
+    if not (root / "llmd" / "Chart.yaml").is_file():
+        print(f"error: {root} holds no llmd charts (--charts-dir names them)", file=sys.stderr)
+        return 2
+    print(f"checking the charts in {root} against Kubernetes {KUBERNETES_VERSION}...", flush=True)
+    problems = check_all(root)
+    for p in problems:
+        print(f"  {p}")
+    print("charts OK" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    settings = EnvoySettings(
+        listen_port=args.port,
+        admin_port=args.admin_port,
+        admin_address=args.admin_address,
+        extproc_host=args.scheduler_host,
+        extproc_port=args.scheduler_port,
+        fail_open=args.fail_open,
+    )
+    sys.stdout.write(yaml.safe_dump(envoy_config(settings), sort_keys=False))
+    return 0
+
+
 def cmd_scale(args: argparse.Namespace) -> int:
     url = f"{args.control_url.rstrip('/')}/pools/{args.pool}/scale"
     try:
@@ -375,7 +402,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sc.add_argument("--timeout", type=float, default=300.0, help="how long to wait (seconds)")
     sub.add_parser("status", help="say what the local stack runs today")
+    ec = sub.add_parser(
+        "envoy-config",
+        help="print the gateway's Envoy bootstrap for a scheduler reached by name "
+        "(the Helm chart and the container images ship this output)",
+    )
+    ec.add_argument(
+        "--scheduler-host", default="127.0.0.1", help="the scheduler's address or DNS name"
+    )
+    ec.add_argument("--scheduler-port", type=int, default=9002, help="its ext_proc port")
+    ec.add_argument("--port", type=int, default=8081, help="the gateway's listening port")
+    ec.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port")
+    ec.add_argument(
+        "--admin-address",
+        default="127.0.0.1",
+        help="where the admin API listens (0.0.0.0 in a pod, for the /ready probe)",
+    )
+    ec.add_argument(
+        "--fail-open",
+        action="store_true",
+        help="let requests through when the scheduler is down (needs fallback endpoints; "
+        "without them a down scheduler answers 503)",
+    )
+    ch = sub.add_parser(
+        "charts",
+        help="lint, render and validate every Helm chart and well-lit path offline "
+        f"(Kubernetes {KUBERNETES_VERSION} schemas, the charts' CRDs)",
+    )
+    ch.add_argument("--charts-dir", default=None, help="the charts directory (default: the repo's)")
     args = parser.parse_args(argv)
+    if args.command == "charts":
+        return cmd_charts(args)
+    if args.command == "envoy-config":
+        return cmd_envoy_config(args)
     if args.command == "status":
         print(STATUS.format(port=8000))
         return 0

@@ -28,6 +28,7 @@ scheduler's certificate must be signed by that CA for `extproc_tls_server_name`.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -52,6 +53,8 @@ class EnvoySettings:
 
     listen_port: int = 8000
     admin_port: int = 9901
+    # where the admin API listens; a pod needs 0.0.0.0 for the kubelet's /ready probe
+    admin_address: str = "127.0.0.1"
     extproc_host: str = "127.0.0.1"
     extproc_port: int = 9002
     listen_address: str = "0.0.0.0"
@@ -330,6 +333,14 @@ def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def envoy_config(s: EnvoySettings) -> dict[str, Any]:
     """The Envoy bootstrap as a dict (dump it with yaml.safe_dump)."""
     ext_proc: dict[str, Any] = {
@@ -462,7 +473,9 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
     clusters: list[dict[str, Any]] = [
         {
             "name": "llmd_scheduler",
-            "type": "STATIC",
+            # a name (a Kubernetes Service, a container on a podman network) is resolved and
+            # re-resolved by DNS; an address is used as given
+            "type": "STATIC" if _is_ip(s.extproc_host) else "STRICT_DNS",
             "connect_timeout": "1s",
             "lb_policy": "ROUND_ROBIN",
             # no panic routing: an unhealthy scheduler gets no streams (fail-open needs that)
@@ -545,7 +558,7 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
             }
         )
     return {
-        "admin": {"address": _address("127.0.0.1", s.admin_port)},
+        "admin": {"address": _address(s.admin_address, s.admin_port)},
         "static_resources": {
             "listeners": [
                 {

@@ -1,0 +1,74 @@
+{{/*
+Cross-chart consistency. Each component may override a shared value; the ones deployed together
+must then still agree, or the render fails naming both keys. llm-d users report charts whose
+values disagree silently (a scheduler hashing 16-token blocks for engines with 64-token blocks
+gets no prefix hits and says nothing); here that is a render error.
+*/}}
+
+{{/* (list value global-value fallback): the first of them that is set, as a string */}}
+{{- define "llmd.effective" -}}
+{{- $v := index . 0 -}}
+{{- if or (kindIs "invalid" $v) (eq (toString $v) "") }}{{ $v = index . 1 }}{{ end -}}
+{{- if or (kindIs "invalid" $v) (eq (toString $v) "") }}{{ $v = index . 2 }}{{ end -}}
+{{- toString $v -}}
+{{- end -}}
+
+{{/* (list key {where: value}): fail naming the first two places that disagree */}}
+{{- define "llmd.agree" -}}
+{{- $key := index . 0 -}}{{- $by := index . 1 -}}
+{{- $first := "" -}}{{- $firstVal := "" -}}
+{{- range $where := keys $by | sortAlpha -}}
+{{- $val := index $by $where -}}
+{{- if eq $first "" -}}{{- $first = $where -}}{{- $firstVal = $val -}}
+{{- else if ne $val $firstVal -}}
+{{- fail (printf "llmd: %s is %q but %s is %q: the components deployed together must agree on %s (set global.%s once, or make the overrides equal)" $first $firstVal $where $val $key $key) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "llmd.checkConsistency" -}}
+{{- $g := .Values.global | default dict -}}
+{{- $v := .Values -}}
+{{- $engines := list -}}
+{{- if $v.modelServer.enabled }}{{ $engines = append $engines "modelServer" }}{{ end -}}
+{{- if $v.sim.enabled }}{{ $engines = append $engines "sim" }}{{ end -}}
+{{- if and $v.scheduler.enabled (not $engines) (not $v.activator.enabled) -}}
+{{- fail "llmd: the scheduler has no engines to route to: enable modelServer (vLLM) or sim (simulated engines), or the activator to scale a pool from zero" -}}
+{{- end -}}
+{{- $precise := and $v.scheduler.enabled (eq (toString $v.scheduler.config.preset) "precise-prefix-cache") -}}
+{{- $defaults := dict "blockSize" "16" "hashSeed" "" "poolName" .Release.Name "enginePort" "8000" -}}
+{{- range $key := list "blockSize" "hashSeed" "poolName" "enginePort" -}}
+{{- $fallback := index $defaults $key -}}
+{{- $by := dict -}}
+{{- range $name := $engines -}}
+{{- $_ := set $by (printf "%s.%s" $name $key) (include "llmd.effective" (list (index (index $v $name) $key) (index $g $key) $fallback)) -}}
+{{- end -}}
+{{- if and $v.indexer.enabled (ne $key "enginePort") -}}
+{{- $_ := set $by (printf "indexer.%s" $key) (include "llmd.effective" (list (index $v.indexer $key) (index $g $key) $fallback)) -}}
+{{- end -}}
+{{- if and $v.activator.enabled (has $key (list "poolName" "enginePort")) -}}
+{{- $_ := set $by (printf "activator.%s" $key) (include "llmd.effective" (list (index $v.activator $key) (index $g $key) $fallback)) -}}
+{{- end -}}
+{{- if $v.scheduler.enabled -}}
+{{- if eq $key "poolName" }}{{ $_ := set $by "scheduler.pool.name" (include "llmd.effective" (list $v.scheduler.pool.name (index $g $key) $fallback)) }}{{ end -}}
+{{- if eq $key "enginePort" }}{{ $_ := set $by "scheduler.pool.targetPort" (include "llmd.effective" (list $v.scheduler.pool.targetPort (index $g $key) $fallback)) }}{{ end -}}
+{{- if and $precise (has $key (list "blockSize" "hashSeed")) -}}
+{{- $_ := set $by (printf "scheduler.config.%s" $key) (include "llmd.effective" (list (index $v.scheduler.config $key) (index $g $key) $fallback)) -}}
+{{- end -}}
+{{- end -}}
+{{- include "llmd.agree" (list $key $by) -}}
+{{- end -}}
+{{- if $precise -}}
+{{- range $name := $engines -}}
+{{- if not (index $v $name).kvEvents.enabled -}}
+{{- fail (printf "llmd: scheduler.config.preset is precise-prefix-cache but %s.kvEvents.enabled is false: precise routing needs the engines' KV events" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.activator.enabled $v.scheduler.enabled (not $v.scheduler.activatorEndpoint) -}}
+{{- fail "llmd: activator.enabled is true but scheduler.activatorEndpoint is empty, so the scheduler would never send requests to the activator (set it to \"{{ .Release.Name }}-activator:8090\")" -}}
+{{- end -}}
+{{- if and $v.modelServer.enabled $v.sim.enabled $v.modelServer.service.enabled $v.sim.service.enabled -}}
+{{- fail "llmd: modelServer and sim both create the pool's engine Service: set service.enabled to false on one of them" -}}
+{{- end -}}
+{{- end -}}

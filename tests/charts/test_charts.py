@@ -1,0 +1,387 @@
+"""The Helm charts, rendered and linted by Helm's own SDK, every manifest validated against the
+Kubernetes schemas of a pinned version and the CRDs' own schemas, and what they deploy checked
+against the services it runs (their --check-config on the rendered arguments)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from llmd.autoscaler.variants import parse_variants
+from llmd.dev.charts import (
+    COMPONENTS,
+    REQUIRED_VALUES,
+    UMBRELLA,
+    ChartError,
+    Validator,
+    charts_dir,
+    check_all,
+    lint,
+    path_values,
+    render,
+    validate_all,
+)
+from llmd.dev.envoy import EnvoySettings, envoy_config
+from llmd.scheduler.config import DEFAULT_CONFIG
+
+CHARTS = charts_dir()
+PATHS = dict(path_values())
+BIN = Path(sys.executable).parent
+
+
+def umbrella(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    return render(CHARTS / UMBRELLA, values)
+
+
+def of_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def named(docs: list[dict[str, Any]], kind: str, suffix: str) -> dict[str, Any]:
+    found = [d for d in of_kind(docs, kind) if d["metadata"]["name"].endswith(suffix)]
+    assert len(found) == 1, [d["metadata"]["name"] for d in of_kind(docs, kind)]
+    return found[0]
+
+
+def containers(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    for d in of_kind(docs, "Deployment"):
+        spec = d["spec"]["template"]["spec"]
+        for c in spec["containers"]:
+            yield f"{d['metadata']['name']}/{c['name']}", c, spec
+
+
+def test_the_paths_are_the_documented_ones() -> None:
+    assert set(PATHS) == {
+        "inference-scheduling",
+        "precise-prefix-cache",
+        "workload-autoscaling",
+        "simulated",
+    }
+    for name in PATHS:
+        assert (CHARTS / "paths" / name / "README.md").is_file(), name
+
+
+@pytest.mark.parametrize("chart", [*COMPONENTS, UMBRELLA])
+def test_each_chart_lints_clean_and_every_manifest_validates(chart: str) -> None:
+    values = REQUIRED_VALUES.get(chart, {})
+    assert lint(CHARTS / chart, values) == []
+    docs = render(CHARTS / chart, values)
+    assert of_kind(docs, "Deployment"), chart
+    validate_all(docs)
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_each_well_lit_path_lints_and_validates(path: str) -> None:
+    assert lint(CHARTS / UMBRELLA, PATHS[path]) == []
+    validate_all(umbrella(PATHS[path]))
+
+
+def test_the_optional_objects_validate_too() -> None:
+    """ServiceMonitors, the InferencePool and VariantAutoscalings, each against its schema."""
+    monitor = {"serviceMonitor": {"enabled": True}}
+    values = copy.deepcopy(PATHS["workload-autoscaling"])
+    for name in ("scheduler", "modelServer", "autoscaler", "activator"):
+        values.setdefault(name, {}).update(monitor)
+    values["scheduler"]["inferencePool"] = {"enabled": True, "failureMode": "FailOpen"}
+    values["indexer"] = {"enabled": True, **monitor}
+    docs = umbrella(values)
+    kinds = {d["kind"] for d in docs}
+    assert {"ServiceMonitor", "InferencePool", "VariantAutoscaling"} <= kinds, kinds
+    assert len(of_kind(docs, "ServiceMonitor")) == 5
+    validate_all(docs)
+    pool = of_kind(docs, "InferencePool")[0]["spec"]
+    assert pool["endpointPickerRef"] == {
+        "group": "",
+        "kind": "Service",
+        "name": "demo-scheduler",
+        "port": {"number": 9002},
+        "failureMode": "FailOpen",
+    }
+    assert pool["selector"]["matchLabels"] == {"llmd.ai/pool": "demo"}
+
+
+def test_a_bad_manifest_is_reported_with_the_path_of_the_field() -> None:
+    docs = umbrella(PATHS["workload-autoscaling"])
+    validator = Validator()
+    validate_all(docs, validator)
+    dep = copy.deepcopy(named(docs, "Deployment", "-scheduler"))
+    dep["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    with pytest.raises(ChartError, match=r"spec\.template\.spec\.containers\.0.*imagePullPolcy"):
+        validator.validate(dep)
+    va = copy.deepcopy(of_kind(docs, "VariantAutoscaling")[0])
+    va["spec"]["minReplicas"] = -1
+    with pytest.raises(ChartError, match=r"VariantAutoscaling/.*spec\.minReplicas: -1"):
+        validator.validate(va)
+
+
+@pytest.mark.parametrize(
+    ("values", "where", "message"),
+    [
+        ({"scheduler": {"gateway": {"enabld": True}}}, "/gateway", "'enabld' not allowed"),
+        ({"scheduler": {"config": {"preset": "fast"}}}, "/config/preset", "must be one of"),
+        ({"sim": {"blockSize": "big"}}, "/blockSize", "got string"),
+        ({"global": {"enginePort": 70000}}, "/global/enginePort", "maximum"),
+        ({"autoscaler": {"enabled": True, "actuation": "hpa"}}, "/actuation", "must be one of"),
+        (
+            {"autoscaler": {"enabled": True, "variants": [{"name": "Bad_Name", "modelID": "m"}]}},
+            "/variants/0/name",
+            "does not match pattern",
+        ),
+    ],
+)
+def test_a_wrong_value_fails_with_the_path_of_the_bad_field(
+    values: dict[str, Any], where: str, message: str
+) -> None:
+    with pytest.raises(ChartError) as exc:
+        umbrella(values)
+    text = str(exc.value)
+    assert f"at '{where}'" in text, text
+    assert message in text, text
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"global": {"blockSize": 64}, "indexer": {"enabled": True, "blockSize": 32}},
+            'indexer.blockSize is "32" but sim.blockSize is "64"',
+        ),
+        (
+            {"scheduler": {"config": {"preset": "precise-prefix-cache", "hashSeed": "7"}}},
+            'scheduler.config.hashSeed is "7" but sim.hashSeed is ""',
+        ),
+        (
+            {"sim": {"poolName": "other"}},
+            'scheduler.pool.name is "demo" but sim.poolName is "other"',
+        ),
+        (
+            {"sim": {"enginePort": 9000}},
+            'scheduler.pool.targetPort is "8000" but sim.enginePort is "9000"',
+        ),
+        (
+            {
+                "scheduler": {"config": {"preset": "precise-prefix-cache"}},
+                "sim": {"kvEvents": {"enabled": False}},
+            },
+            "sim.kvEvents.enabled is false",
+        ),
+        (
+            {"activator": {"enabled": True, "deployment": "x"}},
+            "scheduler.activatorEndpoint is empty",
+        ),
+        ({"sim": {"enabled": False}}, "the scheduler has no engines to route to"),
+        ({"modelServer": {"enabled": True}}, "both create the pool's engine Service"),
+    ],
+)
+def test_components_that_disagree_fail_the_render_naming_both_keys(
+    values: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ChartError, match="llmd: ") as exc:
+        umbrella(values)
+    assert message in str(exc.value), str(exc.value)
+
+
+def test_shared_values_set_once_reach_every_component() -> None:
+    docs = umbrella(
+        {
+            "global": {"blockSize": 64, "hashSeed": "42", "poolName": "chat", "enginePort": 8200},
+            "scheduler": {"config": {"preset": "precise-prefix-cache"}},
+            "indexer": {"enabled": True},
+        }
+    )
+    sched = named(docs, "Deployment", "-scheduler")["spec"]["template"]["spec"]["containers"][0]
+    assert "--endpoint-selector=llmd.ai/pool=chat" in sched["args"]
+    assert "--endpoint-target-port=8200" in sched["args"]
+    config = yaml.safe_load(named(docs, "ConfigMap", "-scheduler")["data"]["config.yaml"])
+    params = config["plugins"][0]["parameters"]
+    assert params["tokenProcessorConfig"] == {"blockSizeTokens": 64, "hashSeed": "42"}
+    assert params["tokenizer"] == {"renderUrl": "http://demo-engines:8200"}
+    sim = named(docs, "Deployment", "-sim")
+    args = sim["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert {"--block-size=64", "--hash-seed=42", "--port=8200"} <= set(args)
+    assert sim["spec"]["template"]["metadata"]["labels"]["llmd.ai/pool"] == "chat"
+    idx = named(docs, "Deployment", "-indexer")["spec"]["template"]["spec"]["containers"][0]
+    assert {"--block-size=64", "--hash-seed=42", "--endpoint-selector=llmd.ai/pool=chat"} <= set(
+        idx["args"]
+    )
+    engines = named(docs, "Service", "-engines")
+    assert engines["spec"]["selector"] == {"llmd.ai/pool": "chat"}
+
+
+def test_the_vllm_model_server_gets_the_shared_values_as_vllm_flags() -> None:
+    docs = umbrella(PATHS["precise-prefix-cache"])
+    c = named(docs, "Deployment", "-model-server")["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert {"--block-size=64", "--served-model-name=Qwen/Qwen3-0.6B", "--port=8000"} <= set(
+        c["args"]
+    )
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["PYTHONHASHSEED"] == "42"
+    events = next(a for a in c["args"] if a.startswith("--kv-events-config="))
+    doc = json.loads(events.split("=", 1)[1])
+    assert doc["topic"] == "kv@$(POD_NAME)@Qwen/Qwen3-0.6B"
+    assert doc["endpoint"] == "tcp://*:5557"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_the_chart_default_scheduler_config_is_the_local_stack_default() -> None:
+    """One source of truth: the chart's default preset is the config `llmd-dev up` runs."""
+    shipped = (CHARTS / "llmd-scheduler" / "files" / "configs" / "default.yaml").read_text()
+    assert shipped == DEFAULT_CONFIG
+    docs = umbrella()
+    assert named(docs, "ConfigMap", "-scheduler")["data"]["config.yaml"].strip() == (
+        DEFAULT_CONFIG.strip()
+    )
+
+
+def test_the_chart_envoy_config_is_the_generated_one() -> None:
+    """files/envoy.yaml is `llmd-dev envoy-config --port 8081` (make charts-envoy rewrites it)."""
+    text = (CHARTS / "llmd-scheduler" / "files" / "envoy.yaml").read_text()
+    assert yaml.safe_load(text) == envoy_config(EnvoySettings(listen_port=8081))
+
+
+def kubeconfig(tmp_path: Path) -> dict[str, str]:
+    """A kubeconfig naming an API server nobody listens on: enough for a service to build its
+    clients (what --check-config does) without a cluster."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "c", "cluster": {"server": "http://127.0.0.1:9"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                "current-context": "x",
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+    return {**env, "KUBECONFIG": str(path)}
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_every_rendered_llmd_service_passes_its_own_check_config(path: str, tmp_path: Path) -> None:
+    """The rendered arguments and config files are ones the services accept."""
+    values = copy.deepcopy(PATHS[path])
+    values.setdefault("indexer", {})["enabled"] = True
+    docs = umbrella(values)
+    config = named(docs, "ConfigMap", "-scheduler")["data"]["config.yaml"]
+    (tmp_path / "config.yaml").write_text(config)
+    env = kubeconfig(tmp_path)
+    checked = []
+    for where, c, _ in containers(docs):
+        binary = {
+            "scheduler": "llmd-scheduler",
+            "indexer": "llmd-indexer",
+            "autoscaler": "llmd-autoscaler",
+            "activator": "llmd-activator",
+        }.get(c["name"])
+        if binary is None:
+            continue
+        args = [
+            a.replace("/etc/llmd/scheduler/config.yaml", str(tmp_path / "config.yaml"))
+            for a in c["args"]
+        ]
+        r = subprocess.run(
+            [str(BIN / binary), *args, "--check-config"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
+        assert r.returncode == 0, f"{where}: {r.stderr[-2000:]}"
+        assert "config OK" in r.stdout, r.stdout
+        checked.append(c["name"])
+    assert "scheduler" in checked
+    assert "indexer" in checked
+
+
+def test_the_gateway_outlasts_a_cold_start_where_the_activator_holds_requests() -> None:
+    docs = umbrella(PATHS["workload-autoscaling"])
+    envoy = yaml.safe_load(named(docs, "ConfigMap", "-scheduler")["data"]["envoy.yaml"])
+    listener = envoy["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["request_timeout"] == "600s"
+    activator = named(docs, "Deployment", "-activator")["spec"]["template"]["spec"]
+    assert "--hold-timeout=300s" in activator["containers"][0]["args"]  # below the gateway's
+
+
+def test_the_autoscaler_reads_the_variant_autoscalings_the_chart_creates() -> None:
+    docs = umbrella(PATHS["workload-autoscaling"])
+    variants = parse_variants(of_kind(docs, "VariantAutoscaling"))
+    assert [(v.name, v.target, v.min_replicas, v.max_replicas) for v in variants] == [
+        ("qwen3-0-6b-h100", "demo-model-server", 0, 8)
+    ]
+    engines = named(docs, "Deployment", "-model-server")
+    labels = engines["spec"]["template"]["metadata"]["labels"]
+    assert labels["llm-d.ai/variant"] == "qwen3-0-6b-h100"  # how the autoscaler finds its pods
+    activator = named(docs, "Deployment", "-activator")["spec"]["template"]["spec"]
+    assert "--pool=demo-model-server" in activator["containers"][0]["args"]
+    sched = named(docs, "Deployment", "-scheduler")["spec"]["template"]["spec"]["containers"][0]
+    assert "--activator-endpoint=demo-activator:8090" in sched["args"]
+
+
+def test_every_container_is_locked_down_probed_and_sized() -> None:
+    values = copy.deepcopy(PATHS["workload-autoscaling"])
+    values["indexer"] = {"enabled": True}
+    values["modelServer"]["service"] = {"enabled": False}
+    values["sim"] = {"enabled": True}
+    docs = umbrella(values)
+    seen = set()
+    for where, c, pod in containers(docs):
+        seen.add(c["name"])
+        assert pod["securityContext"]["runAsNonRoot"] is True, where
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False, where
+        assert sc["capabilities"] == {"drop": ["ALL"]}, where
+        if c["name"] != "vllm":  # vLLM writes its compile caches next to its code
+            assert sc["readOnlyRootFilesystem"] is True, where
+        assert c["resources"]["requests"], where
+        assert "livenessProbe" in c, where
+        assert "readinessProbe" in c, where
+    assert seen == {"scheduler", "envoy", "vllm", "sim", "indexer", "autoscaler", "activator"}
+
+
+def test_rbac_is_least_privilege() -> None:
+    docs = umbrella({**PATHS["workload-autoscaling"], "indexer": {"enabled": True}})
+    roles = of_kind(docs, "Role")
+    assert not of_kind(docs, "ClusterRole")  # namespaced unless asked for every namespace
+    assert len(roles) == 4
+    for role in roles:
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"], role
+            assert "*" not in rule["resources"], role
+            assert not {"delete", "create", "deletecollection"} & set(rule["verbs"]), role
+    sched = named(docs, "Role", "-scheduler")
+    assert sched["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+    ]
+    wide = umbrella(
+        {
+            **PATHS["workload-autoscaling"],
+            "autoscaler": {
+                **PATHS["workload-autoscaling"]["autoscaler"],
+                "watchAllNamespaces": True,
+            },
+        }
+    )
+    assert [r["metadata"]["name"] for r in of_kind(wide, "ClusterRole")] == ["demo-autoscaler"]
+
+
+def test_llmd_dev_charts_checks_everything() -> None:
+    assert check_all(CHARTS) == []
+    r = subprocess.run(
+        [str(BIN / "llmd-dev"), "charts"], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "charts OK" in r.stdout
