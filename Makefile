@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := .venv
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: setup run test lint typecheck test-unit test-vllm charts charts-envoy bench-protocol bench-sim bench-scheduler bench-kvcache bench-http bench-gateway bench-autoscaling test-reliability vllm-env clean help
+.PHONY: setup run test lint typecheck test-unit test-vllm test-containers images charts charts-envoy bench-protocol bench-sim bench-scheduler bench-kvcache bench-http bench-gateway bench-autoscaling test-reliability vllm-env clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -34,8 +34,8 @@ lint: setup ## ruff (lint + format check)
 typecheck: setup ## mypy --strict over every package
 	$(RUN) mypy libs/protocol/src libs/runtime/src tools/vllm-cpu/src tools/dev/src tools/sim/src services/scheduler/src libs/kvcache/src services/indexer/src services/autoscaler/src services/activator/src benchmarks/src benchmarks/*.py examples/scheduler-plugin/src
 
-test-unit: setup ## unit + integration tiers
-	$(RUN) pytest -m "not vllm"
+test-unit: setup ## unit + integration tiers (and the charts)
+	$(RUN) pytest -m "not vllm and not containers"
 
 test-reliability: setup ## fuzzed parsers and faults on real processes (also part of test-unit)
 	$(RUN) pytest -m reliability
@@ -46,7 +46,13 @@ vllm-env: setup ## build the real vLLM CPU virtualenv in the user cache (once pe
 test-vllm: setup vllm-env ## the real-vLLM tier (marker vllm)
 	$(RUN) pytest -m vllm
 
-test: lint typecheck test-unit test-vllm ## set up, then ruff, mypy and every test tier
+images: setup ## build every service's container image with podman (installs podman when missing)
+	$(RUN) llmd-dev images build
+
+test-containers: images ## the container tier: the gateway path in containers, each image's health
+	$(RUN) pytest -m containers
+
+test: lint typecheck test-unit test-containers test-vllm ## set up, then ruff, mypy and every test tier
 
 charts: setup ## lint, render and validate every Helm chart and well-lit path (offline)
 	$(RUN) llmd-dev charts

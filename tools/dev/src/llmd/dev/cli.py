@@ -21,6 +21,7 @@ from llmd.dev.charts import KUBERNETES_VERSION, charts_dir, check_all
 from llmd.dev.cluster import EVENTS_LABEL, Launcher, LocalCluster, SimLauncher, VllmLauncher
 from llmd.dev.envoy import EnvoySettings, EnvoyStartError, envoy_config
 from llmd.dev.gateway import Gateway, GatewayStartError, GatewayTLS
+from llmd.dev.images import main as images_main
 from llmd.dev.monitor import EngineAddress
 from llmd.runtime.cluster import ClusterError
 from llmd.runtime.lifecycle import Health, ServiceRunner, serve_http
@@ -430,6 +431,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"(Kubernetes {KUBERNETES_VERSION} schemas, the charts' CRDs)",
     )
     ch.add_argument("--charts-dir", default=None, help="the charts directory (default: the repo's)")
+    sub.add_parser(
+        "images", help="build llmd's container images with podman (llmd-dev images --help)"
+    )
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "images":
+        return images_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "charts":
         return cmd_charts(args)

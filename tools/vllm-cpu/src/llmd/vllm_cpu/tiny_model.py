@@ -31,6 +31,8 @@ def build_cached(target: Path, required: Sequence[str], build: Callable[[Path], 
     A file lock serialises concurrent builders (test workers, several tools) and the staging
     directory is renamed into place only when complete, so a crash never leaves half a build.
     """
+    if all((target / name).is_file() for name in required):
+        return target  # complete (renamed into place whole): no lock, so read-only caches work
     target.parent.mkdir(parents=True, exist_ok=True)
     with (target.parent / f".{target.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
