@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := .venv
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: setup run test lint typecheck test-unit test-vllm test-containers images charts charts-envoy bench-protocol bench-sim bench-scheduler bench-kvcache bench-http bench-gateway bench-autoscaling test-reliability vllm-env clean help
+.PHONY: setup run test lint typecheck test-unit test-vllm test-containers images dist release charts charts-envoy bench-protocol bench-sim bench-scheduler bench-kvcache bench-http bench-gateway bench-autoscaling test-reliability vllm-env clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -45,6 +45,13 @@ vllm-env: setup ## build the real vLLM CPU virtualenv in the user cache (once pe
 
 test-vllm: setup vllm-env ## the real-vLLM tier (marker vllm)
 	$(RUN) pytest -m vllm
+
+dist: setup ## a wheel and an sdist of every released package into dist/
+	$(RUN) llmd-dev release dist
+
+release: setup ## release one package: make release PACKAGE=llmd-scheduler VERSION=0.1.0
+	@test -n "$(PACKAGE)" -a -n "$(VERSION)" || { echo "usage: make release PACKAGE=<name> VERSION=<x.y.z>"; exit 2; }
+	$(RUN) llmd-dev release $(PACKAGE) $(VERSION)
 
 images: setup ## build every service's container image with podman (installs podman when missing)
 	$(RUN) llmd-dev images build

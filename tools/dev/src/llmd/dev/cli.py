@@ -23,6 +23,7 @@ from llmd.dev.envoy import EnvoySettings, EnvoyStartError, envoy_config
 from llmd.dev.gateway import Gateway, GatewayStartError, GatewayTLS
 from llmd.dev.images import main as images_main
 from llmd.dev.monitor import EngineAddress
+from llmd.dev.release import main as release_main
 from llmd.runtime.cluster import ClusterError
 from llmd.runtime.lifecycle import Health, ServiceRunner, serve_http
 from llmd.vllm_cpu.install import ensure_vllm_env
@@ -436,8 +437,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if argv is None:
         argv = sys.argv[1:]
+    sub.add_parser(
+        "release", help="release one package, or check or build them all (llmd-dev release --help)"
+    )
     if argv and argv[0] == "images":
         return images_main(argv[1:])
+    if argv and argv[0] == "release":
+        return release_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "charts":
         return cmd_charts(args)
