@@ -378,6 +378,18 @@ def test_rbac_is_least_privilege() -> None:
     assert [r["metadata"]["name"] for r in of_kind(wide, "ClusterRole")] == ["demo-autoscaler"]
 
 
+def test_inference_objectives_from_the_cluster_get_the_flag_and_the_read_rights() -> None:
+    docs = umbrella({"scheduler": {"inferenceObjectives": {"fromCluster": True}}})
+    sched = named(docs, "Deployment", "-scheduler")["spec"]["template"]["spec"]["containers"][0]
+    assert "--inference-objectives-source=kubernetes" in sched["args"]
+    rules = named(docs, "Role", "-scheduler")["rules"]
+    assert rules[1] == {
+        "apiGroups": ["llm-d.ai", "inference.networking.x-k8s.io"],
+        "resources": ["inferenceobjectives"],
+        "verbs": ["get", "list", "watch"],
+    }
+
+
 def test_llmd_dev_charts_checks_everything() -> None:
     assert check_all(CHARTS) == []
     r = subprocess.run(

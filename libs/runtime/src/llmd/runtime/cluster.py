@@ -29,7 +29,12 @@ class PoolStatus:
 
 
 class ClusterError(RuntimeError):
-    """A pool that does not exist or a scaling request the cluster refused."""
+    """A pool that does not exist or a scaling request the cluster refused; `status` is the
+    API server's HTTP status when it answered (404: no such object or resource type)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 PoolT = TypeVar("PoolT")
@@ -71,7 +76,7 @@ async def kube_call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return await asyncio.to_thread(fn, *args, **kwargs)
     except ApiException as exc:
-        raise ClusterError(f"{what}: {exc.status} {exc.reason}") from None
+        raise ClusterError(f"{what}: {exc.status} {exc.reason}", exc.status) from None
     except HTTPError as exc:
         raise ClusterError(f"{what}: {type(exc).__name__}: {exc}") from None
 

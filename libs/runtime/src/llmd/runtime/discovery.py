@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -364,7 +365,10 @@ def kube_api_client() -> Any:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException as in_pod:
         try:
-            config.load_kube_config()  # type: ignore[no-untyped-call]
+            # KUBECONFIG as it is now (the client reads it once, when first imported)
+            config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=os.environ.get("KUBECONFIG") or None
+            )
         except (config.ConfigException, OSError) as kubeconfig:
             raise ConfigError(
                 [

@@ -17,7 +17,7 @@ import logging
 import re
 import socket
 import time
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import msgspec
@@ -29,14 +29,16 @@ from opentelemetry import trace
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     GCCollector,
     PlatformCollector,
     ProcessCollector,
 )
 from pydantic import Field, model_validator
 
+from llmd.runtime.cluster import ClusterError
 from llmd.runtime.config import ConfigError, ConfigIssue, Seconds
-from llmd.runtime.discovery import discovery_source
+from llmd.runtime.discovery import discovery_source, kube_api_client
 from llmd.runtime.lifecycle import (
     BodyTooLargeError,
     Health,
@@ -55,7 +57,7 @@ from llmd.scheduler.extproc import ExternalProcessor, HealthService
 from llmd.scheduler.feedback import AccessLogService, FeedbackBook
 from llmd.scheduler.framework import SchedulingError
 from llmd.scheduler.metrics import LegacyNames
-from llmd.scheduler.objectives import load_objectives
+from llmd.scheduler.objectives import OBJECTIVES_REFRESH_S, KubeObjectives, load_objectives
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,11 @@ class SchedulerConfig(ServiceConfig, TLSServing):
         description="YAML of llm-d InferenceObjective documents: the priority a request's "
         "x-llm-d-inference-objective header selects (unknown or none: 0)",
     )
+    inference_objectives_source: Literal["file", "kubernetes"] = Field(
+        default="file",
+        description="file: inference_objectives_file (or none); kubernetes: the "
+        "InferenceObjective resources of pool_namespace naming this pool, re-listed every 10 s",
+    )
     debug_port: int = Field(
         default=0,
         ge=0,
@@ -139,6 +146,11 @@ class SchedulerConfig(ServiceConfig, TLSServing):
             raise ValueError("give config_file or config_text, not both")
         if self.endpoints_file is not None and self.endpoint_selector is not None:
             raise ValueError("give endpoints_file or endpoint_selector, not both")
+        if self.inference_objectives_source == "kubernetes" and self.inference_objectives_file:
+            raise ValueError(
+                "inference_objectives_file is for inference_objectives_source=file; with "
+                "kubernetes the objectives come from the API server"
+            )
         if self.activator_endpoint and activator_address(self.activator_endpoint) is None:
             raise ValueError(
                 f"activator_endpoint {self.activator_endpoint!r} must be HOST:PORT, the host an "
@@ -197,6 +209,17 @@ class SchedulerApp:
             activator=self._activator_ip(),
         )
         self.registry = self.core.registry
+        self.objectives_count = Gauge(
+            "llmd_inference_objectives",
+            "InferenceObjectives in force (their priorities order flow control's bands)",
+            registry=self.registry,
+        )
+        self.objectives_errors = Counter(
+            "llmd_inference_objectives_errors_total",
+            "Failed reads of the InferenceObjective resources (the last good set stays)",
+            registry=self.registry,
+        )
+        self.objectives_count.set(len(objectives or {}))
         self.activator_resolve_failures = Counter(
             "llmd_activator_resolve_failures_total",
             "Times the activator's DNS name (--activator-endpoint) did not resolve",
@@ -231,6 +254,27 @@ class SchedulerApp:
         if parsed is None or not parsed[2]:
             return ""
         return _join(parsed[0], parsed[1])
+
+    async def _follow_objectives(self, source: KubeObjectives) -> None:
+        """Re-list the InferenceObjectives; a failed read keeps the last good set."""
+        reported: set[str] = set()
+        while True:
+            try:
+                objectives, problems = await source.list()
+            except ClusterError as exc:
+                self.objectives_errors.inc()
+                log.warning("InferenceObjectives not read (keeping %d): %s",
+                            len(self.director.objectives), exc)  # fmt: skip
+            else:
+                for p in set(problems) - reported:
+                    log.warning("InferenceObjective skipped: %s", p)
+                reported = set(problems)
+                if objectives != self.director.objectives:
+                    listing = ", ".join(f"{k}={v}" for k, v in sorted(objectives.items()))
+                    log.info("%d InferenceObjective(s) in force: %s", len(objectives), listing)
+                    self.director.objectives = objectives
+                self.objectives_count.set(len(objectives))
+            await asyncio.sleep(OBJECTIVES_REFRESH_S)
 
     async def _resolve_activator(self, host: str, port: int) -> None:
         """Follow the activator's DNS name (a Service's ClusterIP rarely changes, but it may):
@@ -359,6 +403,15 @@ class SchedulerApp:
         self._started = True
         await self.core.start()
         self._tasks.append(asyncio.create_task(self._follow(source), name="discovery"))
+        if o.inference_objectives_source == "kubernetes":
+            from kubernetes import client
+
+            objectives = KubeObjectives(
+                client.CustomObjectsApi(kube_api_client()), o.pool_namespace, o.pool_name
+            )
+            self._tasks.append(
+                asyncio.create_task(self._follow_objectives(objectives), name="objectives")
+            )
         parsed = activator_address(o.activator_endpoint)
         if parsed is not None and not parsed[2]:
             self._tasks.append(

@@ -51,6 +51,8 @@ class FakeKube:
         self.patches: list[tuple[str, int]] = []
         self.custom: dict[str, dict[str, dict[str, Any]]] = {}
         """Custom objects by plural (e.g. `variantautoscalings`), then `namespace/name`."""
+        self.custom_groups: dict[str, str] = {}
+        """Plural -> the one API group serving it (others answer 404); unset: any group."""
         self.status_patches: list[tuple[str, str, dict[str, Any]]] = []
         """(plural, namespace/name, status) of every status-subresource PATCH."""
         self.cond = threading.Condition()
@@ -143,7 +145,11 @@ class FakeKube:
                     )
                 elif parts[-1] == "scale" and parts[-2] in kube.replicas:
                     self._json(200, self._scale(parts[-2]))
-                elif parts[0] == "apis" and parts[-1] in kube.custom:
+                elif (
+                    parts[0] == "apis"
+                    and parts[-1] in kube.custom
+                    and kube.custom_groups.get(parts[-1], parts[1]) == parts[1]
+                ):
                     # /apis/G/V/[namespaces/NS/]PLURAL
                     ns = parts[4] if len(parts) == 6 and parts[3] == "namespaces" else None
                     objs = [
