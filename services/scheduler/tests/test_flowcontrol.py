@@ -343,3 +343,38 @@ def test_llmd_default_config_has_flow_control_and_llm_d_configs_do_not() -> None
     assert build_core("plugins: [{type: queue-scorer}]").director.flow is None
     forced = build_core("plugins: [{type: queue-scorer}]\nllmd: {flowControl: true}")
     assert forced.director.flow is not None
+
+
+async def test_soft_reflective_ceilings_thin_lower_bands_instead_of_cutting_them() -> None:
+    """llm-d's soft-reflective-ceiling-policy: band i of N has the ceiling 1 - i*sat/(N-1);
+    above it a band goes one decision in round(sat/(1-sat)); at saturation all wait."""
+    director, ds = setup(
+        "{usageLimitPolicyPluginRef: soft}",
+        extra_plugins="- type: soft-reflective-ceiling-policy\n  name: soft",
+    )
+    assert director.flow is not None
+    policy = director.flow.usage
+    bands = [10, 0, -5]
+    assert policy.ceilings(0.2, bands) == [1.0, 1.0, 1.0]  # 0.2 < 0.9 and < 0.8: all open
+    opened = [0, 0, 0]
+    for _ in range(300):  # sat 0.75: ceilings 1, 0.625, 0.25; period round(0.75/0.25) = 3
+        for i, c in enumerate(policy.ceilings(0.75, bands)):
+            opened[i] += 0.75 < c
+    assert opened == [300, 100, 100]
+    assert all(0.5 < c for c in policy.ceilings(0.5, bands))  # period 1: always open
+    assert not any(1.0 < c for c in policy.ceilings(1.0, bands))  # saturated: everyone waits
+    # end to end, three bands at ~94% saturation (kv 0.75 / threshold 0.8): the batch band's
+    # ceiling is 0.06, yet its requests trickle through (one decision in 16) instead of
+    # waiting for the pool to drain
+    load(ds, waiting=0, kv=0.75)
+    await started(director)
+    try:
+        for objective in ("critical", "standard"):
+            await asyncio.wait_for(director.admit(request(director, objective)), 2)
+        ticks = policy.state()["tick"]
+        for _ in range(4):
+            await asyncio.wait_for(director.admit(request(director, "batch")), 2)
+        assert director.flow.outcomes["Dispatched"] == 6
+        assert policy.state()["tick"] - ticks >= 4  # each went on an opening decision
+    finally:
+        await director.flow.stop()

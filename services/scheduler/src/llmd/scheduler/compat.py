@@ -32,7 +32,7 @@ from llmd.runtime.config import ConfigIssue
 log = logging.getLogger(__name__)
 
 _PD = "P/D disaggregation (the llm-d sidecar path)"
-_FLOW = "flow control: in-flight eviction and reflective ceilings"
+_FLOW = "flow control: in-flight eviction"
 _MM = "multimodal encoder-cache affinity"
 _MULTI = "multi-cluster routing"
 _TOPOLOGY = "topology-aware routing"
@@ -92,7 +92,6 @@ UNAVAILABLE: dict[str, str] = {
     # flow control
     "sheddable-eviction-filter": _FLOW,
     "priority-then-time-eviction-order-policy": _FLOW,
-    "soft-reflective-ceiling-policy": _FLOW,
     # data layer
     "dcgm-data-source": _DCGM,
     "dcgm-extractor": _DCGM,

@@ -654,7 +654,7 @@ def _flow_parts(
             ConfigIssue(
                 "flowControl.enableEviction",
                 "evicting in-flight sheddable requests is not available in llmd yet (missing "
-                "feature: flow control: in-flight eviction and reflective ceilings)",
+                "feature: flow control: in-flight eviction)",
             )
         )
     if detector is None or usage is None:

@@ -53,6 +53,7 @@ from llmd.scheduler.framework import (
     LLMRequest,
     NoParams,
     Plugin,
+    PluginHandle,
     PluginParams,
     SchedulingError,
 )
@@ -343,6 +344,37 @@ class PriorityHoldbackPolicy(UsageLimitPolicy, Plugin[HoldbackParams]):
         ]
 
 
+class SoftReflectiveCeilingPolicy(UsageLimitPolicy, Plugin[NoParams]):
+    """Lower bands are thinned, not cut: band i of N (0 = highest) has the ceiling
+    `1 - i*sat/(N-1)`; above it, while the pool is below saturation, the band is let through
+    one dispatch decision in `round(sat/(1-sat))`, so its rate falls as `(1-sat)/sat` as the
+    pool fills instead of dropping to zero at a fixed threshold. At saturation every band
+    waits; the highest band's ceiling is always 1.0 (llm-d's Alpha policy, same name)."""
+
+    type_name = "soft-reflective-ceiling-policy"
+
+    def __init__(self, name: str, params: NoParams, handle: PluginHandle) -> None:
+        super().__init__(name, params, handle)
+        self.tick = 0
+        """Dispatch decisions so far: the clock the thinned bands open on (shared by all)."""
+
+    def ceilings(self, saturation: float, priorities: Sequence[int]) -> list[float]:
+        self.tick += 1
+        n = len(priorities)
+        if n <= 1 or saturation >= 1.0:
+            return [1.0] * n
+        period = max(1, round(saturation / (1.0 - saturation)))
+        thinned_open = self.tick % period == 0
+        out = []
+        for i in range(n):
+            ceiling = 1.0 - i * saturation / (n - 1)
+            out.append(1.0 if (i == 0 or saturation < ceiling or thinned_open) else ceiling)
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {"tick": self.tick}
+
+
 @dataclass(eq=False)
 class Item:
     """One queued request."""
@@ -490,6 +522,7 @@ FLOW_PLUGINS = (
     ConcurrencyDetector,
     StaticUsageLimitPolicy,
     PriorityHoldbackPolicy,
+    SoftReflectiveCeilingPolicy,
     GlobalStrictFairness,
     RoundRobinFairness,
     ProgramAwareFairness,
