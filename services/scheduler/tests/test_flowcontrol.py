@@ -359,10 +359,10 @@ async def test_soft_reflective_ceilings_thin_lower_bands_instead_of_cutting_them
     opened = [0, 0, 0]
     for _ in range(300):  # sat 0.75: ceilings 1, 0.625, 0.25; period round(0.75/0.25) = 3
         for i, c in enumerate(policy.ceilings(0.75, bands)):
-            opened[i] += 0.75 < c
+            opened[i] += c > 0.75
     assert opened == [300, 100, 100]
-    assert all(0.5 < c for c in policy.ceilings(0.5, bands))  # period 1: always open
-    assert not any(1.0 < c for c in policy.ceilings(1.0, bands))  # saturated: everyone waits
+    assert all(c > 0.5 for c in policy.ceilings(0.5, bands))  # period 1: always open
+    assert not any(c > 1.0 for c in policy.ceilings(1.0, bands))  # saturated: everyone waits
     # end to end, three bands at ~94% saturation (kv 0.75 / threshold 0.8): the batch band's
     # ceiling is 0.06, yet its requests trickle through (one decision in 16) instead of
     # waiting for the pool to drain
