@@ -20,6 +20,8 @@ from pydantic import AfterValidator, Field
 from llmd.autoscaler.controller import Autoscaler
 from llmd.autoscaler.decide import SaturationSettings
 from llmd.autoscaler.kube import KubeVariants
+from llmd.autoscaler.prometheus import PrometheusSource
+from llmd.autoscaler.prometheus import parse_url as parse_prometheus_url
 from llmd.autoscaler.variants import Variant, load_variants
 from llmd.runtime.cluster import (
     Cluster,
@@ -153,12 +155,31 @@ class AutoscalerConfig(ServiceConfig):
         description="/metrics URLs of schedulers and activators whose queued requests count as "
         "demand (llm_d_epp_flow_control_queue_size, llmd_activator_queue_size)",
     )
+    metrics_source: Literal["engines", "prometheus"] = Field(
+        default="engines",
+        description="engines: read each replica's /metrics (seconds fresh); prometheus: the "
+        "same vLLM series from prometheus_url (lags by its scrape interval)",
+    )
+    prometheus_url: str = Field(
+        default="",
+        description="metrics_source=prometheus: http://HOST:PORT[/PREFIX] of Prometheus's API",
+    )
     controller_instance: str = Field(
         default="", description="value of the controller_instance label (WVA's)"
     )
     http_port: int = Field(
         default=8081, ge=0, lt=65536, description="HTTP port: /metrics, health, /debug/decisions"
     )
+
+
+def _check_prometheus(config: AutoscalerConfig) -> None:
+    if config.metrics_source == "prometheus":
+        try:
+            parse_prometheus_url(config.prometheus_url)
+        except ValueError as exc:
+            raise ConfigError(
+                [ConfigIssue("prometheus_url", f"metrics_source=prometheus needs {exc}")]
+            ) from None
 
 
 def kube_pools(variants: list[Variant], port: int) -> dict[str, KubernetesPool]:
@@ -202,6 +223,11 @@ class AutoscalerApp:
             predictive=config.predictive,
             trend_window_s=config.trend_window,
             startup_estimate_s=config.startup_estimate,
+            prometheus=(
+                PrometheusSource(config.prometheus_url)
+                if config.metrics_source == "prometheus"
+                else None
+            ),
         )
         if kube_variants is not None:
             self.autoscaler.status_writer = kube_variants.write_status
@@ -289,6 +315,7 @@ class AutoscalerApp:
 
 def build(config: AutoscalerConfig) -> AutoscalerApp:
     """The composition root (ConfigError for a config that cannot run)."""
+    _check_prometheus(config)
     if config.variants_source == "kubernetes":
         if config.cluster != "kubernetes":
             raise ConfigError(

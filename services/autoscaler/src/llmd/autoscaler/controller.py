@@ -47,6 +47,7 @@ from llmd.autoscaler.decide import (
     allocate,
     analyze,
 )
+from llmd.autoscaler.prometheus import EngineReading, PrometheusError, PrometheusSource
 from llmd.autoscaler.variants import Variant, by_model
 from llmd.protocol.errors import DecodeError
 from llmd.protocol.metrics import REQUEST_SUCCESS, parse_engine_snapshot, parse_samples
@@ -131,7 +132,7 @@ class AutoscalerMetrics:
         )
         self.errors = Counter(
             "llmd_autoscaler_errors",
-            "Failures by stage (cluster, scrape, demand, actuate, status, variants)",
+            "Failures by stage (cluster, scrape, prometheus, demand, actuate, status, variants)",
             ["stage"],
             registry=registry,
         )
@@ -186,8 +187,12 @@ class Autoscaler:
         trend_window_s: float = 30.0,
         startup_estimate_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        prometheus: PrometheusSource | None = None,
     ) -> None:
         self.cluster = cluster
+        self.prometheus = prometheus
+        """Where engine figures come from when not from the engines themselves."""
+        self._readings: dict[str, EngineReading] = {}
         self.settings = settings or SaturationSettings()
         self.interval_s = interval_s
         self.actuation = actuation
@@ -251,6 +256,19 @@ class Autoscaler:
 
     async def _engine(self, track: _ModelTrack, ep: Any) -> tuple[ReplicaLoad, int | None, bool]:
         """(load, KV capacity in tokens, completed any request since the last scrape)."""
+        if self.prometheus is not None:
+            self._used.add(ep.host_port)
+            r = self._readings.get(ep.host_port)
+            if r is None or r.kv_usage is None or r.waiting is None:
+                self.metrics.errors.labels("prometheus").inc()
+                log.debug("no fresh figures for %s in Prometheus", ep.host_port)
+                return ReplicaLoad(ep.name, None, None, None), None, False
+            before = track.completed.get(ep.host_port)
+            if r.completed is not None:
+                track.completed[ep.host_port] = r.completed
+            completed = before is not None and r.completed is not None and r.completed != before
+            load = ReplicaLoad(ep.name, r.kv_usage, r.waiting, r.running)
+            return load, r.kv_capacity_tokens, completed
         try:
             text = await self._get(ep.address, ep.port, "/metrics")
             snap = parse_engine_snapshot(text)
@@ -321,6 +339,13 @@ class Autoscaler:
         started = self.clock()
         self._used = set()
         per_model, per_pool = await self.demand()
+        if self.prometheus is not None:
+            try:
+                self._readings = await self.prometheus.read()
+            except PrometheusError as exc:
+                self.metrics.errors.labels("prometheus").inc()
+                log.warning("Prometheus not read (every replica unknown this pass): %s", exc)
+                self._readings = {}
         out: list[Decision] = []
         for model, variants in self.models.items():
             track = self.tracks[model]
@@ -475,3 +500,5 @@ class Autoscaler:
         for c in self._clients.values():
             await c.close()
         self._clients.clear()
+        if self.prometheus is not None:
+            await self.prometheus.close()
