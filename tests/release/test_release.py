@@ -27,6 +27,7 @@ MODULES = {
     "llmd-indexer": "llmd.indexer",
     "llmd-autoscaler": "llmd.autoscaler",
     "llmd-activator": "llmd.activator",
+    "llmd-sidecar": "llmd.sidecar",
     "llmd-bench": "llmd.bench",
 }
 SCRIPTS = {
@@ -34,6 +35,7 @@ SCRIPTS = {
     "llmd-indexer": "llmd-indexer",
     "llmd-autoscaler": "llmd-autoscaler",
     "llmd-activator": "llmd-activator",
+    "llmd-sidecar": "llmd-sidecar",
     "llmd-sim": "llmd-sim",
 }
 

@@ -141,9 +141,11 @@ class StreamingProxy:
         headers: Mapping[str, str] | None = None,
         drop_headers: Iterable[str] = (),
         on_complete: Callable[[ProxyResult], None] | None = None,
+        refused: Response | None = None,
     ) -> Response:
         """Proxy `request` to `url` (`body` replaces the client's; `headers` are added or
-        replace the client's). `stream` says whether the answer is SSE (for its usage)."""
+        replace the client's). `stream` says whether the answer is SSE (for its usage).
+        `refused` answers a refused connection instead of the generic 502."""
         content = body if body is not None else await request.body()
         out = forward_headers(request.headers.items(), drop=[*drop_headers, *(headers or {})])
         out += [(k.lower(), v) for k, v in (headers or {}).items()]
@@ -174,6 +176,10 @@ class StreamingProxy:
         except aiohttp.ClientError as exc:
             result.outcome, result.status = "upstream-error", 502
             result.error = f"{type(exc).__name__}: {exc}"
+            if refused is not None and isinstance(exc, aiohttp.ClientConnectorError):
+                result.status = refused.status_code
+                finish()
+                return refused
             finish()
             return error_response(502, f"upstream {url} failed: {result.error}", "BadGatewayError")
         result.status = upstream.status

@@ -37,6 +37,7 @@ MEMBERS = (
     "services/indexer",
     "services/autoscaler",
     "services/activator",
+    "services/sidecar",
     "benchmarks",
 )
 """The released distributions (the example plugin and the workspace root are not)."""

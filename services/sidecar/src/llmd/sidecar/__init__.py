@@ -1,0 +1,1 @@
+"""llmd-sidecar: prefill/decode disaggregation beside vLLM on decode pods."""

@@ -1,0 +1,375 @@
+"""`llmd-sidecar`: beside vLLM on a decode pod, runs each disaggregated request's prefill leg on
+the pod the scheduler named (`x-prefiller-host-port`) and its decode leg on the local engine.
+
+Compatible with llm-d's pd-sidecar: the same flags (`--port` 8000, `--model-server-port` 8200,
+`--kv-connector nixlv2`, `--enable-ssrf-protection`, `--prefill-max-retries`,
+`--prefill-retry-backoff`, `--enable-prefiller-sampling`, `--secure-proxy`, `--cert-path`,
+`--metrics-port`), the same intercepted routes, `GET /health`, errors and headers. Differences,
+each deliberate:
+
+- `--secure-proxy` defaults to false, and true is refused for now (serving HTTPS is not
+  there yet): llm-d defaults to a self-signed certificate that every deployment of it turns
+  off.
+- The prefill leg has a deadline (`--prefill-timeout`, 60 s): a dead or hung prefill pod gets a
+  504 instead of holding the request as long as the client waits.
+- Request metrics (`llmd_sidecar_*`) on `--metrics-port` (9090): llm-d's sidecar has none.
+- The allowlist of prefill hosts is static (`--allowed-prefill-hosts`); following an
+  InferencePool's pods is not there yet, so `--inference-pool` is refused with that reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any, Literal
+
+import aiohttp
+import msgspec
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import Field, model_validator
+
+from llmd.runtime.config import Seconds
+from llmd.runtime.lifecycle import (
+    BodyTooLargeError,
+    Health,
+    health_router,
+    read_body,
+    serve_http,
+)
+from llmd.runtime.proxy import ProxyResult, ProxyTimeouts, StreamingProxy, forward_headers
+from llmd.runtime.service import ServiceConfig
+from llmd.sidecar.pd import (
+    PREFILLER_HEADER,
+    REQUEST_ID_HEADER,
+    ROUTES,
+    Api,
+    cached_tokens,
+    choose,
+    decode_body,
+    prefill_body,
+    prefill_targets,
+    target_host,
+)
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = frozenset({502, 503, 504})
+DECODE_REFUSED = (
+    "The decode node is not ready. Please check that the vLLM service is running and the port "
+    "configuration is correct."
+)
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class SidecarConfig(ServiceConfig):
+    """Everything `llmd-sidecar` takes (llm-d pd-sidecar's names)."""
+
+    port: int = Field(default=8000, gt=0, lt=65536, description="the port clients call")
+    model_server_port: int = Field(
+        default=8200, gt=0, lt=65536, description="the local vLLM's port (decode leg)"
+    )
+    kv_connector: Literal["nixlv2"] = Field(
+        default="nixlv2",
+        description="how KV moves: nixlv2 (vLLM's NixlConnector; llm-d's other connectors are "
+        "not available)",
+    )
+    data_parallel_size: int = Field(
+        default=1, ge=1, le=1, description="DP ranks behind this sidecar (1; more: not yet)"
+    )
+    secure_proxy: bool = Field(default=False, description="serve HTTPS (cert_path)")
+    cert_path: str | None = Field(default=None, description="directory with tls.crt, tls.key")
+    enable_ssrf_protection: bool = Field(
+        default=False, description="contact only prefill hosts in allowed_prefill_hosts"
+    )
+    allowed_prefill_hosts: list[str] = Field(
+        default_factory=list,
+        description="with SSRF protection: the prefill hosts (addresses or names; any port)",
+    )
+    inference_pool: str = Field(
+        default="", description="the InferencePool whose pods are the allowlist (not yet)"
+    )
+    enable_prefiller_sampling: bool = Field(
+        default=False, description="pick a random prefiller of the header's list, not the first"
+    )
+    prefill_max_retries: int = Field(
+        default=0, ge=0, le=10, description="retries of a prefill answering 502, 503 or 504"
+    )
+    prefill_retry_backoff: Seconds = Field(
+        default=0.2, gt=0, description="the wait between prefill retries"
+    )
+    prefill_timeout: Seconds = Field(
+        default=60.0, gt=0, description="the longest a prefill leg may take (then 504)"
+    )
+    read_timeout: Seconds = Field(
+        default=600.0, gt=0, description="longest silence from the decoder inside a response"
+    )
+    max_body_bytes: int = Field(default=32 << 20, gt=0, description="largest request body")
+    metrics_port: int = Field(
+        default=9090, ge=0, lt=65536, description="port of /metrics and /readyz (0 = off)"
+    )
+
+    @model_validator(mode="after")
+    def _supported(self) -> SidecarConfig:
+        if self.inference_pool:
+            raise ValueError(
+                "inference_pool: following an InferencePool's pods as the SSRF allowlist is not "
+                "available in llmd-sidecar yet (give allowed_prefill_hosts)"
+            )
+        if self.enable_ssrf_protection and not self.allowed_prefill_hosts:
+            raise ValueError("enable_ssrf_protection needs allowed_prefill_hosts")
+        if self.secure_proxy:
+            raise ValueError(
+                "secure_proxy: serving HTTPS is not available in llmd-sidecar yet (llm-d's "
+                "deployments turn it off too: --secure-proxy=false)"
+            )
+        return self
+
+
+class SidecarMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter(
+            "llmd_sidecar_requests_total",
+            "Requests by mode (pd, decode-only, passthrough) and outcome",
+            ["mode", "outcome"],
+            registry=registry,
+        )
+        self.prefill = Histogram(
+            "llmd_sidecar_prefill_duration_seconds",
+            "The prefill leg, retries included",
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.true_ttft = Histogram(
+            "llmd_sidecar_true_ttft_seconds",
+            "From the request's arrival to the decoder's first byte (prefill leg included)",
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.decode = Histogram(
+            "llmd_sidecar_decode_duration_seconds",
+            "The decode leg, to its last byte",
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.retries = Counter(
+            "llmd_sidecar_prefill_retries_total", "Prefill legs sent again", registry=registry
+        )
+        self.refused = Counter(
+            "llmd_sidecar_ssrf_refused_total",
+            "Prefill targets refused by SSRF protection",
+            registry=registry,
+        )
+        self.missing_params = Counter(
+            "llmd_sidecar_missing_kv_transfer_params_total",
+            "Prefill answers without kv_transfer_params (the decoder prefilled locally)",
+            registry=registry,
+        )
+
+
+def vllm_error(status: int, message: str, kind: str) -> Response:
+    """vLLM's error shape, as llm-d's sidecar writes it (`param` is an empty string)."""
+    body = msgspec.json.encode(
+        {"object": "error", "message": message, "type": kind, "param": "", "code": status}
+    )
+    return Response(body, status, media_type="application/json")
+
+
+class SidecarApp:
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self.registry = CollectorRegistry()
+        self.health = Health(self.registry)
+        self.metrics = SidecarMetrics(self.registry)
+        self.proxy = StreamingProxy(ProxyTimeouts(read_s=config.read_timeout))
+        self.decoder = f"http://127.0.0.1:{config.model_server_port}"
+        self.allowed = {h.strip().strip("[]") for h in config.allowed_prefill_hosts}
+        self._servers: list[Any] = []
+
+    def describe(self) -> str:
+        c = self.config
+        ssrf = f"allowlist of {len(self.allowed)} host(s)" if c.enable_ssrf_protection else "off"
+        return (
+            f"llmd-sidecar: :{c.port} -> decoder {self.decoder}, kv connector {c.kv_connector}, "
+            f"SSRF protection {ssrf}, prefill retries {c.prefill_max_retries}, prefill timeout "
+            f"{c.prefill_timeout:g}s"
+        )
+
+    # --- the legs --------------------------------------------------------------------------
+
+    async def _prefill(
+        self, request: Request, url: str, body: bytes, request_id: str
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """(status, body, headers) of the prefill leg, retried on 502/503/504; a transport
+        failure is a 502 and a deadline a 504, both answered in vLLM's error shape."""
+        drop = [PREFILLER_HEADER, "content-type"]  # the body is re-encoded JSON
+        headers = forward_headers(request.headers.items(), drop=drop)
+        headers += [(REQUEST_ID_HEADER, request_id), ("content-type", "application/json")]
+        timeout = aiohttp.ClientTimeout(total=self.config.prefill_timeout)
+        attempt = 0
+        while True:
+            try:
+                async with self.proxy.session.post(
+                    url, data=body, headers=headers, timeout=timeout
+                ) as r:
+                    status, answer = r.status, await r.read()
+                    reply = dict(forward_headers(r.headers.items()))
+            except TimeoutError:
+                status, reply = 504, {"content-type": "application/json"}
+                answer = bytes(vllm_error(
+                    504, f"the prefill leg at {url} took over {self.config.prefill_timeout:g}s",
+                    "GatewayTimeoutError",
+                ).body)  # fmt: skip
+            except aiohttp.ClientError as exc:
+                status, reply = 502, {"content-type": "application/json"}
+                answer = bytes(vllm_error(
+                    502, f"the prefill leg at {url} failed: {type(exc).__name__}: {exc}",
+                    "BadGatewayError",
+                ).body)  # fmt: skip
+            if status not in RETRYABLE or attempt >= self.config.prefill_max_retries:
+                return status, answer, reply
+            attempt += 1
+            self.metrics.retries.inc()
+            log.warning(
+                "retrying prefill request (attempt %d, target %s, request_id %s, previous %d)",
+                attempt, url, request_id, status,
+            )  # fmt: skip
+            await asyncio.sleep(self.config.prefill_retry_backoff)
+
+    async def disaggregated(self, request: Request, api: Api) -> Response:
+        started = time.monotonic()
+        targets = prefill_targets(request.headers.getlist(PREFILLER_HEADER))
+        if not targets:
+            return await self._decode(request, None, "decode-only", started)
+        target = choose(targets, self.config.enable_prefiller_sampling)
+        if self.config.enable_ssrf_protection and target_host(target) not in self.allowed:
+            self.metrics.refused.inc()
+            self.metrics.requests.labels("pd", "ssrf-refused").inc()
+            log.warning(
+                "SSRF protection: prefill target not in allowlist (target %s, path %s)",
+                target, request.url.path,
+            )  # fmt: skip
+            return Response(
+                "Forbidden: prefill target not allowed by SSRF protection",
+                403,
+                media_type="text/plain",
+            )
+        try:
+            raw = await read_body(request, self.config.max_body_bytes)
+        except BodyTooLargeError as exc:
+            self.metrics.requests.labels("pd", "bad-request").inc()
+            return vllm_error(413, str(exc), "BadRequestError")
+        try:
+            doc = msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            doc, error = None, str(exc)
+        else:
+            error = "" if isinstance(doc, dict) else "the body is not a JSON object"
+        if not isinstance(doc, dict):
+            self.metrics.requests.labels("pd", "bad-request").inc()
+            return vllm_error(400, f"invalid JSON body: {error}", "BadRequestError")
+        request_id = str(uuid.uuid1())
+        url = f"http://{target}{request.url.path}"
+        t0 = time.monotonic()
+        status, answer_raw, reply = await self._prefill(
+            request, url, msgspec.json.encode(prefill_body(doc, api)), request_id
+        )
+        self.metrics.prefill.observe(time.monotonic() - t0)
+        if not 200 <= status < 300:
+            log.warning("prefill request failed (%s -> %d)", url, status)
+            self.metrics.requests.labels("pd", "prefill-error").inc()
+            return Response(answer_raw, status, headers=reply)
+        try:
+            answer = msgspec.json.decode(answer_raw)
+        except msgspec.DecodeError:
+            answer = None
+        if not isinstance(answer, dict):
+            self.metrics.requests.labels("pd", "prefill-error").inc()
+            return vllm_error(400, f"the prefill leg at {url} answered no JSON object",
+                              "BadRequestError")  # fmt: skip
+        if answer.get("kv_transfer_params") is None:
+            self.metrics.missing_params.inc()
+            log.warning("warning: missing 'kv_transfer_params' field in prefiller response")
+        log.debug("prefill of %s: %d cached tokens", request_id, cached_tokens(answer))
+        body = msgspec.json.encode(decode_body(doc, answer))
+        return await self._decode(request, body, "pd", started, request_id, doc.get("stream"))
+
+    async def _decode(
+        self,
+        request: Request,
+        body: bytes | None,
+        mode: str,
+        started: float,
+        request_id: str | None = None,
+        stream: Any = None,
+    ) -> Response:
+        def done(result: ProxyResult) -> None:
+            outcome = result.outcome if result.outcome != "ok" else f"{result.status // 100}xx"
+            self.metrics.requests.labels(mode, outcome).inc()
+            if result.first_byte_s is not None and mode == "pd":
+                # the decode leg began duration_s ago; its first byte came first_byte_s after
+                first_byte_at = time.monotonic() - result.duration_s + result.first_byte_s
+                self.metrics.true_ttft.observe(first_byte_at - started)
+            self.metrics.decode.observe(result.duration_s)
+
+        return await self.proxy.forward(
+            request,
+            self.decoder
+            + request.url.path
+            + (f"?{request.url.query}" if request.url.query else ""),
+            body=body,
+            stream=bool(stream),
+            headers={REQUEST_ID_HEADER: request_id} if request_id else None,
+            drop_headers=[PREFILLER_HEADER],
+            on_complete=done,
+            refused=vllm_error(503, DECODE_REFUSED, "ServiceUnavailable"),
+        )
+
+    # --- HTTP ------------------------------------------------------------------------------
+
+    def http_app(self) -> FastAPI:
+        app = FastAPI(title="llmd-sidecar", docs_url=None, redoc_url=None)
+
+        @app.get("/health")
+        async def health() -> Response:
+            return Response(status_code=200)
+
+        for path, api in ROUTES.items():
+
+            async def handler(request: Request, api: Api = api) -> Response:
+                return await self.disaggregated(request, api)
+
+            app.add_api_route(path, handler, methods=["POST"])
+
+        @app.api_route(
+            "/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+        )
+        async def passthrough(request: Request) -> Response:
+            return await self._decode(request, None, "passthrough", time.monotonic())
+
+        return app
+
+    def metrics_app(self) -> FastAPI:
+        app = FastAPI(title="llmd-sidecar metrics", docs_url=None, redoc_url=None)
+        app.include_router(health_router(self.health, self.registry))
+        return app
+
+    async def start(self) -> None:
+        c = self.config
+        self._servers.append(serve_http(self.http_app(), c.host, c.port))
+        if c.metrics_port:
+            self._servers.append(serve_http(self.metrics_app(), c.host, c.metrics_port, "metrics"))
+        log.info("%s", self.describe())
+
+    async def stop(self) -> None:
+        for server, _ in self._servers:
+            server.should_exit = True
+        if self._servers:
+            await asyncio.wait([t for _, t in self._servers], timeout=5)
+        await self.proxy.aclose()
+
+
+def build(config: SidecarConfig) -> SidecarApp:
+    return SidecarApp(config)

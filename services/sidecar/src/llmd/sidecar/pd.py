@@ -1,0 +1,99 @@
+"""The request transformations of P/D disaggregation with vLLM's NixlConnector (pure).
+
+The prefill leg is the client's request, non-streaming, capped to one token, with
+`kv_transfer_params` asking the prefill engine to keep the KV for a remote decode. The decode
+leg is the client's request unchanged except for `kv_transfer_params`: the prefill answer's
+object, verbatim (the sidecar never interprets it; vLLM 0.32's shape has nested block lists and
+a mandatory `remote_request_id`). Both are llm-d pd-sidecar's `nixlv2` flow.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterable
+from typing import Any, Literal
+
+Api = Literal["chat", "responses", "generate"]
+
+PREFILLER_HEADER = "x-prefiller-host-port"
+REQUEST_ID_HEADER = "x-request-id"
+ROUTES: dict[str, Api] = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "chat",
+    "/v1/messages": "chat",
+    "/v1/responses": "responses",
+    "/inference/v1/generate": "generate",
+}
+"""The intercepted POST routes and how their token limits are named."""
+LIMITS: dict[Api, tuple[str, ...]] = {
+    "chat": ("max_tokens", "max_completion_tokens", "min_tokens"),
+    "responses": ("max_output_tokens",),
+    "generate": ("max_tokens", "min_tokens"),
+}
+REMOTE_DECODE = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+
+def prefill_targets(values: Iterable[str]) -> list[str]:
+    """The `host:port`s of the prefiller header (repeated, or comma-separated; trimmed; a
+    leading `http://` dropped, as llm-d does)."""
+    out = []
+    for value in values:
+        for part in value.split(","):
+            p = part.strip()
+            if p.startswith("http://"):
+                p = p[len("http://") :]
+            if p:
+                out.append(p)
+    return out
+
+
+def choose(targets: list[str], sampling: bool, rng: random.Random | None = None) -> str:
+    """The first target, or a uniformly random one with prefiller sampling on."""
+    if sampling and len(targets) > 1:
+        return (rng or random).choice(targets)
+    return targets[0]
+
+
+def target_host(target: str) -> str:
+    """The host of `host:port` (IPv6 in brackets), as the allowlist compares it."""
+    if target.startswith("["):
+        return target[1 : target.find("]")] if "]" in target else target
+    host, sep, _ = target.rpartition(":")
+    return host if sep else target
+
+
+def prefill_body(doc: dict[str, Any], api: Api) -> dict[str, Any]:
+    """The prefill leg's body: non-streaming, one token, KV kept for a remote decode."""
+    p = copy.deepcopy(doc)
+    p["kv_transfer_params"] = dict(REMOTE_DECODE)
+    p["stream"] = False
+    p.pop("stream_options", None)
+    target = p.setdefault("sampling_params", {}) if api == "generate" else p
+    if not isinstance(target, dict):
+        target = p["sampling_params"] = {}
+    for name in LIMITS[api]:
+        target[name] = 1
+    return p
+
+
+def decode_body(doc: dict[str, Any], prefill_answer: dict[str, Any]) -> dict[str, Any]:
+    """The decode leg's body: the client's request with the prefill's `kv_transfer_params`
+    verbatim (None when the prefill returned none: the decoder then prefills locally)."""
+    d = dict(doc)
+    d["kv_transfer_params"] = prefill_answer.get("kv_transfer_params")
+    return d
+
+
+def cached_tokens(answer: dict[str, Any]) -> int:
+    usage = answer.get("usage")
+    details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
+    value = details.get("cached_tokens") if isinstance(details, dict) else None
+    return value if isinstance(value, int) and value >= 0 else 0

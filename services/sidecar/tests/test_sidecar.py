@@ -1,0 +1,237 @@
+"""llmd-sidecar on real processes: a prefill and a decode `llmd-sim` engine with vLLM 0.32's
+NixlConnector contract (the decode engine pulls the prefill's blocks over its side channel),
+the sidecar in front of the decode engine."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from llmd.dev.sim_engines import SimFleetProcess
+from llmd.sidecar.app import SidecarApp, SidecarConfig
+from llmd.vllm_cpu.server import free_port
+
+pytestmark = pytest.mark.integration
+
+PROMPT = "the quick brown fox jumps over the lazy dog " * 20
+
+
+def _fleet(tmp: Path, role: str) -> SimFleetProcess:
+    work = tmp / role
+    work.mkdir()
+    transfer = {"kv_connector": "NixlConnector", "kv_role": role}
+    return SimFleetProcess.start(
+        count=1, block_size=16, profile="h100-8b", work=work,
+        extra_args=["--kv-transfer-config", json.dumps(transfer)],
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    tmp = tmp_path_factory.mktemp("pd")
+    prefill, decode = _fleet(tmp, "kv_producer"), _fleet(tmp, "kv_consumer")
+    try:
+        yield prefill.engines[0].url, decode.engines[0].url
+    finally:
+        prefill.stop()
+        decode.stop()
+
+
+async def _sidecar(decode_url: str, **settings: Any) -> SidecarApp:
+    port = int(decode_url.rsplit(":", 1)[1])
+    config = SidecarConfig(
+        host="127.0.0.1", port=free_port(), model_server_port=port, metrics_port=free_port(),
+        **settings,
+    )  # fmt: skip
+    app = SidecarApp(config)
+    await app.start()
+    return app
+
+
+@pytest.fixture
+async def sidecar(engines: tuple[str, str]) -> AsyncIterator[SidecarApp]:
+    app = await _sidecar(engines[1])
+    yield app
+    await app.stop()
+
+
+def url(app: SidecarApp) -> str:
+    return f"http://127.0.0.1:{app.config.port}"
+
+
+def metric(app: SidecarApp, name: str, **labels: str) -> float:
+    return app.registry.get_sample_value(name, labels) or 0.0
+
+
+async def engine_counter(engine: str, name: str) -> float:
+    async with httpx.AsyncClient() as c:
+        text = (await c.get(f"{engine}/metrics")).text
+    return sum(float(x.rsplit(" ", 1)[1]) for x in text.splitlines() if x.startswith(name))
+
+
+async def test_a_request_is_prefilled_remotely_and_decoded_locally(
+    sidecar: SidecarApp, engines: tuple[str, str]
+) -> None:
+    prefill, decode = engines
+    prefill_host = prefill.removeprefix("http://")
+    before = await engine_counter(prefill, "vllm:generation_tokens_total")
+    pulls = await engine_counter(decode, "vllm:nixl_xfer_time_seconds_count")
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 12}
+    async with httpx.AsyncClient(timeout=30) as c:
+        r = await c.post(
+            f"{url(sidecar)}/v1/completions", json=body,
+            headers={"x-prefiller-host-port": f"http://{prefill_host}, 10.255.0.1:1"},
+        )  # fmt: skip
+        state = (await c.get(f"{prefill}/sim/state")).json()
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    assert doc["usage"]["completion_tokens"] == 12
+    # the decode engine pulled the prefill's blocks (one NIXL transfer; the prefill's lease on
+    # them is gone) and reports the prefill's own cache hits as cached, as vLLM 0.32 does
+    assert await engine_counter(decode, "vllm:nixl_xfer_time_seconds_count") - pulls == 1
+    assert state["leases"] == 0
+    assert doc["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # a cold prefill
+    # the prefill engine generated one token for this request, no more
+    assert await engine_counter(prefill, "vllm:generation_tokens_total") - before == 1
+    assert metric(sidecar, "llmd_sidecar_requests_total", mode="pd", outcome="2xx") == 1
+    assert metric(sidecar, "llmd_sidecar_true_ttft_seconds_count") == 1
+    assert metric(sidecar, "llmd_sidecar_missing_kv_transfer_params_total") == 0
+
+
+async def test_a_streamed_chat_is_streamed_back(
+    sidecar: SidecarApp, engines: tuple[str, str]
+) -> None:
+    prefill_host = engines[0].removeprefix("http://")
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": 8,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    events = []
+    async with httpx.AsyncClient(timeout=30) as c, c.stream(
+        "POST", f"{url(sidecar)}/v1/chat/completions", json=body,
+        headers={"x-prefiller-host-port": prefill_host},
+    ) as r:  # fmt: skip
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+    assert events[-1] == "[DONE]"
+    usage = [json.loads(e)["usage"] for e in events[:-1] if json.loads(e).get("usage")]
+    assert usage[-1]["completion_tokens"] == 8
+
+
+async def test_without_the_header_it_is_the_local_engine_and_other_routes_pass_through(
+    sidecar: SidecarApp,
+) -> None:
+    async with httpx.AsyncClient(timeout=30) as c:
+        r = await c.post(f"{url(sidecar)}/v1/completions",
+                         json={"model": "tiny", "prompt": "hi", "max_tokens": 3})  # fmt: skip
+        assert r.status_code == 200
+        assert r.json()["usage"]["completion_tokens"] == 3
+        models = await c.get(f"{url(sidecar)}/v1/models")
+        assert models.json()["data"][0]["id"] == "tiny"
+        assert (await c.get(f"{url(sidecar)}/health")).status_code == 200
+        bad = await c.post(f"{url(sidecar)}/v1/completions", content=b"{nope",
+                           headers={"x-prefiller-host-port": "127.0.0.1:1",
+                                    "content-type": "application/json"})  # fmt: skip
+    assert bad.status_code == 400
+    assert bad.json()["object"] == "error"
+    assert bad.json()["param"] == ""
+    assert metric(sidecar, "llmd_sidecar_requests_total", mode="decode-only", outcome="2xx") == 1
+    assert metric(sidecar, "llmd_sidecar_requests_total", mode="passthrough", outcome="2xx") == 1
+
+
+async def test_ssrf_protection_refuses_hosts_outside_the_allowlist(
+    engines: tuple[str, str],
+) -> None:
+    app = await _sidecar(
+        engines[1], enable_ssrf_protection=True, allowed_prefill_hosts=["10.1.2.3"]
+    )
+    try:
+        async with httpx.AsyncClient(timeout=30) as c:
+            r = await c.post(
+                f"{url(app)}/v1/completions", json={"model": "tiny", "prompt": "x"},
+                headers={"x-prefiller-host-port": engines[0].removeprefix("http://")},
+            )  # fmt: skip
+        assert r.status_code == 403
+        assert r.text == "Forbidden: prefill target not allowed by SSRF protection"
+        assert metric(app, "llmd_sidecar_ssrf_refused_total") == 1
+    finally:
+        await app.stop()
+
+
+async def test_a_dead_prefill_pod_is_retried_then_answered_with_a_502(
+    engines: tuple[str, str],
+) -> None:
+    app = await _sidecar(engines[1], prefill_max_retries=2, prefill_retry_backoff=0.05)
+    dead = f"127.0.0.1:{free_port()}"
+    try:
+        async with httpx.AsyncClient(timeout=30) as c:
+            r = await c.post(
+                f"{url(app)}/v1/completions", json={"model": "tiny", "prompt": "x"},
+                headers={"x-prefiller-host-port": dead},
+            )  # fmt: skip
+        assert r.status_code == 502
+        assert "the prefill leg" in r.json()["message"]
+        assert metric(app, "llmd_sidecar_prefill_retries_total") == 2
+        assert metric(app, "llmd_sidecar_requests_total", mode="pd", outcome="prefill-error") == 1
+    finally:
+        await app.stop()
+
+
+async def test_a_prefill_error_is_relayed_verbatim(
+    sidecar: SidecarApp, engines: tuple[str, str]
+) -> None:
+    async with httpx.AsyncClient(timeout=30) as c:
+        direct = await c.post(f"{engines[0]}/v1/completions", json={"model": "nope", "prompt": "x"})
+        r = await c.post(
+            f"{url(sidecar)}/v1/completions", json={"model": "nope", "prompt": "x"},
+            headers={"x-prefiller-host-port": engines[0].removeprefix("http://")},
+        )  # fmt: skip
+    assert direct.status_code == r.status_code == 404
+    assert r.json()["error"]["message"] == direct.json()["error"]["message"]
+
+
+async def test_a_decoder_that_is_not_running_is_a_503() -> None:
+    app = await _sidecar(f"http://127.0.0.1:{free_port()}")
+    try:
+        async with httpx.AsyncClient(timeout=30) as c:
+            r = await c.post(f"{url(app)}/v1/completions", json={"model": "tiny", "prompt": "x"})
+        assert r.status_code == 503
+        assert r.json()["type"] == "ServiceUnavailable"
+        assert "decode node is not ready" in r.json()["message"]
+    finally:
+        await app.stop()
+
+
+async def test_a_hung_prefill_pod_is_a_504_after_the_prefill_timeout(
+    engines: tuple[str, str],
+) -> None:
+    """llm-d's sidecar waits on a hung prefill pod as long as the client does; here the
+    prefill leg has a deadline."""
+    app = await _sidecar(engines[1], prefill_timeout=0.5)
+    with socket.socket() as hung:  # accepts connections (the kernel does) and never answers
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)
+        target = f"127.0.0.1:{hung.getsockname()[1]}"
+        try:
+            async with httpx.AsyncClient(timeout=30) as c:
+                r = await c.post(
+                    f"{url(app)}/v1/completions", json={"model": "tiny", "prompt": "x"},
+                    headers={"x-prefiller-host-port": target},
+                )  # fmt: skip
+            assert r.status_code == 504
+            assert r.json()["type"] == "GatewayTimeoutError"
+            assert "took over 0.5s" in r.json()["message"]
+        finally:
+            await app.stop()
