@@ -390,6 +390,33 @@ def test_inference_objectives_from_the_cluster_get_the_flag_and_the_read_rights(
     }
 
 
+def test_a_decode_pod_runs_the_sidecar_in_front_of_vllm(tmp_path: Path) -> None:
+    values = {
+        **PATHS["inference-scheduling"],
+        "modelServer": {"enabled": True, "pd": {"role": "decode"}},
+    }
+    docs = umbrella(values)
+    validate_all(docs)
+    pod = named(docs, "Deployment", "-model-server")["spec"]["template"]
+    assert pod["metadata"]["labels"]["llm-d.ai/role"] == "decode"
+    vllm, sidecar = pod["spec"]["containers"]
+    assert "--port=8200" in vllm["args"]
+    assert (
+        '--kv-transfer-config={"kv_connector":"NixlConnector","kv_role":"kv_both"}' in vllm["args"]
+    )
+    env = {e["name"]: e for e in vllm["env"]}
+    assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "status.podIP"}
+    }
+    assert sidecar["ports"][0] == {"name": "http", "containerPort": 8000}  # the pool's port
+    r = subprocess.run(
+        [str(BIN / "llmd-sidecar"), *sidecar["args"], "--check-config"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "-> decoder http://127.0.0.1:8200" in r.stdout
+
+
 def test_llmd_dev_charts_checks_everything() -> None:
     assert check_all(CHARTS) == []
     r = subprocess.run(

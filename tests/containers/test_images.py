@@ -24,7 +24,14 @@ from llmd.vllm_cpu.server import free_port
 
 pytestmark = pytest.mark.containers
 
-SERVICES = ("llmd-scheduler", "llmd-indexer", "llmd-autoscaler", "llmd-activator", "llmd-sim")
+SERVICES = (
+    "llmd-scheduler",
+    "llmd-indexer",
+    "llmd-autoscaler",
+    "llmd-activator",
+    "llmd-sidecar",
+    "llmd-sim",
+)
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +225,7 @@ def test_each_service_image_passes_its_own_health_check(
             "activator", images["llmd-activator"],
             "--pool", "sim", "--control-url", "http://127.0.0.1:9",
         ),
+        containers.start("sidecar", images["llmd-sidecar"]),  # its decoder is not there: fine
     ]  # fmt: skip
     for name in started:
         containers.healthy(name)

