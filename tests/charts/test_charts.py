@@ -65,6 +65,7 @@ def test_the_paths_are_the_documented_ones() -> None:
         "precise-prefix-cache",
         "workload-autoscaling",
         "simulated",
+        "pd-disaggregation",
     }
     for name in PATHS:
         assert (CHARTS / "paths" / name / "README.md").is_file(), name
@@ -179,7 +180,11 @@ def test_a_wrong_value_fails_with_the_path_of_the_bad_field(
             "scheduler.activatorEndpoint is empty",
         ),
         ({"sim": {"enabled": False}}, "the scheduler has no engines to route to"),
-        ({"modelServer": {"enabled": True}}, "both create the pool's engine Service"),
+        ({"modelServer": {"enabled": True}}, "modelServer and sim all create the pool's engine"),
+        (
+            {"scheduler": {"config": {"preset": "pd"}}},
+            "the engines lack a decode role and a prefill role",
+        ),
     ],
 )
 def test_components_that_disagree_fail_the_render_naming_both_keys(

@@ -20,12 +20,12 @@
 {{- $file := printf "files/configs/%s.yaml" .Values.config.preset -}}
 {{- $raw := .Files.Get $file -}}
 {{- if not $raw -}}
-{{- fail (printf "llmd-scheduler: config.preset %q is not one of the shipped presets (default, precise-prefix-cache)" .Values.config.preset) -}}
+{{- fail (printf "llmd-scheduler: config.preset %q is not one of the shipped presets (default, precise-prefix-cache, pd)" .Values.config.preset) -}}
 {{- end -}}
 {{- $g := .Values.global | default dict -}}
 {{- $render := .Values.config.renderUrl | default (printf "http://%s:%v" (include "llmd.engineService" .) (include "llmd-scheduler.targetPort" .)) -}}
 {{- $blockSize := .Values.config.blockSize | default $g.blockSize | default 16 -}}
 {{- $seed := .Values.config.hashSeed | default $g.hashSeed | default "" -}}
-{{- tpl $raw (dict "Template" .Template "renderUrl" $render "blockSize" $blockSize "hashSeed" (toString $seed) "kvEventsPort" .Values.config.kvEventsPort) -}}
+{{- tpl $raw (dict "Template" .Template "renderUrl" $render "blockSize" $blockSize "hashSeed" (toString $seed) "kvEventsPort" .Values.config.kvEventsPort "nonCachedTokens" .Values.config.nonCachedTokens) -}}
 {{- end -}}
 {{- end -}}

@@ -31,6 +31,7 @@ gets no prefix hits and says nothing); here that is a render error.
 {{- $v := .Values -}}
 {{- $engines := list -}}
 {{- if $v.modelServer.enabled }}{{ $engines = append $engines "modelServer" }}{{ end -}}
+{{- if $v.prefillServer.enabled }}{{ $engines = append $engines "prefillServer" }}{{ end -}}
 {{- if $v.sim.enabled }}{{ $engines = append $engines "sim" }}{{ end -}}
 {{- if and $v.scheduler.enabled (not $engines) (not $v.activator.enabled) -}}
 {{- fail "llmd: the scheduler has no engines to route to: enable modelServer (vLLM) or sim (simulated engines), or the activator to scale a pool from zero" -}}
@@ -68,7 +69,16 @@ gets no prefix hits and says nothing); here that is a render error.
 {{- if and $v.activator.enabled $v.scheduler.enabled (not $v.scheduler.activatorEndpoint) -}}
 {{- fail "llmd: activator.enabled is true but scheduler.activatorEndpoint is empty, so the scheduler would never send requests to the activator (set it to \"{{ .Release.Name }}-activator:8090\")" -}}
 {{- end -}}
-{{- if and $v.modelServer.enabled $v.sim.enabled $v.modelServer.service.enabled $v.sim.service.enabled -}}
-{{- fail "llmd: modelServer and sim both create the pool's engine Service: set service.enabled to false on one of them" -}}
+{{- $services := list -}}
+{{- range $name := $engines }}{{ if (index $v $name).service.enabled }}{{ $services = append $services $name }}{{ end }}{{ end -}}
+{{- if gt (len $services) 1 -}}
+{{- fail (printf "llmd: %s all create the pool's engine Service: set service.enabled to false on all but one" (join " and " $services)) -}}
+{{- end -}}
+{{- if and $v.scheduler.enabled (eq (toString $v.scheduler.config.preset) "pd") -}}
+{{- $roles := list -}}
+{{- range $name := $engines }}{{ $roles = append $roles (toString ((index $v $name).pd | default dict).role) }}{{ end -}}
+{{- if not (and (has "decode" $roles) (has "prefill" $roles)) -}}
+{{- fail "llmd: scheduler.config.preset is pd but the engines lack a decode role and a prefill role (set modelServer.pd.role=decode and prefillServer.pd.role=prefill)" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}

@@ -155,8 +155,8 @@ def test_missing_features_are_named_once() -> None:
         HEAD
         + """
 plugins:
-- {type: disagg-profile-handler, parameters: {deciders: {prefill: d}}}
-- {type: prefix-based-pd-decider, name: d}
+- {type: pd-slo-profile-handler}
+- {type: pd-slo-pair-optimizer}
 - {type: prefill-filter}
 - {type: decode-filter}
 schedulingProfiles:
@@ -165,7 +165,7 @@ schedulingProfiles:
 """
     )
     assert len(got) == 2, got
-    assert all("missing feature: P/D disaggregation" in i for i in got), got
+    assert all("with SLO pair optimisation" in i for i in got), got
 
 
 def test_unknown_types_stay_unknown() -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,20 +21,11 @@ pytestmark = pytest.mark.integration
 PROMPT = "the quick brown fox jumps over the lazy dog " * 20
 
 
-def _fleet(tmp: Path, role: str) -> SimFleetProcess:
-    work = tmp / role
-    work.mkdir()
-    transfer = {"kv_connector": "NixlConnector", "kv_role": role}
-    return SimFleetProcess.start(
-        count=1, block_size=16, profile="h100-8b", work=work,
-        extra_args=["--kv-transfer-config", json.dumps(transfer)],
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     tmp = tmp_path_factory.mktemp("pd")
-    prefill, decode = _fleet(tmp, "kv_producer"), _fleet(tmp, "kv_consumer")
+    prefill = SimFleetProcess.start_pd("kv_producer", tmp)
+    decode = SimFleetProcess.start_pd("kv_consumer", tmp)
     try:
         yield prefill.engines[0].url, decode.engines[0].url
     finally:

@@ -42,15 +42,9 @@ _ADMIT = "admission plugins"
 
 UNAVAILABLE: dict[str, str] = {
     # profile handlers, deciders and P/D headers
-    "disagg-profile-handler": _PD,
-    "pd-profile-handler": _PD,
     "data-parallel-profile-handler": "data-parallel rank routing",
-    "prefix-based-pd-decider": _PD,
-    "always-disagg-pd-decider": _PD,
     "always-disagg-multimodal-decider": "E/P/D disaggregation",
     "header-profile-handler": "header-selected scheduling profiles",
-    "disagg-headers-handler": _PD,
-    "prefill-header-handler": _PD,
     "pd-slo-pair-optimizer": _PD + " with SLO pair optimisation",
     "pd-slo-profile-handler": _PD + " with SLO pair optimisation",
     "dp-rank-header-handler": "data-parallel rank routing",

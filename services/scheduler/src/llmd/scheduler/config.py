@@ -485,6 +485,11 @@ def build(
             )
         )
 
+    bind = getattr(handler, "bind", None)
+    if bind is not None and handler is not None:
+        for problem in bind(plugins, list(profiles)):
+            issues.append(ConfigIssue(f"plugins.{handler.name}", problem))
+
     parsers = [p.plugin_ref for p in (cfg.request_handler.parsers if cfg.request_handler else [])]
     parser_types = []
     for i, parser in enumerate(parsers):

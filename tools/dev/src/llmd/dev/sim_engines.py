@@ -107,6 +107,18 @@ class SimFleetProcess:
         ]
         return cls(proc, engines, endpoints_file, log_path)
 
+    @classmethod
+    def start_pd(cls, role: str, work: Path, profile: str = "h100-8b") -> SimFleetProcess:
+        """One engine with vLLM's NixlConnector in `role` (kv_producer for a prefill engine,
+        kv_consumer for a decode one, kv_both), its work files under `work/role`."""
+        sub = work / role
+        sub.mkdir(parents=True, exist_ok=True)
+        transfer = {"kv_connector": "NixlConnector", "kv_role": role}
+        return cls.start(
+            count=1, block_size=16, profile=profile, work=sub,
+            extra_args=["--kv-transfer-config", json.dumps(transfer)],
+        )  # fmt: skip
+
     def stop(self) -> None:
         if self.process.poll() is not None:
             return

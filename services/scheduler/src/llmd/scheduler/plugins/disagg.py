@@ -1,0 +1,246 @@
+"""P/D disaggregation with llm-d's type names: the profile handler that picks a decode pod and,
+when a decider says so, a prefill pod; the deciders; and the header the decode pod's sidecar
+reads (`x-prefiller-host-port`).
+
+    plugins:
+    - type: prefill-filter
+    - type: decode-filter
+    - type: disagg-profile-handler
+      parameters: {deciders: {prefill: prefix-based-pd-decider}}
+    - type: prefix-based-pd-decider
+      parameters: {nonCachedTokens: 16}
+    schedulingProfiles:
+    - {name: prefill, plugins: [{pluginRef: prefill-filter}, ...]}
+    - {name: decode, plugins: [{pluginRef: decode-filter}, ...]}
+
+`disagg-profile-handler` (decode first, llm-d's default order): run `decode`; if it picked a pod
+and the prefill decider agrees, run `prefill`. The decode pick is the destination; as a
+PreRequest it replaces any client-sent `x-prefiller-host-port` with the prefill pick's
+`address:port`. Each decision is counted in `llm_d_epp_disagg_decision_total{decision_type}`
+(`decode-only`, `prefill-decode`) and shows in `/debug/decisions`. The deprecated
+`pd-profile-handler` (llm-d v0.7-v0.9) is the same handler under its old name and parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from prometheus_client import CollectorRegistry, Counter
+from pydantic import Field
+
+from llmd.protocol import headers as hdr
+from llmd.scheduler.framework import (
+    LLMRequest,
+    NoParams,
+    Plugin,
+    PluginParams,
+    PreRequest,
+    ProfileHandler,
+    ProfileResult,
+    SchedulingError,
+    SchedulingResult,
+    prefix_matches,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_MODEL_LABELS = 1000
+
+
+class PDDecider(Plugin[Any]):
+    """Whether a request that has its decode pod should be prefilled elsewhere."""
+
+    def disaggregate(self, request: LLMRequest, decode: ProfileResult) -> tuple[bool, str]:
+        """(disaggregate, why)."""
+        raise NotImplementedError
+
+
+class AlwaysDisagg(PDDecider, Plugin[NoParams]):
+    """Every request is prefilled on a prefill pod."""
+
+    type_name = "always-disagg-pd-decider"
+
+    def disaggregate(self, request: LLMRequest, decode: ProfileResult) -> tuple[bool, str]:
+        return True, "always"
+
+
+class PrefixParams(PluginParams):
+    non_cached_tokens: int = Field(default=0, ge=0, alias="nonCachedTokens")
+    """Disaggregate when at least this many prompt tokens are not cached on the decode pod
+    (0: never)."""
+    prompt_tokens: int = Field(default=0, ge=0, alias="promptTokens")
+    """Only prompts at least this long are considered (0: any)."""
+    prefix_plugin_name: str = Field(default="", alias="prefixPluginName")
+
+
+class PrefixBasedDecider(PDDecider, Plugin[PrefixParams]):
+    """llm-d's prefix-based decider: disaggregate when the decode pod would have to compute at
+    least `nonCachedTokens` prompt tokens itself (its prefix-cache hit subtracted)."""
+
+    type_name = "prefix-based-pd-decider"
+    Params = PrefixParams
+
+    def disaggregate(self, request: LLMRequest, decode: ProfileResult) -> tuple[bool, str]:
+        p = self.params
+        tokens = request.prompt_tokens
+        if p.non_cached_tokens == 0:
+            return False, "nonCachedTokens is 0"
+        if tokens < p.prompt_tokens or tokens < p.non_cached_tokens:
+            return False, f"{tokens} prompt tokens: too short"
+        matches = prefix_matches(request, p.prefix_plugin_name or "approx-prefix-cache-producer")
+        pick = decode.targets[0]
+        target = pick.endpoint.name
+        if matches is None:
+            return False, "no prefix information (no prefix-cache producer ran)"
+        match = matches.get(pick.key)
+        hit = match.match_blocks * match.block_size_tokens if match is not None else 0
+        uncached = max(0, tokens - hit)
+        decided = uncached >= p.non_cached_tokens
+        return decided, f"{uncached} of {tokens} prompt tokens not cached on {target}"
+
+
+class Deciders(PluginParams):
+    prefill: str = ""
+
+
+class Profiles(PluginParams):
+    decode: str = "decode"
+    prefill: str = "prefill"
+
+
+class DisaggParams(PluginParams):
+    profiles: Profiles = Field(default_factory=Profiles)
+    deciders: Deciders = Field(default_factory=Deciders)
+    stage_order: Literal["decode-first"] = Field(default="decode-first", alias="stageOrder")
+    # pd-profile-handler's (deprecated) parameter names
+    decode_profile: str = Field(default="", alias="decodeProfile")
+    prefill_profile: str = Field(default="", alias="prefillProfile")
+    decider_plugin_name: str = Field(default="", alias="deciderPluginName")
+    primary_port: int = Field(default=0, ge=0, lt=65536, alias="primaryPort")
+    prefix_plugin_type: str = Field(default="", alias="prefixPluginType")
+    prefix_plugin_name: str = Field(default="", alias="prefixPluginName")
+
+
+class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams]):
+    """Decode first, then prefill when the decider says it pays; sets x-prefiller-host-port."""
+
+    type_name = "disagg-profile-handler"
+    Params = DisaggParams
+
+    def __init__(self, name: str, params: DisaggParams, handle: Any) -> None:
+        super().__init__(name, params, handle)
+        self.decode = params.decode_profile or params.profiles.decode
+        self.prefill = params.prefill_profile or params.profiles.prefill
+        self.decider_name = params.decider_plugin_name or params.deciders.prefill
+        self.decider: PDDecider = AlwaysDisagg("always", NoParams(), handle)
+        self.decisions: list[Counter] = []
+        self.reasons: dict[str, str] = {}
+        self.models: set[str] = set()
+
+    def bind(self, plugins: Mapping[str, Plugin[Any]], profiles: Sequence[str]) -> list[str]:
+        """Resolve the decider and check the profiles; problems as messages."""
+        problems = []
+        for role, profile in (("decode", self.decode), ("prefill", self.prefill)):
+            if profile not in profiles:
+                problems.append(f"no scheduling profile named {profile!r} (the {role} profile)")
+        if self.decider_name:
+            found = plugins.get(self.decider_name)
+            if not isinstance(found, PDDecider):
+                problems.append(f"deciders.prefill: {self.decider_name!r} is not a P/D decider")
+            else:
+                self.decider = found
+        return problems
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        labels = ["plugin_name", "plugin_type", "model_name", "decision_type"]
+        self.decisions = [
+            Counter(
+                name,
+                "P/D decisions by type (decode-only, prefill-decode)",
+                labels,
+                registry=registry,
+            )
+            for name in ("llm_d_epp_disagg_decision_total", "llm_d_epp_pd_decision_total")
+        ]  # the second is llm-d's deprecated name, emitted too
+
+    def _model(self, request: LLMRequest) -> str:
+        model = request.target_model or request.model
+        if model not in self.models and len(self.models) >= MAX_MODEL_LABELS:
+            return "other"  # bounded label set, as llm-d caps model names
+        self.models.add(model)
+        return model
+
+    def pick_profiles(
+        self, request: LLMRequest, profiles: Sequence[str], results: dict[str, ProfileResult | None]
+    ) -> list[str]:
+        if not results:
+            return [self.decode]
+        if self.prefill in results:
+            return []
+        decode = results.get(self.decode)
+        if decode is None or not decode.targets:
+            return []
+        yes, why = self.decider.disaggregate(request, decode)
+        self.reasons[request.request_id] = why
+        if len(self.reasons) > 1024:  # bounded: only the newest requests' reasons are kept
+            self.reasons.pop(next(iter(self.reasons)))
+        return [self.prefill] if yes else []
+
+    def process_results(
+        self, request: LLMRequest, results: dict[str, ProfileResult | None]
+    ) -> SchedulingResult:
+        decode = results.get(self.decode)
+        if decode is None or not decode.targets:
+            raise SchedulingError(
+                503, "failed to find available decode workers", hdr.DROPPED_NO_ENDPOINTS
+            )
+        prefill = results.get(self.prefill)
+        picked = {self.decode: decode}
+        kind = "decode-only"
+        if prefill is not None and prefill.targets:
+            picked[self.prefill] = prefill
+            kind = "prefill-decode"
+        decode.explain["pd"] = {
+            "decision": kind,
+            "reason": self.reasons.pop(request.request_id, "no decision"),
+        }
+        for counter in self.decisions:
+            counter.labels(self.name, self.type_name, self._model(request), kind).inc()
+        return SchedulingResult(picked, self.decode)
+
+    def pre_request(self, request: LLMRequest, result: SchedulingResult) -> Mapping[str, str]:
+        prefill = result.profiles.get(self.prefill)
+        if prefill is None or not prefill.targets:
+            return {}
+        ep = prefill.targets[0].endpoint
+        host = f"[{ep.address}]" if ":" in ep.address else ep.address
+        return {hdr.PREFILLER_HOST_PORT: f"{host}:{ep.port}"}
+
+
+class PDProfileHandler(DisaggProfileHandler):
+    """llm-d's deprecated name for disagg-profile-handler (v0.7-v0.9 parameters)."""
+
+    type_name = "pd-profile-handler"
+
+
+class PrefillHeaderHandler(Plugin[NoParams]):
+    """llm-d's deprecated header handler: the profile handler sets the header itself now, so
+    this plugin does nothing (kept so that older configs load)."""
+
+    type_name = "prefill-header-handler"
+
+
+class DisaggHeadersHandler(PrefillHeaderHandler):
+    type_name = "disagg-headers-handler"
+
+
+DISAGG_PLUGINS = (
+    AlwaysDisagg,
+    PrefixBasedDecider,
+    DisaggProfileHandler,
+    PDProfileHandler,
+    PrefillHeaderHandler,
+    DisaggHeadersHandler,
+)
