@@ -4,6 +4,7 @@ the sidecar in front of the decode engine."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -225,3 +226,71 @@ async def test_a_hung_prefill_pod_is_a_504_after_the_prefill_timeout(
             assert "took over 0.5s" in r.json()["message"]
         finally:
             await app.stop()
+
+
+async def test_ssrf_protection_follows_the_inference_pools_pods(engines: tuple[str, str]) -> None:
+    """--inference-pool: the allowlist is the pool's pods (read through the official client
+    from a loopback API server), kept current as pods come and go."""
+    from kubernetes import client
+
+    from llmd.dev.fakekube import FakeKube, pod
+
+    kube = FakeKube().start()
+    kube.custom["inferencepools"] = {
+        "llm/chat": {
+            "apiVersion": "inference.networking.k8s.io/v1",
+            "kind": "InferencePool",
+            "metadata": {"name": "chat", "namespace": "llm"},
+            "spec": {
+                "selector": {"matchLabels": {"app": "vllm"}},
+                "targetPorts": [{"number": 8000}],
+            },
+        }
+    }
+    kube.apply("ADDED", pod("prefill-0", "127.0.0.1", labels={"app": "vllm"}))
+    port = int(engines[1].rsplit(":", 1)[1])
+    config = SidecarConfig(
+        host="127.0.0.1", port=free_port(), model_server_port=port, metrics_port=free_port(),
+        enable_ssrf_protection=True, inference_pool="llm/chat",
+    )  # fmt: skip
+    app = SidecarApp(config)
+    app.custom_api = client.CustomObjectsApi(client.ApiClient(client.Configuration(host=kube.url)))
+    await app.start()
+    try:
+        for _ in range(100):
+            if "127.0.0.1" in app.allowed:
+                break
+            await asyncio.sleep(0.05)
+        assert app.allowed == {"127.0.0.1", "prefill-0"}
+        async with httpx.AsyncClient(timeout=30) as c:
+            ready = await c.get(f"http://127.0.0.1:{config.metrics_port}/readyz")
+            assert ready.status_code == 200
+            body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2}
+            ok = await c.post(f"{url(app)}/v1/completions", json=body,
+                              headers={"x-prefiller-host-port": engines[0].removeprefix("http://")})  # fmt: skip
+            assert ok.status_code == 200, ok.text
+            kube.apply("DELETED", pod("prefill-0", "127.0.0.1", labels={"app": "vllm"}))
+            for _ in range(100):
+                if not app.allowed:
+                    break
+                await asyncio.sleep(0.05)
+            refused = await c.post(f"{url(app)}/v1/completions", json=body,
+                                   headers={"x-prefiller-host-port": engines[0].removeprefix("http://")})  # fmt: skip
+            assert refused.status_code == 403
+    finally:
+        await app.stop()
+        kube.stop()
+
+
+def test_a_pool_without_a_selector_or_an_unknown_group_is_refused() -> None:
+    from llmd.sidecar.allowlist import parse_pool, pool_selector
+
+    assert parse_pool("chat") == ("default", "chat")
+    assert parse_pool("llm/chat") == ("llm", "chat")
+    assert pool_selector({"spec": {"selector": {"app": "x", "tier": "gpu"}}}) == "app=x,tier=gpu"
+    with pytest.raises(ValueError, match=r"no spec\.selector"):
+        pool_selector({"spec": {}})
+    with pytest.raises(ValueError, match="pool_group"):
+        SidecarConfig(enable_ssrf_protection=True, inference_pool="p", pool_group="example.com")
+    with pytest.raises(ValueError, match="needs inference_pool or allowed_prefill_hosts"):
+        SidecarConfig(enable_ssrf_protection=True)

@@ -13,8 +13,8 @@ each deliberate:
 - The prefill leg has a deadline (`--prefill-timeout`, 60 s): a dead or hung prefill pod gets a
   504 instead of holding the request as long as the client waits.
 - Request metrics (`llmd_sidecar_*`) on `--metrics-port` (9090): llm-d's sidecar has none.
-- The allowlist of prefill hosts is static (`--allowed-prefill-hosts`); following an
-  InferencePool's pods is not there yet, so `--inference-pool` is refused with that reason.
+- Besides the InferencePool's pods (`--inference-pool`, llm-d's way), a static list of prefill
+  hosts can be allowed (`--allowed-prefill-hosts`), for runs without Kubernetes.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import Field, model_validator
 
+from llmd.runtime.cluster import ClusterError
 from llmd.runtime.config import Seconds
+from llmd.runtime.discovery import kube_api_client
 from llmd.runtime.lifecycle import (
     BodyTooLargeError,
     Health,
@@ -41,6 +43,7 @@ from llmd.runtime.lifecycle import (
 )
 from llmd.runtime.proxy import ProxyResult, ProxyTimeouts, StreamingProxy, forward_headers
 from llmd.runtime.service import ServiceConfig
+from llmd.sidecar.allowlist import POOL_VERSIONS, follow_pods, parse_pool, read_pool
 from llmd.sidecar.pd import (
     PREFILLER_HEADER,
     REQUEST_ID_HEADER,
@@ -89,7 +92,13 @@ class SidecarConfig(ServiceConfig):
         description="with SSRF protection: the prefill hosts (addresses or names; any port)",
     )
     inference_pool: str = Field(
-        default="", description="the InferencePool whose pods are the allowlist (not yet)"
+        default="",
+        description="with SSRF protection: [NAMESPACE/]NAME of the InferencePool whose pods "
+        "(addresses and names) are the allowlist, followed in the cluster",
+    )
+    pool_group: str = Field(
+        default="inference.networking.k8s.io",
+        description="the InferencePool's API group (or inference.networking.x-k8s.io)",
     )
     enable_prefiller_sampling: bool = Field(
         default=False, description="pick a random prefiller of the header's list, not the first"
@@ -113,13 +122,10 @@ class SidecarConfig(ServiceConfig):
 
     @model_validator(mode="after")
     def _supported(self) -> SidecarConfig:
-        if self.inference_pool:
-            raise ValueError(
-                "inference_pool: following an InferencePool's pods as the SSRF allowlist is not "
-                "available in llmd-sidecar yet (give allowed_prefill_hosts)"
-            )
-        if self.enable_ssrf_protection and not self.allowed_prefill_hosts:
-            raise ValueError("enable_ssrf_protection needs allowed_prefill_hosts")
+        if self.enable_ssrf_protection and not (self.allowed_prefill_hosts or self.inference_pool):
+            raise ValueError("enable_ssrf_protection needs inference_pool or allowed_prefill_hosts")
+        if self.pool_group not in POOL_VERSIONS:
+            raise ValueError(f"pool_group: one of {', '.join(POOL_VERSIONS)}")
         if self.secure_proxy:
             raise ValueError(
                 "secure_proxy: serving HTTPS is not available in llmd-sidecar yet (llm-d's "
@@ -185,8 +191,15 @@ class SidecarApp:
         self.metrics = SidecarMetrics(self.registry)
         self.proxy = StreamingProxy(ProxyTimeouts(read_s=config.read_timeout))
         self.decoder = f"http://127.0.0.1:{config.model_server_port}"
-        self.allowed = {h.strip().strip("[]") for h in config.allowed_prefill_hosts}
+        self.static_allowed = {h.strip().strip("[]") for h in config.allowed_prefill_hosts}
+        self.allowed = set(self.static_allowed)
         self._servers: list[Any] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.pool_watch: Any = None
+        """Whatever follows the InferencePool's pods (set by build() when one is named)."""
+        self.custom_api: Any = None
+        if config.enable_ssrf_protection and config.inference_pool:
+            self.health.set("allowlist-synced", False, "the InferencePool's pods not read yet")
 
     def describe(self) -> str:
         c = self.config
@@ -356,14 +369,45 @@ class SidecarApp:
         app.include_router(health_router(self.health, self.registry))
         return app
 
+    async def _follow_pool(self) -> None:
+        """Read the pool's selector (retrying), then follow its pods into the allowlist."""
+        from kubernetes import client
+
+        from llmd.runtime.discovery import KubernetesPodDiscovery
+
+        ns, name = parse_pool(self.config.inference_pool)
+        while True:
+            try:
+                selector = await read_pool(self.custom_api, self.config.pool_group, ns, name)
+                break
+            except ClusterError as exc:
+                log.warning("SSRF allowlist: %s (retrying in 5s)", exc)
+                await asyncio.sleep(5.0)
+        source = self.pool_watch or KubernetesPodDiscovery(
+            client.CoreV1Api(self.custom_api.api_client), ns, selector, self.config.port,
+            registry=self.registry,
+        )  # fmt: skip
+        async for hosts in follow_pods(source):
+            self.allowed = self.static_allowed | hosts
+            self.health.set("allowlist-synced", True)
+            log.info("SSRF allowlist: %d host(s) of InferencePool %s/%s", len(hosts), ns, name)
+
     async def start(self) -> None:
         c = self.config
+        if c.enable_ssrf_protection and c.inference_pool:
+            if self.custom_api is None:
+                from kubernetes import client
+
+                self.custom_api = client.CustomObjectsApi(kube_api_client())
+            self._tasks.append(asyncio.create_task(self._follow_pool(), name="allowlist"))
         self._servers.append(serve_http(self.http_app(), c.host, c.port))
         if c.metrics_port:
             self._servers.append(serve_http(self.metrics_app(), c.host, c.metrics_port, "metrics"))
         log.info("%s", self.describe())
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         for server, _ in self._servers:
             server.should_exit = True
         if self._servers:
