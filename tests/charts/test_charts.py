@@ -420,6 +420,19 @@ def test_a_decode_pod_runs_the_sidecar_in_front_of_vllm(tmp_path: Path) -> None:
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "-> decoder http://127.0.0.1:8200" in r.stdout
+    # SSRF protection: the sidecar follows the InferencePool the scheduler chart creates
+    values["modelServer"]["pd"]["sidecar"] = {"ssrfProtection": True}
+    with pytest.raises(ChartError, match="needs the pool's InferencePool"):
+        umbrella(values)
+    values["scheduler"] = {**values["scheduler"], "inferencePool": {"enabled": True}}
+    docs = umbrella(values)
+    validate_all(docs)
+    pod = named(docs, "Deployment", "-model-server")["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "demo-model-server"
+    assert "--inference-pool=llm/demo" in pod["containers"][1]["args"]
+    assert of_kind(docs, "InferencePool")[0]["metadata"]["name"] == "demo"
+    rules = named(docs, "Role", "-model-server")["rules"]
+    assert rules[0]["resources"] == ["inferencepools"]
 
 
 def test_llmd_dev_charts_checks_everything() -> None:

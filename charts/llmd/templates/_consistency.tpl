@@ -74,6 +74,9 @@ gets no prefix hits and says nothing); here that is a render error.
 {{- if gt (len $services) 1 -}}
 {{- fail (printf "llmd: %s all create the pool's engine Service: set service.enabled to false on all but one" (join " and " $services)) -}}
 {{- end -}}
+{{- if and $v.modelServer.enabled (($v.modelServer.pd).sidecar).ssrfProtection (not ($v.scheduler.enabled) | or (not $v.scheduler.inferencePool.enabled)) -}}
+{{- fail "llmd: modelServer.pd.sidecar.ssrfProtection needs the pool's InferencePool: set scheduler.inferencePool.enabled" -}}
+{{- end -}}
 {{- if and $v.scheduler.enabled (eq (toString $v.scheduler.config.preset) "pd") -}}
 {{- $roles := list -}}
 {{- range $name := $engines }}{{ $roles = append $roles (toString ((index $v $name).pd | default dict).role) }}{{ end -}}
