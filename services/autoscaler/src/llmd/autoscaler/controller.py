@@ -254,21 +254,16 @@ class Autoscaler:
             client = self._clients[key] = ScrapeClient(host, port, self.scrape_timeout_s)
         return (await client.get(path)).decode("utf-8", "replace")
 
-    async def _engine(self, track: _ModelTrack, ep: Any) -> tuple[ReplicaLoad, int | None, bool]:
-        """(load, KV capacity in tokens, completed any request since the last scrape)."""
+    async def _reading(self, ep: Any) -> EngineReading | None:
+        """One engine's figures, from Prometheus or its own /metrics (None: not known)."""
         if self.prometheus is not None:
             self._used.add(ep.host_port)
             r = self._readings.get(ep.host_port)
             if r is None or r.kv_usage is None or r.waiting is None:
                 self.metrics.errors.labels("prometheus").inc()
                 log.debug("no fresh figures for %s in Prometheus", ep.host_port)
-                return ReplicaLoad(ep.name, None, None, None), None, False
-            before = track.completed.get(ep.host_port)
-            if r.completed is not None:
-                track.completed[ep.host_port] = r.completed
-            completed = before is not None and r.completed is not None and r.completed != before
-            load = ReplicaLoad(ep.name, r.kv_usage, r.waiting, r.running)
-            return load, r.kv_capacity_tokens, completed
+                return None
+            return r
         try:
             text = await self._get(ep.address, ep.port, "/metrics")
             snap = parse_engine_snapshot(text)
@@ -276,12 +271,22 @@ class Autoscaler:
         except (ScrapeError, DecodeError, ValueError) as exc:
             self.metrics.errors.labels("scrape").inc()
             log.debug("scrape of %s failed: %s", ep.host_port, exc)
+            return None
+        cap = (snap.num_gpu_blocks or 0) * (snap.block_size or 0) or None
+        return EngineReading(snap.kv_cache_usage, snap.waiting, snap.running, done, cap)
+
+    async def _engine(self, track: _ModelTrack, ep: Any) -> tuple[ReplicaLoad, int | None, bool]:
+        """(load, KV capacity in tokens, completed any request since the last read)."""
+        r = await self._reading(ep)
+        if r is None:
             return ReplicaLoad(ep.name, None, None, None), None, False
         before = track.completed.get(ep.host_port)
-        track.completed[ep.host_port] = done
-        completed = before is not None and done != before  # a reset (restart) counts too
-        cap = (snap.num_gpu_blocks or 0) * (snap.block_size or 0) or None
-        return ReplicaLoad(ep.name, snap.kv_cache_usage, snap.waiting, snap.running), cap, completed
+        if r.completed is not None:
+            track.completed[ep.host_port] = r.completed
+        # a changed counter (a reset, on a restart, too) means requests completed
+        completed = before is not None and r.completed is not None and r.completed != before
+        load = ReplicaLoad(ep.name, r.kv_usage, r.waiting, r.running)
+        return load, r.kv_capacity_tokens, completed
 
     async def _variant(self, track: _ModelTrack, v: Variant) -> tuple[VariantState, bool] | None:
         try:

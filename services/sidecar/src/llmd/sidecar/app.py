@@ -175,12 +175,15 @@ class SidecarMetrics:
         )
 
 
-def vllm_error(status: int, message: str, kind: str) -> Response:
+def vllm_error_body(status: int, message: str, kind: str) -> bytes:
     """vLLM's error shape, as llm-d's sidecar writes it (`param` is an empty string)."""
-    body = msgspec.json.encode(
+    return msgspec.json.encode(
         {"object": "error", "message": message, "type": kind, "param": "", "code": status}
     )
-    return Response(body, status, media_type="application/json")
+
+
+def vllm_error(status: int, message: str, kind: str) -> Response:
+    return Response(vllm_error_body(status, message, kind), status, media_type="application/json")
 
 
 class SidecarApp:
@@ -191,6 +194,7 @@ class SidecarApp:
         self.metrics = SidecarMetrics(self.registry)
         self.proxy = StreamingProxy(ProxyTimeouts(read_s=config.read_timeout))
         self.decoder = f"http://127.0.0.1:{config.model_server_port}"
+        self.prefill_timeout = aiohttp.ClientTimeout(total=config.prefill_timeout)
         self.static_allowed = {h.strip().strip("[]") for h in config.allowed_prefill_hosts}
         self.allowed = set(self.static_allowed)
         self._servers: list[Any] = []
@@ -220,27 +224,28 @@ class SidecarApp:
         drop = [PREFILLER_HEADER, "content-type"]  # the body is re-encoded JSON
         headers = forward_headers(request.headers.items(), drop=drop)
         headers += [(REQUEST_ID_HEADER, request_id), ("content-type", "application/json")]
-        timeout = aiohttp.ClientTimeout(total=self.config.prefill_timeout)
         attempt = 0
         while True:
             try:
                 async with self.proxy.session.post(
-                    url, data=body, headers=headers, timeout=timeout
+                    url, data=body, headers=headers, timeout=self.prefill_timeout
                 ) as r:
                     status, answer = r.status, await r.read()
                     reply = dict(forward_headers(r.headers.items()))
             except TimeoutError:
                 status, reply = 504, {"content-type": "application/json"}
-                answer = bytes(vllm_error(
-                    504, f"the prefill leg at {url} took over {self.config.prefill_timeout:g}s",
+                answer = vllm_error_body(
+                    504,
+                    f"the prefill leg at {url} took over {self.config.prefill_timeout:g}s",
                     "GatewayTimeoutError",
-                ).body)  # fmt: skip
+                )
             except aiohttp.ClientError as exc:
                 status, reply = 502, {"content-type": "application/json"}
-                answer = bytes(vllm_error(
-                    502, f"the prefill leg at {url} failed: {type(exc).__name__}: {exc}",
+                answer = vllm_error_body(
+                    502,
+                    f"the prefill leg at {url} failed: {type(exc).__name__}: {exc}",
                     "BadGatewayError",
-                ).body)  # fmt: skip
+                )
             if status not in RETRYABLE or attempt >= self.config.prefill_max_retries:
                 return status, answer, reply
             attempt += 1

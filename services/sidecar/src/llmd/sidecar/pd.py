@@ -9,7 +9,6 @@ a mandatory `remote_request_id`). Both are llm-d pd-sidecar's `nixlv2` flow.
 
 from __future__ import annotations
 
-import copy
 import random
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -72,13 +71,17 @@ def target_host(target: str) -> str:
 
 def prefill_body(doc: dict[str, Any], api: Api) -> dict[str, Any]:
     """The prefill leg's body: non-streaming, one token, KV kept for a remote decode."""
-    p = copy.deepcopy(doc)
+    # shallow: only top-level keys (and generate's sampling_params) change, and the prompt or
+    # messages, the bulk of a request, are shared with the client's document
+    p = dict(doc)
     p["kv_transfer_params"] = dict(REMOTE_DECODE)
     p["stream"] = False
     p.pop("stream_options", None)
-    target = p.setdefault("sampling_params", {}) if api == "generate" else p
-    if not isinstance(target, dict):
-        target = p["sampling_params"] = {}
+    if api == "generate":
+        params = p.get("sampling_params")
+        target = p["sampling_params"] = dict(params) if isinstance(params, dict) else {}
+    else:
+        target = p
     for name in LIMITS[api]:
         target[name] = 1
     return p

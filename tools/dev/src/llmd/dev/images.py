@@ -219,14 +219,15 @@ def _revision(root: Path) -> str:
     return r.stdout.strip() if r.returncode == 0 else "unknown"
 
 
-def _uv(root: Path) -> str:
+def uv_binary(root: Path) -> str:
+    """The repository's pinned uv (.tools/bin/uv), else the one on PATH."""
     local = root / ".tools" / "bin" / "uv"
     return str(local) if local.is_file() else "uv"
 
 
 def _export(root: Path, package: str, *extra: str) -> str:
     r = subprocess.run(
-        [_uv(root), "export", "--package", package, "--frozen", "--no-dev", *extra],
+        [uv_binary(root), "export", "--package", package, "--frozen", "--no-dev", *extra],
         cwd=root,
         capture_output=True,
         text=True,
@@ -292,7 +293,16 @@ def prepare_context(root: Path, images: Sequence[Image], context: Path) -> None:
             if pkg not in built:
                 _say(f"building the {pkg} wheel")
                 b = subprocess.run(
-                    [_uv(root), "build", "--package", pkg, "--wheel", "-q", "-o", str(dist_all)],
+                    [
+                        uv_binary(root),
+                        "build",
+                        "--package",
+                        pkg,
+                        "--wheel",
+                        "-q",
+                        "-o",
+                        str(dist_all),
+                    ],
                     cwd=root,
                     capture_output=True,
                     text=True,

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmd.dev.images import IMAGES, ImageError, build, repo_root
+from llmd.dev.images import IMAGES, ImageError, build, repo_root, uv_binary
 
 MEMBERS = (
     "libs/protocol",
@@ -107,11 +107,6 @@ def _run(cmd: Sequence[str], root: Path) -> str:
     return r.stdout
 
 
-def _uv(root: Path) -> str:
-    local = root / ".tools" / "bin" / "uv"
-    return str(local) if local.is_file() else "uv"
-
-
 def build_dist(names: Sequence[str], out: Path, root: Path | None = None) -> list[Path]:
     """Wheel and sdist of each package into `out`; the files written."""
     base = root or repo_root()
@@ -119,7 +114,7 @@ def build_dist(names: Sequence[str], out: Path, root: Path | None = None) -> lis
     before = set(out.iterdir())
     for name in names:
         print(f"==> building {name}", flush=True)
-        _run([_uv(base), "build", "--package", name, "-q", "-o", str(out)], base)
+        _run([uv_binary(base), "build", "--package", name, "-q", "-o", str(out)], base)
     return sorted(set(out.iterdir()) - before)
 
 

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import Field
 
 from llmd.protocol import headers as hdr
+from llmd.runtime.observability import LabelBudget
 from llmd.scheduler.framework import (
     LLMRequest,
     NoParams,
@@ -136,8 +137,23 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         self.decider_name = params.decider_plugin_name or params.deciders.prefill
         self.decider: PDDecider = AlwaysDisagg("always", NoParams(), handle)
         self.decisions: list[Counter] = []
-        self.reasons: dict[str, str] = {}
-        self.models: set[str] = set()
+        # model names come from clients: a bounded label set, as llm-d caps them
+        self.model_label = LabelBudget("disagg_model_name", max_sets=MAX_MODEL_LABELS)
+        unused = [
+            alias
+            for alias, value in (
+                ("primaryPort", params.primary_port),
+                ("prefixPluginType", params.prefix_plugin_type),
+                ("prefixPluginName", params.prefix_plugin_name),
+            )
+            if value
+        ]
+        if unused:
+            log.warning(
+                "%s: %s not used by llmd (give the prefix plugin to prefix-based-pd-decider's "
+                "prefixPluginName; data-parallel ports are not supported)",
+                name, ", ".join(unused),
+            )  # fmt: skip
 
     def bind(self, plugins: Mapping[str, Plugin[Any]], profiles: Sequence[str]) -> list[str]:
         """Resolve the decider and check the profiles; problems as messages."""
@@ -165,13 +181,6 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
             for name in ("llm_d_epp_disagg_decision_total", "llm_d_epp_pd_decision_total")
         ]  # the second is llm-d's deprecated name, emitted too
 
-    def _model(self, request: LLMRequest) -> str:
-        model = request.target_model or request.model
-        if model not in self.models and len(self.models) >= MAX_MODEL_LABELS:
-            return "other"  # bounded label set, as llm-d caps model names
-        self.models.add(model)
-        return model
-
     def pick_profiles(
         self, request: LLMRequest, profiles: Sequence[str], results: dict[str, ProfileResult | None]
     ) -> list[str]:
@@ -183,9 +192,7 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         if decode is None or not decode.targets:
             return []
         yes, why = self.decider.disaggregate(request, decode)
-        self.reasons[request.request_id] = why
-        if len(self.reasons) > 1024:  # bounded: only the newest requests' reasons are kept
-            self.reasons.pop(next(iter(self.reasons)))
+        decode.explain["pd"] = {"reason": why}
         return [self.prefill] if yes else []
 
     def process_results(
@@ -202,12 +209,10 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         if prefill is not None and prefill.targets:
             picked[self.prefill] = prefill
             kind = "prefill-decode"
-        decode.explain["pd"] = {
-            "decision": kind,
-            "reason": self.reasons.pop(request.request_id, "no decision"),
-        }
+        decode.explain.setdefault("pd", {"reason": "no decision"})["decision"] = kind
+        (model,) = self.model_label(request.target_model or request.model)
         for counter in self.decisions:
-            counter.labels(self.name, self.type_name, self._model(request), kind).inc()
+            counter.labels(self.name, self.type_name, model, kind).inc()
         return SchedulingResult(picked, self.decode)
 
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> Mapping[str, str]:
