@@ -107,7 +107,17 @@ async def test_the_same_decision_from_prometheus_as_from_the_engines(env: Env) -
     # 2 running + 10 waiting on each engine (max 2 running): far over the queue threshold (5)
     load = [asyncio.create_task(one(u)) for u in env.urls for _ in range(12)]
     try:
-        await asyncio.sleep(1.5)  # Prometheus has scraped the queues
+        # wait until Prometheus has scraped the queues (requests start as their clients
+        # connect; on a loaded machine that can take a while)
+        probe = PrometheusSource(env.prometheus.url)
+        try:
+            for _ in range(100):
+                readings = await probe.read()
+                if len(readings) == 2 and all((r.waiting or 0) >= 5 for r in readings.values()):
+                    break
+                await asyncio.sleep(0.2)
+        finally:
+            await probe.close()
         (d_direct,) = await direct.step()
         (d_prom,) = await via_prom.step()
         assert d_direct.analysis.reason.startswith("scale up"), d_direct.analysis
