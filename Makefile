@@ -32,7 +32,7 @@ lint: setup ## ruff (lint + format check)
 	$(RUN) ruff format --check .
 
 typecheck: setup ## mypy --strict over every package
-	$(RUN) mypy libs/protocol/src libs/runtime/src tools/vllm-cpu/src tools/dev/src tools/sim/src services/scheduler/src libs/kvcache/src services/indexer/src services/autoscaler/src services/activator/src services/sidecar/src benchmarks/src benchmarks/*.py examples/scheduler-plugin/src
+	$(RUN) mypy libs/protocol/src libs/runtime/src tools/vllm-cpu/src tools/dev/src tools/sim/src services/scheduler/src libs/kvcache/src services/indexer/src services/autoscaler/src services/activator/src services/sidecar/src services/fs-offload/src benchmarks/src benchmarks/*.py examples/scheduler-plugin/src
 
 test-unit: setup ## unit + integration tiers (and the charts)
 	$(RUN) pytest -m "not vllm and not containers"
