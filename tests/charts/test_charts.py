@@ -66,6 +66,7 @@ def test_the_paths_are_the_documented_ones() -> None:
         "workload-autoscaling",
         "simulated",
         "pd-disaggregation",
+        "tiered-prefix-cache",
     }
     for name in PATHS:
         assert (CHARTS / "paths" / name / "README.md").is_file(), name
@@ -442,3 +443,56 @@ def test_llmd_dev_charts_checks_everything() -> None:
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "charts OK" in r.stdout
+
+
+def test_the_tiered_prefix_cache_path_wires_the_fs_tier_and_its_evictor(tmp_path: Path) -> None:
+    from llmd.fs_offload.settings import FsOffloadSettings
+
+    values = copy.deepcopy(PATHS["tiered-prefix-cache"])
+    docs = umbrella(values)
+    validate_all(docs)
+    pod = named(docs, "Deployment", "-model-server")["spec"]["template"]
+    assert pod["metadata"]["labels"]["llmd.ai/storage-domain"] == "llmd-kv"
+    spec = pod["spec"]
+    (init,) = spec["initContainers"]
+    assert init["command"] == ["cp", "-r", "/opt/llmd-plugin/llmd", "/plugin/"]
+    assert init["image"].startswith("ghcr.io/llmd/llmd-fs-evictor:")
+    vllm = spec["containers"][0]
+    (arg,) = [a for a in vllm["args"] if a.startswith("--kv-transfer-config=")]
+    ktc = json.loads(arg.removeprefix("--kv-transfer-config="))
+    assert ktc["kv_connector"] == "LlmdFsConnector"
+    assert ktc["kv_connector_module_path"] == "llmd.fs_offload.connector"
+    assert ktc["kv_load_failure_policy"] == "recompute"
+    extra = ktc["kv_connector_extra_config"]
+    assert extra["spec_module_path"] == "llmd.fs_offload.spec"
+    assert extra["block_size"] == 256
+    settings = FsOffloadSettings.from_extra_config(extra)  # the plugin accepts what the chart sets
+    assert settings.root == "/mnt/kv" and settings.storage_domain == "llmd-kv"
+    env = {e["name"]: e.get("value") for e in vllm["env"]}
+    assert env["PYTHONPATH"] == "/opt/llmd-plugin"
+    mounts = {m["name"]: m["mountPath"] for m in vllm["volumeMounts"]}
+    assert mounts["kv"] == "/mnt/kv" and mounts["llmd-plugin"] == "/opt/llmd-plugin"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["kv"]["persistentVolumeClaim"]["claimName"] == "llmd-kv"
+
+    evictor = named(docs, "Deployment", "-fs-evictor")["spec"]["template"]["spec"]
+    (c,) = evictor["containers"]
+    assert evictor["volumes"][0]["persistentVolumeClaim"]["claimName"] == "llmd-kv"
+    args = [a.replace("--root=/mnt/kv", f"--root={tmp_path}") for a in c["args"]]
+    args = [a.replace("$(POD_NAME)", "evictor-0") for a in args]
+    r = subprocess.run(
+        [str(BIN / "llmd-fs-evictor"), *args, "--check-config"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "between 70% and 85%" in r.stdout and "BlockRemoved on tcp://*:5557" in r.stdout
+    ports = {p["name"] for p in named(docs, "Service", "-fs-evictor")["spec"]["ports"]}
+    assert ports == {"metrics", "kv-events"}
+
+    values["fsEvictor"]["claimName"] = "other"
+    with pytest.raises(ChartError, match="the evictor must keep the volume"):
+        umbrella(values)
+    values["fsEvictor"]["claimName"] = "llmd-kv"
+    values["modelServer"]["pd"] = {"role": "decode"}
+    with pytest.raises(ChartError, match="choose one"):
+        umbrella(values)

@@ -31,6 +31,7 @@ SERVICES = (
     "llmd-activator",
     "llmd-sidecar",
     "llmd-sim",
+    "llmd-fs-evictor",
 )
 
 
@@ -226,6 +227,7 @@ def test_each_service_image_passes_its_own_health_check(
             "--pool", "sim", "--control-url", "http://127.0.0.1:9",
         ),
         containers.start("sidecar", images["llmd-sidecar"]),  # its decoder is not there: fine
+        containers.start("evictor", images["llmd-fs-evictor"], "--root", "/tmp"),
     ]  # fmt: skip
     for name in started:
         containers.healthy(name)

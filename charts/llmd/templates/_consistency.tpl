@@ -77,6 +77,19 @@ gets no prefix hits and says nothing); here that is a render error.
 {{- if and $v.modelServer.enabled (($v.modelServer.pd).sidecar).ssrfProtection (not ($v.scheduler.enabled) | or (not $v.scheduler.inferencePool.enabled)) -}}
 {{- fail "llmd: modelServer.pd.sidecar.ssrfProtection needs the pool's InferencePool: set scheduler.inferencePool.enabled" -}}
 {{- end -}}
+{{- $fsServers := list -}}
+{{- range $name := list "modelServer" "prefillServer" }}{{ if and (index $v $name).enabled ((index $v $name).fsOffload).enabled }}{{ $fsServers = append $fsServers $name }}{{ end }}{{ end -}}
+{{- if $v.fsEvictor.enabled -}}
+{{- if not $fsServers -}}
+{{- fail "llmd: fsEvictor.enabled is true but no model server has fsOffload.enabled: there is no shared KV volume to keep" -}}
+{{- end -}}
+{{- range $name := $fsServers -}}
+{{- $claim := toString ((index $v $name).fsOffload.claimName) -}}
+{{- if ne (toString $v.fsEvictor.claimName) $claim -}}
+{{- fail (printf "llmd: fsEvictor.claimName is %q but %s.fsOffload.claimName is %q: the evictor must keep the volume the model servers write" (toString $v.fsEvictor.claimName) $name $claim) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- if and $v.scheduler.enabled (eq (toString $v.scheduler.config.preset) "pd") -}}
 {{- $roles := list -}}
 {{- range $name := $engines }}{{ $roles = append $roles (toString ((index $v $name).pd | default dict).role) }}{{ end -}}

@@ -22,6 +22,8 @@ class BytesPages:
     def __init__(self, num_blocks: int = 64) -> None:
         self.mem = bytearray(os.urandom(num_blocks * BB))
         self.gate: threading.Event | None = None
+        self.registered = 0
+        self.released = 0
 
     def block_bytes(self, group: int) -> int:
         return BB
@@ -40,7 +42,10 @@ class BytesPages:
         return None
 
     def register_staging(self, buf: mmap.mmap) -> None:
-        return None
+        self.registered += 1
+
+    def release_staging(self, buf: mmap.mmap) -> None:
+        self.released += 1
 
     def block(self, b: int) -> bytes:
         return bytes(self.mem[b * BB : (b + 1) * BB])
@@ -99,6 +104,19 @@ def test_store_then_load_into_other_blocks(engine: IOEngine, pages: BytesPages) 
     assert counters[("loads_total", "")] == 2
     for path in Path(engine.layout.rank_dir).rglob("*.bin"):
         assert path.stat().st_size % 4096 == 0
+
+
+def test_xxh3_checksums_and_staging_buffers_released_at_shutdown(
+    tmp_path: Path, pages: BytesPages
+) -> None:
+    engine = make_engine(tmp_path, pages, checksum="xxh3")
+    engine.submit_store(1, [Chunk(key(1), 0, [0, 1], 0)])
+    finish(engine, 1)
+    engine.submit_load(2, [Chunk(key(1), 0, [8, 9], 0)])
+    assert finish(engine, 2).ok
+    assert pages.block(9) == pages.block(1)
+    engine.shutdown()
+    assert pages.registered == pages.released == 2
 
 
 def test_a_suffix_of_a_chunk_loads_and_a_missing_head_is_refused(

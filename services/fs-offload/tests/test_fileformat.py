@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 
 from llmd.fs_offload.fileformat import (
+    CHECKSUM_CRC32,
+    CHECKSUM_XXH3,
     HEADER_SIZE,
     CorruptFileError,
     FileHeader,
@@ -13,7 +15,7 @@ from llmd.fs_offload.fileformat import (
     decode_header,
     encode_header,
     file_size,
-    payload_crc,
+    payload_checksum,
 )
 from llmd.fs_offload.layout import StorageLayout, event_hash, make_key, parse_chunk_path, split_key
 
@@ -21,11 +23,20 @@ FP = bytes(range(32))
 KEY = make_key(bytes.fromhex("ab" * 32), 0)
 
 
-def _file(payload: bytes, *, first: int = 0, blocks: int = 2, key: bytes = KEY) -> bytearray:
+def _file(
+    payload: bytes, *, first: int = 0, blocks: int = 2, key: bytes = KEY, kind: int = CHECKSUM_CRC32
+) -> bytearray:
     buf = bytearray(file_size(len(payload)))
     buf[HEADER_SIZE : HEADER_SIZE + len(payload)] = payload
     header = FileHeader(
-        FP, key, len(payload), payload_crc(payload), first, blocks, len(payload) // blocks
+        FP,
+        key,
+        len(payload),
+        payload_checksum(kind, payload),
+        first,
+        blocks,
+        len(payload) // blocks,
+        kind,
     )
     encode_header(memoryview(buf), header)
     return buf
@@ -51,7 +62,7 @@ def test_a_written_file_reads_back() -> None:
     header = _check(buf)
     assert header.key == KEY
     assert header.num_blocks == 2
-    assert header.payload_crc == payload_crc(payload)
+    assert header.checksum == payload_checksum(CHECKSUM_CRC32, payload)
     assert decode_header(bytes(buf[:HEADER_SIZE])) == header
 
 
@@ -108,3 +119,19 @@ def test_layout_follows_vllm_file_mapper_naming(tmp_path: Path) -> None:
     other = StorageLayout(tmp_path, {**fields, "dtype": "bfloat16"}, rank=1, block_bytes=(4096,))
     assert other.base != layout.base
     assert other.fingerprint != layout.fingerprint
+
+
+def test_xxh3_checksums_and_a_reader_without_xxhash(monkeypatch: pytest.MonkeyPatch) -> None:
+    import llmd.fs_offload.fileformat as ff
+
+    payload = os.urandom(8192)
+    buf = _file(payload, kind=CHECKSUM_XXH3)
+    assert _check(buf).checksum_kind == CHECKSUM_XXH3
+    buf[HEADER_SIZE + 7] ^= 1
+    with pytest.raises(CorruptFileError, match="checksum"):
+        _check(buf)
+    buf[HEADER_SIZE + 7] ^= 1
+    monkeypatch.setattr(ff, "_xxh3", None)
+    with pytest.raises(CorruptFileError) as err:
+        _check(buf)
+    assert err.value.reason == "unverifiable", "what cannot be checked is not served"

@@ -37,13 +37,14 @@ from typing import Protocol
 
 from llmd.fs_offload.fileformat import (
     ALIGN,
+    CHECKSUMS,
     HEADER_SIZE,
     CorruptFileError,
     FileHeader,
     check_file,
     encode_header,
     file_size,
-    payload_crc,
+    payload_checksum,
     round_up,
 )
 from llmd.fs_offload.layout import StorageLayout
@@ -72,6 +73,9 @@ class PageIO(Protocol):
 
     def register_staging(self, buf: mmap.mmap) -> None:
         """Called once per staging buffer (pins it for DMA where that applies)."""
+
+    def release_staging(self, buf: mmap.mmap) -> None:
+        """Called when the thread owning a staging buffer ends, before the buffer is freed."""
 
 
 @dataclass(slots=True)
@@ -287,6 +291,14 @@ class IOEngine:
         staging = mmap.mmap(-1, self.staging_bytes)
         self.pages.register_staging(staging)
         view = memoryview(staging)
+        try:
+            self._serve(prefer_loads, view)
+        finally:
+            view.release()
+            self.pages.release_staging(staging)
+            staging.close()
+
+    def _serve(self, prefer_loads: bool, view: memoryview) -> None:
         while (item := self._next(prefer_loads)) is not None:
             job, chunk = item
             ok = True
@@ -353,14 +365,16 @@ class IOEngine:
         payload = view[HEADER_SIZE : HEADER_SIZE + payload_len]
         self.pages.gather(chunk.group, chunk.block_ids, payload, job.token)
         view[HEADER_SIZE + payload_len : total] = bytes(total - HEADER_SIZE - payload_len)
+        kind = CHECKSUMS[self.settings.checksum]
         header = FileHeader(
             fingerprint=self.layout.fingerprint,
             key=chunk.key,
             payload_len=payload_len,
-            payload_crc=payload_crc(payload) if self.settings.checksum else None,
+            checksum=payload_checksum(kind, payload) if kind else None,
             first_block=chunk.first,
             num_blocks=len(chunk.block_ids),
             block_bytes=block_bytes,
+            checksum_kind=kind,
         )
         encode_header(view, header)
         tmp = f"{path}.{threading.get_ident():x}{secrets.token_hex(3)}.tmp"
@@ -453,7 +467,7 @@ class IOEngine:
                 block_bytes=block_bytes,
                 need_first=chunk.first,
                 need_count=len(chunk.block_ids),
-                verify_crc=self.settings.checksum,
+                verify=self.settings.checksum != "none",
             )
             with contextlib.suppress(OSError):
                 os.utime(fd)  # the evictor's LRU clock; atime is unreliable under relatime

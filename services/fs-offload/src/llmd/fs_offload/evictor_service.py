@@ -1,7 +1,7 @@
 """`llmd-fs-evictor`: one per shared KV volume; keeps it between its watermarks.
 
-Runs `Evictor` passes every `interval`, exports what they did on `/metrics`, answers `/health`
-and `/ready` (ready once a pass has read the volume), and publishes a `BlockRemoved` (medium
+Runs `Evictor` passes every `interval`, exports what they did on `/metrics`, answers `/healthz`
+and `/readyz` (ready once a pass has read the volume), and publishes a `BlockRemoved` (medium
 `STORAGE`) for every chunk it removes on a vLLM-format KV-event stream, so indexes that took the
 tier's `BlockStored` events stay true.
 """

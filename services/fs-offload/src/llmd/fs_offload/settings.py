@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from llmd.fs_offload.fileformat import xxh3_available
+
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/tmp/shared-kv"
@@ -70,7 +72,7 @@ class FsOffloadSettings:
     max_staging_bytes: int = 150 << 30
     read_preferring_ratio: float = 0.75
     max_write_queued_s: float = 30.0
-    checksum: bool = True
+    checksum: str = "crc32"
     o_direct: str = "auto"
     fsync: str = "none"
     storage_domain: str = ""
@@ -119,7 +121,7 @@ class FsOffloadSettings:
             max_staging_bytes=int(_num(extra, "max_staging_memory_gb", 150.0, low=0.001) * 2**30),
             read_preferring_ratio=_num(extra, "read_preferring_ratio", 0.75, low=0.0, high=1.0),
             max_write_queued_s=_num(extra, "max_write_queued_seconds", 30.0, low=0.0),
-            checksum=_choice(extra, "checksum", "crc32", ("crc32", "none")) == "crc32",
+            checksum=_choice(extra, "checksum", "crc32", ("crc32", "xxh3", "none")),
             o_direct=_choice(extra, "o_direct", "auto", ("auto", "on", "off")),
             fsync=_choice(extra, "fsync", "none", ("none", "file", "dir")),
             storage_domain=str(extra.get("storage_domain", "")),
@@ -129,6 +131,11 @@ class FsOffloadSettings:
             lookup_sync_budget_s=_num(extra, "lookup_sync_budget_ms", 2.0, low=0.0) / 1000,
             lookup_threads=_int(extra, "lookup_threads", 4, low=1),
         )
+        if settings.checksum == "xxh3" and not xxh3_available():
+            raise FsOffloadConfigError(
+                "kv_connector_extra_config.checksum='xxh3' needs the xxhash package in vLLM's "
+                "environment; install it or use 'crc32'"
+            )
         if not settings.root:
             raise FsOffloadConfigError("kv_connector_extra_config.shared_storage_path is empty")
         return settings

