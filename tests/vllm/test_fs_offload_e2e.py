@@ -7,24 +7,29 @@ deleted file each make B recompute the affected chunks, answer the same, and cou
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 import llmd.fs_offload
+from llmd.dev.gateway import SchedulerProcess
+from llmd.fs_offload.evictor_service import EvictorConfig, build
 from llmd.fs_offload.fileformat import HEADER_SIZE
 from llmd.fs_offload.vllm_args import vllm_args
 from llmd.vllm_cpu.install import VllmEnv
-from llmd.vllm_cpu.server import VllmServer, VllmServerSpec, running_servers
+from llmd.vllm_cpu.server import VllmServer, VllmServerSpec, free_port, running_servers
 
 pytestmark = pytest.mark.vllm
 
 TOKENS_PER_FILE = 64  # two 32-token vLLM blocks per file
+DOMAIN = "vol"
 PLUGIN_PATH = str(Path(llmd.fs_offload.__file__).resolve().parents[2])
 
 
@@ -40,14 +45,15 @@ def pair(
     shared_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[VllmServer, VllmServer]]:
-    args = vllm_args(shared_dir, block_size=TOKENS_PER_FILE, extra={"threads_per_gpu": 2})
+    extra = {"threads_per_gpu": 2, "storage_domain": DOMAIN}
+    args = vllm_args(shared_dir, block_size=TOKENS_PER_FILE, extra=extra)
     specs = [
         VllmServerSpec(
             pod=pod,
             model_dir=tiny_model_dir,
             cpu_core=i,
             extra_args=args,
-            env={"PYTHONPATH": PLUGIN_PATH},
+            env={"PYTHONPATH": PLUGIN_PATH, "VLLM_SERVER_DEV_MODE": "1"},  # /reset_prefix_cache
         )
         for i, pod in enumerate(("fs-a", "fs-b"))
     ]
@@ -175,3 +181,126 @@ def test_a_damaged_file_is_recomputed_never_served(
         assert (
             wait_metric(b, "llmd_fs_offload_lookups_total", misses + 1, result="miss") >= misses + 1
         )
+
+
+SCHEDULER_CONFIG = """
+plugins:
+- type: precise-prefix-cache-producer
+  parameters:
+    tokenizer: {{modelDir: "{model_dir}"}}
+    kvEventsConfig: {{zmqEndpoint: "tcp://127.0.0.1:{port}"}}
+- type: prefix-cache-scorer
+schedulingProfiles:
+- name: default
+  plugins: [{{pluginRef: prefix-cache-scorer, weight: 1}}]
+"""
+
+
+def _explain_scores(
+    sched: SchedulerProcess, p: str, done: Callable[[dict[str, float]], bool]
+) -> dict[str, float]:
+    """The prefix scorer's scores per endpoint, polled until `done` says so (or 30 s)."""
+    scores: dict[str, float] = {}
+    deadline = time.monotonic() + 30
+    while True:
+        r = httpx.post(
+            sched.debug_url + "/debug/explain",
+            json={"body": {"model": "tiny", "prompt": p}},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        scores = r.json()["profiles"]["default"]["scores"]["prefix-cache-scorer"]["per_endpoint"]
+        if done(scores) or time.monotonic() > deadline:
+            return scores
+        time.sleep(0.3)
+
+
+def test_the_scheduler_routes_to_a_pod_of_the_storage_domain(
+    pair: tuple[VllmServer, VllmServer], shared_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A's tier stores a prompt. The scheduler, following both engines' KV events, sees its
+    blocks on the storage tier of domain `vol`: B, labelled with the domain, scores the prompt
+    although it never saw it (and without the label scores nothing); B then answers from the
+    files. The evictor, under pressure, removes the files and its BlockRemoved events (sent to
+    the scheduler's event socket) take B's score away again."""
+    a, b = pair
+    p = prompt("route")
+    before = chunk_files(shared_dir)
+    text_a, n, _ = complete(a, p)
+    wait_files(shared_dir, before, stored_tokens(n) // TOKENS_PER_FILE)
+    central = free_port()
+
+    def start(b_in_domain: bool) -> SchedulerProcess:
+        def endpoint(name: str, server: VllmServer, domain: bool) -> dict[str, object]:
+            labels = {
+                "llmd.ai/kv-events-endpoint": server.kv_events_endpoint,
+                "llmd.ai/kv-replay-endpoint": server.replay_endpoint,
+            }
+            if domain:
+                labels["llmd.ai/storage-domain"] = DOMAIN
+            return {"name": name, "address": "127.0.0.1", "port": server.port, "labels": labels}
+
+        d = tmp_path / f"sched-{b_in_domain}"
+        d.mkdir()
+        pool = d / "pool.yaml"
+        pool.write_text(
+            yaml.safe_dump({"endpoints": [endpoint("a", a, True), endpoint("b", b, b_in_domain)]})
+        )
+        config = d / "epp.yaml"
+        config.write_text(SCHEDULER_CONFIG.format(model_dir=tiny_model_dir, port=central))
+        return SchedulerProcess.start(pool, d, config_file=config)
+
+    control = start(b_in_domain=False)
+    try:
+        scores = _explain_scores(control, p, lambda s: s.get("a", 0) > 0.9)
+        assert scores["a"] > 0.9, scores
+        assert scores["b"] < 0.1, f"B has no claim on the volume without its label: {scores}"
+    finally:
+        control.stop()
+    sched = start(b_in_domain=True)
+    try:
+        scores = _explain_scores(sched, p, lambda s: s.get("b", 0) > 0.9)
+        assert scores["b"] > 0.9, f"the storage domain's blocks did not reach B: {scores}"
+        text_b, _, cached_b = complete(b, p)
+        assert text_b == text_a
+        assert cached_b >= stored_tokens(n)
+        # another prompt, stored by A only; then pressure: the evictor removes every file
+        # and tells the scheduler's event socket
+        q = prompt("evict")
+        before = chunk_files(shared_dir)
+        _, nq, _ = complete(a, q)
+        wait_files(shared_dir, before, stored_tokens(nq) // TOKENS_PER_FILE)
+        assert _explain_scores(sched, q, lambda s: s.get("b", 0) > 0.9)["b"] > 0.9
+        removed = asyncio.run(_evict_all(shared_dir, f"tcp://127.0.0.1:{central}"))
+        assert removed >= stored_tokens(nq) // TOKENS_PER_FILE
+        assert not chunk_files(shared_dir)
+        scores = _explain_scores(sched, q, lambda s: s.get("b", 1) < 0.1)
+        assert scores["b"] < 0.1, f"B still scores evicted files: {scores}"
+    finally:
+        sched.stop()
+
+
+async def _evict_all(root: Path, endpoint: str) -> int:
+    """llmd-fs-evictor with a quota the volume exceeds, its events connected to `endpoint`."""
+    config = EvictorConfig(
+        root=str(root),
+        capacity_bytes=1 << 40,  # no pressure yet: the first pass removes nothing
+        min_age=0,
+        interval=3600,
+        host="127.0.0.1",
+        http_port=0,
+        kv_events_endpoint=endpoint,
+        model="tiny",
+        storage_domain=DOMAIN,
+    )
+    app = build(config)
+    await app.start()
+    try:
+        await asyncio.sleep(1.0)  # the subscription reaches the publisher (ZMQ slow joiner)
+        app.evictor.capacity_bytes = 1 << 20
+        app.evictor.low = 0.0001
+        report = await app.run_pass()
+        assert report is not None
+        return len(report.removed)
+    finally:
+        await app.stop()

@@ -212,3 +212,55 @@ async def test_speculative_entries_past_the_bound_are_evicted_from_shared_indexe
         assert (await vk.longest_prefix([7, 8]))["b"].blocks == 2
     finally:
         await vk.close()
+
+
+async def test_a_shared_volume_credits_every_pod_of_its_storage_domain() -> None:
+    """llmd-fs-offload's STORAGE events (ownership fs:<domain>) belong to the domain; any pod
+    labelled with it is credited; the evictor's removals (another publisher) take them away."""
+    idx = InMemoryIndex()
+    ap = EventApplier(idx, TokenProcessor())
+    ix = KVCacheIndexer(idx)
+    toks = list(range(1, 49))
+    r = request_keys(toks, MODEL)
+    await ap.apply("pod-a", MODEL, batch(stored([101, 102, 103], toks)))
+    # A's tier wrote the three blocks to the shared volume of domain "vol", in two files
+    # (vLLM's self-describing events: one event per file, naming its blocks)
+    first = stored([101, 102], [], medium="STORAGE", block_size=0, ownership="fs:vol")
+    second = stored([103], [], medium="STORAGE", block_size=0, ownership="fs:vol")
+    await ap.apply("pod-a", MODEL, batch(first, second))
+    assert {e.pod for e in idx.holders(r[0])} == {"pod-a", "storage:vol"}
+    # A evicts them from its GPU: only the volume holds them now
+    await ap.apply("pod-a", MODEL, batch(BlockRemoved(block_hashes=[101, 102, 103], medium="GPU")))
+    domains = {"pod-a": "vol", "pod-b": "vol", "pod-c": "other"}
+    hits = ix.score_sync(r, ["pod-a", "pod-b", "pod-c"], domains)
+    assert set(hits) == {"pod-a", "pod-b"}, "pod-c mounts another volume"
+    assert hits["pod-b"].blocks == 3
+    assert hits["pod-b"].tiers == {"storage": 3}
+    assert ix.score_sync(r, ["pod-b"]) == {}, "without its domain a pod has no claim on the volume"
+    # the evictor publishes on its own topic; the domain in the ownership finds the entries
+    removed = BlockRemoved(block_hashes=[103], medium="STORAGE", ownership="fs:vol")
+    await ap.apply("llmd-fs-evictor-0", MODEL, batch(removed))
+    assert ix.score_sync(r, ["pod-b"], domains)["pod-b"].blocks == 2
+    # a pod's own GPU blocks still count when they are worth more than the volume's
+    await ap.apply("pod-b", MODEL, batch(stored([101, 102, 103], toks)))
+    assert ix.score_sync(r, ["pod-b"], domains)["pod-b"].tiers == {"gpu": 3}
+
+
+async def test_the_evictor_removes_a_whole_chunk_however_many_pods_announced_it() -> None:
+    """A file holds a chunk of blocks and is named by the last; every pod of the domain may
+    announce it (a store of an existing file touches it). One removal takes the whole chunk."""
+    idx = InMemoryIndex()
+    ap = EventApplier(idx, TokenProcessor())
+    ix = KVCacheIndexer(idx)
+    toks = list(range(1, 49))
+    r = request_keys(toks, MODEL)
+    await ap.apply("pod-a", MODEL, batch(stored([101, 102, 103], toks)))
+    chunk = stored([101, 102], [], medium="STORAGE", block_size=0, ownership="fs:vol")
+    tail = stored([103], [], medium="STORAGE", block_size=0, ownership="fs:vol")
+    await ap.apply("pod-a", MODEL, batch(chunk, tail))
+    await ap.apply("pod-b", MODEL, batch(chunk, tail))  # B found the files there
+    domains = {"pod-c": "vol"}
+    assert ix.score_sync(r, ["pod-c"], domains)["pod-c"].blocks == 3
+    evicted = BlockRemoved(block_hashes=[102], medium="STORAGE", ownership="fs:vol")
+    await ap.apply("evictor", MODEL, batch(evicted))
+    assert ix.score_sync(r, ["pod-c"], domains) == {}, "blocks 101 and 102 went with their file"

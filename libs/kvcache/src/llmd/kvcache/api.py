@@ -31,6 +31,8 @@ class ScoreRequest(msgspec.Struct, omit_defaults=True):
     keys: list[int] | None = None
     pods: list[str] | None = None
     cache_salt: str | None = None
+    domains: dict[str, str] | None = None
+    """Pod -> storage domain: a pod is credited with the hits of its domain's shared volume."""
 
 
 class PodHit(msgspec.Struct):

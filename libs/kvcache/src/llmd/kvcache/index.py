@@ -29,6 +29,55 @@ DEFAULT_TIER_WEIGHTS: dict[str, float] = {TIER_GPU: 1.0, TIER_CPU: 0.8}
 
 NO_GROUP = -1
 
+STORAGE_DOMAIN_PREFIX = "storage:"
+"""Entries of a shared storage tier belong to its domain, `storage:<domain>`, not to one pod."""
+MAX_STORAGE_DOMAINS = 256
+
+
+def storage_domain_pod(medium: str | None, ownership: str | None) -> str | None:
+    """The domain pseudo-pod of a STORAGE event whose ownership names a shared filesystem
+    (`fs:<domain>`, as llmd-fs-offload and llmd-fs-evictor send), else None."""
+    if (
+        ownership
+        and ownership.startswith("fs:")
+        and len(ownership) > 3
+        and medium
+        and medium.upper() == "STORAGE"
+    ):
+        return STORAGE_DOMAIN_PREFIX + ownership[3:]
+    return None
+
+
+def apply_storage_domains(
+    hits: dict[str, PrefixHit], domains: Mapping[str, str]
+) -> dict[str, PrefixHit]:
+    """Credit each pod with its storage domain's hit when that is worth more than its own
+    (every pod of a domain mounts the same files). Drops the domain pseudo-pods.
+
+    The better of the two, not their union: a pod holding the first blocks in HBM and the rest
+    only on the shared volume is scored by whichever part is worth more."""
+    if not domains:
+        return hits
+    out = {p: h for p, h in hits.items() if not p.startswith(STORAGE_DOMAIN_PREFIX)}
+    for pod, domain in domains.items():
+        shared = hits.get(STORAGE_DOMAIN_PREFIX + domain)
+        if shared is None:
+            continue
+        own = out.get(pod)
+        if own is None or shared.score > own.score:
+            out[pod] = PrefixHit(shared.blocks, shared.score, dict(shared.tiers))
+    return out
+
+
+def domain_query_pods(
+    pods: Collection[str] | None, domains: Mapping[str, str] | None
+) -> Collection[str] | None:
+    """The pods to look up: the candidates and their storage domains' pseudo-pods."""
+    if pods is None or not domains:
+        return pods
+    extra = {STORAGE_DOMAIN_PREFIX + d for p, d in domains.items() if p in set(pods) and d}
+    return [*pods, *sorted(extra)]
+
 
 class PodEntry(NamedTuple):
     """One holder of a block: which pod, which device tier, KV group and data-parallel rank.

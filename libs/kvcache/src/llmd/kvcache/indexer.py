@@ -26,6 +26,8 @@ from llmd.kvcache.index import (
     InMemoryIndex,
     PodEntry,
     PrefixHit,
+    apply_storage_domains,
+    domain_query_pods,
 )
 from llmd.kvcache.keys import TokenProcessor
 from llmd.kvcache.metrics import KVCacheMetrics
@@ -110,12 +112,19 @@ class KVCacheIndexer:
                 h.score *= self.health_config.untrusted_weight
         return hits
 
-    def score_sync(self, keys: Sequence[int], pods: Collection[str] | None) -> dict[str, PrefixHit]:
-        """In-memory backends only: the scheduler's hot path without an await."""
+    def score_sync(
+        self,
+        keys: Sequence[int],
+        pods: Collection[str] | None,
+        domains: Mapping[str, str] | None = None,
+    ) -> dict[str, PrefixHit]:
+        """In-memory backends only: the scheduler's hot path without an await. `domains` maps
+        pods to their storage domain: a pod is credited with its domain's shared-volume hits."""
         assert isinstance(self.index, InMemoryIndex)
         self._expire()
         t = time.perf_counter()
-        hits = self.index.longest_prefix_sync(keys, pods, self.weights)
+        hits = self.index.longest_prefix_sync(keys, domain_query_pods(pods, domains), self.weights)
+        hits = apply_storage_domains(hits, domains or {})
         self._looked_up(time.perf_counter() - t, hits)
         return self._trusted(hits)
 
@@ -129,11 +138,15 @@ class KVCacheIndexer:
             m.lookup_hits.inc(best)
 
     async def score(
-        self, keys: Sequence[int], pods: Collection[str] | None
+        self,
+        keys: Sequence[int],
+        pods: Collection[str] | None,
+        domains: Mapping[str, str] | None = None,
     ) -> dict[str, PrefixHit]:
         await self._expire_async()
         t = time.perf_counter()
-        hits = await self.index.longest_prefix(keys, pods, self.weights)
+        hits = await self.index.longest_prefix(keys, domain_query_pods(pods, domains), self.weights)
+        hits = apply_storage_domains(hits, domains or {})
         self._looked_up(time.perf_counter() - t, hits)
         return self._trusted(hits)
 

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,7 +28,15 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from llmd.kvcache.index import Index, InMemoryIndex, PodEntry, normalize_tier
+from llmd.kvcache.index import (
+    MAX_STORAGE_DOMAINS,
+    STORAGE_DOMAIN_PREFIX,
+    Index,
+    InMemoryIndex,
+    PodEntry,
+    normalize_tier,
+    storage_domain_pod,
+)
 from llmd.kvcache.keys import TokenProcessor, event_block_extras
 from llmd.kvcache.metrics import KVCacheMetrics
 from llmd.protocol.errors import DecodeError
@@ -86,6 +95,24 @@ class EventApplier:
         self._blk_stored = m.blocks.labels("stored")
         self._blk_removed = m.blocks.labels("removed")
         self._blk_dup = m.blocks.labels("duplicate-remove")
+        self._domains: set[str] = set()
+        self._chunks: OrderedDict[tuple[str, int], tuple[int, ...]] = OrderedDict()
+        """Storage-domain stores: a chunk's engine keys by its last one (the chunk's file name),
+        so that an evictor's removal of the file, which names only that key, removes them all."""
+
+    def _holder(self, pod: str, medium: str | None, ownership: str | None) -> str | None:
+        """Who holds the blocks of an event: its pod, or for a shared filesystem tier the
+        storage domain (so the evictor's removals reach what every pod of it stored). None
+        when too many domains are already known (the event is skipped and counted)."""
+        domain = storage_domain_pod(medium, ownership)
+        if domain is None:
+            return pod
+        if domain not in self._domains:
+            if len(self._domains) >= MAX_STORAGE_DOMAINS:
+                self._skip("storage-domains")
+                return None
+            self._domains.add(domain)
+        return domain
 
     async def apply(self, pod: str, model: str, batch: EventBatch) -> None:
         rank = batch.data_parallel_rank or 0
@@ -113,8 +140,16 @@ class EventApplier:
             self._skip("attention-kind", ev.kv_cache_spec_kind)
             return
         group = ev.group_idx if ev.group_idx is not None else -1
-        entry = PodEntry(pod, normalize_tier(ev.medium), group, rank)
+        holder = self._holder(pod, ev.medium, ev.ownership)
+        if holder is None:
+            return
+        entry = PodEntry(holder, normalize_tier(ev.medium), group, rank)
         engine_keys = [to_u64(h) for h in ev.block_hashes]
+        shared = holder != pod
+        if shared and len(engine_keys) > 1:
+            self._chunks[(holder, engine_keys[-1])] = tuple(engine_keys)
+            if len(self._chunks) > self.max_refcounts:
+                self._chunks.popitem(last=False)
         index = self.index
         fast = self._fast
         tokens = ev.token_ids
@@ -164,7 +199,8 @@ class EventApplier:
 
         `dup` are the engine keys this entry already held (None: unknown, check each)."""
         refs = self._refs
-        for ek in engine_keys if dup is None else dup:
+        shared = entry.pod.startswith(STORAGE_DOMAIN_PREFIX)  # one file: stores are idempotent
+        for ek in () if shared else engine_keys if dup is None else dup:
             k = (entry, ek)
             n = refs.get(k)
             if n is not None:
@@ -186,11 +222,16 @@ class EventApplier:
     async def _removed(self, pod: str, rank: int, ev: BlockRemoved) -> None:
         self._ev_removed.inc()
         group = ev.group_idx if ev.group_idx is not None else -1
-        entry = PodEntry(pod, normalize_tier(ev.medium), group, rank)
+        holder = self._holder(pod, ev.medium, ev.ownership)
+        if holder is None:
+            return
+        entry = PodEntry(holder, normalize_tier(ev.medium), group, rank)
         refs = self._refs
         fast = self._fast
-        for h in ev.block_hashes:
-            ek = to_u64(h)
+        removed = [to_u64(h) for h in ev.block_hashes]
+        if holder != pod:  # one file, whoever announced it: no reference counts
+            removed = [k for ek in removed for k in self._chunks.pop((holder, ek), (ek,))]
+        for ek in removed:
             k = (entry, ek)
             n = refs.get(k)
             if n is not None:

@@ -25,6 +25,9 @@ def kv_transfer_config(
             "spec_module_path": SPEC_MODULE,
             "shared_storage_path": str(root),
             "block_size": block_size,
+            # name every block of a stored chunk in its BlockStored, not only the last one, so
+            # an index sees the chunk's whole prefix on the storage tier
+            "self_describing_kv_events": True,
             **(extra or {}),
         },
     }

@@ -251,7 +251,7 @@ class IndexerApp:
                 tokens = await self.stack.keys.tokens(doc.model, doc.prompt, doc.messages)
             keys = self.stack.keys.keys(tokens, doc.model, doc.cache_salt)
         pods = doc.pods if doc.pods else None
-        hits = await self.indexer.score(keys, pods)
+        hits = await self.indexer.score(keys, pods, doc.domains)
         return hits, len(keys)
 
     # --- discovery -> subscriptions ----------------------------------------------------------

@@ -65,6 +65,19 @@ ones in a worker thread, so one huge prompt never stalls routing or response pas
 
 PRODUCER = "precise-prefix-cache-producer"
 
+STORAGE_DOMAIN_LABEL = "llmd.ai/storage-domain"
+"""Pods with the same value mount the same shared KV volume (llmd-fs-offload)."""
+
+
+def storage_domains(endpoints: list[EndpointState]) -> dict[str, str]:
+    """Pod -> storage domain of the endpoints that carry the label."""
+    out = {}
+    for e in endpoints:
+        domain = e.endpoint.labels.get(STORAGE_DOMAIN_LABEL)
+        if domain:
+            out[e.key] = domain
+    return out
+
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
@@ -252,25 +265,29 @@ class PreciseProducer(
             self._failed("tokenize", exc)
             return
         pods = [e.key for e in endpoints]
+        domains = storage_domains(endpoints)
         hits: dict[str, PrefixHit] = {}
         if not self.breaker.allow():
             self._failed("lookup-skipped", None)  # the index is failing: route without it
         else:
             try:
                 async with asyncio.timeout(self.p.lookup_timeout):
-                    hits = await self._lookup(keys, pods)
+                    hits = await self._lookup(keys, pods, domains)
                 self.breaker.success()
             except Exception as exc:  # degrade to no prefix data, never fail the request
                 self.breaker.failure()
                 self._failed("lookup", exc if str(exc) else TimeoutError("lookup timed out"))
         request.state(self.name, PreciseState).hits = hits
 
-    async def _lookup(self, keys: list[int], pods: list[str]) -> dict[str, PrefixHit]:
+    async def _lookup(
+        self, keys: list[int], pods: list[str], domains: dict[str, str]
+    ) -> dict[str, PrefixHit]:
         if self.client is not None:
-            answer = await self.client.score(ScoreRequest(keys=keys, pods=pods))
+            request = ScoreRequest(keys=keys, pods=pods, domains=domains or None)
+            answer = await self.client.score(request)
             return {p: h.to_hit() for p, h in answer.pods.items()}
         assert self.stack is not None
-        return await self.stack.indexer.score(keys, pods)
+        return await self.stack.indexer.score(keys, pods, domains)
 
     def _track(self, coro: Any, stage: str) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -297,7 +314,9 @@ class PreciseProducer(
             except (TokenizerError, msgspec.DecodeError) as exc:
                 self._failed("tokenize", exc)
                 return
-            hits = st.hits = self.stack.indexer.score_sync(keys, [e.key for e in endpoints])
+            hits = st.hits = self.stack.indexer.score_sync(
+                keys, [e.key for e in endpoints], storage_domains(endpoints)
+            )
         total = len(st.keys or ())
         self.queries += 1
         bs = self.keymaker.block_size
