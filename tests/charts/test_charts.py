@@ -467,11 +467,13 @@ def test_the_tiered_prefix_cache_path_wires_the_fs_tier_and_its_evictor(tmp_path
     assert extra["spec_module_path"] == "llmd.fs_offload.spec"
     assert extra["block_size"] == 256
     settings = FsOffloadSettings.from_extra_config(extra)  # the plugin accepts what the chart sets
-    assert settings.root == "/mnt/kv" and settings.storage_domain == "llmd-kv"
+    assert settings.root == "/mnt/kv"
+    assert settings.storage_domain == "llmd-kv"
     env = {e["name"]: e.get("value") for e in vllm["env"]}
     assert env["PYTHONPATH"] == "/opt/llmd-plugin"
     mounts = {m["name"]: m["mountPath"] for m in vllm["volumeMounts"]}
-    assert mounts["kv"] == "/mnt/kv" and mounts["llmd-plugin"] == "/opt/llmd-plugin"
+    assert mounts["kv"] == "/mnt/kv"
+    assert mounts["llmd-plugin"] == "/opt/llmd-plugin"
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["kv"]["persistentVolumeClaim"]["claimName"] == "llmd-kv"
 
@@ -485,7 +487,8 @@ def test_the_tiered_prefix_cache_path_wires_the_fs_tier_and_its_evictor(tmp_path
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "between 70% and 85%" in r.stdout and "BlockRemoved on tcp://*:5557" in r.stdout
+    assert "between 70% and 85%" in r.stdout
+    assert "BlockRemoved on tcp://*:5557" in r.stdout
     ports = {p["name"] for p in named(docs, "Service", "-fs-evictor")["spec"]["ports"]}
     assert ports == {"metrics", "kv-events"}
 
