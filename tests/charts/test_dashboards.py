@@ -20,6 +20,9 @@ from llmd.activator.app import build as build_activator
 from llmd.autoscaler.app import AutoscalerConfig
 from llmd.autoscaler.app import build as build_autoscaler
 from llmd.dev.charts import charts_dir, render
+from llmd.fs_offload.evictor_service import EvictorConfig
+from llmd.fs_offload.evictor_service import build as build_evictor
+from llmd.fs_offload.metrics import exported_samples as fs_offload_samples
 from llmd.indexer.app import IndexerConfig
 from llmd.indexer.app import build as build_indexer
 from llmd.scheduler.app import SchedulerConfig
@@ -39,7 +42,8 @@ SUFFIXES = {
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, frozenset[str] | None]:
-    """Every sample name the four services export, with its label names (None: unknown)."""
+    """Every sample name the services export, with its label names (None: unknown); the FS
+    tier's, which vLLM exports, from its definitions."""
     d = tmp_path_factory.mktemp("services")
     (d / "endpoints.yaml").write_text("endpoints: []\n")
     (d / "variants.yaml").write_text(
@@ -59,8 +63,9 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, frozenset[st
         ),
         build_autoscaler(AutoscalerConfig(variants_file=str(d / "variants.yaml"))),
         build_activator(ActivatorConfig(pool="p")),
+        build_evictor(EvictorConfig(root=str(d))),
     ]
-    names: dict[str, frozenset[str] | None] = {}
+    names: dict[str, frozenset[str] | None] = dict(fs_offload_samples())
     for app in apps:
         labels_of = {
             n: getattr(c, "_labelnames", None)
@@ -81,7 +86,7 @@ def expressions(doc: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
 
 
 def test_there_is_a_dashboard_per_service_area() -> None:
-    assert [p.stem for p in DASHBOARDS] == ["autoscaling", "indexer", "scheduler"]
+    assert [p.stem for p in DASHBOARDS] == ["autoscaling", "fs-offload", "indexer", "scheduler"]
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)

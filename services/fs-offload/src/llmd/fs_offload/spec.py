@@ -56,6 +56,12 @@ from vllm.v1.kv_offload.config import OffloadingConfig
 
 from llmd.fs_offload.engine import Chunk, IOEngine
 from llmd.fs_offload.layout import FILE_FORMAT, GROUP_BYTES, StorageLayout
+from llmd.fs_offload.metrics import (
+    COUNTERS,
+    ENGINE_COUNTERS,
+    M_LOOKUP_TIMEOUTS,
+    M_LOOKUPS,
+)
 from llmd.fs_offload.settings import FsOffloadConfigError, FsOffloadSettings
 from llmd.fs_offload.torch_pages import TorchPages
 
@@ -77,25 +83,6 @@ _route_logs_through_vllm()
 
 MAX_PENDING_LOOKUPS = 65_536
 MAX_KNOWN = 262_144
-
-# Metric names (prometheus_client adds `_total` to counters).
-M_LOOKUPS = "llmd_fs_offload_lookups"
-M_LOOKUP_TIMEOUTS = "llmd_fs_offload_lookup_timeouts"
-M_LOAD_FAILURES = "llmd_fs_offload_load_failures"
-M_STORE_FAILURES = "llmd_fs_offload_store_failures"
-M_STORES_DROPPED = "llmd_fs_offload_stores_dropped"
-M_STORES_SKIPPED = "llmd_fs_offload_stores_skipped_existing"
-M_FILES_REMOVED = "llmd_fs_offload_corrupt_files_removed"
-
-_ENGINE_COUNTERS = {
-    "load_failures_total": M_LOAD_FAILURES,
-    "store_failures_total": M_STORE_FAILURES,
-    "stores_dropped_total": M_STORES_DROPPED,
-    "stores_skipped_existing_total": M_STORES_SKIPPED,
-    "files_deleted_total": M_FILES_REMOVED,
-    "files_quarantined_total": M_FILES_REMOVED,
-}
-_LABELLED = {M_LOOKUPS: ("result",), M_LOAD_FAILURES: ("reason",), M_STORE_FAILURES: ("reason",)}
 
 
 class FsLoadStoreSpec(LoadStoreSpec):
@@ -141,19 +128,9 @@ class LlmdFsOffloadingSpec(OffloadingSpec):
     def build_metric_definitions(
         cls, extra_config: dict[str, Any]
     ) -> dict[str, OffloadingMetricMetadata]:
-        docs = {
-            M_LOOKUPS: "FS tier lookups by result (hit, miss, retry).",
-            M_LOOKUP_TIMEOUTS: "FS tier lookups past lookup_timeout_ms, counted as misses.",
-            M_LOAD_FAILURES: "Chunk loads refused and recomputed, by reason (missing, truncated, "
-            "checksum, fingerprint, key, io, ...).",
-            M_STORE_FAILURES: "Chunk stores that failed, by errno name (the chunk is not cached).",
-            M_STORES_DROPPED: "Chunk stores dropped by write back-pressure.",
-            M_STORES_SKIPPED: "Chunk stores skipped: the file existed (its access time refreshed).",
-            M_FILES_REMOVED: "Corrupt or foreign files deleted or quarantined after a failed load.",
-        }
         return {
-            name: OffloadingCounterMetadata(documentation=doc, labelnames=_LABELLED.get(name, ()))
-            for name, doc in docs.items()
+            name: OffloadingCounterMetadata(documentation=doc, labelnames=labels)
+            for name, (doc, labels) in COUNTERS.items()
         }
 
     def __init__(self, config: OffloadingConfig) -> None:
@@ -417,9 +394,9 @@ class FsOffloadingWorker(OffloadingWorker):
     def take_stats(self) -> OffloadingConnectorStats | None:
         stats = OffloadingConnectorStats()
         for (name, label), value in self.engine.take_counter_deltas().items():
-            metric = _ENGINE_COUNTERS.get(name)
+            metric = ENGINE_COUNTERS.get(name)
             if metric is not None:
-                stats.increase_counter(metric, value, (label,) if metric in _LABELLED else ())
+                stats.increase_counter(metric, value, (label,) if COUNTERS[metric][1] else ())
         return None if stats.is_empty() else stats
 
     def wait(self, job_ids: set[int]) -> None:
