@@ -361,3 +361,53 @@ async def test_kv_sockets_bind_where_the_http_api_does(start_fleet: StartFleet) 
             pass  # reachable on loopback
         with pytest.raises(OSError):  # and nowhere else
             socket.create_connection((outward, port), timeout=2).close()
+
+
+async def test_a_shared_storage_tier_serves_one_servers_prompt_to_another(
+    start_fleet: StartFleet,
+) -> None:
+    """Two servers mounting one simulated volume: what A computed, B loads (cached_tokens from
+    the 'disk' source) instead of prefilling; the tier's stores and evictions go out as STORAGE
+    events owned by the domain, and the fleet document labels both servers with it."""
+    fleet = await start_fleet(
+        2,
+        kv_events_config=events_config(),
+        storage={"domain": "vol", "capacity_tokens": 96, "latency_ms": 0},
+    )
+    a, b = fleet.servers
+    assert b.cfg.kv_events_config is not None
+    ctx = zmq.asyncio.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"kv@")
+    sub.connect(b.cfg.kv_events_config.endpoint.replace("*", "127.0.0.1"))
+    await asyncio.sleep(0.3)  # slow joiner
+    try:
+        first = await post(a, "/v1/completions", {"prompt": LONG, "max_tokens": 1})
+        n = first.json()["usage"]["prompt_tokens"]
+        full = (n - 1) // 16 * 16
+        second = await post(b, "/v1/completions", {"prompt": LONG, "max_tokens": 1})
+        assert second.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == full
+        text = (await get(b, "/metrics")).text
+        assert (
+            f'vllm:prompt_tokens_cached_by_source_total{{engine="0",model_name="tiny",source="disk"}} {float(full)}'
+            in text
+            or f'source="disk"}} {float(full)}' in text
+        )
+        # B stores the prompt of its own next request; the 96-token volume evicts the oldest
+        other = await post(b, "/v1/completions", {"prompt": "other " + LONG, "max_tokens": 1})
+        assert other.status_code == 200
+        seen: list[Any] = []
+        while not any(
+            getattr(e, "medium", None) == "STORAGE" and not isinstance(e, BlockStored) for e in seen
+        ):
+            _, _, payload = await asyncio.wait_for(sub.recv_multipart(), 5)
+            seen += decode_batch(payload).events
+        storage = [e for e in seen if getattr(e, "medium", None) == "STORAGE"]
+        assert {e.ownership for e in storage} == {"fs:vol"}
+        assert any(isinstance(e, BlockStored) for e in storage)
+        assert any(not isinstance(e, BlockStored) for e in storage), "evictions are announced"
+    finally:
+        sub.close(linger=0)
+        ctx.term()
+    labels = [e["labels"] for e in fleet.endpoints_document()["endpoints"]]
+    assert all(lbl["llmd.ai/storage-domain"] == "vol" for lbl in labels)

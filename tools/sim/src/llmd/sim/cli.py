@@ -149,6 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="serve /v1/load_lora_adapter (also VLLM_ALLOW_RUNTIME_LORA_UPDATING=true)",
     )
+    s.add_argument(
+        "--storage-domain",
+        help="mount a simulated shared KV volume (llmd-fs-offload); the servers of one domain "
+        "share it",
+    )
+    s.add_argument("--storage-capacity-tokens", type=int, help="tokens of KV it holds (10M)")
+    s.add_argument("--storage-read-gbps", type=float, help="load bandwidth per server (10)")
+    s.add_argument("--storage-latency-ms", type=float, help="latency of a load (1)")
+    s.add_argument(
+        "--storage-kv-bytes-per-token", type=int, help="KV bytes per token (131072, an 8B model)"
+    )
     s.add_argument("--fleet-file", help="write the fleet as an llm-d file-discovery document")
     s.add_argument("--log-level", default="INFO", help="logging level (INFO)")
     f = p.add_argument_group("faults (also at run time: POST /sim/faults)")
@@ -189,8 +200,12 @@ def config_from_args(args: argparse.Namespace) -> SimServerConfig:
     raw = {k: v for k, v in vars(args).items() if not k.startswith("_ignored")}
     overrides: dict[str, Any] = {}
     faults: dict[str, Any] = {}
+    storage: dict[str, Any] = {}
     for key, value in raw.items():
         if key in _NOT_CONFIG:
+            continue
+        if key.startswith("storage_"):
+            storage[key.removeprefix("storage_")] = value
             continue
         if key in _FAULT_FLAGS:
             faults[_FAULT_FLAGS[key]] = value
@@ -209,6 +224,13 @@ def config_from_args(args: argparse.Namespace) -> SimServerConfig:
         overrides["side_channel_port"] = os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"]
     if faults:
         overrides["faults"] = faults
+    if storage:
+        if "domain" not in storage:
+            raise ConfigError(
+                [ConfigIssue("--storage-domain", "required by the other --storage-* options")],
+                "command line",
+            )
+        overrides["storage"] = storage
     return load_config(
         SimServerConfig, raw.get("config"), env_prefix="LLMD_SIM_", overrides=overrides
     )

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from llmd.protocol.hashing import HashAlgo
 from llmd.runtime.config import StrictModel
 from llmd.sim.latency import DEFAULT_PROFILE, PROFILES, LatencyProfile
+from llmd.sim.storage import StorageConfig
 
 
 class KVEventsConfig(StrictModel):
@@ -118,6 +119,8 @@ class SimServerConfig(StrictModel):
     noise: float = Field(default=0.0, ge=0, lt=1)
     seed: int = 0
     faults: FaultConfig = FaultConfig()
+    storage: StorageConfig | None = None
+    """A shared filesystem KV tier (llmd-fs-offload) this engine mounts."""
 
     @field_validator("kv_events_config", "kv_transfer_config", mode="before")
     @classmethod

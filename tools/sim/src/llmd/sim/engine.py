@@ -26,10 +26,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmd.protocol.hashing import ExtraKeys, hash_function, none_hash
+from llmd.protocol.hashing import ExtraKeys, event_hash, hash_function, none_hash
+from llmd.protocol.kv_events import MEDIUM_STORAGE, BlockRemoved, BlockStored
 from llmd.sim.kv_cache import BlockOwner, BlockPool, KVBlock
 from llmd.sim.latency import LatencyModel, StepShape
 from llmd.sim.metrics import EngineMetrics
+from llmd.sim.storage import StorageTier
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +175,7 @@ class Engine:
         *,
         publish: Callable[[list[Any]], None] | None = None,
         seed: int = 0,
+        storage: StorageTier | None = None,
     ) -> None:
         self.settings = settings
         self.latency = latency
@@ -201,6 +204,8 @@ class Engine:
         self._fetch_tasks: set[asyncio.Task[None]] = set()
         self.steps = 0
         self.fatal: str | None = None
+        self.storage = storage
+        self._storage_events: list[Any] = []
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -391,6 +396,20 @@ class Engine:
                 self.metrics.prefix_queries += req.num_tokens
                 self.metrics.prefix_hits += len(hit) * bs
         computed = len(hit) * bs if not req.blocks else req.num_computed
+        if self.storage is not None and req.remote is None and not req.blocks:
+            stored = self.storage.consecutive(
+                req.block_hashes, len(hit), (req.num_tokens - 1) // bs
+            )
+            if stored:
+                if not self.pool.can_allocate(stored, hit):
+                    return False
+                self.pool.touch(hit)
+                req.blocks = [*hit, *self.pool.allocate(stored)]
+                req.num_cached_blocks = len(hit)
+                req.num_computed = computed
+                self._record_first_schedule(req, computed)
+                self._start_storage_load(req, stored)
+                return True
         if req.remote is not None:
             total_blocks = -(-req.num_tokens // bs)
             need = total_blocks - len(hit)
@@ -475,6 +494,11 @@ class Engine:
                 req.lora.lora_id if req.lora else None,
                 req.lora.name if req.lora else None,
             )
+            if self.storage is not None and prompt_part:
+                # vLLM offloads the prompt's full blocks as they are computed
+                first, last = before // bs, min(req.num_computed, req.num_prompt_tokens) // bs
+                if last > first:
+                    self._store(req.block_hashes[first:last])
             if self._is_done(req):
                 finished.append(req)
         for req in finished:
@@ -558,6 +582,9 @@ class Engine:
 
     def _flush_events(self) -> None:
         events = self.pool.take_events()
+        if self._storage_events:
+            events = [*events, *self._storage_events]
+            self._storage_events = []
         if events and self._publish is not None:
             self._publish(events)
 
@@ -567,6 +594,73 @@ class Engine:
         m.running = len(self.running)
         m.waiting = len(self.waiting) + len(self.fetching)
         m.kv_usage = self.pool.usage
+
+    # -- the shared storage tier ------------------------------------------------------------
+
+    def _store(self, hashes: Sequence[bytes]) -> None:
+        assert self.storage is not None
+        stored, evicted = self.storage.store(hashes)
+        own = self.storage.ownership
+        self._storage_events.extend(
+            BlockStored(
+                block_hashes=[event_hash(h)],
+                parent_block_hash=None,
+                token_ids=[],
+                block_size=0,
+                lora_id=None,
+                medium=MEDIUM_STORAGE,
+                lora_name=None,
+                group_idx=0,
+                ownership=own,
+            )
+            for h in stored
+        )
+        if evicted:
+            self._storage_events.append(
+                BlockRemoved(
+                    block_hashes=[event_hash(h) for h in evicted],
+                    medium=MEDIUM_STORAGE,
+                    group_idx=0,
+                    ownership=own,
+                )
+            )
+
+    def _start_storage_load(self, req: SimRequest, blocks: int) -> None:
+        req.status = Status.WAITING_FOR_REMOTE_KVS
+        self.fetching.add(req)
+        task = asyncio.create_task(self._load(req, blocks), name=f"fs-load-{req.request_id}")
+        self._fetch_tasks.add(task)
+        task.add_done_callback(self._fetch_tasks.discard)
+
+    async def _load(self, req: SimRequest, blocks: int) -> None:
+        """Read `blocks` stored blocks after the GPU hit into the request's new blocks."""
+        assert self.storage is not None
+        await self.clock.sleep(self.storage.load_seconds(blocks))
+        if req.status is not Status.WAITING_FOR_REMOTE_KVS:
+            return  # aborted meanwhile
+        self.fetching.discard(req)
+        bs = self.settings.block_size
+        tokens = blocks * bs
+        self.storage.loads += 1
+        self.storage.loaded_blocks += blocks
+        req.num_computed += tokens
+        req.cached_tokens += tokens
+        m = self.metrics
+        m.external_queries += req.num_tokens
+        m.external_hits += tokens
+        m.prompt_by_source["external_kv_transfer"] += tokens
+        m.cached_by_source["disk"] += tokens
+        self.pool.cache_full_blocks(
+            req,
+            req.num_computed // bs,
+            req.all_ids,
+            req.extra_keys,
+            req.lora.lora_id if req.lora else None,
+            req.lora.name if req.lora else None,
+        )
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+        self._work.set()
 
     # -- P/D decode legs --------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import zmq.asyncio
 from llmd.protocol.kv_events import format_topic
 from llmd.sim.config import SimServerConfig
 from llmd.sim.server import SimServer, resolve_model_dir
+from llmd.sim.storage import forget_tiers
 from llmd.sim.tokenizer import SimTokenizer
 
 _PORT = re.compile(r":(\d+)$")
@@ -85,6 +86,7 @@ class SimFleet:
             if not server.crashed:
                 await server.stop()
         self.ctx.term()
+        forget_tiers()  # the next fleet in this process starts with empty volumes
 
     @property
     def alive(self) -> list[SimServer]:
@@ -95,6 +97,8 @@ class SimFleet:
         entries = []
         for s in self.servers:
             labels = {"llm-d.ai/role": role, "llmd.ai/simulated": "true"}
+            if s.cfg.storage is not None:
+                labels["llmd.ai/storage-domain"] = s.cfg.storage.domain
             events = s.cfg.kv_events_config
             if events is not None and events.enable_kv_cache_events:
                 labels["llmd.ai/kv-events-endpoint"] = events.endpoint.replace("*", s.cfg.host)

@@ -38,6 +38,7 @@ from llmd.sim.engine import Engine, EngineError, EngineSettings, LoraAdapter, Si
 from llmd.sim.latency import LatencyModel
 from llmd.sim.metrics import CONTENT_TYPE, EngineMetrics
 from llmd.sim.pd import InvalidTransferParamsError, SimNixlConnector, parse_decode_params
+from llmd.sim.storage import shared_tier
 from llmd.sim.tokenizer import ChatMessageIn, SimTokenizer, TokenizerError, default_tokenizer_dir
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ class SimServer:
             self._vocab,
             publish=self.publisher.publish if self.publisher else None,
             seed=cfg.seed,
+            storage=shared_tier(cfg.storage, cfg.block_size) if cfg.storage else None,
         )
         if role is not None:
             assert transfer is not None
