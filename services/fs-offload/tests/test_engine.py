@@ -261,3 +261,13 @@ def test_o_direct_probe_and_buffered_mode(tmp_path: Path, pages: BytesPages) -> 
         assert pages.block(9) == pages.block(0)
     finally:
         engine.shutdown()
+
+
+def test_a_job_that_cannot_be_submitted_fails_its_blocks(engine: IOEngine) -> None:
+    engine.fail_job(7, is_load=True, block_ids=[3, 4])
+    result = finish(engine, 7)
+    assert not result.ok
+    assert result.failed_block_ids == [3, 4]
+    engine.fail_job(8, is_load=False, block_ids=[])
+    assert finish(engine, 8).failed_block_ids == []
+    assert engine.counters()[("internal_errors_total", "load")] == 1

@@ -227,6 +227,15 @@ class IOEngine:
             queue.extend((job, chunk) for chunk in chunks)
             self._cond.notify(len(chunks))
 
+    def fail_job(self, job_id: int, *, is_load: bool, block_ids: Sequence[int]) -> None:
+        """Finish a job that could not be submitted: a load's blocks all failed (recomputed),
+        a store wrote nothing."""
+        self._count("internal_errors_total", "load" if is_load else "store")
+        with self._cond:
+            job = _Job(job_id, is_load=is_load, remaining=0)
+            job.failed_block_ids = list(block_ids)
+            self._finish(job)
+
     def get_finished(self) -> list[JobResult]:
         with self._cond:
             out, self._finished = self._finished, []

@@ -366,16 +366,24 @@ class FsOffloadingWorker(OffloadingWorker):
         self, job_id: int, src_spec: GPULoadStoreSpec, dst_spec: LoadStoreSpec
     ) -> bool:
         assert isinstance(dst_spec, FsLoadStoreSpec)
-        self.engine.submit_store(
-            job_id, split_chunks(dst_spec.keys, src_spec, self.spec.blocks_per_chunk)
-        )
+        try:
+            chunks = split_chunks(dst_spec.keys, src_spec, self.spec.blocks_per_chunk)
+        except ValueError as exc:  # never crash the engine: this store is a future miss
+            log.error("llmd-fs-offload: store job %d not written: %s", job_id, exc)
+            self.engine.fail_job(job_id, is_load=False, block_ids=[])
+            return True
+        self.engine.submit_store(job_id, chunks)
         return True
 
     def submit_load(self, job_id: int, src_spec: LoadStoreSpec, dst_spec: GPULoadStoreSpec) -> bool:
         assert isinstance(src_spec, FsLoadStoreSpec)
-        self.engine.submit_load(
-            job_id, split_chunks(src_spec.keys, dst_spec, self.spec.blocks_per_chunk)
-        )
+        try:
+            chunks = split_chunks(src_spec.keys, dst_spec, self.spec.blocks_per_chunk)
+        except ValueError as exc:  # never guess which file feeds which block: recompute them
+            log.error("llmd-fs-offload: load job %d refused: %s", job_id, exc)
+            self.engine.fail_job(job_id, is_load=True, block_ids=dst_spec.block_ids.tolist())
+            return True
+        self.engine.submit_load(job_id, chunks)
         return True
 
     def get_finished(self) -> list[TransferResult]:
@@ -383,7 +391,8 @@ class FsOffloadingWorker(OffloadingWorker):
         for r in self.engine.get_finished():
             # A failed load still completes: its blocks go to vLLM as load errors in the same
             # step (LlmdFsConnector.get_block_ids_with_load_errors), and vLLM recomputes them.
-            self._load_errors.update(r.failed_block_ids)
+            if r.is_load:  # a failed store is a future miss; its blocks are fine
+                self._load_errors.update(r.failed_block_ids)
             results.append(TransferResult(r.job_id, True, r.num_bytes, r.seconds))
         return results
 
