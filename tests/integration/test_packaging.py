@@ -27,6 +27,11 @@ NOT_IMPORTED_ALONE = {
     "llmd.vllm_cpu.tiny_model_build",
     # loaded by pytest itself through the pytest11 entry point, only when pytest runs
     "llmd.vllm_cpu.pytest_plugin",
+    # the FS tier's vLLM plugin runs inside vLLM's environment (torch, vllm); the real-vLLM
+    # tier loads it there (tests/vllm/test_fs_offload_e2e.py)
+    "llmd.fs_offload.spec",
+    "llmd.fs_offload.connector",
+    "llmd.fs_offload.torch_pages",
 }
 
 
