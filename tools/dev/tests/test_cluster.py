@@ -63,3 +63,29 @@ async def _scale_up_down_and_to_zero(tmp_path: Path) -> None:
 
 def test_pool_scales_up_down_and_to_zero_with_real_processes(tmp_path: Path) -> None:
     asyncio.run(_scale_up_down_and_to_zero(tmp_path))
+
+
+async def test_closing_during_a_drain_stops_the_draining_replica(tmp_path: Path) -> None:
+    """A replica being drained is out of the pool's list; closing the cluster then (a test that
+    scales to zero and tears down at once) must still stop its process."""
+    lines: list[str] = []
+    cluster = LocalCluster(
+        {"sim": SimLauncher()}, tmp_path / "endpoints.yaml", tmp_path, on_change=lines.append
+    )
+    try:
+        await cluster.scale("sim", 1)
+        await cluster.wait_ready("sim", 60)
+        (url,) = [
+            f"http://{e.host_port}" for e in StaticFileDiscovery(cluster.discovery_file).load()
+        ]
+        await cluster.scale("sim", 0)
+        for _ in range(50):
+            if "sim-0 draining" in lines:
+                break
+            await asyncio.sleep(0.05)
+        assert "sim-0 draining" in lines
+    finally:
+        await cluster.close()  # the drain waits 2 s for discovery readers: it is still running
+    async with httpx.AsyncClient() as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get(url + "/health", timeout=2)

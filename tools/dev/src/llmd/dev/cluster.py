@@ -194,7 +194,16 @@ class LocalCluster:
         self.drain_timeout_s = drain_timeout_s
         self.on_change = on_change or (lambda line: log.info("%s", line))
         self._client = httpx.AsyncClient(timeout=2.0)
+        self._live: dict[int, Replica] = {}
+        """Every launched replica not stopped yet, in a pool's list or not (a draining one is
+        out of it): `close()` stops them all, so no engine process outlives the cluster."""
+        self._launching: set[asyncio.Future[Replica]] = set()
         self._write_discovery()
+
+    def _stop(self, replica: Replica) -> None:
+        """Stop a replica (in a thread) and forget it."""
+        replica.stop()
+        self._live.pop(id(replica), None)
 
     def _pool(self, name: str) -> _Pool:
         return lookup_pool(self._pools, name)
@@ -260,7 +269,19 @@ class LocalCluster:
         serial = p.serial
         name = f"{pool}-{serial}"
         p.serial += 1
-        replica = await asyncio.to_thread(p.launcher.launch, name, self.work)
+        # A launch finishes in its thread even if this task is cancelled (close()): register the
+        # replica when it does, so that close() can still stop it.
+        launching = asyncio.ensure_future(asyncio.to_thread(p.launcher.launch, name, self.work))
+        self._launching.add(launching)
+
+        def launched(f: asyncio.Future[Replica]) -> None:
+            self._launching.discard(f)
+            if not f.cancelled() and f.exception() is None:
+                r = f.result()
+                self._live[id(r)] = r
+
+        launching.add_done_callback(launched)
+        replica = await asyncio.shield(launching)
         replica.serial = serial
         p.replicas.append(replica)
         deadline = time.monotonic() + p.launcher.startup_timeout_s
@@ -273,7 +294,7 @@ class LocalCluster:
         if not replica.ready:
             self.on_change(f"{name} failed to start (log {replica.log_path}); removing it")
             p.replicas.remove(replica)
-            await asyncio.to_thread(replica.stop)
+            await asyncio.to_thread(self._stop, replica)
             return
         self._write_discovery()
         self.on_change(f"{name} ready at {replica.url}")
@@ -294,7 +315,7 @@ class LocalCluster:
             if not (snap.running or 0) and not (snap.waiting or 0):
                 break
             await asyncio.sleep(0.2)
-        await asyncio.to_thread(replica.stop)
+        await asyncio.to_thread(self._stop, replica)
         self.on_change(f"{replica.name} stopped")
 
     def _write_discovery(self) -> None:
@@ -322,7 +343,9 @@ class LocalCluster:
                 p.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await p.task
-            replicas, p.replicas = p.replicas, []
-            await asyncio.gather(*(asyncio.to_thread(r.stop) for r in replicas))
+            p.replicas = []
+        # launches still in their threads, then every replica not stopped (draining ones too)
+        await asyncio.gather(*self._launching, return_exceptions=True)
+        await asyncio.gather(*(asyncio.to_thread(self._stop, r) for r in list(self._live.values())))
         self._write_discovery()
         await self._client.aclose()
