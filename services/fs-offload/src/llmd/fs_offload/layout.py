@@ -19,6 +19,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,10 @@ def event_hash(block_hash: bytes) -> int:
 
 @dataclass(frozen=True)
 class StorageLayout:
-    """The namespace of one model configuration under a shared root, for one rank."""
+    """The namespace of one model configuration under a shared root, for one rank.
+
+    Its digest, directories and fingerprint are computed once (every lookup, load and store
+    names a path)."""
 
     root: Path
     fields: Mapping[str, Any]
@@ -51,21 +55,21 @@ class StorageLayout:
     block_bytes: tuple[int, ...]
     """Bytes of one block of each KV-cache group, as this rank lays them out in a file."""
 
-    @property
+    @cached_property
     def digest(self) -> str:
         canonical = json.dumps(dict(self.fields), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:_BASE_HASH_LEN]
 
-    @property
+    @cached_property
     def base(self) -> Path:
         model = str(self.fields["model_name"]).replace("/", "_")
         return self.root / f"{model}_{self.digest}"
 
-    @property
+    @cached_property
     def rank_dir(self) -> Path:
         return Path(f"{self.base}_r{self.rank}")
 
-    @property
+    @cached_property
     def fingerprint(self) -> bytes:
         doc = {"fields": dict(self.fields), "rank": self.rank, "block_bytes": self.block_bytes}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).digest()
