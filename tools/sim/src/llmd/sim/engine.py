@@ -486,14 +486,7 @@ class Engine:
                 m.prompt_by_source["local_compute"] += prompt_part
             if req.num_computed >= req.num_tokens:
                 self._sample(req, now)
-            self.pool.cache_full_blocks(
-                req,
-                req.num_computed // bs,
-                req.all_ids,
-                req.extra_keys,
-                req.lora.lora_id if req.lora else None,
-                req.lora.name if req.lora else None,
-            )
+            self._cache_computed(req)
             if self.storage is not None and prompt_part:
                 # vLLM offloads the prompt's full blocks as they are computed
                 first, last = before // bs, min(req.num_computed, req.num_prompt_tokens) // bs
@@ -595,6 +588,17 @@ class Engine:
         m.waiting = len(self.waiting) + len(self.fetching)
         m.kv_usage = self.pool.usage
 
+    def _cache_computed(self, req: SimRequest) -> None:
+        """Cache the request's computed full blocks (one BlockStored for the new ones)."""
+        self.pool.cache_full_blocks(
+            req,
+            req.num_computed // self.settings.block_size,
+            req.all_ids,
+            req.extra_keys,
+            req.lora.lora_id if req.lora else None,
+            req.lora.name if req.lora else None,
+        )
+
     # -- the shared storage tier ------------------------------------------------------------
 
     def _store(self, hashes: Sequence[bytes]) -> None:
@@ -650,14 +654,7 @@ class Engine:
         m.external_hits += tokens
         m.prompt_by_source["external_kv_transfer"] += tokens
         m.cached_by_source["disk"] += tokens
-        self.pool.cache_full_blocks(
-            req,
-            req.num_computed // bs,
-            req.all_ids,
-            req.extra_keys,
-            req.lora.lora_id if req.lora else None,
-            req.lora.name if req.lora else None,
-        )
+        self._cache_computed(req)
         req.status = Status.WAITING
         self.waiting.appendleft(req)
         self._work.set()
@@ -697,14 +694,7 @@ class Engine:
             m.cached_by_source["p2p"] += tokens
             reported = remote.remote_prefill_cached_tokens
             req.cached_tokens = reported if reported is not None else req.num_computed
-            self.pool.cache_full_blocks(
-                req,
-                req.num_computed // self.settings.block_size,
-                req.all_ids,
-                req.extra_keys,
-                req.lora.lora_id if req.lora else None,
-                req.lora.name if req.lora else None,
-            )
+            self._cache_computed(req)
         else:
             m.nixl_failed_transfers += 1
             log.warning("KV load for %s failed: %s", req.request_id, failure)
