@@ -85,6 +85,7 @@ def run_tier(
     threads: int,
     direct: bool,
     checksum: str,
+    poll_s: float = 0.002,
 ) -> dict[str, Any]:
     shutil.rmtree(directory / "tier", ignore_errors=True)
     pages = TorchPages([[(t, page) for t in tensors]], blocks_per_file)
@@ -122,7 +123,7 @@ def run_tier(
         done: list[Any] = []
         while len(done) < jobs:
             done += engine.get_finished()
-            time.sleep(0.0005)
+            time.sleep(poll_s)
         elapsed = time.perf_counter() - t
         assert all(r.ok for r in done), [r for r in done if not r.ok]
         return elapsed
@@ -184,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="auto: where the filesystem takes it",
     )
+    p.add_argument(
+        "--poll-ms",
+        type=float,
+        default=2.0,
+        help="how often finished jobs are collected (vLLM does it once per engine step)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
@@ -216,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         for n, checksum in [(n, c) for c in args.checksum.split(",") for n in threads]:
             # dd right before each pass: the disk's speed drifts, so compare neighbours.
             raw = raw_disk(d, file_bytes, files, direct)
-            r = run_tier(d, tensors, page, blocks_per_file, files, n, direct, checksum)
+            r = run_tier(
+                d, tensors, page, blocks_per_file, files, n, direct, checksum, args.poll_ms / 1000
+            )
             r["raw_dd"] = raw
             r["store_vs_raw"] = round(r["store_gbps"] / raw["write_gbps"], 3)
             r["load_vs_raw"] = round(r["load_gbps"] / raw["read_gbps"], 3)

@@ -271,3 +271,15 @@ def test_a_job_that_cannot_be_submitted_fails_its_blocks(engine: IOEngine) -> No
     engine.fail_job(8, is_load=False, block_ids=[])
     assert finish(engine, 8).failed_block_ids == []
     assert engine.counters()[("internal_errors_total", "load")] == 1
+
+
+def test_a_load_moves_the_lru_clock_of_a_file_not_touched_lately(engine: IOEngine) -> None:
+    engine.submit_store(1, [Chunk(key(4), 0, [0], 0), Chunk(key(5), 0, [1], 0)])
+    finish(engine, 1)
+    old, fresh = engine.layout.path(key(4)), engine.layout.path(key(5))
+    os.utime(old, (1_000_000, 1_000_000))
+    fresh_mtime = os.stat(fresh).st_mtime_ns
+    engine.submit_load(2, [Chunk(key(4), 0, [8], 0), Chunk(key(5), 0, [9], 0)])
+    assert finish(engine, 2).ok
+    assert os.stat(old).st_mtime > time.time() - 60, "an old file is touched by its load"
+    assert os.stat(fresh).st_mtime_ns == fresh_mtime, "a file written just now is left alone"

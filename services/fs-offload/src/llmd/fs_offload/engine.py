@@ -53,6 +53,8 @@ from llmd.fs_offload.settings import FsOffloadSettings
 log = logging.getLogger("llmd.fs_offload")
 
 EMA_ALPHA = 0.05
+TOUCH_INTERVAL_S = 30.0
+"""The evictor's LRU clock resolution: a load touches a file written or touched longer ago."""
 MAX_DIR_CACHE = 65_536
 
 
@@ -456,7 +458,8 @@ class IOEngine:
         try:
             # A shared lock for the read: the evictor removes a file only under the exclusive one.
             fcntl.flock(fd, fcntl.LOCK_SH)
-            size = os.fstat(fd).st_size
+            stat = os.fstat(fd)
+            size = stat.st_size
             if size > self.staging_bytes:
                 raise CorruptFileError(
                     "oversize", f"{size} bytes, at most {self.staging_bytes} expected"
@@ -478,8 +481,11 @@ class IOEngine:
                 need_count=len(chunk.block_ids),
                 verify=self.settings.checksum != "none",
             )
-            with contextlib.suppress(OSError):
-                os.utime(fd)  # the evictor's LRU clock; atime is unreliable under relatime
+            if time.time() - stat.st_mtime > TOUCH_INTERVAL_S:
+                # The evictor's LRU clock (atime is unreliable under relatime). A file touched
+                # or written within the interval is left alone: one syscall less on hot files.
+                with contextlib.suppress(OSError):
+                    os.utime(fd)
         except CorruptFileError as exc:
             return self._load_failed(path, exc.reason, exc.detail, remove=True)
         except OSError as exc:

@@ -100,24 +100,39 @@ class TorchPages:
         if state is None:
             torch.cuda.set_device(self.device)
             stream = torch.cuda.Stream(self.device)
+            # The current stream is per thread: this I/O thread's copies all go to its own
+            # stream, with no context manager on each call.
+            torch.cuda.set_stream(stream)
             size = self.max_chunk_blocks * max(self.sizes)
             buf = torch.empty(size, dtype=torch.int8, device=self.device)
             state = self._local.state = (stream, buf)
         return state
 
-    def _gather_into(self, group: int, block_ids: Sequence[int], rows_of: torch.Tensor) -> None:
-        """Copy the blocks into `rows_of` (n, block bytes): one copy per run of consecutive
-        block ids and tensor, no temporaries."""
+    def _pairs(
+        self, group: int, block_ids: Sequence[int], rows_of: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The KV pages of the blocks and their rows in `rows_of` (n, block bytes), as views:
+        one pair per run of consecutive block ids and tensor."""
+        pages: list[torch.Tensor] = []
+        rows: list[torch.Tensor] = []
+        parts = self.parts[group]
         for pos, first, count in runs(block_ids):
-            rows = rows_of[pos : pos + count]
-            for tensor, page, off in self.parts[group]:
-                rows[:, off : off + page].copy_(tensor[first : first + count, :page])
+            run_rows = rows_of.narrow(0, pos, count)
+            for tensor, page, off in parts:
+                span = tensor.narrow(0, first, count)
+                pages.append(span if span.shape[1] == page else span.narrow(1, 0, page))
+                rows.append(run_rows.narrow(1, off, page))
+        return pages, rows
+
+    def _gather_into(self, group: int, block_ids: Sequence[int], rows_of: torch.Tensor) -> None:
+        """Copy the blocks into `rows_of`: one call for all the copies (on CUDA the launches
+        are made in C++, not one Python call per layer), no temporaries."""
+        pages, rows = self._pairs(group, block_ids, rows_of)
+        torch._foreach_copy_(rows, pages)
 
     def _scatter_from(self, group: int, block_ids: Sequence[int], rows_of: torch.Tensor) -> None:
-        for pos, first, count in runs(block_ids):
-            rows = rows_of[pos : pos + count]
-            for tensor, page, off in self.parts[group]:
-                tensor[first : first + count, :page].copy_(rows[:, off : off + page])
+        pages, rows = self._pairs(group, block_ids, rows_of)
+        torch._foreach_copy_(pages, rows)
 
     def gather(self, group: int, block_ids: Sequence[int], out: memoryview, token: object) -> None:
         n, bb = len(block_ids), self.sizes[group]
@@ -126,12 +141,11 @@ class TorchPages:
             self._gather_into(group, block_ids, host)
             return
         stream, dev = self._thread_state()
-        with torch.cuda.stream(stream):
-            if token is not None:
-                stream.wait_event(token)
-            staged = dev[: n * bb].view(n, bb)
-            self._gather_into(group, block_ids, staged)
-            host.copy_(staged, non_blocking=True)
+        if token is not None:
+            stream.wait_event(token)
+        staged = dev[: n * bb].view(n, bb)
+        self._gather_into(group, block_ids, staged)
+        host.copy_(staged, non_blocking=True)
         stream.synchronize()
 
     def scatter(self, group: int, block_ids: Sequence[int], src: memoryview) -> None:
@@ -141,8 +155,7 @@ class TorchPages:
             self._scatter_from(group, block_ids, host)
             return
         stream, dev = self._thread_state()
-        with torch.cuda.stream(stream):
-            staged = dev[: n * bb].view(n, bb)
-            staged.copy_(host, non_blocking=True)
-            self._scatter_from(group, block_ids, staged)
+        staged = dev[: n * bb].view(n, bb)
+        staged.copy_(host, non_blocking=True)
+        self._scatter_from(group, block_ids, staged)
         stream.synchronize()
