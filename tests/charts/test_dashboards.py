@@ -27,6 +27,7 @@ from llmd.indexer.app import IndexerConfig
 from llmd.indexer.app import build as build_indexer
 from llmd.scheduler.app import SchedulerConfig
 from llmd.scheduler.app import build as build_scheduler
+from llmd.sim.tokenizer import default_tokenizer_dir
 
 DASHBOARDS = sorted((charts_dir() / "llmd" / "dashboards").glob("*.json"))
 OURS = re.compile(r"\b((?:llm_d_|llmd_|kvcache_|wva_)[a-zA-Z0-9_]+)\b")
@@ -38,6 +39,16 @@ SUFFIXES = {
     "summary": ("_sum", "_count", ""),
     "info": ("_info",),
 }
+
+
+PRECISE_CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: precise-prefix-cache-producer
+  parameters: {{tokenizer: {{modelDir: "{tokenizer}"}}}}
+- type: prefix-cache-scorer
+"""
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +69,12 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, frozenset[st
     )
     apps: list[Any] = [
         build_scheduler(SchedulerConfig(endpoints_file=str(d / "endpoints.yaml"))),
+        build_scheduler(  # the precise producer's families (the storage tier's weight)
+            SchedulerConfig(
+                endpoints_file=str(d / "endpoints.yaml"),
+                config_text=PRECISE_CONFIG.format(tokenizer=default_tokenizer_dir()),
+            )
+        ),
         build_indexer(
             IndexerConfig(endpoints_file=str(d / "endpoints.yaml"), render_url="http://127.0.0.1:9")
         ),

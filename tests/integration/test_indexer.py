@@ -152,6 +152,11 @@ def test_bad_requests_get_clear_errors(setup: Setup) -> None:
     r = score(setup, {"prompt": "no model"})
     assert r.status_code == 400
     assert "'model' is required" in r.json()["error"]
+    r = score(setup, {"keys": [1, 2], "tier_weights": {"storage": -1}})
+    assert r.status_code == 400
+    assert "'tier_weights'" in r.json()["error"]
+    r = score(setup, {"keys": [1, 2], "tier_weights": {"storage": 0.5}})
+    assert r.status_code == 200, r.text
     with grpc.insecure_channel(setup.indexer.grpc_target) as channel:
         call = channel.unary_unary(
             proto.METHOD,

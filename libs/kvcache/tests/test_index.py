@@ -236,6 +236,10 @@ async def test_a_shared_volume_credits_every_pod_of_its_storage_domain() -> None
     assert set(hits) == {"pod-a", "pod-b"}, "pod-c mounts another volume"
     assert hits["pod-b"].blocks == 3
     assert hits["pod-b"].tiers == {"storage": 3}
+    # a scheduler's measured storage weight overrides the configured one for its call only
+    weighed = await ix.score(r, ["pod-b"], domains, {"storage": 0.5})
+    assert weighed["pod-b"].score == pytest.approx(1.5)
+    assert ix.score_sync(r, ["pod-b"], domains)["pod-b"].score == pytest.approx(3.0)
     assert ix.score_sync(r, ["pod-b"]) == {}, "without its domain a pod has no claim on the volume"
     # the evictor publishes on its own topic; the domain in the ownership finds the entries
     removed = BlockRemoved(block_hashes=[103], medium="STORAGE", ownership="fs:vol")

@@ -43,6 +43,29 @@ def test_snapshot_from_a_real_vllm_page() -> None:
     assert snap.num_gpu_blocks == 16384
     assert snap.cache_config["prefix_caching_hash_algo"] == "sha256"
     assert snap.lora is None
+    # the counters the storage tier's weight is measured from
+    assert snap.computed_tokens == 148.0
+    assert snap.external_tokens == 0.0
+    assert snap.prefill_seconds == pytest.approx(0.017128953)
+    assert snap.kv_load_seconds is None, "no offloading connector on this server"
+    gauges_only = parse_engine_snapshot(REAL_PAGE, counters=False)
+    assert gauges_only.prefix_cache_hits == 96.0
+    assert (gauges_only.computed_tokens, gauges_only.prefill_seconds) == (None, None)
+
+
+def test_offload_load_time_is_summed_over_engines_and_refused_when_negative() -> None:
+    page = "\n".join(
+        [
+            'vllm:kv_offload_load_time_total{engine="0",model_name="m"} 1.5',
+            'vllm:kv_offload_load_time_total{engine="1",model_name="m"} 0.5',
+            'vllm:prompt_tokens_by_source_total{engine="0",source="external_kv_transfer"} 64',
+            'vllm:prompt_tokens_by_source_total{engine="1",source="external_kv_transfer"} 32',
+        ]
+    )
+    snap = parse_engine_snapshot(page)
+    assert (snap.kv_load_seconds, snap.external_tokens) == (2.0, 96.0)
+    with pytest.raises(DecodeError, match="not a count"):
+        parse_engine_snapshot('vllm:kv_offload_load_time_total{engine="0"} -1')
 
 
 def test_data_parallel_engines_are_summed_and_lora_takes_the_newest_series() -> None:

@@ -393,13 +393,25 @@ async def test_a_shared_storage_tier_serves_one_servers_prompt_to_another(
             in text
             or f'source="disk"}} {float(full)}' in text
         )
+        load_bytes = [
+            ln for ln in text.splitlines() if ln.startswith("vllm:kv_offload_load_bytes_total{")
+        ]
+        assert load_bytes
+        assert float(load_bytes[0].split()[-1]) == full * 131_072
+        assert "vllm:kv_offload_load_time_total{" in text
+        assert "llmd_fs_offload_stores_dropped_total{" in text
         # B stores the prompt of its own next request; the 96-token volume evicts the oldest
         other = await post(b, "/v1/completions", {"prompt": "other " + LONG, "max_tokens": 1})
         assert other.status_code == 200
         seen: list[Any] = []
-        while not any(
-            getattr(e, "medium", None) == "STORAGE" and not isinstance(e, BlockStored) for e in seen
-        ):
+
+        def storage_kinds() -> set[bool]:
+            return {
+                isinstance(e, BlockStored) for e in seen if getattr(e, "medium", None) == "STORAGE"
+            }
+
+        # a BlockStored goes out when its write has finished, so it may follow the removals
+        while storage_kinds() != {True, False}:
             _, _, payload = await asyncio.wait_for(sub.recv_multipart(), 5)
             seen += decode_batch(payload).events
         storage = [e for e in seen if getattr(e, "medium", None) == "STORAGE"]

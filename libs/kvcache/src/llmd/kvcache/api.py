@@ -33,6 +33,9 @@ class ScoreRequest(msgspec.Struct, omit_defaults=True):
     cache_salt: str | None = None
     domains: dict[str, str] | None = None
     """Pod -> storage domain: a pod is credited with the hits of its domain's shared volume."""
+    tier_weights: dict[str, float] | None = None
+    """Tier -> weight for this request, over the indexer's configured ones (a scheduler sends
+    the storage weight it measures)."""
 
 
 class PodHit(msgspec.Struct):

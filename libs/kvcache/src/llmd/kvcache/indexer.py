@@ -142,10 +142,13 @@ class KVCacheIndexer:
         keys: Sequence[int],
         pods: Collection[str] | None,
         domains: Mapping[str, str] | None = None,
+        weights: Mapping[str, float] | None = None,
     ) -> dict[str, PrefixHit]:
+        """As `score_sync`; `weights` override the configured tier weights for this call."""
         await self._expire_async()
         t = time.perf_counter()
-        hits = await self.index.longest_prefix(keys, domain_query_pods(pods, domains), self.weights)
+        w = self.weights if not weights else {**self.weights, **weights}
+        hits = await self.index.longest_prefix(keys, domain_query_pods(pods, domains), w)
         hits = apply_storage_domains(hits, domains or {})
         self._looked_up(time.perf_counter() - t, hits)
         return self._trusted(hits)

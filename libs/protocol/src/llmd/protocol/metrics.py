@@ -26,6 +26,11 @@ EXTERNAL_PREFIX_CACHE_QUERIES: Final = "vllm:external_prefix_cache_queries_total
 EXTERNAL_PREFIX_CACHE_HITS: Final = "vllm:external_prefix_cache_hits_total"
 NUM_PREEMPTIONS: Final = "vllm:num_preemptions_total"
 PROMPT_TOKENS: Final = "vllm:prompt_tokens_total"
+PROMPT_TOKENS_BY_SOURCE: Final = "vllm:prompt_tokens_by_source_total"
+"""Label `source`: local_compute, local_cache_hit, external_kv_transfer."""
+KV_OFFLOAD_LOAD_BYTES: Final = "vllm:kv_offload_load_bytes_total"
+KV_OFFLOAD_LOAD_TIME: Final = "vllm:kv_offload_load_time_total"
+"""Seconds of offload loads (each load from submission to completion), summed."""
 GENERATION_TOKENS: Final = "vllm:generation_tokens_total"
 REQUEST_SUCCESS: Final = "vllm:request_success_total"
 CACHE_CONFIG_INFO: Final = "vllm:cache_config_info"
@@ -36,6 +41,7 @@ TIME_PER_OUTPUT_TOKEN: Final = "vllm:request_time_per_output_token_seconds"
 E2E_REQUEST_LATENCY: Final = "vllm:e2e_request_latency_seconds"
 REQUEST_QUEUE_TIME: Final = "vllm:request_queue_time_seconds"
 REQUEST_PREFILL_TIME: Final = "vllm:request_prefill_time_seconds"
+REQUEST_PREFILL_TIME_SUM: Final = REQUEST_PREFILL_TIME + "_sum"
 REQUEST_DECODE_TIME: Final = "vllm:request_decode_time_seconds"
 REQUEST_INFERENCE_TIME: Final = "vllm:request_inference_time_seconds"
 REQUEST_PROMPT_TOKENS: Final = "vllm:request_prompt_tokens"
@@ -66,7 +72,12 @@ SNAPSHOT_METRICS: Final = frozenset(
         LORA_REQUESTS_INFO,
     }
 )
-"""The metrics an EngineSnapshot is built from."""
+"""The metrics an EngineSnapshot's gauges are built from (read on every scrape)."""
+SNAPSHOT_COUNTERS: Final = frozenset(
+    {PROMPT_TOKENS_BY_SOURCE, KV_OFFLOAD_LOAD_TIME, REQUEST_PREFILL_TIME_SUM}
+)
+"""The slow-moving counters it can also carry (a scheduler reads them about once a second)."""
+_WITH_COUNTERS: Final = SNAPSHOT_METRICS | SNAPSHOT_COUNTERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +227,14 @@ class EngineSnapshot:
     num_gpu_blocks: int | None = None
     lora: LoraInfo | None = None
     cache_config: dict[str, str] = field(default_factory=dict)
+    prefill_seconds: float | None = None
+    """Counter: seconds requests spent in prefill (`request_prefill_time_seconds_sum`)."""
+    computed_tokens: float | None = None
+    """Counter: prompt tokens the engine computed (`prompt_tokens_by_source{local_compute}`)."""
+    external_tokens: float | None = None
+    """Counter: prompt tokens loaded by a KV connector (`{source="external_kv_transfer"}`)."""
+    kv_load_seconds: float | None = None
+    """Counter: seconds of KV offload loads (`kv_offload_load_time`)."""
 
     @property
     def prefix_cache_hit_rate(self) -> float | None:
@@ -249,12 +268,16 @@ _BOUNDED = frozenset(
         KV_CACHE_USAGE_PERC,
         PREFIX_CACHE_HITS,
         PREFIX_CACHE_QUERIES,
+        PROMPT_TOKENS_BY_SOURCE,
+        KV_OFFLOAD_LOAD_TIME,
+        REQUEST_PREFILL_TIME_SUM,
     }
 )
 
 
-def parse_engine_snapshot(text: str) -> EngineSnapshot:
+def parse_engine_snapshot(text: str, *, counters: bool = True) -> EngineSnapshot:
     """Build an EngineSnapshot from a vLLM /metrics page; DecodeError on malformed input.
+    Without `counters` the SNAPSHOT_COUNTERS are not looked for (their fields stay None).
 
     A non-finite or negative count, or a KV usage outside [0, 1], is malformed: it could only
     come from a broken or hostile server, and no scorer can use it."""
@@ -265,7 +288,11 @@ def parse_engine_snapshot(text: str) -> EngineSnapshot:
     queries: float | None = None
     cache_config: dict[str, str] = {}
     lora_best: tuple[float, dict[str, str]] | None = None
-    for s in parse_samples(text, SNAPSHOT_METRICS):
+    prefill_s: float | None = None
+    computed: float | None = None
+    external: float | None = None
+    load_s: float | None = None
+    for s in parse_samples(text, _WITH_COUNTERS if counters else SNAPSHOT_METRICS):
         name, value = s.name, s.value
         if math.isnan(value):
             continue
@@ -287,6 +314,16 @@ def parse_engine_snapshot(text: str) -> EngineSnapshot:
             cache_config = s.labels
         elif name == LORA_REQUESTS_INFO and (lora_best is None or value > lora_best[0]):
             lora_best = (value, s.labels)
+        elif name == PROMPT_TOKENS_BY_SOURCE:
+            source = s.labels.get("source")
+            if source == "local_compute":
+                computed = _add(computed, value)
+            elif source == "external_kv_transfer":
+                external = _add(external, value)
+        elif name == KV_OFFLOAD_LOAD_TIME:
+            load_s = _add(load_s, value)
+        elif name == REQUEST_PREFILL_TIME_SUM:
+            prefill_s = _add(prefill_s, value)
     lora = None
     if lora_best is not None:
         labels = lora_best[1]
@@ -305,6 +342,10 @@ def parse_engine_snapshot(text: str) -> EngineSnapshot:
         num_gpu_blocks=_int_label(cache_config, "num_gpu_blocks"),
         lora=lora,
         cache_config=cache_config,
+        prefill_seconds=prefill_s,
+        computed_tokens=computed,
+        external_tokens=external,
+        kv_load_seconds=load_s,
     )
 
 
@@ -431,10 +472,13 @@ ENGINES: Final = {d.name: d for d in (VLLM, SGLANG, TRTLLM_SERVE, TRITON_TENSORR
 """The engine kinds llm-d's `defaultEngine` and `llm-d.ai/engine-type` label name."""
 
 
-def parse_dialect_snapshot(text: str, dialect: EngineDialect) -> EngineSnapshot:
-    """An EngineSnapshot from a /metrics page in `dialect`'s names (DecodeError as for vLLM)."""
+def parse_dialect_snapshot(
+    text: str, dialect: EngineDialect, *, counters: bool = True
+) -> EngineSnapshot:
+    """An EngineSnapshot from a /metrics page in `dialect`'s names (DecodeError as for vLLM).
+    The SNAPSHOT_COUNTERS are vLLM's: other dialects never carry them."""
     if dialect is VLLM:
-        return parse_engine_snapshot(text)
+        return parse_engine_snapshot(text, counters=counters)
     by_name: dict[str, list[tuple[str, MetricSpec]]] = {}
     for field_name, spec in dialect.specs():
         by_name.setdefault(spec.name, []).append((field_name, spec))

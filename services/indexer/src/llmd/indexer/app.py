@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from typing import Any, Literal
 
 import grpc
@@ -61,6 +62,16 @@ from llmd.runtime.service import ServiceConfig
 from llmd.runtime.tls import TLSServing
 
 log = logging.getLogger(__name__)
+
+MAX_TIER_WEIGHTS = 8
+MAX_TIER_WEIGHT = 10.0
+"""Bounds of a score request's `tier_weights` (llm-d's tier weights are at most 1.0)."""
+
+
+def _valid_weights(weights: dict[str, float]) -> bool:
+    return len(weights) <= MAX_TIER_WEIGHTS and all(
+        math.isfinite(w) and 0.0 <= w <= MAX_TIER_WEIGHT for w in weights.values()
+    )
 
 
 class IndexerConfig(ServiceConfig, TLSServing):
@@ -251,7 +262,13 @@ class IndexerApp:
                 tokens = await self.stack.keys.tokens(doc.model, doc.prompt, doc.messages)
             keys = self.stack.keys.keys(tokens, doc.model, doc.cache_salt)
         pods = doc.pods if doc.pods else None
-        hits = await self.indexer.score(keys, pods, doc.domains)
+        weights = doc.tier_weights
+        if weights is not None and not _valid_weights(weights):
+            raise BadRequestError(
+                f"'tier_weights': at most {MAX_TIER_WEIGHTS} tiers, each weight a finite "
+                f"number in [0, {MAX_TIER_WEIGHT}]"
+            )
+        hits = await self.indexer.score(keys, pods, doc.domains, weights)
         return hits, len(keys)
 
     # --- discovery -> subscriptions ----------------------------------------------------------

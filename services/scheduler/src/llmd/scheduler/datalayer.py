@@ -32,6 +32,10 @@ from llmd.scheduler.framework import EndpointState
 
 log = logging.getLogger(__name__)
 
+COUNTERS_INTERVAL_S = 1.0
+"""How often each endpoint's page is also read for its counters (EngineSnapshot's
+prefill/token/offload counters: the storage tier's measured weight)."""
+
 
 class Datastore:
     """The endpoint pool and its collectors."""
@@ -124,8 +128,15 @@ class Datastore:
 
     def _parse(self, key: str, text: str) -> EngineSnapshot:
         state = self.endpoints.get(key)
-        labels = state.endpoint.labels if state is not None else {}
-        return parse_dialect_snapshot(text, self.datalayer.dialect_for(labels))
+        if state is None:
+            return parse_dialect_snapshot(text, self.datalayer.dialect_for({}), counters=False)
+        # the slow counters (the storage tier's cost) once a second, not on every scrape
+        now = self.clock()
+        counters = now - state.counters_at >= COUNTERS_INTERVAL_S
+        if counters:
+            state.counters_at = now
+        dialect = self.datalayer.dialect_for(state.endpoint.labels)
+        return parse_dialect_snapshot(text, dialect, counters=counters)
 
     def _over_fresh(
         self,

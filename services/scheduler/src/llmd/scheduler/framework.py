@@ -16,6 +16,7 @@ construction; they never reach for globals.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +58,8 @@ class EndpointState:
     __slots__ = (
         "_pick_seq",
         "consecutive_failures",
+        "counters",
+        "counters_at",
         "endpoint",
         "failed_until",
         "failure_streak",
@@ -76,6 +79,10 @@ class EndpointState:
         self.key = endpoint.host_port
         self.metrics: EngineSnapshot | None = None
         self.metrics_at = 0.0  # monotonic time of the last good scrape (0 = never)
+        self.counters: EngineSnapshot | None = None
+        """The last snapshot that carried the engine's counters (read about once a second)."""
+        self.counters_at = -math.inf
+        """When the counters were last asked for."""
         self.last_error: str | None = None
         self.consecutive_failures = 0
         self.inflight_requests = 0
@@ -158,6 +165,12 @@ class EndpointState:
         """A scrape that started at `started_at` sees every request picked before it."""
         self.metrics = snapshot
         self.metrics_at = now
+        if (
+            snapshot.prefill_seconds is not None
+            or snapshot.computed_tokens is not None
+            or snapshot.kv_load_seconds is not None
+        ):
+            self.counters = snapshot
         self.last_error = None
         self.consecutive_failures = 0
         covered = []

@@ -156,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--storage-capacity-tokens", type=int, help="tokens of KV it holds (10M)")
     s.add_argument("--storage-read-gbps", type=float, help="load bandwidth per server (10)")
+    s.add_argument("--storage-write-gbps", type=float, help="store bandwidth per server (10)")
+    s.add_argument(
+        "--storage-volume-read-gbps", type=float, help="read bandwidth the servers share (none)"
+    )
+    s.add_argument(
+        "--storage-volume-write-gbps", type=float, help="write bandwidth the servers share (none)"
+    )
+    s.add_argument(
+        "--storage-max-write-queued-s",
+        type=float,
+        help="drop a store that would queue longer (30; 0: never)",
+    )
     s.add_argument("--storage-latency-ms", type=float, help="latency of a load (1)")
     s.add_argument(
         "--storage-kv-bytes-per-token", type=int, help="KV bytes per token (131072, an 8B model)"

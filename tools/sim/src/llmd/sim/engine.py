@@ -48,9 +48,17 @@ class SimClock:
     def now(self) -> float:
         return (asyncio.get_running_loop().time() - self._loop_t0) * self.speed
 
+    def shared_now(self) -> float:
+        """Simulated seconds on a time base every clock of the same speed shares (the event
+        loop's epoch, not this clock's start): for state several engines share."""
+        return asyncio.get_running_loop().time() * self.speed
+
     async def sleep_until(self, t: float) -> None:
         delay = (t - self.now()) / self.speed
         await asyncio.sleep(max(delay, 0.0))
+
+    async def sleep_until_shared(self, t: float) -> None:
+        await asyncio.sleep(max((t - self.shared_now()) / self.speed, 0.0))
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(seconds, 0.0) / self.speed)
@@ -206,6 +214,8 @@ class Engine:
         self.fatal: str | None = None
         self.storage = storage
         self._storage_events: list[Any] = []
+        self._read_link_free_at = 0.0
+        self._write_link_free_at = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -398,7 +408,7 @@ class Engine:
         computed = len(hit) * bs if not req.blocks else req.num_computed
         if self.storage is not None and req.remote is None and not req.blocks:
             stored = self.storage.consecutive(
-                req.block_hashes, len(hit), (req.num_tokens - 1) // bs
+                req.block_hashes, len(hit), (req.num_tokens - 1) // bs, self.clock.shared_now()
             )
             if stored:
                 if not self.pool.can_allocate(stored, hit):
@@ -603,9 +613,38 @@ class Engine:
 
     def _store(self, hashes: Sequence[bytes]) -> None:
         assert self.storage is not None
-        stored, evicted = self.storage.store(hashes)
+        now = self.clock.shared_now()
+        stored, evicted, done, dropped = self.storage.store(hashes, now, self._write_link_free_at)
         own = self.storage.ownership
-        self._storage_events.extend(
+        if stored:
+            self._write_link_free_at = done
+            m = self.metrics
+            m.offload_store_bytes += self.storage.bytes_of(len(stored))
+            m.offload_store_seconds += done - now
+            if done <= now:
+                self._storage_events.extend(self._stored_events(stored))
+            else:
+                task = asyncio.create_task(
+                    self._announce_when_written(stored, done), name="fs-store"
+                )
+                self._fetch_tasks.add(task)
+                task.add_done_callback(self._fetch_tasks.discard)
+        elif dropped:
+            self.metrics.offload_stores_dropped += 1
+        if evicted:
+            self._storage_events.append(
+                BlockRemoved(
+                    block_hashes=[event_hash(h) for h in evicted],
+                    medium=MEDIUM_STORAGE,
+                    group_idx=0,
+                    ownership=own,
+                )
+            )
+
+    def _stored_events(self, hashes: Sequence[bytes]) -> list[Any]:
+        assert self.storage is not None
+        own = self.storage.ownership
+        return [
             BlockStored(
                 block_hashes=[event_hash(h)],
                 parent_block_hash=None,
@@ -617,17 +656,17 @@ class Engine:
                 group_idx=0,
                 ownership=own,
             )
-            for h in stored
-        )
-        if evicted:
-            self._storage_events.append(
-                BlockRemoved(
-                    block_hashes=[event_hash(h) for h in evicted],
-                    medium=MEDIUM_STORAGE,
-                    group_idx=0,
-                    ownership=own,
-                )
-            )
+            for h in hashes
+        ]
+
+    async def _announce_when_written(self, hashes: list[bytes], done: float) -> None:
+        """`BlockStored` once the file exists, as the real tier does (not for blocks evicted
+        while they were being written)."""
+        await self.clock.sleep_until_shared(done)
+        assert self.storage is not None
+        present = [h for h in hashes if self.storage.written(h, done)]
+        if present and self._publish is not None:
+            self._publish(self._stored_events(present))
 
     def _start_storage_load(self, req: SimRequest, blocks: int) -> None:
         req.status = Status.WAITING_FOR_REMOTE_KVS
@@ -639,7 +678,11 @@ class Engine:
     async def _load(self, req: SimRequest, blocks: int) -> None:
         """Read `blocks` stored blocks after the GPU hit into the request's new blocks."""
         assert self.storage is not None
-        await self.clock.sleep(self.storage.load_seconds(blocks))
+        now = self.clock.shared_now()
+        done, self._read_link_free_at = self.storage.load_done(blocks, now, self._read_link_free_at)
+        await self.clock.sleep_until_shared(done)
+        self.metrics.offload_load_bytes += self.storage.bytes_of(blocks)
+        self.metrics.offload_load_seconds += done - now
         if req.status is not Status.WAITING_FOR_REMOTE_KVS:
             return  # aborted meanwhile
         self.fetching.discard(req)

@@ -130,6 +130,14 @@ class EngineMetrics:
         self.admission_rejections: dict[str, int] = dict.fromkeys(ADMISSION_REASONS, 0)
         self.nixl_failed_transfers = 0
         self.nixl_expired = 0
+        self.offload = False
+        """A shared storage tier is mounted: export vLLM's offload and llmd-fs-offload's
+        counters."""
+        self.offload_load_bytes = 0
+        self.offload_load_seconds = 0.0
+        self.offload_store_bytes = 0
+        self.offload_store_seconds = 0.0
+        self.offload_stores_dropped = 0
         # histograms
         tok = one_two_five(max_model_len)
         self.hist: dict[str, tuple[str, Histogram]] = {}
@@ -415,6 +423,35 @@ class EngineMetrics:
         )
         for name, (help_text, h) in self.hist.items():
             self._histogram(out, name, help_text, h)
+        if self.offload:
+            for stem, help_text, value in (
+                (
+                    "vllm:kv_offload_load_bytes",
+                    "Total bytes loaded from offload storage to GPU.",
+                    self.offload_load_bytes,
+                ),
+                (
+                    "vllm:kv_offload_load_time",
+                    "Total load time from offload storage to GPU, in seconds.",
+                    self.offload_load_seconds,
+                ),
+                (
+                    "vllm:kv_offload_store_bytes",
+                    "Total bytes stored from GPU to offload storage.",
+                    self.offload_store_bytes,
+                ),
+                (
+                    "vllm:kv_offload_store_time",
+                    "Total store time from GPU to offload storage, in seconds.",
+                    self.offload_store_seconds,
+                ),
+                (
+                    "llmd_fs_offload_stores_dropped",
+                    "Chunk stores dropped by write back-pressure.",
+                    self.offload_stores_dropped,
+                ),
+            ):
+                self._counter(out, stem, help_text, [(b, value)])
         if self.nixl:
             self._histogram(
                 out,

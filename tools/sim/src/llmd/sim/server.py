@@ -128,6 +128,7 @@ class SimServer:
             kv_consumer=role in ("kv_consumer", "kv_both"),
             nixl=role is not None,
         )
+        self.metrics.offload = cfg.storage is not None
         settings = EngineSettings(
             block_size=cfg.block_size,
             num_gpu_blocks=cfg.num_gpu_blocks(),

@@ -7,12 +7,21 @@ the blocks after its GPU prefix hit: consecutive stored blocks are loaded, takin
 `latency + bytes / read bandwidth` off the GPU, instead of being prefilled. Stores and evictions
 are published as `BlockStored` / `BlockRemoved` with medium `STORAGE` and ownership
 `fs:<domain>`, as the real tier and its evictor do, so llmd's index credits the whole domain.
+
+Bandwidth is a pipe per direction: each engine's link (`read_gbps`, `write_gbps`) and, when set,
+the volume's own limit shared by every engine of the domain (`volume_read_gbps`,
+`volume_write_gbps`). A transfer starts when its pipes are free (first come, first served), so
+concurrent loads queue behind each other as they do on a saturated link. A store waits for the
+write pipes; if it would wait longer than `max_write_queued_s` it is dropped (the real tier's
+back-pressure, counted), and a stored block becomes visible (looked up, announced) only once its
+write has finished.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from pydantic import Field
 
@@ -27,10 +36,31 @@ class StorageConfig(StrictModel):
     domain: str = Field(min_length=1, description="engines with the same domain share files")
     capacity_tokens: int = Field(default=10_000_000, gt=0, description="KV tokens the volume holds")
     read_gbps: float = Field(default=10.0, gt=0, description="load bandwidth per engine, GB/s")
+    write_gbps: float = Field(default=10.0, gt=0, description="store bandwidth per engine, GB/s")
+    volume_read_gbps: float | None = Field(
+        default=None, gt=0, description="the volume's read bandwidth shared by its engines"
+    )
+    volume_write_gbps: float | None = Field(
+        default=None, gt=0, description="the volume's write bandwidth shared by its engines"
+    )
+    max_write_queued_s: float = Field(
+        default=30.0, ge=0, description="a store queued longer is dropped (0: never dropped)"
+    )
     latency_ms: float = Field(default=1.0, ge=0, description="per-load latency")
     kv_bytes_per_token: int = Field(
         default=131_072, gt=0, description="KV bytes per token (Llama-3.1-8B bf16: 131,072)"
     )
+
+
+class StoreResult(NamedTuple):
+    stored: list[bytes]
+    """Blocks newly stored (visible once `done`)."""
+    evicted: list[bytes]
+    """Announced blocks pushed out to make room."""
+    done: float
+    """When the write finishes."""
+    dropped: bool
+    """The write queue was too long: nothing stored."""
 
 
 class StorageTier:
@@ -38,11 +68,15 @@ class StorageTier:
         self.config = config
         self.block_size = block_size
         self.capacity_blocks = max(1, config.capacity_tokens // block_size)
-        self._blocks: OrderedDict[bytes, None] = OrderedDict()
+        self._blocks: OrderedDict[bytes, float] = OrderedDict()
+        """Block -> the simulated time its write finishes (it is found from then on)."""
         self.stored = 0
         self.evicted = 0
         self.loads = 0
         self.loaded_blocks = 0
+        self.dropped_stores = 0
+        self._read_free_at = 0.0
+        self._write_free_at = 0.0
 
     @property
     def ownership(self) -> str:
@@ -51,37 +85,74 @@ class StorageTier:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def consecutive(self, hashes: Sequence[bytes], start: int, end: int) -> int:
-        """How many of hashes[start:end] are stored, from `start`, without a gap."""
+    def consecutive(self, hashes: Sequence[bytes], start: int, end: int, now: float) -> int:
+        """How many of hashes[start:end] are stored (written by `now`), from `start`, without
+        a gap."""
         n = 0
         for h in hashes[start:end]:
-            if h not in self._blocks:
+            ready = self._blocks.get(h)
+            if ready is None or ready > now:
                 break
             self._blocks.move_to_end(h)
             n += 1
         return n
 
-    def store(self, hashes: Sequence[bytes]) -> tuple[list[bytes], list[bytes]]:
-        """Store blocks (already stored ones are only refreshed); (stored, evicted)."""
+    def store(
+        self, hashes: Sequence[bytes], now: float = 0.0, link_free_at: float = 0.0
+    ) -> StoreResult:
+        """Store blocks (already stored ones are only refreshed). A store that would queue
+        past `max_write_queued_s` stores nothing (counted in `dropped_stores`)."""
         stored: list[bytes] = []
         evicted: list[bytes] = []
+        new = []
         for h in hashes:
             if h in self._blocks:
                 self._blocks.move_to_end(h)
-                continue
-            self._blocks[h] = None
+            else:
+                new.append(h)
+        if not new:
+            return StoreResult(stored, evicted, now, False)
+        c = self.config
+        nbytes = len(new) * self.block_size * c.kv_bytes_per_token
+        start = max(now, link_free_at)
+        if c.volume_write_gbps is not None:
+            start = max(start, self._write_free_at)
+        if c.max_write_queued_s and start - now > c.max_write_queued_s:
+            self.dropped_stores += 1
+            return StoreResult(stored, evicted, now, True)
+        done = start + nbytes / (c.write_gbps * 1e9)
+        if c.volume_write_gbps is not None:
+            self._write_free_at = start + nbytes / (c.volume_write_gbps * 1e9)
+            done = max(done, self._write_free_at)
+        for h in new:
+            self._blocks[h] = done
             stored.append(h)
             if len(self._blocks) > self.capacity_blocks:
-                old, _ = self._blocks.popitem(last=False)
-                evicted.append(old)
+                old, ready = self._blocks.popitem(last=False)
+                if ready <= now:  # a block still being written was never announced
+                    evicted.append(old)
         self.stored += len(stored)
         self.evicted += len(evicted)
-        return stored, evicted
+        return StoreResult(stored, evicted, done, False)
 
-    def load_seconds(self, blocks: int) -> float:
+    def written(self, h: bytes, done: float) -> bool:
+        """Whether the block whose write finished at `done` is still stored (announce it)."""
+        return self._blocks.get(h) == done
+
+    def bytes_of(self, blocks: int) -> int:
+        return blocks * self.block_size * self.config.kv_bytes_per_token
+
+    def load_done(self, blocks: int, now: float, link_free_at: float) -> tuple[float, float]:
+        """When a load of `blocks` started at `now` finishes, and when the engine's read link
+        is free again (it is busy until `link_free_at`)."""
         c = self.config
-        nbytes = blocks * self.block_size * c.kv_bytes_per_token
-        return c.latency_ms / 1000 + nbytes / (c.read_gbps * 1e9)
+        nbytes = self.bytes_of(blocks)
+        link_done = max(now, link_free_at) + nbytes / (c.read_gbps * 1e9)
+        done = link_done
+        if c.volume_read_gbps is not None:
+            self._read_free_at = max(now, self._read_free_at) + nbytes / (c.volume_read_gbps * 1e9)
+            done = max(done, self._read_free_at)
+        return done + c.latency_ms / 1000, link_done
 
 
 _TIERS: dict[str, StorageTier] = {}

@@ -12,6 +12,12 @@ Remote mode (`indexerUrl`) builds no local index: it computes request keys here 
 scoring, speculative entries and index-health observations to the indexer's HTTP API; each
 failed call is logged and counted (`errors` in /debug/plugins/state), never hidden.
 
+A hit on a shared KV volume (llmd-fs-offload, endpoints labelled `llmd.ai/storage-domain`) is
+weighted by the `storage` tier's weight. Unless `kvCacheBackendConfigs` names `storage`, that
+weight is measured (`llmd.scheduler.tiercost`): one minus the engines' reload time per token over
+their recompute time per token, refreshed every second from the scraped counters, exported as
+`llmd_precise_prefix_storage_weight` with its inputs and shown in /debug/plugins/state.
+
 After each decision it adds speculative entries for the chosen endpoint (TTL `speculativeTTL`),
 so a burst of requests sharing a new prefix does not herd before the engine's events arrive. On
 every response it compares the engine's `cached_tokens` with the prediction and lets the
@@ -22,12 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from pydantic import Field, model_validator
 
 from llmd.kvcache.api import IndexerClient, ObserveRequest, ScoreRequest
@@ -56,6 +64,7 @@ from llmd.scheduler.framework import (
     ResponseHook,
     SchedulingResult,
 )
+from llmd.scheduler.tiercost import StorageCost, StorageWeightEstimator
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,8 @@ ones in a worker thread, so one huge prompt never stalls routing or response pas
 
 PRODUCER = "precise-prefix-cache-producer"
 
+STORAGE_TIER = "storage"
+STORAGE_WEIGHT_REFRESH_S = 1.0
 STORAGE_DOMAIN_LABEL = "llmd.ai/storage-domain"
 """Pods with the same value mount the same shared KV volume (llmd-fs-offload)."""
 
@@ -173,6 +184,15 @@ class PreciseProducer(
         self.errors = 0
         self._errors: Counter | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        configured = {b.name: b.weight for b in p.indexer_config.kv_cache_backend_configs}
+        self.storage_configured = STORAGE_TIER in configured
+        self.storage_estimator = StorageWeightEstimator()
+        self.storage_cost = (
+            StorageCost(configured[STORAGE_TIER], "configured", None, None)
+            if self.storage_configured
+            else self.storage_estimator.cost()
+        )
+        self._apply_storage_weight()
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
         if self.stack is not None:
@@ -194,6 +214,15 @@ class PreciseProducer(
             ["plugin_name", "stage"],
             registry=registry,
         )
+        weight, measured, reload, recompute = _storage_families(registry)
+        weight.labels(self.name).set_function(lambda: self.storage_cost.weight)
+        measured.labels(self.name).set_function(
+            lambda: 1.0 if self.storage_cost.source == "measured" else 0.0
+        )
+        reload.labels(self.name).set_function(lambda: _or_nan(self.storage_cost.reload_s_per_token))
+        recompute.labels(self.name).set_function(
+            lambda: _or_nan(self.storage_cost.recompute_s_per_token)
+        )
 
     def _failed(self, stage: str, exc: BaseException | None) -> None:
         self.errors += 1
@@ -210,10 +239,35 @@ class PreciseProducer(
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        if not self.storage_configured:
+            self._tasks.add(asyncio.get_running_loop().create_task(self._storage_weight_loop()))
         if self.stack is None:
             return
         await self.stack.start()
         self.stack.follow(self._engines)
+
+    # --- the storage tier's weight ---------------------------------------------------------
+
+    def refresh_storage_weight(self, now: float) -> StorageCost:
+        """Fold the endpoints' latest scraped counters into the measured storage weight."""
+        endpoints = list(self.handle.endpoints())
+        domains = storage_domains(endpoints)
+        snapshots = [(e.key, e.counters, e.key in domains) for e in endpoints if e.counters]
+        self.storage_cost = self.storage_estimator.observe(now, snapshots)
+        self._apply_storage_weight()
+        return self.storage_cost
+
+    def _apply_storage_weight(self) -> None:
+        if self.stack is not None:
+            self.stack.indexer.weights[STORAGE_TIER] = self.storage_cost.weight
+
+    async def _storage_weight_loop(self) -> None:
+        while True:
+            await asyncio.sleep(STORAGE_WEIGHT_REFRESH_S)
+            try:
+                self.refresh_storage_weight(time.monotonic())
+            except Exception as exc:  # keep the last weight; say why
+                self._failed("storage-weight", exc)
 
     def _engines(self) -> list[EngineAddress]:
         return [
@@ -283,7 +337,16 @@ class PreciseProducer(
         self, keys: list[int], pods: list[str], domains: dict[str, str]
     ) -> dict[str, PrefixHit]:
         if self.client is not None:
-            request = ScoreRequest(keys=keys, pods=pods, domains=domains or None)
+            request = ScoreRequest(
+                keys=keys,
+                pods=pods,
+                domains=domains or None,
+                tier_weights=(
+                    {STORAGE_TIER: self.storage_cost.weight}
+                    if domains and not self.storage_configured
+                    else None
+                ),
+            )
             answer = await self.client.score(request)
             return {p: h.to_hit() for p, h in answer.pods.items()}
         assert self.stack is not None
@@ -399,6 +462,13 @@ class PreciseProducer(
             else "none",
             "queries": self.queries,
             "errors": self.errors,
+            "storage_tier": {
+                "weight": self.storage_cost.weight,
+                "source": self.storage_cost.source,
+                "reload_seconds_per_token": self.storage_cost.reload_s_per_token,
+                "recompute_seconds_per_token": self.storage_cost.recompute_s_per_token,
+                "counter_resets": self.storage_estimator.resets,
+            },
         }
         if self.remote is not None:
             out["indexer_url"] = self.remote
@@ -408,6 +478,50 @@ class PreciseProducer(
             out["health"] = self.stack.indexer.health_snapshot()
             out["streams"] = self.stack.ingestor.snapshot()
         return out
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+_STORAGE_FAMILIES: weakref.WeakKeyDictionary[
+    CollectorRegistry, tuple[Gauge, Gauge, Gauge, Gauge]
+] = weakref.WeakKeyDictionary()
+
+
+def _storage_families(registry: CollectorRegistry) -> tuple[Gauge, Gauge, Gauge, Gauge]:
+    fam = _STORAGE_FAMILIES.get(registry)
+    if fam is None:
+        labels = ["plugin_name"]
+        fam = (
+            Gauge(
+                "llmd_precise_prefix_storage_weight",
+                "Weight of a shared-storage KV hit against a GPU hit (configured, or measured: "
+                "1 - reload / recompute seconds per token)",
+                labels,
+                registry=registry,
+            ),
+            Gauge(
+                "llmd_precise_prefix_storage_weight_measured",
+                "1 when the storage weight is measured, 0 while it is the prior or configured",
+                labels,
+                registry=registry,
+            ),
+            Gauge(
+                "llmd_precise_prefix_storage_reload_seconds_per_token",
+                "Engines' KV offload load seconds per loaded token (decayed sums; NaN: unknown)",
+                labels,
+                registry=registry,
+            ),
+            Gauge(
+                "llmd_precise_prefix_recompute_seconds_per_token",
+                "Engines' prefill seconds per computed prompt token (decayed sums; NaN: unknown)",
+                labels,
+                registry=registry,
+            ),
+        )
+        _STORAGE_FAMILIES[registry] = fam
+    return fam
 
 
 _TOKEN_BUCKETS = tuple(float(2**i) for i in range(21))
