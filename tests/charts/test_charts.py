@@ -436,6 +436,38 @@ def test_a_decode_pod_runs_the_sidecar_in_front_of_vllm(tmp_path: Path) -> None:
     assert rules[0]["resources"] == ["inferencepools"]
 
 
+def test_the_sidecar_serves_https_from_a_tls_secret_behind_a_tls_gateway() -> None:
+    tls = {"secretName": "decode-tls", "enableTLS": ["prefiller"], "insecureSkipVerify": []}
+    values = {
+        **PATHS["inference-scheduling"],
+        "modelServer": {"enabled": True, "pd": {"role": "decode", "sidecar": {"tls": tls}}},
+    }
+    with pytest.raises(ChartError, match="calls the pods over plain HTTP"):
+        umbrella(values)
+    values["scheduler"] = {**values["scheduler"], "gateway": {"enabled": False}}
+    docs = umbrella(values)
+    validate_all(docs)
+    pod = named(docs, "Deployment", "-model-server")["spec"]["template"]["spec"]
+    sidecar = pod["containers"][1]
+    assert {"--secure-proxy", "--cert-path=/etc/llmd/tls", "--enable-tls=prefiller"} <= set(
+        sidecar["args"]
+    )
+    assert sidecar["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert sidecar["volumeMounts"] == [
+        {"name": "sidecar-tls", "mountPath": "/etc/llmd/tls", "readOnly": True}
+    ]
+    assert {"name": "sidecar-tls", "secret": {"secretName": "decode-tls"}} in pod["volumes"]
+    # the rendered flags are the sidecar's own (a cert directory must exist to check them)
+    r = subprocess.run(
+        [str(BIN / "llmd-sidecar"), *sidecar["args"], "--check-config"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    tls["enableTLS"] = ["encoder"]
+    with pytest.raises(ChartError, match="enableTLS"):
+        umbrella(values)
+
+
 def test_llmd_dev_charts_checks_everything() -> None:
     assert check_all(CHARTS) == []
     r = subprocess.run(

@@ -77,6 +77,9 @@ gets no prefix hits and says nothing); here that is a render error.
 {{- if and $v.modelServer.enabled (($v.modelServer.pd).sidecar).ssrfProtection (not ($v.scheduler.enabled) | or (not $v.scheduler.inferencePool.enabled)) -}}
 {{- fail "llmd: modelServer.pd.sidecar.ssrfProtection needs the pool's InferencePool: set scheduler.inferencePool.enabled" -}}
 {{- end -}}
+{{- if and $v.modelServer.enabled ((($v.modelServer.pd).sidecar).tls).secretName $v.scheduler.enabled $v.scheduler.gateway.enabled -}}
+{{- fail "llmd: modelServer.pd.sidecar.tls.secretName makes the decode pods serve HTTPS, but the scheduler chart's Envoy (scheduler.gateway.enabled) calls the pods over plain HTTP: put the pods behind a gateway that originates TLS (set scheduler.gateway.enabled=false) or leave secretName empty" -}}
+{{- end -}}
 {{- $fsServers := list -}}
 {{- range $name := list "modelServer" "prefillServer" }}{{ if and (index $v $name).enabled ((index $v $name).fsOffload).enabled }}{{ $fsServers = append $fsServers $name }}{{ end }}{{ end -}}
 {{- if $v.fsEvictor.enabled -}}

@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -294,3 +297,92 @@ def test_a_pool_without_a_selector_or_an_unknown_group_is_refused() -> None:
         SidecarConfig(enable_ssrf_protection=True, inference_pool="p", pool_group="example.com")
     with pytest.raises(ValueError, match="needs inference_pool or allowed_prefill_hosts"):
         SidecarConfig(enable_ssrf_protection=True)
+
+
+def _self_signed(directory: Path, cn: str = "localhost") -> Path:
+    """tls.crt/tls.key for localhost and 127.0.0.1 in `directory` (made with openssl)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", f"/CN={cn}", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+         "-keyout", str(directory / "tls.key"), "-out", str(directory / "tls.crt")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return directory
+
+
+def _served_cn(port: int) -> str:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    pem = ssl.DER_cert_to_PEM_cert(der)
+    out = subprocess.run(
+        ["openssl", "x509", "-noout", "-subject"], input=pem, capture_output=True, text=True
+    )
+    return out.stdout.strip().rsplit("=", 1)[-1].strip()
+
+
+async def test_https_on_both_legs_and_a_rotated_certificate(
+    engines: tuple[str, str], tmp_path: Path
+) -> None:
+    """The decode sidecar serves HTTPS and reaches the prefill pod over HTTPS (there another
+    sidecar terminates TLS in front of the prefill engine); an unverifiable prefill certificate
+    is a 502 that says so; a new certificate in --cert-path is served without a restart."""
+    prefill, decode = engines
+    certs = _self_signed(tmp_path / "certs", "first")
+    front = await _sidecar(prefill, secure_proxy=True, cert_path=str(certs))
+    strict = await _sidecar(decode, secure_proxy=True, cert_path=str(certs), enable_tls="prefiller")
+    lenient = await _sidecar(
+        decode,
+        secure_proxy=True,
+        cert_path=str(certs),
+        enable_tls=["prefiller"],
+        tls_insecure_skip_verify=["prefiller"],
+    )
+    try:
+        before = await engine_counter(prefill, "vllm:generation_tokens_total")
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 8}
+        header = {"x-prefiller-host-port": f"127.0.0.1:{front.config.port}"}
+        async with httpx.AsyncClient(
+            timeout=30, verify=ssl.create_default_context(cafile=certs / "tls.crt")
+        ) as c:
+            r = await c.post(
+                f"https://localhost:{lenient.config.port}/v1/completions", json=body, headers=header
+            )
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"]
+            assert await engine_counter(prefill, "vllm:generation_tokens_total") == before + 1
+            refused = await c.post(
+                f"https://localhost:{strict.config.port}/v1/completions", json=body, headers=header
+            )
+            assert refused.status_code == 502
+            assert "CERTIFICATE_VERIFY_FAILED" in refused.json()["message"]
+        with pytest.raises(httpx.HTTPError):  # plaintext to the HTTPS port
+            async with httpx.AsyncClient(timeout=5) as c:
+                await c.get(f"http://127.0.0.1:{lenient.config.port}/health")
+        assert await asyncio.to_thread(_served_cn, lenient.config.port) == "first"
+        _self_signed(certs, "second")
+        assert lenient.tls is not None
+        assert lenient.ssl_context is not None
+        assert lenient.tls.refresh(lenient.ssl_context)
+        assert await asyncio.to_thread(_served_cn, lenient.config.port) == "second"
+        assert not lenient.tls.refresh(lenient.ssl_context), "unchanged files: nothing to do"
+    finally:
+        for app in (front, strict, lenient):
+            await app.stop()
+
+
+def test_https_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="secure_proxy needs cert_path"):
+        SidecarConfig(secure_proxy=True)
+    with pytest.raises(ValueError, match="no encoder stage"):
+        SidecarConfig(enable_tls="prefiller,encoder")
+    with pytest.raises(ValueError, match="unknown stage 'decode'"):
+        SidecarConfig(tls_insecure_skip_verify=["decode"])
+    assert SidecarConfig(enable_tls="decoder,prefiller").enable_tls == ["decoder", "prefiller"]

@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
@@ -232,12 +233,21 @@ class QuietHttpServer(uvicorn.Server):
         yield
 
 
-def http_server(app: FastAPI, host: str, port: int) -> QuietHttpServer:
+def http_server(
+    app: FastAPI, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None
+) -> QuietHttpServer:
     """A service's HTTP side (metrics, health, debug): quiet logs, no lifespan, no signals.
-    Run it with `asyncio.create_task(server.serve())`; set `should_exit` to stop it."""
+    Run it with `asyncio.create_task(server.serve())`; set `should_exit` to stop it. With
+    `ssl_context` it serves HTTPS with that context (which the caller may reload)."""
     return QuietHttpServer(
         uvicorn.Config(
-            app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            ssl_context_factory=None if ssl_context is None else (lambda _c, _d: ssl_context),
         )
     )
 
@@ -272,11 +282,17 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 
 def serve_http(
-    app: FastAPI, host: str, port: int, name: str = "http"
+    app: FastAPI,
+    host: str,
+    port: int,
+    name: str = "http",
+    *,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[QuietHttpServer, asyncio.Task[None]]:
-    """Bind first (a taken port is an OSError now, not a log line later), then serve `app`."""
+    """Bind first (a taken port is an OSError now, not a log line later), then serve `app`
+    (HTTPS with `ssl_context`)."""
     sock = listen_socket(host, port)
-    server = http_server(app, host, port)
+    server = http_server(app, host, port, ssl_context=ssl_context)
     return server, asyncio.create_task(server.serve(sockets=[sock]), name=name)
 
 

@@ -142,10 +142,12 @@ class StreamingProxy:
         drop_headers: Iterable[str] = (),
         on_complete: Callable[[ProxyResult], None] | None = None,
         refused: Response | None = None,
+        verify_tls: bool = True,
     ) -> Response:
         """Proxy `request` to `url` (`body` replaces the client's; `headers` are added or
         replace the client's). `stream` says whether the answer is SSE (for its usage).
-        `refused` answers a refused connection instead of the generic 502."""
+        `refused` answers a refused connection instead of the generic 502. An https `url`'s
+        certificate is verified unless `verify_tls` is False."""
         content = body if body is not None else await request.body()
         out = forward_headers(request.headers.items(), drop=[*drop_headers, *(headers or {})])
         out += [(k.lower(), v) for k, v in (headers or {}).items()]
@@ -167,7 +169,12 @@ class StreamingProxy:
 
         try:
             upstream = await self.session.request(
-                request.method, url, data=content, headers=out, allow_redirects=False
+                request.method,
+                url,
+                data=content,
+                headers=out,
+                allow_redirects=False,
+                ssl=verify_tls,
             )
         except TimeoutError as exc:
             result.outcome, result.status, result.error = "timeout", 504, str(exc) or "timeout"

@@ -1,16 +1,19 @@
-"""TLS for llmd's gRPC servers, with certificates re-read when they change.
+"""TLS for llmd's gRPC and HTTPS servers, with certificates re-read when they change.
 
 A certificate directory holds `tls.crt` and `tls.key` (what a Kubernetes TLS secret mounts, and
 llm-d's `--cert-path` layout), and optionally `ca.crt`: with it, clients must present a
 certificate signed by that CA (mutual TLS). `TLSFiles.credentials()` gives gRPC server
 credentials that look at the files again for each new connection and switch to the new pair
-when they changed (cert-manager rotations need no restart). A missing or unreadable file at
-start is an OSError naming it; a bad rotation keeps the previous pair and is logged.
+when they changed (cert-manager rotations need no restart). `TLSFiles.ssl_context()` gives an
+HTTPS server context, and `refresh(context)` loads a changed pair into it (new connections use
+it). A missing or unreadable file at start is an OSError naming it; a bad rotation keeps the
+previous pair and is logged.
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +67,45 @@ class TLSFiles:
         return grpc.dynamic_ssl_server_credentials(
             initial, self._config, require_client_authentication=ca is not None
         )
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """An HTTPS server context from the files (client certificates required when ca.crt
+        is there); OSError or ssl.SSLError when they cannot be used now."""
+        current = self._read()
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self._load(context)
+        self._loaded = current
+        return context
+
+    def _load(self, context: ssl.SSLContext) -> None:
+        d = self.directory
+        context.load_cert_chain(d / "tls.crt", d / "tls.key")
+        if self.mutual:
+            context.load_verify_locations(d / "ca.crt")
+            context.verify_mode = ssl.CERT_REQUIRED
+
+    def refresh(self, context: ssl.SSLContext) -> bool:
+        """Load the files into `context` if they changed since the last load; True when it
+        did. A pair that cannot be loaded is logged and the previous one stays in force."""
+        try:
+            current = self._read()
+        except OSError as exc:
+            log.error("%s; keeping the certificates already loaded", exc)
+            return False
+        if current == self._loaded:
+            return False
+        try:
+            self._load(context)
+        except (OSError, ssl.SSLError) as exc:
+            log.error(
+                "TLS files in %s cannot be used (%s); keeping the previous", self.directory, exc
+            )
+            return False
+        self._loaded = current
+        self.reloads += 1
+        log.info("TLS certificates in %s changed: reloaded", self.directory)
+        return True
 
 
 class TLSServing(BaseModel):

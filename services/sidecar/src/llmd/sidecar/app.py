@@ -7,9 +7,11 @@ Compatible with llm-d's pd-sidecar: the same flags (`--port` 8000, `--model-serv
 `--metrics-port`), the same intercepted routes, `GET /health`, errors and headers. Differences,
 each deliberate:
 
-- `--secure-proxy` defaults to false, and true is refused for now (serving HTTPS is not
-  there yet): llm-d defaults to a self-signed certificate that every deployment of it turns
-  off.
+- `--secure-proxy` (serve HTTPS) defaults to false and needs `--cert-path` (`tls.crt`,
+  `tls.key`, and `ca.crt` to require client certificates; re-read when they change): llm-d
+  defaults to true with a self-signed certificate, which every deployment of it turns off.
+  `--enable-tls` / `--tls-insecure-skip-verify` take llm-d's stages `prefiller` and `decoder`
+  (`encoder` is refused: llmd has no encoder stage).
 - The prefill leg has a deadline (`--prefill-timeout`, 60 s): a dead or hung prefill pod gets a
   504 instead of holding the request as long as the client waits.
 - Request metrics (`llmd_sidecar_*`) on `--metrics-port` (9090): llm-d's sidecar has none.
@@ -21,15 +23,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
 import msgspec
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from llmd.runtime.cluster import ClusterError
 from llmd.runtime.config import Seconds
@@ -43,6 +47,7 @@ from llmd.runtime.lifecycle import (
 )
 from llmd.runtime.proxy import ProxyResult, ProxyTimeouts, StreamingProxy, forward_headers
 from llmd.runtime.service import ServiceConfig
+from llmd.runtime.tls import TLSFiles
 from llmd.sidecar.allowlist import POOL_VERSIONS, follow_pods, parse_pool, read_pool
 from llmd.sidecar.pd import (
     PREFILLER_HEADER,
@@ -64,6 +69,9 @@ DECODE_REFUSED = (
     "The decode node is not ready. Please check that the vLLM service is running and the port "
     "configuration is correct."
 )
+TLS_STAGES = ("prefiller", "decoder")
+CERT_CHECK_S = 10.0
+"""How often the serving certificate files are looked at for a rotation."""
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -82,8 +90,20 @@ class SidecarConfig(ServiceConfig):
     data_parallel_size: int = Field(
         default=1, ge=1, le=1, description="DP ranks behind this sidecar (1; more: not yet)"
     )
-    secure_proxy: bool = Field(default=False, description="serve HTTPS (cert_path)")
-    cert_path: str | None = Field(default=None, description="directory with tls.crt, tls.key")
+    secure_proxy: bool = Field(default=False, description="serve HTTPS (needs cert_path)")
+    cert_path: str | None = Field(
+        default=None,
+        description="directory with tls.crt, tls.key (and ca.crt: client certificates "
+        "required); re-read when they change",
+    )
+    enable_tls: list[str] = Field(
+        default_factory=list,
+        description="stages reached over HTTPS: prefiller, decoder (comma list or repeated)",
+    )
+    tls_insecure_skip_verify: list[str] = Field(
+        default_factory=list,
+        description="stages whose certificate is not verified: prefiller, decoder",
+    )
     enable_ssrf_protection: bool = Field(
         default=False, description="contact only prefill hosts in allowed_prefill_hosts"
     )
@@ -126,12 +146,28 @@ class SidecarConfig(ServiceConfig):
             raise ValueError("enable_ssrf_protection needs inference_pool or allowed_prefill_hosts")
         if self.pool_group not in POOL_VERSIONS:
             raise ValueError(f"pool_group: one of {', '.join(POOL_VERSIONS)}")
-        if self.secure_proxy:
+        if self.secure_proxy and not self.cert_path:
             raise ValueError(
-                "secure_proxy: serving HTTPS is not available in llmd-sidecar yet (llm-d's "
-                "deployments turn it off too: --secure-proxy=false)"
+                "secure_proxy needs cert_path (a directory with tls.crt and tls.key); llmd "
+                "makes no self-signed certificate (llm-d's deployments pass --secure-proxy=false)"
             )
         return self
+
+    @field_validator("enable_tls", "tls_insecure_skip_verify", mode="before")
+    @classmethod
+    def _comma_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v  # llm-d's --enable-tls prefiller,decoder
+
+    @field_validator("enable_tls", "tls_insecure_skip_verify", mode="after")
+    @classmethod
+    def _stages(cls, v: list[str]) -> list[str]:
+        stages = sorted({s.strip() for item in v for s in item.split(",") if s.strip()})
+        for s in stages:
+            if s == "encoder":
+                raise ValueError("encoder: llmd-sidecar has no encoder stage (E/P/D)")
+            if s not in TLS_STAGES:
+                raise ValueError(f"unknown stage {s!r}: one of {', '.join(TLS_STAGES)}")
+        return stages
 
 
 class SidecarMetrics:
@@ -193,7 +229,15 @@ class SidecarApp:
         self.health = Health(self.registry)
         self.metrics = SidecarMetrics(self.registry)
         self.proxy = StreamingProxy(ProxyTimeouts(read_s=config.read_timeout))
-        self.decoder = f"http://127.0.0.1:{config.model_server_port}"
+        scheme = "https" if "decoder" in config.enable_tls else "http"
+        self.decoder = f"{scheme}://127.0.0.1:{config.model_server_port}"
+        self.prefill_scheme = "https" if "prefiller" in config.enable_tls else "http"
+        self.verify_prefiller = "prefiller" not in config.tls_insecure_skip_verify
+        self.verify_decoder = "decoder" not in config.tls_insecure_skip_verify
+        self.tls = (
+            TLSFiles(Path(config.cert_path)) if config.secure_proxy and config.cert_path else None
+        )
+        self.ssl_context: ssl.SSLContext | None = None
         self.prefill_timeout = aiohttp.ClientTimeout(total=config.prefill_timeout)
         self.static_allowed = {h.strip().strip("[]") for h in config.allowed_prefill_hosts}
         self.allowed = set(self.static_allowed)
@@ -228,7 +272,11 @@ class SidecarApp:
         while True:
             try:
                 async with self.proxy.session.post(
-                    url, data=body, headers=headers, timeout=self.prefill_timeout
+                    url,
+                    data=body,
+                    headers=headers,
+                    timeout=self.prefill_timeout,
+                    ssl=self.verify_prefiller,
                 ) as r:
                     status, answer = r.status, await r.read()
                     reply = dict(forward_headers(r.headers.items()))
@@ -289,7 +337,7 @@ class SidecarApp:
             self.metrics.requests.labels("pd", "bad-request").inc()
             return vllm_error(400, f"invalid JSON body: {error}", "BadRequestError")
         request_id = str(uuid.uuid1())
-        url = f"http://{target}{request.url.path}"
+        url = f"{self.prefill_scheme}://{target}{request.url.path}"
         t0 = time.monotonic()
         status, answer_raw, reply = await self._prefill(
             request, url, msgspec.json.encode(prefill_body(doc, api)), request_id
@@ -343,6 +391,7 @@ class SidecarApp:
             drop_headers=[PREFILLER_HEADER],
             on_complete=done,
             refused=vllm_error(503, DECODE_REFUSED, "ServiceUnavailable"),
+            verify_tls=self.verify_decoder,
         )
 
     # --- HTTP ------------------------------------------------------------------------------
@@ -405,10 +454,24 @@ class SidecarApp:
 
                 self.custom_api = client.CustomObjectsApi(kube_api_client())
             self._tasks.append(asyncio.create_task(self._follow_pool(), name="allowlist"))
-        self._servers.append(serve_http(self.http_app(), c.host, c.port))
+        if self.tls is not None:
+            self.ssl_context = self.tls.ssl_context()  # OSError/SSLError: refuse to start
+            self._tasks.append(asyncio.create_task(self._watch_certificates(), name="certs"))
+        self._servers.append(
+            serve_http(self.http_app(), c.host, c.port, ssl_context=self.ssl_context)
+        )
         if c.metrics_port:
             self._servers.append(serve_http(self.metrics_app(), c.host, c.metrics_port, "metrics"))
         log.info("%s", self.describe())
+
+    async def _watch_certificates(self) -> None:
+        assert self.tls is not None
+        assert self.ssl_context is not None
+        while True:
+            await asyncio.sleep(CERT_CHECK_S)
+            # on the loop, not a thread: the context serves handshakes here (a few kB read
+            # every 10 s)
+            self.tls.refresh(self.ssl_context)
 
     async def stop(self) -> None:
         for task in self._tasks:
