@@ -7,8 +7,9 @@ storage benchmark does: the cost is all prefill). Users are pinned to a server (
 router would), so a server's HBM holds its users' contexts until there are more users than fit.
 
 Two fleets, the same in all else: GPU only, and GPU plus a shared volume (llmd-fs-offload
-simulated: 10 GB/s reads per server, 1 ms latency, room for every context). Past the point where
-the working set exceeds the fleet's HBM, the first recomputes every returning context; the
+simulated: 10 GB/s reads and writes per server, 1 ms latency, room for every context; a block is
+found once its write has finished; `--volume-read-gbps` caps the volume itself). Past the point
+where the working set exceeds the fleet's HBM, the first recomputes every returning context; the
 second loads it from the volume. Reported per user count: throughput (requests/s and prompt
 tokens/s, in simulated time), mean and p90 TTFT (client side, simulated time) and the engines'
 own mean TTFT, and the ratio of the two fleets; drawn as a PNG.
@@ -67,7 +68,15 @@ async def run_point(users: int, *, storage: bool, args: argparse.Namespace) -> d
         enable_prompt_tokens_details=True,
         speed=args.speed,
         side_channel_port=free_port(),
-        storage=StorageConfig(domain="bench", capacity_tokens=50_000_000) if storage else None,
+        storage=StorageConfig(
+            domain="bench",
+            capacity_tokens=50_000_000,
+            read_gbps=args.read_gbps,
+            write_gbps=args.write_gbps,
+            volume_read_gbps=args.volume_read_gbps,
+        )
+        if storage
+        else None,
     )
     configs = [
         c.model_copy(update={"port": free_port(), "side_channel_port": free_port()})
@@ -183,6 +192,14 @@ def main() -> int:
         default=1.0,
         help="simulated seconds per wall second (above 1 the client's and server's own CPU time "
         "is scaled up too and distorts the figures)",
+    )
+    p.add_argument("--read-gbps", type=float, default=10.0, help="volume reads per server, GB/s")
+    p.add_argument("--write-gbps", type=float, default=10.0, help="volume writes per server, GB/s")
+    p.add_argument(
+        "--volume-read-gbps",
+        type=float,
+        default=None,
+        help="the volume's own read bandwidth, shared by all servers (default: unlimited)",
     )
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "reports" / "fs-tier-fleet.json"))
     args = p.parse_args()
