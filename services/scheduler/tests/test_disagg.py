@@ -3,11 +3,15 @@ so, the prefill pick in x-prefiller-host-port, decisions counted and explained."
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from llmd.protocol import headers as hdr
+from llmd.protocol.metrics import EngineSnapshot
 from llmd.runtime.config import ConfigError
 from llmd.scheduler.core import build_core
+from llmd.scheduler.datalayer import Datastore
 from llmd.scheduler.director import Director
 from llmd.scheduler.framework import SchedulingError
 from llmd.scheduler.plugins.disagg import DisaggProfileHandler
@@ -110,3 +114,70 @@ def test_a_handler_naming_a_missing_decider_or_profile_is_refused() -> None:
              "  parameters: {profiles: {prefill: pre}, deciders: {prefill: always-disagg-pd-decider}}")  # fmt: skip
     with pytest.raises(ConfigError, match="no scheduling profile named 'pre'"):
         build_core(config(wrong))
+
+
+COST_DECIDER = """- type: llmd-cost-pd-decider
+  parameters: {minUncachedTokens: 256, maxTTFTIncrease: 0.2, transferSecondsPerToken: 0.00001}
+- type: disagg-profile-handler
+  parameters: {deciders: {prefill: llmd-cost-pd-decider}}"""
+
+
+def scrape(ds: Datastore, clock: Any, name: str, **metrics: Any) -> None:
+    """Give one pod new scraped metrics (the counters included)."""
+    (e,) = [e for e in ds.all() if e.endpoint.name == name]
+    base = {"waiting": 0, "running": 0, "kv_cache_usage": 0.0, "block_size": 16}
+    e.note_scrape(clock.now - 0.01, EngineSnapshot(**{**base, **metrics}), clock.now)
+
+
+def test_the_cost_decider_disaggregates_only_when_it_pays() -> None:
+    """An idle decode pod prefills locally (no decode to protect); a busy one sends the prompt
+    to an idle prefill pod; a prefill pod with a long queue keeps it local; the numbers show in
+    the explanation."""
+    two_decode = {0: {"llm-d.ai/role": "prefill"}, 1: {"llm-d.ai/role": "decode"}}
+    d, ds, clock = make_director(2, config(COST_DECIDER), labels=two_decode)
+    long_prompt = "a long and entirely new prompt " * 150  # ~1k estimated tokens
+
+    def decide(prompt: str) -> tuple[bool, str]:
+        dec = d.schedule(completion(d, prompt))
+        assert dec.result is not None
+        why = dec.result.profiles["decode"].explain["pd"]
+        d.complete(dec, "natural")
+        return hdr.PREFILLER_HOST_PORT in dec.set_headers, why["reason"]
+
+    yes, why = decide(long_prompt + " one")
+    assert not yes
+    assert "runs 0 decodes: a local prefill delays none" in why
+    scrape(ds, clock, "pod-1", running=8)
+    yes, why = decide("another new prompt " * 200)
+    assert yes, why
+    assert "runs 8 decodes" in why
+    assert "on pod-0 (queue 0.0" in why
+    short_yes, why = decide("a short question")
+    assert not short_yes
+    assert "under 256" in why
+    # the prefill pod is busy: 50k prompt tokens sent there and not finished
+    (prefill,) = [e for e in ds.all() if e.endpoint.name == "pod-0"]
+    prefill.inflight_tokens = 50_000
+    yes, why = decide("yet another new prompt " * 200)
+    assert not yes
+    assert "over 1.2x local" in why
+
+
+def test_the_cost_decider_uses_each_engines_measured_prefill_cost() -> None:
+    """A slow decode pod (its own counters: 1 ms per token) makes the remote prefill worth it
+    even against a queue that the default cost would refuse."""
+    two = {0: {"llm-d.ai/role": "prefill"}, 1: {"llm-d.ai/role": "decode"}}
+    d, ds, clock = make_director(2, config(COST_DECIDER), labels=two)
+    (prefill,) = [e for e in ds.all() if e.endpoint.name == "pod-0"]
+    prefill.inflight_tokens = 5_000  # 0.5 s of queue at the default 100 us per token
+    scrape(ds, clock, "pod-1", running=4, prefill_seconds=10.0, computed_tokens=10_000)
+    dec = d.schedule(completion(d, "a new long prompt " * 200))
+    assert hdr.PREFILLER_HOST_PORT in dec.set_headers
+    assert dec.result is not None
+    assert "local ~" in dec.result.profiles["decode"].explain["pd"]["reason"]
+
+
+def test_the_cost_deciders_parameters_are_checked() -> None:
+    bad = COST_DECIDER.replace("maxTTFTIncrease: 0.2", "maxTTFTIncrease: -1")
+    with pytest.raises(ConfigError, match="maxTTFTIncrease"):
+        build_core(config(bad))

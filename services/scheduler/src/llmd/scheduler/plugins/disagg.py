@@ -19,6 +19,8 @@ PreRequest it replaces any client-sent `x-prefiller-host-port` with the prefill 
 `address:port`. Each decision is counted in `llm_d_epp_disagg_decision_total{decision_type}`
 (`decode-only`, `prefill-decode`) and shows in `/debug/decisions`. The deprecated
 `pd-profile-handler` (llm-d v0.7-v0.9) is the same handler under its old name and parameters.
+
+`llmd-cost-pd-decider` (llmd's own) disaggregates only when it pays; see `CostDecider`.
 """
 
 from __future__ import annotations
@@ -100,6 +102,110 @@ class PrefixBasedDecider(PDDecider, Plugin[PrefixParams]):
         uncached = max(0, tokens - hit)
         decided = uncached >= p.non_cached_tokens
         return decided, f"{uncached} of {tokens} prompt tokens not cached on {target}"
+
+
+class CostParams(PluginParams):
+    min_uncached_tokens: int = Field(default=256, ge=1, alias="minUncachedTokens")
+    """Fewer prompt tokens to compute on the decode pod than this: always local."""
+    min_running_decodes: int = Field(default=1, ge=0, alias="minRunningDecodes")
+    """The decode pod must be decoding at least this many requests: a prefill on an idle pod
+    delays no one, and P/D would only add the transfer to this request's TTFT."""
+    max_ttft_increase: float = Field(default=0.2, ge=0, le=10, alias="maxTTFTIncrease")
+    """Disaggregate when the predicted remote TTFT is at most (1 + this) x the local one."""
+    prefill_seconds_per_token: float = Field(
+        default=1e-4, gt=0, le=1, alias="prefillSecondsPerToken"
+    )
+    """Prefill cost where an engine has not shown its own yet (its prefill seconds over
+    computed prompt tokens, from the scraped counters, once 1,000 tokens are in)."""
+    transfer_seconds_per_token: float = Field(
+        default=5e-6, ge=0, le=1, alias="transferSecondsPerToken"
+    )
+    """Moving one token's KV from the prefill pod to the decode pod (131 kB per token over a
+    25 GB/s link: 5 us)."""
+    prefix_plugin_name: str = Field(default="", alias="prefixPluginName")
+
+
+PREFILL_ROLES = frozenset({"prefill", "prefill-decode", "both", "encode-prefill"})
+ROLE_LABEL = "llm-d.ai/role"
+MIN_MEASURED_TOKENS = 1000
+
+
+class CostDecider(PDDecider, Plugin[CostParams]):
+    """llmd's decider: prefill elsewhere only when the decode pod has decodes to protect and
+    the predicted TTFT of the remote prefill stays within `maxTTFTIncrease` of a local one.
+
+    With u_D prompt tokens not cached on the decode pod D and c the seconds per prefilled token
+    (each engine's own, measured), for the prefill pod P with the lowest prediction:
+
+        local  = waiting(D) x u_D x c_D + u_D x c_D
+        remote = inflight prompt tokens(P) x c_P + u_P x c_P + u_D x transfer
+
+    (waiting requests on D are taken to be like this one; everything the scheduler sent to a
+    prefill pod and has not seen finish is its queue). The numbers show in /debug/explain.
+    """
+
+    type_name = "llmd-cost-pd-decider"
+    Params = CostParams
+
+    def _cost(self, e: Any) -> float:
+        c = e.counters
+        if (
+            c is not None
+            and c.computed_tokens
+            and c.computed_tokens >= MIN_MEASURED_TOKENS
+            and c.prefill_seconds is not None
+        ):
+            return float(c.prefill_seconds / c.computed_tokens)
+        return float(self.params.prefill_seconds_per_token)
+
+    def disaggregate(self, request: LLMRequest, decode: ProfileResult) -> tuple[bool, str]:
+        p = self.params
+        tokens = request.prompt_tokens
+        pick = decode.targets[0]
+        matches = prefix_matches(request, p.prefix_plugin_name or "approx-prefix-cache-producer")
+
+        def uncached(key: str) -> int:
+            m = matches.get(key) if matches is not None else None
+            return max(0, tokens - (m.match_blocks * m.block_size_tokens if m else 0))
+
+        u_d = uncached(pick.key)
+        if u_d < p.min_uncached_tokens:
+            return (
+                False,
+                f"{u_d} of {tokens} prompt tokens to compute: under {p.min_uncached_tokens}",
+            )
+        m = pick.metrics
+        running = m.running if m is not None and m.running is not None else pick.inflight_requests
+        if running < p.min_running_decodes:
+            return (
+                False,
+                f"{pick.endpoint.name} runs {running} decodes: a local prefill delays none",
+            )
+        c_d = self._cost(pick)
+        waiting = (m.waiting or 0) if m is not None else 0
+        local = (waiting + 1) * u_d * c_d
+        best: tuple[float, str, float, float] | None = None
+        for e in self.handle.endpoints():
+            if e.endpoint.labels.get(ROLE_LABEL) not in PREFILL_ROLES or e.key == pick.key:
+                continue
+            c_p = self._cost(e)
+            queue = e.inflight_tokens * c_p
+            compute = uncached(e.key) * c_p
+            remote = queue + compute + u_d * p.transfer_seconds_per_token
+            if best is None or remote < best[0]:
+                best = (remote, e.endpoint.name, queue, compute)
+        if best is None:
+            return False, "no prefill pod"
+        remote, name, queue, compute = best
+        limit = (1 + p.max_ttft_increase) * local
+        yes = remote <= limit
+        return yes, (
+            f"{u_d} of {tokens} prompt tokens to compute on {pick.endpoint.name}, which runs "
+            f"{running} decodes and has {waiting} waiting: local ~{local * 1000:.1f} ms; remote "
+            f"~{remote * 1000:.1f} ms on {name} (queue {queue * 1000:.1f} + prefill "
+            f"{compute * 1000:.1f} + transfer {u_d * p.transfer_seconds_per_token * 1000:.1f}); "
+            f"{'within' if yes else 'over'} {1 + p.max_ttft_increase:g}x local"
+        )
 
 
 class Deciders(PluginParams):
@@ -244,6 +350,7 @@ class DisaggHeadersHandler(PrefillHeaderHandler):
 DISAGG_PLUGINS = (
     AlwaysDisagg,
     PrefixBasedDecider,
+    CostDecider,
     DisaggProfileHandler,
     PDProfileHandler,
     PrefillHeaderHandler,
