@@ -30,6 +30,8 @@ from llmd.vllm_cpu.server import VllmServer, VllmServerSpec, free_port, running_
 pytestmark = pytest.mark.vllm
 
 TOKENS_PER_FILE = 64  # two 32-token vLLM blocks per file
+STORAGE_SCORE = 0.7
+"""A prompt wholly on the volume scores its storage weight: the 0.8 prior, or what is measured."""
 DOMAIN = "vol"
 PLUGIN_PATH = str(Path(llmd.fs_offload.__file__).resolve().parents[2])
 
@@ -260,8 +262,10 @@ def test_the_scheduler_routes_to_a_pod_of_the_storage_domain(
         control.stop()
     sched = start(b_in_domain=True)
     try:
-        scores = _explain_scores(sched, p, lambda s: s.get("b", 0) > 0.9)
-        assert scores["b"] > 0.9, f"the storage domain's blocks did not reach B: {scores}"
+        # B's blocks are on the volume: they count at the storage tier's weight (0.8 until the
+        # scheduler has measured reload against recompute on these engines)
+        scores = _explain_scores(sched, p, lambda s: s.get("b", 0) > STORAGE_SCORE)
+        assert scores["b"] > STORAGE_SCORE, f"the storage domain's blocks did not reach B: {scores}"
         text_b, _, cached_b = complete(b, p)
         assert text_b == text_a
         assert cached_b >= stored_tokens(n)
@@ -271,7 +275,9 @@ def test_the_scheduler_routes_to_a_pod_of_the_storage_domain(
         before = chunk_files(shared_dir)
         _, nq, _ = complete(a, q)
         wait_files(shared_dir, before, stored_tokens(nq) // TOKENS_PER_FILE)
-        assert _explain_scores(sched, q, lambda s: s.get("b", 0) > 0.9)["b"] > 0.9
+        assert (
+            _explain_scores(sched, q, lambda s: s.get("b", 0) > STORAGE_SCORE)["b"] > STORAGE_SCORE
+        )
         removed = asyncio.run(_evict_all(shared_dir, f"tcp://127.0.0.1:{central}"))
         assert removed >= stored_tokens(nq) // TOKENS_PER_FILE
         assert not chunk_files(shared_dir)
