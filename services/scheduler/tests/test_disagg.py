@@ -151,6 +151,9 @@ def test_the_cost_decider_disaggregates_only_when_it_pays() -> None:
     yes, why = decide("another new prompt " * 200)
     assert yes, why
     assert "runs 8 decodes" in why
+    # the same reasoning in /debug/decisions
+    (rendered,) = d.explain(limit=1)
+    assert rendered["profiles"]["decode"]["pd"] == {"reason": why, "decision": "prefill-decode"}
     assert "on pod-0 (queue 0.0" in why
     short_yes, why = decide("a short question")
     assert not short_yes
@@ -164,14 +167,20 @@ def test_the_cost_decider_disaggregates_only_when_it_pays() -> None:
 
 
 def test_the_cost_decider_uses_each_engines_measured_prefill_cost() -> None:
-    """A slow decode pod (its own counters: 1 ms per token) makes the remote prefill worth it
-    even against a queue that the default cost would refuse."""
+    """A slow decode pod (its own counters: 1 ms per token) and a fast prefill pod (0.1 ms)
+    make the remote prefill worth it even behind a queue; a prefill pod with no counters of its
+    own is judged at the decode pod's cost."""
     two = {0: {"llm-d.ai/role": "prefill"}, 1: {"llm-d.ai/role": "decode"}}
     d, ds, clock = make_director(2, config(COST_DECIDER), labels=two)
     (prefill,) = [e for e in ds.all() if e.endpoint.name == "pod-0"]
-    prefill.inflight_tokens = 5_000  # 0.5 s of queue at the default 100 us per token
+    prefill.inflight_tokens = 5_000
     scrape(ds, clock, "pod-1", running=4, prefill_seconds=10.0, computed_tokens=10_000)
+    # unmeasured, the prefill pod is taken to be as slow as the decode pod: 5 s of queue
     dec = d.schedule(completion(d, "a new long prompt " * 200))
+    assert hdr.PREFILLER_HOST_PORT not in dec.set_headers
+    d.complete(dec, "natural")
+    scrape(ds, clock, "pod-0", prefill_seconds=1.0, computed_tokens=10_000)  # 0.5 s of queue
+    dec = d.schedule(completion(d, "another new long prompt " * 200))
     assert hdr.PREFILLER_HOST_PORT in dec.set_headers
     assert dec.result is not None
     assert "local ~" in dec.result.profiles["decode"].explain["pd"]["reason"]

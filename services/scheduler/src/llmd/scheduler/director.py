@@ -109,6 +109,8 @@ class _Explanation:
     ]
     prefix: dict[str, PrefixMatch] | None
     error: str | None = None
+    notes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per profile, what plugins added to its ProfileResult's explanation (the P/D decision)."""
 
     def render(self) -> dict[str, Any]:
         profiles: dict[str, Any] = {}
@@ -124,6 +126,7 @@ class _Explanation:
                 },
                 "totals": dict(zip(eps, (round(t, 4) for t in totals), strict=False)),
                 "picked": picked,
+                **self.notes.get(name, {}),
             }
         out: dict[str, Any] = {
             "seq": self.seq,
@@ -421,7 +424,9 @@ class Director:
             totals,
             [e.name for e in picked],
         )
-        return ProfileResult(picked, scored)
+        result = ProfileResult(picked, scored)
+        explain.notes[profile.name] = result.explain  # filled in later by the profile handler
+        return result
 
     def _filter(
         self,

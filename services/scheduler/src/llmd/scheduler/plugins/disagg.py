@@ -116,7 +116,8 @@ class CostParams(PluginParams):
         default=1e-4, gt=0, le=1, alias="prefillSecondsPerToken"
     )
     """Prefill cost where an engine has not shown its own yet (its prefill seconds over
-    computed prompt tokens, from the scraped counters, once 1,000 tokens are in)."""
+    computed prompt tokens, from the scraped counters, once 1,000 tokens are in). A prefill pod
+    without its own takes the decode pod's."""
     transfer_seconds_per_token: float = Field(
         default=5e-6, ge=0, le=1, alias="transferSecondsPerToken"
     )
@@ -147,7 +148,10 @@ class CostDecider(PDDecider, Plugin[CostParams]):
     type_name = "llmd-cost-pd-decider"
     Params = CostParams
 
-    def _cost(self, e: Any) -> float:
+    def _cost(self, e: Any, fallback: float | None = None) -> float:
+        """The endpoint's measured prefill seconds per token; else `fallback` (the decode
+        pod's, so that a prefill pod never used yet is not judged by a static guess against
+        a measured rival), else the configured default."""
         c = e.counters
         if (
             c is not None
@@ -156,7 +160,7 @@ class CostDecider(PDDecider, Plugin[CostParams]):
             and c.prefill_seconds is not None
         ):
             return float(c.prefill_seconds / c.computed_tokens)
-        return float(self.params.prefill_seconds_per_token)
+        return fallback if fallback is not None else float(self.params.prefill_seconds_per_token)
 
     def disaggregate(self, request: LLMRequest, decode: ProfileResult) -> tuple[bool, str]:
         p = self.params
@@ -188,7 +192,7 @@ class CostDecider(PDDecider, Plugin[CostParams]):
         for e in self.handle.endpoints():
             if e.endpoint.labels.get(ROLE_LABEL) not in PREFILL_ROLES or e.key == pick.key:
                 continue
-            c_p = self._cost(e)
+            c_p = self._cost(e, c_d)
             queue = e.inflight_tokens * c_p
             compute = uncached(e.key) * c_p
             remote = queue + compute + u_d * p.transfer_seconds_per_token
