@@ -373,6 +373,11 @@ async def test_https_on_both_legs_and_a_rotated_certificate(
         assert lenient.tls.refresh(lenient.ssl_context)
         assert await asyncio.to_thread(_served_cn, lenient.config.port) == "second"
         assert not lenient.tls.refresh(lenient.ssl_context), "unchanged files: nothing to do"
+        # a key that does not match its certificate: refused, the served pair stays
+        other = _self_signed(tmp_path / "other", "third")
+        (certs / "tls.key").write_bytes((other / "tls.key").read_bytes())
+        assert not lenient.tls.refresh(lenient.ssl_context)
+        assert await asyncio.to_thread(_served_cn, lenient.config.port) == "second"
     finally:
         for app in (front, strict, lenient):
             await app.stop()

@@ -96,6 +96,9 @@ class TLSFiles:
         if current == self._loaded:
             return False
         try:
+            # a pair that fails half way (a key that does not match) would leave the live
+            # context with the new certificate and the old key: try it on a scratch one first
+            self._load(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
             self._load(context)
         except (OSError, ssl.SSLError) as exc:
             log.error(
