@@ -41,6 +41,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from protocol_throughput import write_report
 
+from llmd.bench.cli import engine_means, engine_scrape
 from llmd.bench.loadgen import run_trace
 from llmd.bench.metrics import Summary
 from llmd.bench.workloads import Stage, TraceRequest
@@ -213,23 +214,6 @@ def pd_fleet(args: argparse.Namespace, work: Path) -> Iterator[tuple[Path, list[
             f.stop()
 
 
-def engine_means(urls: list[str]) -> dict[str, float]:
-    """The engines' own TTFT and TPOT sums and counts, summed over the fleet."""
-    out: dict[str, float] = {}
-    wanted = (
-        "vllm:time_to_first_token_seconds_sum",
-        "vllm:time_to_first_token_seconds_count",
-        "vllm:request_time_per_output_token_seconds_sum",
-        "vllm:request_time_per_output_token_seconds_count",
-    )
-    for url in urls:
-        for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-            for name in wanted:
-                if line.startswith((name + "{", name + " ")):
-                    out[name] = out.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    return out
-
-
 def pd_decisions(scheduler_metrics: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for line in scheduler_metrics.splitlines():
@@ -257,9 +241,9 @@ def run_target(target: str, args: argparse.Namespace, work: Path) -> dict[str, A
         gw = Gateway.start(endpoints, work / "gateway", config_file=config)
         try:
             print(f"== {target}: {len(trace)} requests", file=sys.stderr, flush=True)
-            before = engine_means(urls)
+            before = engine_scrape(urls)
             records, wall = asyncio.run(run_trace(gw.url, trace, stages, MODEL))
-            after = engine_means(urls)
+            means = engine_means(before, engine_scrape(urls))
             decisions = pd_decisions(gw.scheduler.metrics_text())
         finally:
             gw.stop()
@@ -282,17 +266,16 @@ def run_target(target: str, args: argparse.Namespace, work: Path) -> dict[str, A
         )
 
     def mean(kind: str) -> float | None:
-        n = after.get(f"{kind}_count", 0) - before.get(f"{kind}_count", 0)
-        s = after.get(f"{kind}_sum", 0) - before.get(f"{kind}_sum", 0)
-        return round(1000 * s / n, 1) if n else None
+        v = means[kind]
+        return None if v is None else round(1000 * v, 1)
 
     total = sum(decisions.values())
     return {
         "target": target,
         "wall_s": round(wall, 1),
         "stages": rows,
-        "engine_ttft_mean_ms": mean("vllm:time_to_first_token_seconds"),
-        "engine_tpot_mean_ms": mean("vllm:request_time_per_output_token_seconds"),
+        "engine_ttft_mean_ms": mean("time_to_first_token"),
+        "engine_tpot_mean_ms": mean("time_per_output_token"),
         "disaggregated_share": round(decisions.get("prefill-decode", 0) / total, 3)
         if total
         else None,

@@ -46,6 +46,7 @@ from llmd.scheduler.framework import (
     SchedulingResult,
     prefix_matches,
 )
+from llmd.scheduler.plugins.filters import ROLE_LABEL, PrefillFilter
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +127,6 @@ class CostParams(PluginParams):
     prefix_plugin_name: str = Field(default="", alias="prefixPluginName")
 
 
-PREFILL_ROLES = frozenset({"prefill", "prefill-decode", "both", "encode-prefill"})
-ROLE_LABEL = "llm-d.ai/role"
 MIN_MEASURED_TOKENS = 1000
 
 
@@ -190,7 +189,7 @@ class CostDecider(PDDecider, Plugin[CostParams]):
         local = (waiting + 1) * u_d * c_d
         best: tuple[float, str, float, float] | None = None
         for e in self.handle.endpoints():
-            if e.endpoint.labels.get(ROLE_LABEL) not in PREFILL_ROLES or e.key == pick.key:
+            if e.endpoint.labels.get(ROLE_LABEL) not in PrefillFilter.roles or e.key == pick.key:
                 continue
             c_p = self._cost(e, c_d)
             queue = e.inflight_tokens * c_p
