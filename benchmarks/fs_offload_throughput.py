@@ -86,9 +86,11 @@ def run_tier(
     direct: bool,
     checksum: str,
     poll_s: float = 0.002,
+    copy: str = "auto",
+    shuffled: bool = False,
 ) -> dict[str, Any]:
     shutil.rmtree(directory / "tier", ignore_errors=True)
-    pages = TorchPages([[(t, page) for t in tensors]], blocks_per_file)
+    pages = TorchPages([[(t, page) for t in tensors]], blocks_per_file, copy=copy)
     settings = FsOffloadSettings(
         root=str(directory / "tier"),
         threads=threads,
@@ -101,12 +103,20 @@ def run_tier(
     file_bytes = blocks_per_file * pages.sizes[0]
     per_job = 8
 
-    def chunks(base: int) -> list[Chunk]:
+    n = files * blocks_per_file
+    # Loads go to the second half of the blocks: in order, or (shuffled) each block of a file
+    # somewhere else, so that no two are consecutive (the page mover's worst case: a copy per
+    # block and layer instead of per file and layer).
+    targets = list(range(n, 2 * n))
+    if shuffled:
+        targets = [n + (i * 7919) % n for i in range(n)]  # 7919 is prime: a permutation
+
+    def chunks(ids: list[int]) -> list[Chunk]:
         return [
             Chunk(
                 make_key(i.to_bytes(32, "big"), 0),
                 0,
-                list(range(base + i * blocks_per_file, base + (i + 1) * blocks_per_file)),
+                ids[i * blocks_per_file : (i + 1) * blocks_per_file],
                 0,
             )
             for i in range(files)
@@ -129,18 +139,20 @@ def run_tier(
         return elapsed
 
     try:
-        store_s = timed(engine.submit_store, chunks(0))
-        load_s = timed(engine.submit_load, chunks(files * blocks_per_file))
+        store_s = timed(engine.submit_store, chunks(list(range(n))))
+        load_s = timed(engine.submit_load, chunks(targets))
         counters = engine.counters()
     finally:
         engine.shutdown()
-    n = files * blocks_per_file
-    same = all(torch.equal(t[:n, :page], t[n : 2 * n, :page]) for t in tensors)
+    where = torch.tensor(targets, device=tensors[0].device)
+    same = all(torch.equal(t[:n, :page], t.index_select(0, where)[:, :page]) for t in tensors)
     shutil.rmtree(directory / "tier", ignore_errors=True)
     total = files * file_bytes
     return {
         "threads": threads,
         "checksum": checksum,
+        "copy": pages.copy_mode,
+        "load_blocks": "shuffled" if shuffled else "in order",
         "store_gbps": round(total / store_s / 1e9, 3),
         "load_gbps": round(total / load_s / 1e9, 3),
         "loaded_equals_stored": same,
@@ -191,9 +203,28 @@ def main(argv: list[str] | None = None) -> int:
         default=2.0,
         help="how often finished jobs are collected (vLLM does it once per engine step)",
     )
+    p.add_argument(
+        "--gpu-copy",
+        default="auto",
+        help="CUDA page movers to run, comma-separated (auto, dma, kernels)",
+    )
+    p.add_argument(
+        "--load-order",
+        default="sequential",
+        help="where loads put a file's blocks, comma-separated: sequential (consecutive ids), "
+        "shuffled (no two consecutive: one copy per block and layer)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
+    for value, allowed, flag in (
+        (args.load_order, {"sequential", "shuffled"}, "--load-order"),
+        (args.gpu_copy, {"auto", "dma", "kernels"}, "--gpu-copy"),
+        (args.checksum, {"crc32", "xxh3", "none"}, "--checksum"),
+    ):
+        bad = set(value.split(",")) - allowed
+        if bad:
+            p.error(f"{flag}: unknown {sorted(bad)}; one or more of {sorted(allowed)}")
     dirs = args.dir or [Path("/var/tmp/llmd-fs-bench")]
     threads = [int(t) for t in (args.threads or ("4,8,16" if cuda else "1,2,4")).split(",")]
     gib = args.gib or (8.0 if cuda else 1.0)
@@ -220,18 +251,35 @@ def main(argv: list[str] | None = None) -> int:
         if cuda:
             row["pinned_h2d_gbps"] = round(pinned_h2d_gbps(file_bytes * 8), 2)
             print(f"pinned host-to-device copy: {row['pinned_h2d_gbps']} GB/s", flush=True)
-        for n, checksum in [(n, c) for c in args.checksum.split(",") for n in threads]:
+        passes = [
+            (n, c, copy, order)
+            for order in args.load_order.split(",")
+            for c in args.checksum.split(",")
+            for n in threads
+            for copy in args.gpu_copy.split(",")
+        ]
+        for n, checksum, copy, order in passes:
             # dd right before each pass: the disk's speed drifts, so compare neighbours.
             raw = raw_disk(d, file_bytes, files, direct)
             r = run_tier(
-                d, tensors, page, blocks_per_file, files, n, direct, checksum, args.poll_ms / 1000
+                d,
+                tensors,
+                page,
+                blocks_per_file,
+                files,
+                n,
+                direct,
+                checksum,
+                args.poll_ms / 1000,
+                copy=copy,
+                shuffled=order == "shuffled",
             )
             r["raw_dd"] = raw
             r["store_vs_raw"] = round(r["store_gbps"] / raw["write_gbps"], 3)
             r["load_vs_raw"] = round(r["load_gbps"] / raw["read_gbps"], 3)
             row["tier"].append(r)
             print(
-                f"{d} O_DIRECT={direct} {checksum} {n:>2} threads: "
+                f"{d} O_DIRECT={direct} {checksum} {r['copy']} {order} {n:>2} threads: "
                 f"store {r['store_gbps']} GB/s vs dd {raw['write_gbps']} "
                 f"({r['store_vs_raw']:.0%}), "
                 f"load {r['load_gbps']} GB/s vs dd {raw['read_gbps']} ({r['load_vs_raw']:.0%}), "

@@ -313,40 +313,10 @@ async def _evict_all(root: Path, endpoint: str) -> int:
         await app.stop()
 
 
-_PAGES_ROUND_TRIP = """
-import torch
-from llmd.fs_offload.torch_pages import TorchPages, runs
-
-assert runs([3, 4, 5, 9, 2, 3]) == [(0, 3, 3), (3, 9, 1), (4, 2, 2)]
-torch.manual_seed(0)
-# two groups; in the second, each tensor's rows are wider than its page (vLLM pads some layouts)
-a = [torch.randint(-128, 127, (40, 96), dtype=torch.int8) for _ in range(3)]
-b = [torch.randint(-128, 127, (40, 80), dtype=torch.int8) for _ in range(2)]
-pages = TorchPages([[(t, 96) for t in a], [(t, 64) for t in b]], max_chunk_blocks=8)
-assert pages.sizes == (288, 128)
-for group, tensors, page in ((0, a, 96), (1, b, 64)):
-    src, dst = [3, 4, 5, 9, 2, 3], [30, 31, 20, 21, 22, 39]
-    bb = pages.block_bytes(group)
-    buf = bytearray(len(src) * bb)
-    pages.gather(group, src, memoryview(buf), None)
-    for i, blk in enumerate(src):
-        want = b"".join(bytes(t[blk, :page].numpy().tobytes()) for t in tensors)
-        assert bytes(buf[i * bb : (i + 1) * bb]) == want, (group, blk)
-    untouched = [t[:, page:].clone() for t in tensors]
-    pages.scatter(group, dst, memoryview(buf))
-    for s, d in zip(src, dst):
-        for t in tensors:
-            assert torch.equal(t[d, :page], t[s, :page]), (group, s, d)
-    for t, u in zip(tensors, untouched):
-        assert torch.equal(t[:, page:], u), "bytes past a page are never written"
-print("ok")
-"""
-
-
 def test_the_torch_page_mover_round_trips_scattered_blocks(vllm_env: VllmEnv) -> None:
     """Runs of consecutive block ids, repeated ids, two groups, rows wider than their pages."""
     out = subprocess.run(
-        [str(vllm_env.python), "-c", _PAGES_ROUND_TRIP],
+        [str(vllm_env.python), str(Path(__file__).with_name("fs_pages_round_trip.py"))],
         env={**os.environ, "PYTHONPATH": PLUGIN_PATH},
         capture_output=True,
         text=True,

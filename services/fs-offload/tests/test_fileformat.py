@@ -135,3 +135,26 @@ def test_xxh3_checksums_and_a_reader_without_xxhash(monkeypatch: pytest.MonkeyPa
     with pytest.raises(CorruptFileError) as err:
         _check(buf)
     assert err.value.reason == "unverifiable", "what cannot be checked is not served"
+
+
+def test_xxh3_is_hashed_without_the_gil_and_equals_the_packages_value() -> None:
+    """Large writable payloads (the staging buffers) are hashed through the extension's C
+    `XXH3_64bits` by ctypes, which releases the GIL: I/O threads hash in parallel. The value is
+    the package's, for every size and for read-only payloads (which take the package's call)."""
+    import mmap
+
+    import xxhash
+
+    from llmd.fs_offload import fileformat
+
+    assert fileformat._xxh3 is not xxhash.xxh3_64_intdigest, "the GIL-free call is in use"
+    for size in (0, 100, 65536, (1 << 20) + 7):
+        data = os.urandom(size)
+        buf = mmap.mmap(-1, max(size, 1))
+        buf[:size] = data
+        view = memoryview(buf)[:size]
+        want = xxhash.xxh3_64_intdigest(data) & 0xFFFFFFFF
+        assert payload_checksum(CHECKSUM_XXH3, view) == want
+        assert payload_checksum(CHECKSUM_XXH3, data) == want
+        view.release()
+        buf.close()  # no export is left behind on the buffer

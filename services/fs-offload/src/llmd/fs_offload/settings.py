@@ -57,6 +57,7 @@ OUR_KEYS = frozenset(
         "lookup_cache_ms",
         "lookup_sync_budget_ms",
         "lookup_threads",
+        "gpu_copy",
     }
 )
 
@@ -81,6 +82,7 @@ class FsOffloadSettings:
     lookup_cache_s: float = 1.0
     lookup_sync_budget_s: float = 0.002
     lookup_threads: int = 4
+    gpu_copy: str = "auto"
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any]) -> FsOffloadSettings:
@@ -130,6 +132,7 @@ class FsOffloadSettings:
             lookup_cache_s=_num(extra, "lookup_cache_ms", 1000.0, low=0.0) / 1000,
             lookup_sync_budget_s=_num(extra, "lookup_sync_budget_ms", 2.0, low=0.0) / 1000,
             lookup_threads=_int(extra, "lookup_threads", 4, low=1),
+            gpu_copy=_choice(extra, "gpu_copy", "auto", ("auto", "dma", "kernels")),
         )
         if settings.checksum == "xxh3" and not xxh3_available():
             raise FsOffloadConfigError(

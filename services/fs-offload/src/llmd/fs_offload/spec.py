@@ -355,7 +355,9 @@ def split_chunks(
 class FsOffloadingWorker(OffloadingWorker):
     def __init__(self, spec: LlmdFsOffloadingSpec, kv_caches: CanonicalKVCaches) -> None:
         self.spec = spec
-        self.pages = TorchPages(group_parts(kv_caches), spec.blocks_per_chunk)
+        self.pages = TorchPages(
+            group_parts(kv_caches), spec.blocks_per_chunk, copy=spec.settings.gpu_copy
+        )
         layout = spec.layout(spec.config.parallel.rank, self.pages.sizes)
         self.engine = IOEngine(
             layout, self.pages, spec.settings, max_chunk_blocks=spec.blocks_per_chunk
