@@ -18,7 +18,9 @@ from llmd.sidecar.pd import (
 def test_prefill_targets_follow_llm_ds_header_rules() -> None:
     assert prefill_targets(["10.0.0.1:8000"]) == ["10.0.0.1:8000"]
     assert prefill_targets([" http://a:1 , b:2", "c:3"]) == ["a:1", "b:2", "c:3"]
-    assert prefill_targets(["https://a:1"]) == ["https://a:1"]  # only http:// is dropped
+    # the leg's scheme is the sidecar's own (--enable-tls): a scheme in the header is dropped,
+    # never kept inside the host (it made http://https://a:1)
+    assert prefill_targets(["https://a:1", "HTTP://b:2"]) == ["a:1", "b:2"]
     assert prefill_targets(["", " , "]) == []
     assert choose(["a:1", "b:2"], sampling=False) == "a:1"
     picks = {choose(["a:1", "b:2", "c:3"], True, random.Random(s)) for s in range(30)}

@@ -42,13 +42,16 @@ REMOTE_DECODE = {
 
 def prefill_targets(values: Iterable[str]) -> list[str]:
     """The `host:port`s of the prefiller header (repeated, or comma-separated; trimmed; a
-    leading `http://` dropped, as llm-d does)."""
+    leading `http://` dropped, as llm-d does, and `https://` too: the scheme of the prefill leg
+    is the sidecar's `--enable-tls` choice, and a kept prefix made `http://https://host:port`)."""
     out = []
     for value in values:
         for part in value.split(","):
             p = part.strip()
-            if p.startswith("http://"):
-                p = p[len("http://") :]
+            for scheme in ("http://", "https://"):
+                if p[: len(scheme)].lower() == scheme:
+                    p = p[len(scheme) :]
+                    break
             if p:
                 out.append(p)
     return out
