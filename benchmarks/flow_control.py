@@ -6,6 +6,8 @@ Targets (Envoy + llmd-scheduler, lean path, llmd's default scoring):
 - `on`: `featureGates: [flowControl]` with llm-d's default policies (utilization detector,
   global-strict fairness, FCFS, static usage limit), a 10 s queue TTL, and the sheddable band
   capped at `--sheddable-queue` requests.
+- `evict`: `on` plus `enableEviction: true`: while a higher band waits on a saturated pool,
+  in-flight sheddable requests are revoked (their streams are cut; counted as `cut`).
 
 Phases:
 0. admission cost: CPU microseconds of the scheduler's admission step per request, in process,
@@ -26,7 +28,8 @@ Capacity is measured first (closed loop, direct to the engines). The engines' ow
 from their /metrics) is reported beside the clients'.
 
 Usage: uv run python benchmarks/flow_control.py [--engines N] [--max-num-seqs S]
-           [--output-tokens T] [--overload-seconds S] [--out FILE]
+           [--output-tokens T] [--sheddable-tokens T] [--overload-seconds S]
+           [--targets off,on,evict] [--out FILE]
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +67,8 @@ CLASSES = {
     "sheddable": ("sheddable", "bulk"),
 }
 """Class -> (objective, fairness id); each a quarter of the overload traffic."""
+TOKENS_BY_CLASS: dict[str, int] = {}
+"""Output tokens of a class when not the phase's own (`--sheddable-tokens`)."""
 OBJECTIVES = """
 apiVersion: llm-d.ai/v1alpha2
 kind: InferenceObjective
@@ -108,6 +113,10 @@ flowControl:
     )
 
 
+CUT = 499
+"""A streamed response that started and was cut before `[DONE]` (a revoked request)."""
+
+
 @dataclass
 class Result:
     cls: str
@@ -139,14 +148,18 @@ async def one(
     sent = time.perf_counter()
     first = None
     status = 0
+    done = False
     try:
         async with session.post(url + "/v1/completions", json=body, headers=headers) as resp:
             status = resp.status
             async for line in resp.content:
                 if first is None and line.startswith(b"data: {"):
                     first = time.perf_counter() - sent
+                done = done or line.startswith(b"data: [DONE]")
     except (aiohttp.ClientError, TimeoutError):
-        status = -1
+        status = CUT if status == 200 else -1
+    if status == 200 and not done:
+        status = CUT
     load.results.append(Result(cls, status, first if status == 200 else None, sent - t0))
 
 
@@ -168,7 +181,8 @@ async def open_loop(
             if delay > 0:
                 await asyncio.sleep(delay)
             cls = rng.choice(mix)
-            tasks.append(asyncio.create_task(one(session, url, cls, tokens, t0, load)))
+            n = TOKENS_BY_CLASS.get(cls, tokens)
+            tasks.append(asyncio.create_task(one(session, url, cls, n, t0, load)))
         await asyncio.gather(*tasks)
     return load
 
@@ -208,13 +222,15 @@ def summarize(load: Load, slo_s: float, classes: list[str]) -> dict[str, Any]:
             continue
         ok = [r.ttft_s for r in rs if r.status == 200 and r.ttft_s is not None]
         shed = sum(1 for r in rs if r.status in (429, 503))
+        cut = sum(1 for r in rs if r.status == CUT)
         out[cls] = {
             "sent": len(rs),
             "ttft_p50_ms": pct(ok, 0.5),
             "ttft_p99_ms": pct(ok, 0.99),
             "success_rate": round(len(ok) / len(rs), 3),
             "shed_rate": round(shed / len(rs), 3),
-            "other_errors": len(rs) - len(ok) - shed,
+            "cut_rate": round(cut / len(rs), 3),
+            "other_errors": len(rs) - len(ok) - shed - cut,
             "within_slo": round(sum(1 for t in ok if t <= slo_s) / len(rs), 3),
         }
     return out
@@ -406,12 +422,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 "admission_cpu_us_per_request": micro,
                 "targets": {},
             }
-            configs = {"off": BASE, "on": flow_config(args.sheddable_queue)}
-            with (
-                gateway(fleet, work / "off", configs["off"]) as g_off,
-                gateway(fleet, work / "on", configs["on"]) as g_on,
-            ):
-                gws = {"off": g_off, "on": g_on}
+            configs = {
+                "off": BASE,
+                "on": flow_config(args.sheddable_queue),
+                "evict": flow_config(args.sheddable_queue) + "  enableEviction: true\n",
+            }
+            with ExitStack() as stack:
+                gws = {
+                    name: stack.enter_context(gateway(fleet, work / name, configs[name]))
+                    for name in args.targets.split(",")
+                }
                 await asyncio.sleep(1)
                 low = await low_load(gws, urls, cap, args)
                 for name, gw in gws.items():
@@ -435,7 +455,8 @@ def print_table(res: dict[str, Any]) -> None:
         for cls, c in t["overload"]["classes"].items():
             print(
                 f"{name:>4} overload {cls:<11} TTFT p50/p99 {c['ttft_p50_ms']}/{c['ttft_p99_ms']} "
-                f"ms  success {c['success_rate']}  shed {c['shed_rate']}  within SLO "
+                f"ms  success {c['success_rate']}  shed {c['shed_rate']}  cut {c['cut_rate']}  "
+                f"within SLO "
                 f"{c['within_slo']}"
             )
         print(f"{name:>4} Jain (standard tenants): {t['overload']['jain_standard_tenants']}")
@@ -452,8 +473,20 @@ def main() -> None:
     ap.add_argument("--overload-seconds", type=float, default=30)
     ap.add_argument("--slo-ms", type=float, default=2000, help="TTFT SLO for 'within SLO'")
     ap.add_argument("--sheddable-queue", type=int, default=8)
+    ap.add_argument(
+        "--sheddable-tokens",
+        type=int,
+        default=0,
+        help="output tokens of the sheddable class (default: --output-tokens)",
+    )
+    ap.add_argument("--targets", default="off,on,evict", help="of off, on, evict")
     ap.add_argument("--out", default="benchmarks/reports/flow-control.json")
     args = ap.parse_args()
+    bad = set(args.targets.split(",")) - {"off", "on", "evict"}
+    if bad:
+        ap.error(f"--targets: unknown {sorted(bad)}")
+    if args.sheddable_tokens:
+        TOKENS_BY_CLASS["sheddable"] = args.sheddable_tokens
     res = asyncio.run(main_async(args))
     print_table(res)
     write_report(

@@ -305,13 +305,12 @@ def test_flow_control_config_errors_are_clear() -> None:
         build_core(
             config(
                 "{priorityBands: [{priority: 1, fairnessPolicyRef: nope}],"
-                " saturationDetector: {pluginRef: queue-scorer}, enableEviction: true}"
+                " saturationDetector: {pluginRef: queue-scorer}}"
             )
         )
     msgs = [str(i) for i in exc.value.issues]
     assert any("priorityBands[0].fairnessPolicyRef" in m and "nope" in m for m in msgs), msgs
     assert any("queue-scorer" in m and "SaturationDetector" in m for m in msgs), msgs
-    assert any("enableEviction" in m and "missing feature" in m for m in msgs), msgs
 
 
 def test_llm_d_flow_control_example_loads() -> None:
@@ -377,4 +376,64 @@ async def test_soft_reflective_ceilings_thin_lower_bands_instead_of_cutting_them
         assert director.flow.outcomes["Dispatched"] == 6
         assert policy.state()["tick"] - ticks >= 4  # each went on an opening decision
     finally:
+        await director.flow.stop()
+
+
+async def test_in_flight_sheddable_requests_are_revoked_for_a_blocked_higher_band() -> None:
+    """enableEviction: a critical request queued behind saturation revokes at most two
+    in-flight sheddable requests, the most recently dispatched first, then waits for the
+    detector's grace; standard (priority 0) work is never revoked; a revoked request that ends
+    confirms its revocation."""
+    director, ds = setup("{enableEviction: true}")
+    flow = director.flow
+    assert flow is not None
+    await started(director)
+    try:
+        inflight: dict[str, asyncio.Future[str]] = {}
+        reqs: dict[str, LLMRequest] = {}
+        for name, objective in (("b1", "batch"), ("b2", "batch"), ("b3", "batch"), ("s", "")):
+            req = request(director, objective)
+            await asyncio.wait_for(director.admit(req), 1)
+            revoked = director.evictable(req)
+            if objective:
+                assert revoked is not None
+                inflight[name] = revoked
+            else:
+                assert revoked is None, "only sheddable requests can be revoked"
+            reqs[name] = req
+            await asyncio.sleep(0.002)  # distinct dispatch times
+        load(ds, waiting=10)  # saturated
+        critical = asyncio.create_task(director.admit(request(director, "critical")))
+        await asyncio.sleep(0.05)
+        assert inflight["b3"].done() and inflight["b2"].done(), "the two most recent"
+        assert inflight["b3"].result() == hdr.DROPPED_EVICTED
+        assert not inflight["b1"].done(), "at most two per decision, then the grace"
+        assert flow.state()["eviction"] == {
+            "enabled": True,
+            "tracked": 3,
+            "revocations": 2,
+            "pending": 2,
+        }
+        for name in ("b2", "b3"):
+            flow.untrack(reqs[name])  # the revoked requests ended
+        assert flow.state()["eviction"]["pending"] == 0
+        load(ds, waiting=0)
+        flow.wake()
+        await asyncio.wait_for(critical, 2)
+        flow.untrack(reqs["b1"])
+        assert inflight["b1"].cancelled(), "an untracked request can no longer be revoked"
+        assert flow.state()["eviction"]["tracked"] == 0
+    finally:
+        await flow.stop()
+
+
+async def test_without_enable_eviction_nothing_is_tracked() -> None:
+    director, _ = setup()
+    await started(director)
+    try:
+        req = request(director, "batch")
+        await director.admit(req)
+        assert director.evictable(req) is None
+    finally:
+        assert director.flow is not None
         await director.flow.stop()

@@ -32,7 +32,6 @@ from llmd.runtime.config import ConfigIssue
 log = logging.getLogger(__name__)
 
 _PD = "P/D disaggregation (the llm-d sidecar path)"
-_FLOW = "flow control: in-flight eviction"
 _MM = "multimodal encoder-cache affinity"
 _MULTI = "multi-cluster routing"
 _TOPOLOGY = "topology-aware routing"
@@ -83,9 +82,6 @@ UNAVAILABLE: dict[str, str] = {
     "vllmgrpc-parser": "vLLM's gRPC API",
     "sglanghttp-parser": "SGLang's /generate API",
     "vertexai-parser": "the Vertex AI API",
-    # flow control
-    "sheddable-eviction-filter": _FLOW,
-    "priority-then-time-eviction-order-policy": _FLOW,
     # data layer
     "dcgm-data-source": _DCGM,
     "dcgm-extractor": _DCGM,

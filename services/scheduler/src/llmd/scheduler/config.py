@@ -25,6 +25,8 @@ from llmd.runtime.config import (
 from llmd.scheduler import compat
 from llmd.scheduler.engines import DataLayerSettings, datalayer_settings
 from llmd.scheduler.flowcontrol import (
+    EvictionFilter,
+    EvictionOrder,
     FairnessPolicy,
     FlowControlSpec,
     OrderingPolicy,
@@ -566,6 +568,8 @@ class FlowParts:
     usage: UsageLimitPolicy
     fairness: dict[str, FairnessPolicy]
     ordering: dict[str, OrderingPolicy]
+    eviction_filter: EvictionFilter | None = None
+    eviction_order: EvictionOrder | None = None
 
 
 def _gates(raw: list[str]) -> dict[str, bool]:
@@ -654,14 +658,29 @@ def _flow_parts(
         got = policy(name, OrderingPolicy, name, where)
         if got is not None:
             ordering[name] = got
+    eviction_filter = eviction_order = None
     if spec.enable_eviction:
-        issues.append(
-            ConfigIssue(
-                "flowControl.enableEviction",
-                "evicting in-flight sheddable requests is not available in llmd yet (missing "
-                "feature: flow control: in-flight eviction)",
-            )
+        # a configured filter / order of any name, else llm-d's defaults
+        configured = list(plugins.values())
+        eviction_filter = next(
+            (p for p in configured if isinstance(p, EvictionFilter)), None
+        ) or policy(
+            "sheddable-eviction-filter",
+            EvictionFilter,
+            "sheddable-eviction-filter",
+            "flowControl.enableEviction",
+        )
+        eviction_order = next(
+            (p for p in configured if isinstance(p, EvictionOrder)), None
+        ) or policy(
+            "priority-then-time-eviction-order-policy",
+            EvictionOrder,
+            "priority-then-time-eviction-order-policy",
+            "flowControl.enableEviction",
         )
     if detector is None or usage is None:
         return None, detector
-    return FlowParts(spec, detector, usage, fairness, ordering), detector
+    return (
+        FlowParts(spec, detector, usage, fairness, ordering, eviction_filter, eviction_order),
+        detector,
+    )

@@ -12,6 +12,7 @@ and each one sees the accounting of the one before (the herding fix).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -192,6 +193,9 @@ class Director:
                 metrics=flow_metrics,
                 clock=datastore.clock,
                 labels=self._flow_labels,
+                eviction_filter=parts.eviction_filter,
+                eviction_order=parts.eviction_order,
+                eviction_grace_s=self._eviction_grace,
             )
         self.tracer = tracer
         """Spans per stage (llm-d's names) only when tracing is configured: no cost otherwise."""
@@ -210,6 +214,18 @@ class Director:
         if req.objective:
             req.priority = self.objectives.get(req.objective, 0)
         return req
+
+    def _eviction_grace(self) -> float:
+        """How long after a revocation the detector needs to see the capacity it frees."""
+        if isinstance(self.detector, UtilizationDetector):
+            interval = self.datastore.scraper.effective_interval_s
+            return interval + self.detector.staleness_s + 0.25
+        return 0.01  # in-flight accounting: at once
+
+    def evictable(self, req: LLMRequest) -> asyncio.Future[str] | None:
+        """With in-flight eviction on, a future that resolves (with the dropped reason) if flow
+        control revokes this dispatched request; None when it never can be."""
+        return self.flow.track(req) if self.flow is not None else None
 
     def _flow_labels(self, req: LLMRequest) -> tuple[str, str, str, str]:
         model, target, fairness, priority = self._labels(req)
@@ -553,6 +569,7 @@ class Director:
             self.metrics.request_running.labels(*self._labels(req)).dec()
             self.inflight -= 1
         if self.flow is not None:
+            self.flow.untrack(decision.request)
             self.flow.wake()  # capacity freed: queued requests may go
 
     def _inflight_gauges(self, endpoint: EndpointState) -> None:

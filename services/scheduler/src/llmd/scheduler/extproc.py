@@ -27,6 +27,7 @@ Errors before routing become ImmediateResponse with llm-d's status codes and
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -219,10 +220,12 @@ class _Stream:
         "decision",
         "done_request",
         "model_back",
+        "next_message",
         "request",
         "request_mode",
         "response_bytes",
         "response_mode",
+        "revoked",
         "saw_response",
         "served",
         "stream",
@@ -244,6 +247,32 @@ class _Stream:
         self.subset: list[str] | None = None
         self.tail: UsageTail | None = None
         self.model_back: tuple[bytes, bytes, bytes, bytes] | None = None
+        self.revoked: asyncio.Future[str] | None = None
+        """Set while flow control may revoke this dispatched request (in-flight eviction)."""
+        self.next_message: asyncio.Task[pb.ProcessingRequest] | None = None
+
+
+_END = object()
+
+
+async def _next_or_revoked(it: AsyncIterator[pb.ProcessingRequest], s: _Stream) -> Any:
+    """The stream's next message, `_END` at its end, or None when flow control revoked the
+    request first (the read in progress is kept for the next call, or cancelled on revoke)."""
+    assert s.revoked is not None
+    if s.next_message is None:
+        s.next_message = asyncio.ensure_future(it.__anext__())
+    await asyncio.wait((s.next_message, s.revoked), return_when=asyncio.FIRST_COMPLETED)
+    if s.next_message.done() or s.revoked.cancelled():
+        if s.revoked.cancelled():  # no longer revocable (its accounting was released)
+            s.revoked = None
+        task, s.next_message = s.next_message, None
+        try:
+            return await task
+        except StopAsyncIteration:
+            return _END
+    s.next_message.cancel()
+    s.next_message = None
+    return None
 
 
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
@@ -270,8 +299,25 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
         metrics.streams_inflight.inc()
         s = _Stream()
         cause = "client-disconnect"
+        it = request_iterator.__aiter__()
         try:
-            async for msg in request_iterator:
+            while True:
+                if s.revoked is None:
+                    try:
+                        msg = await it.__anext__()
+                    except StopAsyncIteration:
+                        break
+                else:
+                    got = await _next_or_revoked(it, s)
+                    if got is _END:
+                        break
+                    if got is None:
+                        # revoked by flow control: Envoy answers 429 if the response has not
+                        # started, else resets it; the engine sees the client go and aborts
+                        cause = "evicted"
+                        yield immediate(429, "request evicted by flow control", s.revoked.result())
+                        return
+                    msg = got
                 kind = msg.WhichOneof("request")
                 if msg.HasField("protocol_config"):  # the first message: Envoy's body modes
                     s.request_mode = msg.protocol_config.request_body_mode
@@ -365,6 +411,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
                             f'"model": "{req.model}"'.encode(),
                         )
                     metrics.request_processing.observe(time.perf_counter() - t0)
+                    s.revoked = self.director.evictable(s.request)
                     for reply in replies:
                         yield reply
                     if kind == "request_trailers":
@@ -421,6 +468,8 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
             log.exception("ext_proc stream failed")
             raise
         finally:
+            if s.next_message is not None:
+                s.next_message.cancel()
             if s.decision is not None and not s.decision.completed:
                 if self.book is not None and self._lean(s) and cause != "error":
                     self.book.ended(s.decision)  # accounting released now, outcome reported

@@ -517,7 +517,58 @@ def _decayed(flow: Flow, now: float, half_life: float) -> float:
     return flow.service
 
 
+# --- in-flight eviction ---------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Tracked:
+    """A dispatched request that eviction may revoke (`track`), until it ends (`untrack`)."""
+
+    request: LLMRequest
+    priority: int
+    dispatched_at: float
+    seq: int
+    revoked: asyncio.Future[str]
+    revoked_at: float = 0.0
+
+
+class EvictionFilter:
+    def evictable(self, victim: Tracked, blocked_priority: int) -> bool:
+        raise NotImplementedError
+
+
+class SheddableEvictionFilter(EvictionFilter, Plugin[NoParams]):
+    """Only sheddable requests (priority < 0) below the blocked band may be revoked."""
+
+    type_name = "sheddable-eviction-filter"
+    Params = NoParams
+
+    def evictable(self, victim: Tracked, blocked_priority: int) -> bool:
+        return victim.priority < 0 and victim.priority < blocked_priority
+
+
+class EvictionOrder:
+    def key(self, victim: Tracked) -> tuple[float, ...]:
+        raise NotImplementedError
+
+
+class PriorityThenTimeEvictionOrder(EvictionOrder, Plugin[NoParams]):
+    """The lowest priority first, then the most recently dispatched (the least work lost)."""
+
+    type_name = "priority-then-time-eviction-order-policy"
+    Params = NoParams
+
+    def key(self, victim: Tracked) -> tuple[float, ...]:
+        return (victim.priority, -victim.dispatched_at, -victim.seq)
+
+
+MAX_REVOCATIONS_PER_DECISION = 2
+REVOCATION_TIMEOUT_S = 10.0
+
+
 FLOW_PLUGINS = (
+    SheddableEvictionFilter,
+    PriorityThenTimeEvictionOrder,
     UtilizationDetector,
     ConcurrencyDetector,
     StaticUsageLimitPolicy,
@@ -639,6 +690,32 @@ class FlowMetrics:
             ["outcome", "priority", "inference_pool"],
             registry=registry,
         )
+        self.revocations_issued = Counter(
+            f"{pre}revocations_issued",
+            "In-flight sheddable requests revoked to free capacity for a blocked higher band",
+            ["priority", "inference_pool"],
+            registry=registry,
+        )
+        self.revocations = Counter(
+            f"{pre}revocations",
+            "Revocations by outcome: confirmed (the request ended), timed-out (still running "
+            f"{REVOCATION_TIMEOUT_S:g} s later)",
+            ["outcome", "inference_pool"],
+            registry=registry,
+        )
+        self.pending_reclaim = Gauge(
+            f"{pre}pending_reclaim",
+            "Revocations issued and not yet confirmed",
+            ["inference_pool"],
+            registry=registry,
+        )
+        self.revocation_confirmation = Histogram(
+            f"{pre}revocation_confirmation_seconds",
+            "Time from a revocation to the end of the revoked request",
+            ["inference_pool"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+            registry=registry,
+        )
         self._saturation = self.saturation.labels(pool)
         self._children: dict[tuple[str, ...], tuple[Any, Any, Any]] = {}
 
@@ -680,6 +757,9 @@ class FlowController:
         clock: Callable[[], float] = time.monotonic,
         tick_s: float = 0.002,
         labels: Callable[[LLMRequest], tuple[str, str, str, str]] | None = None,
+        eviction_filter: EvictionFilter | None = None,
+        eviction_order: EvictionOrder | None = None,
+        eviction_grace_s: Callable[[], float] = lambda: 0.5,
     ) -> None:
         self.spec = spec
         self.labels = labels or _raw_labels
@@ -711,6 +791,23 @@ class FlowController:
         self._task: asyncio.Task[None] | None = None
         self._was_stale = 0
         self.outcomes: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        self.eviction = spec.enable_eviction
+        self.eviction_filter = eviction_filter or SheddableEvictionFilter(
+            SheddableEvictionFilter.type_name, NoParams(), PluginHandle(list)
+        )
+        self.eviction_order = eviction_order or PriorityThenTimeEvictionOrder(
+            PriorityThenTimeEvictionOrder.type_name, NoParams(), PluginHandle(list)
+        )
+        self.eviction_grace_s = eviction_grace_s
+        """After revoking, no more revocations until the detector can see the freed capacity:
+        10 ms for the concurrency detector (in-flight accounting), a scrape interval plus the
+        staleness threshold plus 250 ms for the utilization detector (llm-d's derivation)."""
+        self.tracked: dict[int, Tracked] = {}
+        """Dispatched requests eviction may revoke, by id(request); bounded by the requests in
+        flight (each leaves at `untrack`, which the Director's release always calls)."""
+        self.revocations = 0
+        self._pending: dict[int, Tracked] = {}
+        self._reclaim_after = 0.0
         for b in spec.priority_bands:
             self._band(b.priority, b)
 
@@ -956,6 +1053,8 @@ class FlowController:
             if not band.requests:
                 continue
             if saturation >= ceiling:
+                if self.eviction:
+                    self._reclaim(priority, now)
                 return False  # head-of-line: lower bands wait too
             flow = band.fairness.pick(band, now)
             if flow is None:
@@ -997,6 +1096,85 @@ class FlowController:
                         item.future.set_exception(err)
                     self._done(item.request, item.flow, "EvictedTTL", now - item.enqueued_at, None)
 
+    # --- in-flight eviction (flowControl.enableEviction) -------------------------------------
+
+    def track(self, request: LLMRequest) -> asyncio.Future[str] | None:
+        """Register a dispatched request that eviction could revoke; the future resolves (with
+        the reason) if it is revoked. None when eviction is off or the request could never be
+        a victim (the filter is asked with the highest possible blocked band)."""
+        if not self.eviction:
+            return None
+        now = self.clock()
+        victim = Tracked(
+            request,
+            request.priority,
+            now,
+            next(self._seq),
+            asyncio.get_running_loop().create_future(),
+        )
+        if not self.eviction_filter.evictable(victim, 2**62):
+            return None
+        self.tracked[id(request)] = victim
+        return victim.revoked
+
+    def untrack(self, request: LLMRequest) -> None:
+        """The request ended (released by the Director): a revocation of it is confirmed."""
+        victim = self.tracked.pop(id(request), None)
+        if victim is None:
+            return
+        if not victim.revoked.done():
+            victim.revoked.cancel()
+        elif self._pending.pop(id(request), None) is not None:
+            waited = self.clock() - victim.revoked_at
+            if self.metrics is not None:
+                self.metrics.revocations.labels("confirmed", self.metrics.pool).inc()
+                self.metrics.revocation_confirmation.labels(self.metrics.pool).observe(waited)
+                self.metrics.pending_reclaim.labels(self.metrics.pool).set(len(self._pending))
+
+    def _reclaim(self, blocked_priority: int, now: float) -> None:
+        """A band with waiting requests is blocked by saturation: revoke up to two in-flight
+        requests the filter allows, in the order policy's order, then wait for the grace before
+        revoking more (the detector must first see the capacity they free)."""
+        self._expire_pending(now)
+        if self._pending or now < self._reclaim_after:
+            return
+        victims = [
+            v
+            for v in self.tracked.values()
+            if not v.revoked.done() and self.eviction_filter.evictable(v, blocked_priority)
+        ]
+        if not victims:
+            return
+        victims.sort(key=self.eviction_order.key)
+        for victim in victims[:MAX_REVOCATIONS_PER_DECISION]:
+            victim.revoked_at = now
+            victim.revoked.set_result(hdr.DROPPED_EVICTED)
+            self._pending[id(victim.request)] = victim
+            self.revocations += 1
+            if self.metrics is not None:
+                self.metrics.revocations_issued.labels(
+                    self.labels(victim.request)[3], self.metrics.pool
+                ).inc()
+            log.info(
+                "flow control: revoked in-flight request %s (priority %d) for band %d",
+                victim.request.request_id,
+                victim.priority,
+                blocked_priority,
+            )
+        if self.metrics is not None:
+            self.metrics.pending_reclaim.labels(self.metrics.pool).set(len(self._pending))
+        self._reclaim_after = now + self.eviction_grace_s()
+
+    def _expire_pending(self, now: float) -> None:
+        late = [k for k, v in self._pending.items() if now - v.revoked_at >= REVOCATION_TIMEOUT_S]
+        for k in late:
+            del self._pending[k]
+            log.warning("flow control: a revoked request was still running after %gs",
+                        REVOCATION_TIMEOUT_S)  # fmt: skip
+            if self.metrics is not None:
+                self.metrics.revocations.labels("timed-out", self.metrics.pool).inc()
+                self.metrics.pending_reclaim.labels(self.metrics.pool).set(len(self._pending))
+
     def credit(self, request: LLMRequest, output_tokens: int) -> None:
         """Service a finished request received (least-attained-service fairness)."""
         band = self.bands.get(request.priority)
@@ -1016,6 +1194,12 @@ class FlowController:
             },
             "outcomes": dict(self.outcomes),
             "stale_endpoints": self.detector.stale_count,
+            "eviction": {
+                "enabled": self.eviction,
+                "tracked": len(self.tracked),
+                "revocations": self.revocations,
+                "pending": len(self._pending),
+            },
         }
 
 
