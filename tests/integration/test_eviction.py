@@ -78,11 +78,15 @@ def stack(
     fleet.stop()
 
 
-def _aborted(fleet: SimFleetProcess) -> float:
+async def _aborted(fleet: SimFleetProcess) -> float:
+    """Requests the engines finished as aborted."""
     total = 0.0
     for e in fleet.engines:
-        page = httpx.get(e.url + "/metrics", timeout=5).text
-        m = re.search(r'vllm:request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)', page)
+        async with httpx.AsyncClient(timeout=5) as client:
+            page = (await client.get(e.url + "/metrics")).text
+        m = re.search(
+            r'vllm:request_success_total\{[^}]*finished_reason="abort"[^}]*\} (\S+)', page
+        )
         total += float(m.group(1)) if m else 0.0
     return total
 
@@ -91,7 +95,7 @@ async def test_sheddable_work_is_revoked_for_a_waiting_critical_request(
     stack: tuple[SimFleetProcess, Gateway],
 ) -> None:
     fleet, gateway = stack
-    aborted_before = _aborted(fleet)
+    aborted_before = await _aborted(fleet)
 
     def body(tokens: int) -> dict[str, Any]:
         return {"model": "tiny", "prompt": f"{uuid.uuid4()} evict", "max_tokens": tokens}
@@ -130,14 +134,16 @@ async def test_sheddable_work_is_revoked_for_a_waiting_critical_request(
             break
         await asyncio.sleep(0.05)
     assert flow["eviction"]["revocations"] >= 2, flow
-    assert flow["eviction"]["pending"] == 0 and flow["eviction"]["tracked"] == 0, flow
+    assert flow["eviction"]["pending"] == 0, flow
+    assert flow["eviction"]["tracked"] == 0, flow
     assert flow["queued"] == 0, flow
     # the engines stopped the revoked work (the gateway reset their connections)
     deadline = time.monotonic() + 10
-    while _aborted(fleet) < aborted_before + 2 and time.monotonic() < deadline:
+    while (await _aborted(fleet)) < aborted_before + 2 and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-    assert _aborted(fleet) >= aborted_before + 2
-    metrics = httpx.get(gateway.scheduler.url + "/metrics", timeout=5).text
+    assert (await _aborted(fleet)) >= aborted_before + 2
+    async with httpx.AsyncClient(timeout=5) as client:
+        metrics = (await client.get(gateway.scheduler.url + "/metrics")).text
     assert re.search(
         r'llm_d_epp_flow_control_revocations_total\{inference_pool="[^"]*",outcome="confirmed"\} '
         r"([2-9]|\d\d)",
@@ -153,7 +159,7 @@ async def test_a_revoked_stream_that_has_started_is_cut(
     """Once a response has started, a revocation cannot change its status: Envoy resets the
     stream (llm-d's behaviour). The client sees the stream end without `[DONE]`."""
     fleet, gateway = stack
-    aborted_before = _aborted(fleet)
+    aborted_before = await _aborted(fleet)
     cut: list[bool] = []
 
     async with httpx.AsyncClient(timeout=120) as client:
@@ -193,9 +199,9 @@ async def test_a_revoked_stream_that_has_started_is_cut(
     assert critical.status_code == 200, critical.text
     assert cut == [True, True]
     deadline = time.monotonic() + 10
-    while _aborted(fleet) < aborted_before + 2 and time.monotonic() < deadline:
+    while (await _aborted(fleet)) < aborted_before + 2 and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
-    assert _aborted(fleet) >= aborted_before + 2
+    assert (await _aborted(fleet)) >= aborted_before + 2
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         state = gateway.scheduler.get_json("/debug/plugins/state")

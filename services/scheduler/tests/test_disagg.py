@@ -190,3 +190,38 @@ def test_the_cost_deciders_parameters_are_checked() -> None:
     bad = COST_DECIDER.replace("maxTTFTIncrease: 0.2", "maxTTFTIncrease: -1")
     with pytest.raises(ConfigError, match="maxTTFTIncrease"):
         build_core(config(bad))
+
+
+def test_back_to_back_decisions_see_the_prefill_queue_they_build() -> None:
+    """The prefill leg never comes back through the gateway, so the handler notes it on the
+    prefill pod as a pick the next scrape will show: the next decision sees that queue and
+    keeps its prefill local; once a scrape shows the prefill pod idle again, it disaggregates
+    again; a scraped backlog counts at the average prefill size."""
+    two = {0: {"llm-d.ai/role": "prefill"}, 1: {"llm-d.ai/role": "decode"}}
+    d, ds, clock = make_director(2, config(COST_DECIDER), labels=two)
+    (prefill,) = [e for e in ds.all() if e.endpoint.name == "pod-0"]
+    scrape(ds, clock, "pod-1", running=8)
+
+    def decide(prompt: str) -> tuple[bool, str]:
+        dec = d.schedule(completion(d, prompt))
+        assert dec.result is not None
+        d.complete(dec, "natural")
+        return hdr.PREFILLER_HOST_PORT in dec.set_headers, dec.result.profiles["decode"].explain[
+            "pd"
+        ]["reason"]
+
+    yes, why = decide("the first new prompt " * 200)
+    assert yes, why
+    assert prefill.unseen_tokens > 500, "the prefill leg is noted on the prefill pod"
+    yes, why = decide("the second new prompt " * 200)
+    assert not yes, why
+    assert "over 1.2x local" in why
+    clock.now += 0.05
+    scrape(ds, clock, "pod-0")  # the prefill pod's next scrape: idle, the pick is covered
+    assert prefill.unseen_tokens == 0
+    yes, why = decide("the third new prompt " * 200)
+    assert yes, why
+    clock.now += 0.05
+    scrape(ds, clock, "pod-0", waiting=3)  # three prefill legs queued there
+    yes, why = decide("the fourth new prompt " * 200)
+    assert not yes, why

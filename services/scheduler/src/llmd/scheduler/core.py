@@ -83,7 +83,7 @@ def build_core(
     built = build(
         epp,
         plugins if plugins is not None else plugin_registry(),
-        PluginHandle(endpoints=datastore.all),
+        PluginHandle(endpoints=datastore.all, clock=datastore.clock),
         allow_experimental=allow_experimental,
     )
     datastore.use_datalayer(built.datalayer)

@@ -331,9 +331,10 @@ class SchedulingError(Exception):
 
 @dataclass
 class PluginHandle:
-    """What a plugin may use: the endpoint pool."""
+    """What a plugin may use: the endpoint pool, and the clock its scrape times are on."""
 
     endpoints: Callable[[], Sequence[EndpointState]]
+    clock: Callable[[], float] = time.monotonic
 
 
 ParamsT = TypeVar("ParamsT", bound=PluginParams)

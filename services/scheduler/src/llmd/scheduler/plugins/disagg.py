@@ -138,11 +138,25 @@ class CostDecider(PDDecider, Plugin[CostParams]):
     (each engine's own, measured), for the prefill pod P with the lowest prediction:
 
         local  = waiting(D) x u_D x c_D + u_D x c_D
-        remote = inflight prompt tokens(P) x c_P + u_P x c_P + u_D x transfer
+        remote = backlog(P) x c_P + u_P x c_P + u_D x transfer
 
-    (waiting requests on D are taken to be like this one; everything the scheduler sent to a
-    prefill pod and has not seen finish is its queue). The numbers show in /debug/explain.
+    Waiting requests on D are taken to be like this one. P's backlog is what its last scrape
+    showed (waiting + running prefill legs, each the size of the average prefill this decider
+    sent) plus the prompt tokens sent to it since that scrape (the handler notes each prefill
+    leg on P as an unseen pick), plus any decode work accounted on it. The prefill leg never
+    returns through the gateway, so in-flight accounting alone would leave P's queue empty and
+    every request would pile onto one prefill pod. The numbers show in /debug/explain.
     """
+
+    def __init__(self, name: str, params: CostParams, handle: Any) -> None:
+        super().__init__(name, params, handle)
+        self.mean_prefill_tokens = 0.0
+        """Moving average of the prompt tokens of the prefill legs this decider chose."""
+
+    def backlog_tokens(self, e: Any) -> float:
+        m = e.metrics
+        scraped = ((m.waiting or 0) + (m.running or 0)) if m is not None else 0
+        return float(e.inflight_tokens + e.unseen_tokens + scraped * self.mean_prefill_tokens)
 
     type_name = "llmd-cost-pd-decider"
     Params = CostParams
@@ -187,21 +201,25 @@ class CostDecider(PDDecider, Plugin[CostParams]):
         c_d = self._cost(pick)
         waiting = (m.waiting or 0) if m is not None else 0
         local = (waiting + 1) * u_d * c_d
-        best: tuple[float, str, float, float] | None = None
+        best: tuple[float, str, float, float, int] | None = None
         for e in self.handle.endpoints():
             if e.endpoint.labels.get(ROLE_LABEL) not in PrefillFilter.roles or e.key == pick.key:
                 continue
             c_p = self._cost(e, c_d)
-            queue = e.inflight_tokens * c_p
-            compute = uncached(e.key) * c_p
+            queue = self.backlog_tokens(e) * c_p
+            u_p = uncached(e.key)
+            compute = u_p * c_p
             remote = queue + compute + u_d * p.transfer_seconds_per_token
             if best is None or remote < best[0]:
-                best = (remote, e.endpoint.name, queue, compute)
+                best = (remote, e.endpoint.name, queue, compute, u_p)
         if best is None:
             return False, "no prefill pod"
-        remote, name, queue, compute = best
+        remote, name, queue, compute, u_p = best
         limit = (1 + p.max_ttft_increase) * local
         yes = remote <= limit
+        if yes:
+            n = self.mean_prefill_tokens
+            self.mean_prefill_tokens = u_p if n == 0 else 0.9 * n + 0.1 * u_p
         return yes, (
             f"{u_d} of {tokens} prompt tokens to compute on {pick.endpoint.name}, which runs "
             f"{running} decodes and has {waiting} waiting: local ~{local * 1000:.1f} ms; remote "
@@ -328,7 +346,15 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         prefill = result.profiles.get(self.prefill)
         if prefill is None or not prefill.targets:
             return {}
-        ep = prefill.targets[0].endpoint
+        target = prefill.targets[0]
+        # The prefill leg goes from the decode pod's sidecar, not through the gateway: note it
+        # on the prefill pod as a pick its next scrape will show (load scorers and the cost
+        # decider read it), so that back-to-back decisions see the queue they build.
+        matches = prefix_matches(request, "approx-prefix-cache-producer") or {}
+        m = matches.get(target.key)
+        cached = m.match_blocks * m.block_size_tokens if m is not None else 0
+        target.note_pick(max(0, request.prompt_tokens - cached), self.handle.clock())
+        ep = target.endpoint
         host = f"[{ep.address}]" if ":" in ep.address else ep.address
         return {hdr.PREFILLER_HOST_PORT: f"{host}:{ep.port}"}
 
