@@ -18,7 +18,8 @@ router process (user + system, from /proc) and of the engines' process. A router
 per second, with the per-request CPU beyond it (the cost that grows with traffic).
 
 Usage: uv run python benchmarks/gateway_overhead.py [--requests N] [--concurrency C]
-           [--output-tokens T] [--prompt-words W] [--targets a,b,...] [--rounds R] [--out FILE]
+           [--output-tokens T] [--prompt-words W] [--targets a,b,...] [--rounds R]
+           [--sim-args '--max-model-len 40000'] [--out FILE]
 """
 
 from __future__ import annotations
@@ -312,12 +313,21 @@ def main() -> int:
     p.add_argument("--idle-seconds", type=float, default=3.0, help="idle CPU window (3 s)")
     p.add_argument("--scheduler-args", default="", help="extra llmd-scheduler flags (llmd-*)")
     p.add_argument("--rounds", type=int, default=1, help="repeat all targets, keep the medians")
+    p.add_argument(
+        "--sim-args",
+        default="",
+        help="extra llmd-sim flags, e.g. '--max-model-len 40000' for 32k-token prompts",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks/reports/gateway-overhead.json"))
     args = p.parse_args()
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     work = Path(tempfile.mkdtemp(prefix="gateway-overhead-"))
     fleet = SimFleetProcess.start(
-        count=args.engines, block_size=16, profile=args.profile, work=work
+        count=args.engines,
+        block_size=16,
+        profile=args.profile,
+        work=work,
+        extra_args=shlex.split(args.sim_args),
     )
     runs: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
     skipped: dict[str, str] = {}
