@@ -71,7 +71,6 @@ class Dma2D:
         ]
         fn.restype = ctypes.c_int
         self._fn = fn
-        self.path = path
 
     @classmethod
     def load(cls) -> Dma2D | None:

@@ -658,26 +658,16 @@ def _flow_parts(
         got = policy(name, OrderingPolicy, name, where)
         if got is not None:
             ordering[name] = got
+
+    def eviction_policy(kind: type, default: str) -> Any:
+        """A configured plugin of `kind` under any name, else llm-d's default one."""
+        found = next((p for p in plugins.values() if isinstance(p, kind)), None)
+        return found or policy(default, kind, default, "flowControl.enableEviction")
+
     eviction_filter = eviction_order = None
     if spec.enable_eviction:
-        # a configured filter / order of any name, else llm-d's defaults
-        configured = list(plugins.values())
-        eviction_filter = next(
-            (p for p in configured if isinstance(p, EvictionFilter)), None
-        ) or policy(
-            "sheddable-eviction-filter",
-            EvictionFilter,
-            "sheddable-eviction-filter",
-            "flowControl.enableEviction",
-        )
-        eviction_order = next(
-            (p for p in configured if isinstance(p, EvictionOrder)), None
-        ) or policy(
-            "priority-then-time-eviction-order-policy",
-            EvictionOrder,
-            "priority-then-time-eviction-order-policy",
-            "flowControl.enableEviction",
-        )
+        eviction_filter = eviction_policy(EvictionFilter, "sheddable-eviction-filter")
+        eviction_order = eviction_policy(EvictionOrder, "priority-then-time-eviction-order-policy")
     if detector is None or usage is None:
         return None, detector
     return (

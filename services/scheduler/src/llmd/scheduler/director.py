@@ -43,6 +43,7 @@ from llmd.scheduler.framework import (
     ScoredEndpoint,
     clamp01,
     prefix_matches,
+    uncached_tokens,
 )
 from llmd.scheduler.metrics import SchedulerMetrics
 from llmd.scheduler.parsing import ParseError, is_inference_path, parse_openai, rewrite_model
@@ -490,11 +491,7 @@ class Director:
 
     def _account(self, decision: Decision, endpoint: EndpointState) -> None:
         req = decision.request
-        cached = 0
-        prefix: dict[str, PrefixMatch] | None = prefix_matches(req)
-        if prefix and endpoint.key in prefix:
-            m = prefix[endpoint.key]
-            cached = min(req.prompt_tokens, m.match_blocks * m.block_size_tokens)
+        cached = req.prompt_tokens - uncached_tokens(req, prefix_matches(req), endpoint.key)
         tokens = (
             self._load.tokens(req, cached) if self._load else max(0, req.prompt_tokens - cached)
         )

@@ -528,7 +528,8 @@ class Tracked:
     priority: int
     dispatched_at: float
     seq: int
-    revoked: asyncio.Future[str]
+    revoked: asyncio.Future[str] = field(init=False)
+    """Resolved with the dropped reason on revocation (made only once the filter admits it)."""
     revoked_at: float = 0.0
 
 
@@ -1104,16 +1105,10 @@ class FlowController:
         a victim (the filter is asked with the highest possible blocked band)."""
         if not self.eviction:
             return None
-        now = self.clock()
-        victim = Tracked(
-            request,
-            request.priority,
-            now,
-            next(self._seq),
-            asyncio.get_running_loop().create_future(),
-        )
+        victim = Tracked(request, request.priority, self.clock(), next(self._seq))
         if not self.eviction_filter.evictable(victim, 2**62):
             return None
+        victim.revoked = asyncio.get_running_loop().create_future()
         self.tracked[id(request)] = victim
         return victim.revoked
 

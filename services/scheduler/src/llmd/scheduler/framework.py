@@ -218,6 +218,11 @@ class PrefixMatch:
     total_blocks: int
     block_size_tokens: int
 
+    @property
+    def tokens(self) -> int:
+        """The prompt tokens the matched blocks hold."""
+        return self.match_blocks * self.block_size_tokens
+
 
 APPROX_PRODUCER = "approx-prefix-cache-producer"
 PRECISE_PRODUCER = "precise-prefix-cache-producer"
@@ -233,6 +238,15 @@ def prefix_matches(
     if got is None and producer == APPROX_PRODUCER:
         got = request.prefix.get(PRECISE_PRODUCER)
     return got
+
+
+def uncached_tokens(
+    request: LLMRequest, matches: Mapping[str, PrefixMatch] | None, key: str
+) -> int:
+    """The prompt tokens endpoint `key` would have to compute: the request's, less its prefix
+    hit there (`matches` from `prefix_matches`; none = nothing cached)."""
+    m = matches.get(key) if matches else None
+    return max(0, request.prompt_tokens - (m.tokens if m is not None else 0))
 
 
 @dataclass(slots=True)

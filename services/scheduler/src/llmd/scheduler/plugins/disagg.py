@@ -45,6 +45,7 @@ from llmd.scheduler.framework import (
     SchedulingError,
     SchedulingResult,
     prefix_matches,
+    uncached_tokens,
 )
 from llmd.scheduler.plugins.filters import ROLE_LABEL, PrefillFilter
 
@@ -98,9 +99,7 @@ class PrefixBasedDecider(PDDecider, Plugin[PrefixParams]):
         target = pick.endpoint.name
         if matches is None:
             return False, "no prefix information (no prefix-cache producer ran)"
-        match = matches.get(pick.key)
-        hit = match.match_blocks * match.block_size_tokens if match is not None else 0
-        uncached = max(0, tokens - hit)
+        uncached = uncached_tokens(request, matches, pick.key)
         decided = uncached >= p.non_cached_tokens
         return decided, f"{uncached} of {tokens} prompt tokens not cached on {target}"
 
@@ -148,6 +147,9 @@ class CostDecider(PDDecider, Plugin[CostParams]):
     every request would pile onto one prefill pod. The numbers show in /debug/explain.
     """
 
+    type_name = "llmd-cost-pd-decider"
+    Params = CostParams
+
     def __init__(self, name: str, params: CostParams, handle: Any) -> None:
         super().__init__(name, params, handle)
         self.mean_prefill_tokens = 0.0
@@ -157,9 +159,6 @@ class CostDecider(PDDecider, Plugin[CostParams]):
         m = e.metrics
         scraped = ((m.waiting or 0) + (m.running or 0)) if m is not None else 0
         return float(e.inflight_tokens + e.unseen_tokens + scraped * self.mean_prefill_tokens)
-
-    type_name = "llmd-cost-pd-decider"
-    Params = CostParams
 
     def _cost(self, e: Any, fallback: float | None = None) -> float:
         """The endpoint's measured prefill seconds per token; else `fallback` (the decode
@@ -181,11 +180,7 @@ class CostDecider(PDDecider, Plugin[CostParams]):
         pick = decode.targets[0]
         matches = prefix_matches(request, p.prefix_plugin_name or "approx-prefix-cache-producer")
 
-        def uncached(key: str) -> int:
-            m = matches.get(key) if matches is not None else None
-            return max(0, tokens - (m.match_blocks * m.block_size_tokens if m else 0))
-
-        u_d = uncached(pick.key)
+        u_d = uncached_tokens(request, matches, pick.key)
         if u_d < p.min_uncached_tokens:
             return (
                 False,
@@ -207,7 +202,7 @@ class CostDecider(PDDecider, Plugin[CostParams]):
                 continue
             c_p = self._cost(e, c_d)
             queue = self.backlog_tokens(e) * c_p
-            u_p = uncached(e.key)
+            u_p = uncached_tokens(request, matches, e.key)
             compute = u_p * c_p
             remote = queue + compute + u_d * p.transfer_seconds_per_token
             if best is None or remote < best[0]:
@@ -350,10 +345,8 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         # The prefill leg goes from the decode pod's sidecar, not through the gateway: note it
         # on the prefill pod as a pick its next scrape will show (load scorers and the cost
         # decider read it), so that back-to-back decisions see the queue they build.
-        matches = prefix_matches(request, "approx-prefix-cache-producer") or {}
-        m = matches.get(target.key)
-        cached = m.match_blocks * m.block_size_tokens if m is not None else 0
-        target.note_pick(max(0, request.prompt_tokens - cached), self.handle.clock())
+        tokens = uncached_tokens(request, prefix_matches(request), target.key)
+        target.note_pick(tokens, self.handle.clock())
         ep = target.endpoint
         host = f"[{ep.address}]" if ":" in ep.address else ep.address
         return {hdr.PREFILLER_HOST_PORT: f"{host}:{ep.port}"}

@@ -242,9 +242,8 @@ class PredictedLatencyProducer(DataProducer[PredictedLatencyParams], ResponseHoo
         out: dict[str, int] = {}
         for matches in request.prefix.values():
             for key, m in matches.items():
-                tokens = m.match_blocks * m.block_size_tokens
-                if tokens > out.get(key, 0):
-                    out[key] = tokens
+                if m.tokens > out.get(key, 0):
+                    out[key] = m.tokens
         return out
 
     # --- training ----------------------------------------------------------------------------

@@ -143,7 +143,7 @@ class PrefixCacheScorer(Scorer[PrefixScorerParams]):
                 continue
             ratio = m.match_blocks / m.total_blocks
             if w:
-                length = min(1.0, m.match_blocks * m.block_size_tokens / scale) ** 2
+                length = min(1.0, m.tokens / scale) ** 2
                 out.append(w * length + (1 - w) * ratio)
             else:
                 out.append(ratio)
