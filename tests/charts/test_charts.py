@@ -577,3 +577,35 @@ def test_the_tiered_prefix_cache_path_wires_the_fs_tier_and_its_evictor(tmp_path
     values["modelServer"]["pd"] = {"role": "decode"}
     with pytest.raises(ChartError, match="choose one"):
         umbrella(values)
+
+
+def test_warm_start_prompts_reach_the_activator_as_a_mounted_file(tmp_path: Path) -> None:
+    values = copy.deepcopy(PATHS["workload-autoscaling"])
+    prompts = ["You are a support agent. Policies: ...",
+               {"messages": [{"role": "system", "content": "Review code."}], "model": "m2"}]  # fmt: skip
+    values["activator"]["warmStart"] = {"prompts": prompts, "model": "m1"}
+    docs = umbrella(values)
+    validate_all(docs)
+    data = named(docs, "ConfigMap", "-activator-warm-prompts")["data"]["warm-prompts.yaml"]
+    assert yaml.safe_load(data) == prompts
+    spec = named(docs, "Deployment", "-activator")["spec"]["template"]
+    assert "llmd.ai/warm-prompts-checksum" in spec["metadata"]["annotations"]
+    c = spec["spec"]["containers"][0]
+    assert c["volumeMounts"][0]["mountPath"] == "/etc/llmd-activator"
+    assert "--warm-model=m1" in c["args"]
+    (tmp_path / "warm-prompts.yaml").write_text(data)
+    args = [a.replace("/etc/llmd-activator", str(tmp_path)) for a in c["args"]]
+    r = subprocess.run([str(BIN / "llmd-activator"), *args, "--check-config"],
+                       capture_output=True, text=True, timeout=120, env=kubeconfig(tmp_path))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "warms new replicas with 2 prompt(s)" in r.stdout
+    (tmp_path / "warm-prompts.yaml").write_text("- {prompt: hi, messages: []}\n")
+    r = subprocess.run([str(BIN / "llmd-activator"), *args, "--check-config"],
+                       capture_output=True, text=True, timeout=120, env=kubeconfig(tmp_path))  # fmt: skip
+    assert r.returncode == 2
+    assert "warm_prompts_file[0]: needs exactly one of prompt, messages" in r.stderr
+    values["activator"]["warmStart"] = {"prompts": [{"prompt": "x", "temperature": 0}]}
+    with pytest.raises(ChartError, match="warmStart"):
+        umbrella(values)
+    plain = umbrella(PATHS["workload-autoscaling"])
+    assert not [d for d in of_kind(plain, "ConfigMap") if "warm" in d["metadata"]["name"]]

@@ -72,3 +72,25 @@ def test_the_volume_write_limit_is_shared_and_unannounced_blocks_are_evicted_sil
     assert not t.written(blocks(1)[0], a.done)
     d = t.store(blocks(4), now=10.0)  # evicts block 2, written long ago
     assert d.evicted == blocks(2)
+
+
+def test_a_volume_in_a_directory_is_shared_by_processes(tmp_path: object) -> None:
+    """Two tiers on one directory stand for two engine processes: each sees the other's stored
+    blocks once their write has finished, and an eviction by one is seen by both."""
+    a = tier(dir=str(tmp_path), capacity_tokens=3 * BS, write_gbps=1e-3)
+    b = tier(dir=str(tmp_path), capacity_tokens=3 * BS, write_gbps=1e-3)
+    try:
+        res = a.store(blocks(1, 2), now=0.0)
+        assert res.done == pytest.approx(0.032)
+        assert b.consecutive(blocks(1, 2), 0, 2, now=0.01) == 0, "not written yet"
+        assert b.consecutive(blocks(1, 2), 0, 2, now=0.05) == 2
+        res = b.store(blocks(3, 4), now=1.0)  # the volume holds 3 blocks: 1 goes
+        assert res.evicted == blocks(1)
+        assert a.consecutive(blocks(1, 2), 0, 2, now=2.0) == 0, "B's eviction is seen by A"
+        assert a.consecutive(blocks(2, 3, 4), 0, 3, now=2.0) == 3
+        c = tier(dir=str(tmp_path), capacity_tokens=3 * BS)  # a process started later
+        assert c.consecutive(blocks(2, 3, 4), 0, 3, now=2.0) == 3
+        c.close()
+    finally:
+        a.close()
+        b.close()

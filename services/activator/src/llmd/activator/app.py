@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import Field
 
 from llmd.activator.core import Activator, ActivatorSettings
+from llmd.activator.warm import Warmer, load_warm_prompts
 from llmd.runtime.cluster import Cluster, HttpCluster, KubernetesCluster, KubernetesPool
 from llmd.runtime.config import ConfigError, ConfigIssue, Seconds
 from llmd.runtime.discovery import kube_api_client
@@ -70,6 +71,20 @@ class ActivatorConfig(ServiceConfig):
     read_timeout: Seconds = Field(
         default=600.0, gt=0, description="longest silence from an engine inside a response"
     )
+    warm_prompts_file: str = Field(
+        default="",
+        description="warm start: a YAML list of the pool's hot prompts, sent with max_tokens 1 "
+        "to every replica that joins the pool (loaded from the FS tier when it has them)",
+    )
+    warm_model: str = Field(
+        default="", description="warm start: the model of prompts that do not name one"
+    )
+    warm_concurrency: int = Field(
+        default=2, gt=0, le=64, description="warm start: prompts in flight per replica"
+    )
+    warm_timeout: Seconds = Field(
+        default=60.0, gt=0, description="warm start: longest wait for one warm-up request"
+    )
 
     def settings(self) -> ActivatorSettings:
         return ActivatorSettings(
@@ -91,11 +106,21 @@ class ActivatorApp:
         self.registry = CollectorRegistry()
         self.health = Health(self.registry)
         self.health.set("pool-synced", False, "the pool has not been read yet")
+        self.warmer: Warmer | None = None
+        if config.warm_prompts_file:
+            self.warmer = Warmer(
+                config.pool,
+                load_warm_prompts(config.warm_prompts_file, config.warm_model),
+                registry=self.registry,
+                concurrency=config.warm_concurrency,
+                timeout_s=config.warm_timeout,
+            )
         self.activator = Activator(
             config.settings(),
             cluster,
             registry=self.registry,
             proxy=StreamingProxy(ProxyTimeouts(read_s=config.read_timeout)),
+            warmer=self.warmer,
         )
         self._servers: list[Any] = []
         self._watch: asyncio.Task[None] | None = None
@@ -104,9 +129,14 @@ class ActivatorApp:
         c = self.config
         target = c.upstream_url or "a ready engine"
         zero = f"after {c.scale_down_delay:g}s idle" if c.scale_to_zero else "never"
+        warm = (
+            f"; warms new replicas with {len(self.warmer.prompts)} prompt(s)"
+            if self.warmer is not None
+            else ""
+        )
         return (
             f"llmd-activator: pool {c.pool} ({c.cluster}), forwarding to {target}; holds up to "
-            f"{c.max_queued} requests for {c.hold_timeout:g}s; scale to zero {zero}"
+            f"{c.max_queued} requests for {c.hold_timeout:g}s; scale to zero {zero}{warm}"
         )
 
     def http_app(self) -> FastAPI:

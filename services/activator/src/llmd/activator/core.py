@@ -37,6 +37,8 @@ from llmd.runtime.cluster import Cluster, ClusterError
 from llmd.runtime.discovery import Endpoint
 from llmd.runtime.proxy import ProxyResult, StreamingProxy, error_response
 
+from .warm import Warmer
+
 log = logging.getLogger(__name__)
 
 
@@ -126,8 +128,10 @@ class Activator:
         registry: CollectorRegistry | None = None,
         proxy: StreamingProxy | None = None,
         clock: Callable[[], float] = time.monotonic,
+        warmer: Warmer | None = None,
     ) -> None:
         self.s = settings
+        self.warmer = warmer
         self.cluster = cluster
         self.proxy = proxy or StreamingProxy()
         self.clock = clock
@@ -173,6 +177,8 @@ class Activator:
             ok = await asyncio.gather(*(self._healthy(e) for e in starting))
             ready += [e for e, good in zip(starting, ok, strict=True) if good]
         self._set_ready(ready)
+        if self.warmer is not None:
+            self.warmer.observe(ready)
         now = self.clock()
         if self.held and not ready and status.desired == 0:
             await self._scale(1, "up")
@@ -227,6 +233,8 @@ class Activator:
                 await self._task
         if self._probe is not None:
             await self._probe.close()
+        if self.warmer is not None:
+            await self.warmer.aclose()
         await self.proxy.aclose()
 
     # --- requests --------------------------------------------------------------------------

@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount a simulated shared KV volume (llmd-fs-offload); the servers of one domain "
         "share it",
     )
+    s.add_argument(
+        "--storage-dir",
+        help="share the volume with servers in other processes through this directory (the "
+        "local stack's engines are one process each)",
+    )
     s.add_argument("--storage-capacity-tokens", type=int, help="tokens of KV it holds (10M)")
     s.add_argument("--storage-read-gbps", type=float, help="load bandwidth per server (10)")
     s.add_argument("--storage-write-gbps", type=float, help="store bandwidth per server (10)")

@@ -15,10 +15,17 @@ concurrent loads queue behind each other as they do on a saturated link. A store
 write pipes; if it would wait longer than `max_write_queued_s` it is dropped (the real tier's
 back-pressure, counted), and a stored block becomes visible (looked up, announced) only once its
 write has finished.
+
+With `dir` set, the volume is also shared between processes (the local stack runs one process
+per engine): every store and eviction is appended to `<dir>/<domain>.blocks`, and each process
+reads the lines it has not seen before every lookup and store. Each process keeps its own
+least-recently-used order of the shared blocks; an eviction one process makes is seen by all.
+The volume's shared bandwidth limits (`volume_*_gbps`) stay per process.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -50,6 +57,11 @@ class StorageConfig(StrictModel):
     kv_bytes_per_token: int = Field(
         default=131_072, gt=0, description="KV bytes per token (Llama-3.1-8B bf16: 131,072)"
     )
+    dir: str | None = Field(
+        default=None,
+        min_length=1,
+        description="share the volume with engines in other processes through this directory",
+    )
 
 
 class StoreResult(NamedTuple):
@@ -77,6 +89,49 @@ class StorageTier:
         self.dropped_stores = 0
         self._read_free_at = 0.0
         self._write_free_at = 0.0
+        self._log: int | None = None
+        self._log_pos = 0
+        if config.dir is not None:
+            os.makedirs(config.dir, exist_ok=True)
+            path = os.path.join(config.dir, f"{config.domain}.blocks")
+            self._log = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def close(self) -> None:
+        if self._log is not None:
+            os.close(self._log)
+            self._log = None
+
+    def _sync(self) -> None:
+        """Apply the shared log's lines this process has not read yet (`+ HASH DONE` stored,
+        `- HASH` evicted); a line still being written is left for the next read."""
+        if self._log is None:
+            return
+        chunks: list[bytes] = []
+        at = self._log_pos
+        while chunk := os.pread(self._log, 1 << 20, at):
+            chunks.append(chunk)
+            at += len(chunk)
+        data = b"".join(chunks)
+        end = data.rfind(b"\n") + 1
+        self._log_pos += end
+        for line in data[:end].splitlines():
+            op, _, rest = line.partition(b" ")
+            if op == b"+":
+                h, _, done = rest.partition(b" ")
+                key = bytes.fromhex(h.decode())
+                self._blocks[key] = float(done)
+                self._blocks.move_to_end(key)
+                if len(self._blocks) > self.capacity_blocks:
+                    self._blocks.popitem(last=False)
+            elif op == b"-":
+                self._blocks.pop(bytes.fromhex(rest.decode()), None)
+
+    def _append(self, stored: Sequence[bytes], done: float, evicted: Sequence[bytes]) -> None:
+        if self._log is None:
+            return
+        lines = [f"+ {h.hex()} {done!r}\n" for h in stored]
+        lines += [f"- {h.hex()}\n" for h in evicted]
+        os.write(self._log, "".join(lines).encode())  # one O_APPEND write: never interleaved
 
     @property
     def ownership(self) -> str:
@@ -88,6 +143,7 @@ class StorageTier:
     def consecutive(self, hashes: Sequence[bytes], start: int, end: int, now: float) -> int:
         """How many of hashes[start:end] are stored (written by `now`), from `start`, without
         a gap."""
+        self._sync()
         n = 0
         for h in hashes[start:end]:
             ready = self._blocks.get(h)
@@ -102,8 +158,10 @@ class StorageTier:
     ) -> StoreResult:
         """Store blocks (already stored ones are only refreshed). A store that would queue
         past `max_write_queued_s` stores nothing (counted in `dropped_stores`)."""
+        self._sync()
         stored: list[bytes] = []
         evicted: list[bytes] = []
+        removed: list[bytes] = []
         new = []
         for h in hashes:
             if h in self._blocks:
@@ -129,10 +187,12 @@ class StorageTier:
             stored.append(h)
             if len(self._blocks) > self.capacity_blocks:
                 old, ready = self._blocks.popitem(last=False)
+                removed.append(old)
                 if ready <= now:  # a block still being written was never announced
                     evicted.append(old)
         self.stored += len(stored)
         self.evicted += len(evicted)
+        self._append(stored, done, removed)
         return StoreResult(stored, evicted, done, False)
 
     def written(self, h: bytes, done: float) -> bool:
@@ -172,5 +232,8 @@ def shared_tier(config: StorageConfig, block_size: int) -> StorageTier:
 
 
 def forget_tiers() -> None:
-    """Drop every domain's tier (a new fleet starts with empty volumes)."""
+    """Drop every domain's tier (a new fleet starts with empty volumes; a volume shared through
+    a directory keeps its blocks there)."""
+    for tier in _TIERS.values():
+        tier.close()
     _TIERS.clear()
