@@ -423,3 +423,34 @@ async def test_a_shared_storage_tier_serves_one_servers_prompt_to_another(
         ctx.term()
     labels = [e["labels"] for e in fleet.endpoints_document()["endpoints"]]
     assert all(lbl["llmd.ai/storage-domain"] == "vol" for lbl in labels)
+
+
+async def test_requests_for_a_prefix_being_loaded_wait_for_that_load(
+    start_fleet: StartFleet,
+) -> None:
+    """Three requests for one stored prefix, at once, on a server whose GPU does not hold it:
+    the prefix is loaded from the volume once; the other two wait for that load and find the
+    prefix on the GPU, as vLLM's offloading connector delays a request whose chunks are
+    being loaded, not load it again."""
+    fleet = await start_fleet(2, storage={"domain": "vol", "latency_ms": 0, "read_gbps": 0.05})
+    a, b = fleet.servers
+    first = await post(a, "/v1/completions", {"prompt": LONG, "max_tokens": 1})
+    full = (first.json()["usage"]["prompt_tokens"] - 1) // 16 * 16
+    await asyncio.sleep(0.5)  # the store's write finishes
+    replies = await asyncio.gather(
+        *(post(b, "/v1/completions", {"prompt": f"{LONG} q{k}", "max_tokens": 1}) for k in range(3))
+    )
+    cached = [r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] for r in replies]
+    assert min(cached) >= full
+    text = (await get(b, "/metrics")).text
+    by_source = {
+        src: float(ln.split()[-1])
+        for ln in text.splitlines()
+        if ln.startswith("vllm:prompt_tokens_cached_by_source_total{")
+        for src in ("disk", "device")
+        if f'source="{src}"' in ln
+    }
+    assert by_source["disk"] == full, "loaded once"
+    assert by_source["device"] >= 2 * full, "the others hit the loaded blocks on the GPU"
+    load = [ln for ln in text.splitlines() if ln.startswith("vllm:kv_offload_load_bytes_total{")]
+    assert float(load[0].split()[-1]) == full * 131_072

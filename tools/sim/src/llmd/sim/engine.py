@@ -214,6 +214,11 @@ class Engine:
         self.fatal: str | None = None
         self.storage = storage
         self._storage_events: list[Any] = []
+        self._loading: dict[bytes, int] = {}
+        """Stored blocks being loaded -> loads in flight that read them. A request whose next
+        block is one of them waits for that load (then hits it on the GPU) instead of loading
+        it a second time, as vLLM's offloading connector delays a request whose hit chunks are
+        already being loaded (with prefix caching on)."""
         self._read_link_free_at = 0.0
         self._write_link_free_at = 0.0
 
@@ -378,7 +383,7 @@ class Engine:
         skipped: list[SimRequest] = []
         while self.waiting and budget > 0 and len(self.running) < s.max_num_seqs:
             req = self.waiting.popleft()
-            if not self._lora_ok(req, active):
+            if not self._lora_ok(req, active) or (self._loading and self._behind_a_load(req)):
                 skipped.append(req)
                 continue
             if not self._admit(req, budget, plan, shape):
@@ -668,12 +673,34 @@ class Engine:
         if present and self._publish is not None:
             self._publish(self._stored_events(present))
 
+    def _behind_a_load(self, req: SimRequest) -> bool:
+        """Whether the first block `req` would not find on the GPU is being loaded by another
+        request's load in flight."""
+        if req.blocks or req.remote is not None or self.storage is None:
+            return False
+        most = (req.num_tokens - 1) // self.settings.block_size
+        hit = len(self.pool.longest_prefix(req.block_hashes, most))
+        return hit < most and req.block_hashes[hit] in self._loading
+
     def _start_storage_load(self, req: SimRequest, blocks: int) -> None:
         req.status = Status.WAITING_FOR_REMOTE_KVS
         self.fetching.add(req)
+        first = req.num_computed // self.settings.block_size
+        hashes = req.block_hashes[first : first + blocks]
+        for h in hashes:
+            self._loading[h] = self._loading.get(h, 0) + 1
         task = asyncio.create_task(self._load(req, blocks), name=f"fs-load-{req.request_id}")
         self._fetch_tasks.add(task)
-        task.add_done_callback(self._fetch_tasks.discard)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._fetch_tasks.discard(t)
+            for h in hashes:
+                n = self._loading.pop(h) - 1
+                if n:
+                    self._loading[h] = n
+            self._work.set()  # requests waiting for these blocks look again
+
+        task.add_done_callback(done)
 
     async def _load(self, req: SimRequest, blocks: int) -> None:
         """Read `blocks` stored blocks after the GPU hit into the request's new blocks."""
