@@ -144,3 +144,31 @@ async def test_a_new_replica_is_warmed_from_the_fs_tier(
             assert first_after["disk"] == 0
         finally:
             await app.stop()
+
+
+@pytest.mark.integration
+async def test_prefixes_of_a_replica_removed_on_scale_down_stay_on_the_volume(
+    shared_volume_pool: LocalCluster,
+) -> None:
+    """Scale-down with an FS tier: what the drained replica computed is loaded, not computed
+    again, by the replica that remains."""
+    cluster = shared_volume_pool
+    (old,) = await cluster.endpoints("sim")
+    await cluster.scale("sim", 2)
+    await cluster.wait_ready("sim", 60)
+    (victim,) = [e for e in await cluster.endpoints("sim") if e != old]
+    body = {"model": "tiny", "prompt": HOT + " Which rake?", "max_tokens": 1}
+    async with httpx.AsyncClient(timeout=30) as c:
+        r = await c.post(f"http://{victim.host_port}/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        full = (r.json()["usage"]["prompt_tokens"] - 1) // 16 * 16
+        await cluster.scale("sim", 1)
+        for _ in range(300):  # the newest replica is the one drained and stopped
+            if await cluster.endpoints("sim") == [old] and cluster.settled("sim"):
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"not scaled down: {await cluster.endpoints('sim')}")
+        r = await c.post(f"http://{old.host_port}/v1/completions", json=body)
+        assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == full
+        assert _sources((await c.get(f"http://{old.host_port}/metrics")).text)["disk"] == full
