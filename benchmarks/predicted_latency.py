@@ -44,6 +44,7 @@ from flow_control import engine_ttft, gateway
 from protocol_throughput import write_report
 
 from llmd.dev.sim_engines import SimFleetProcess
+from llmd.protocol.metrics import parse_samples
 
 TARGETS = {
     "optimized-baseline": """
@@ -251,6 +252,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                                     (s1 - s0) / (c1 - c0) * 1000 / args.speed, 1)
                                     if c1 > c0 else None,
                             }  # fmt: skip
+                            samples = await model_samples(gw.scheduler.url + "/metrics")
+                            if samples is not None:
+                                row["latency_model_samples"] = samples
                             print(f"[{shape_name}] {name:<23} {row}", flush=True)
                             rows.append(row)
                             await asyncio.sleep(3)
@@ -259,6 +263,17 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             fleet.stop()
     return result
+
+
+async def model_samples(url: str) -> dict[str, float] | None:
+    """The scheduler's latency-model training samples (None: no model in this config). A
+    predicted-latency target whose model never trained is the composite fallback."""
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        text = await r.text()
+    out = {
+        m.labels["target"]: m.value for m in parse_samples(text, ("llmd_latency_model_samples",))
+    }
+    return out or None
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import subprocess
 import sys
 import time
@@ -268,3 +269,77 @@ async def test_gateway_sends_a_pool_at_zero_to_the_activator(tmp_path: Path) -> 
         await asyncio.to_thread(gateway.stop)
         await activator.stop()
         await cluster.close()
+
+
+LATENCY_CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: predicted-latency-producer
+  parameters: {minSamples: 10}
+- type: latency-scorer
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: latency-scorer}]
+"""
+
+
+async def test_prefill_capacity_comes_from_the_scheduler_s_latency_model(tmp_path: Path) -> None:
+    """Envoy -> llmd-scheduler with the predicted-latency model -> a simulated engine: the
+    model learns the engine's prefill speed from the responses, and llmd-autoscaler reads it as
+    one replica's prefill capacity and sizes the pool by the prompt tokens the engines compute."""
+    from llmd.autoscaler.controller import Autoscaler
+    from llmd.autoscaler.variants import parse_variants
+
+    launcher = SimLauncher(profile="h100-8b", extra_args=("--max-model-len", "32768"))
+    cluster = LocalCluster({"sim": launcher}, tmp_path / "e.yaml", tmp_path)
+    await cluster.scale("sim", 1)
+    await cluster.wait_ready("sim", 60)
+    config = tmp_path / "epp.yaml"
+    config.write_text(LATENCY_CONFIG)
+    gateway = await asyncio.to_thread(
+        Gateway.start, cluster.discovery_file, tmp_path / "gw", config_file=config
+    )
+    sched = gateway.scheduler.url + "/metrics"
+
+    async def send(c: httpx.AsyncClient, words: int) -> None:
+        body = {"model": "tiny", "prompt": f"{words} " + "lorem " * words, "max_tokens": 2,
+                "stream": True}  # fmt: skip
+        async with c.stream("POST", gateway.url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for _ in r.aiter_bytes():
+                pass
+
+    scaler = Autoscaler(
+        parse_variants([VARIANT]), cluster, actuation="metric",
+        latency_model_urls={"tiny": sched},
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(timeout=60) as c:
+            for k in range(24):  # prompts of 100 to 2,400 words teach the model
+                await send(c, 100 * (1 + k % 24))
+            for _ in range(100):  # the gateway reports responses on its access log, in batches
+                capacity = _metric((await c.get(sched)).text, PREFILL_GAUGE)
+                if capacity > 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert capacity > 0, "the latency model learned the engine's prefill speed"
+            await scaler.step()  # the engines' counters, first read
+            await asyncio.gather(*(send(c, 3000) for _ in range(8)))
+            (d,) = await scaler.step()
+            after = _metric((await c.get(sched)).text, PREFILL_GAUGE)
+        a = d.analysis
+        assert a.prefill_tps is not None
+        assert a.prefill_tps > 0
+        seen = scaler.metrics.prefill.labels("tiny", "capacity")._value.get()
+        assert seen == pytest.approx(after, rel=0.25)  # the model keeps learning meanwhile
+        need = math.ceil(a.prefill_tps / (seen * scaler.settings.prefill_target) - 1e-9)
+        assert a.replicas >= need
+        if need > 1:
+            assert "prefill" in a.reason
+    finally:
+        await asyncio.to_thread(gateway.stop)
+        await cluster.close()
+
+
+PREFILL_GAUGE = "llmd_latency_model_prefill_tokens_per_second"

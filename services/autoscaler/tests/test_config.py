@@ -20,7 +20,9 @@ VA = {
     [
         ([], "variants_file: required"),
         (["--variants-file", "missing.yaml"], "cannot read missing.yaml"),
-        (["--demand-urls", '["https://x/metrics"]'], "demand URLs are plain http://"),
+        (["--demand-urls", '["https://x/metrics"]'], "metrics URLs are plain http://"),
+        (["--latency-model-urls", '{"m": "ftp://x"}'], "latency_model_urls.m"),
+        (["--saturation-prefill-target", "0"], "saturation.prefill_target"),
         (["--variants-source", "kubernetes"], "kubernetes needs cluster: kubernetes"),
         (["--saturation-kv-cache-threshold", "1.5"], "saturation.kv_cache_threshold"),
         (["--interval", "soon"], "interval"),

@@ -142,6 +142,27 @@ def test_full_batches_are_load_once_the_limit_is_known() -> None:
     assert analyze([VariantState(v, 4, 4, half, batch_limit=4)], S).replicas == 2
 
 
+def test_prefill_is_load_once_a_replica_s_capacity_is_known() -> None:
+    v = variant()
+    # 2 replicas computing 30k prompt tokens/s each; KV, queues and batches look calm, so
+    # without a capacity the pool would be cut to one replica
+    calm = tuple(ReplicaLoad(f"r{i}", 0.1, 0, 1, prefill_tps=30_000.0) for i in range(2))
+    assert analyze([VariantState(v, 2, 2, calm)], S).replicas == 1
+    # one replica computes 40k tokens/s: 60k at 70% of 40k needs ceil(2.14) = 3
+    a = analyze([VariantState(v, 2, 2, calm, prefill_capacity_tps=40_000.0)], S)
+    assert a.replicas == 3
+    assert "prefill 60000 tok/s needs 2.1 replica(s) at 70% of 40000 tok/s each" in a.reason
+    assert a.prefill_tps == 60_000
+    assert a.as_dict()["prefill_tps"] == 60_000
+    # the same load does not let 3 replicas shrink to 1 either
+    three = (*calm, ReplicaLoad("r2", 0.1, 0, 1, prefill_tps=0.0))
+    assert analyze([VariantState(v, 3, 3, three, prefill_capacity_tps=40_000.0)], S).replicas == 3
+    # a replica whose rate is not known yet stands for the mean of the others
+    half = (calm[0], ReplicaLoad("r1", 0.1, 0, 1))
+    b = analyze([VariantState(v, 2, 2, half, prefill_capacity_tps=40_000.0)], S)
+    assert b.prefill_tps == 60_000
+
+
 def test_trend_projects_a_rising_load_only() -> None:
     t = Trend(window_s=30)
     for i in range(7):

@@ -96,6 +96,28 @@ def test_the_model_learns_and_routes_to_the_lowest_predicted_ttft() -> None:
     assert max(errors.values()) < 0.2
 
 
+def test_a_stream_without_a_usage_chunk_still_teaches_the_ttft_model() -> None:
+    """Most streaming clients do not ask for `include_usage`: the gateway then sees no usage,
+    but the time to first token is known and is a TTFT sample (no TPOT sample: the output
+    token count is not)."""
+    director, ds, _ = make_director(2, CONFIG)
+    producer = director.built.plugins["predicted-latency-producer"]
+    for _ in range(3):
+        scrape(ds, waiting=[1, 0], running=[2, 1])
+        req = request(director)
+        decision = director.schedule(req)
+        decision.first_byte_at = req.received_at + 0.2
+        decision.ended_at = req.received_at + 0.5
+        director.complete(decision, "natural", None)
+    assert producer.state()["samples"] == {"ttft": 3, "tpot": 0}
+    # a stream that broke off is no sample
+    req = request(director)
+    decision = director.schedule(req)
+    decision.first_byte_at = req.received_at + 0.2
+    director.complete(decision, "upstream-reset", None)
+    assert producer.state()["samples"]["ttft"] == 3
+
+
 def test_with_an_slo_the_tightest_endpoint_that_meets_it_wins() -> None:
     director, ds, _ = make_director(3, CONFIG)
     train(director, ds)

@@ -38,11 +38,16 @@ from llmd.runtime.service import ServiceConfig
 log = logging.getLogger(__name__)
 
 
+def _check_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"{url!r}: metrics URLs are plain http://HOST:PORT/PATH")
+    return url
+
+
 def _check_urls(urls: list[str]) -> list[str]:
     for url in urls:
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"{url!r}: demand URLs are plain http://HOST:PORT/PATH")
+        _check_url(url)
     return urls
 
 
@@ -70,6 +75,11 @@ class Saturation(StrictModel):
         default=0.75, gt=0, le=1, alias="batchTarget",
         description="size the load so replicas run this share of their batch limit (llmd)",
     )  # fmt: skip
+    prefill_target: float = Field(
+        default=0.7, gt=0, le=1, alias="prefillTarget",
+        description="size the load so replicas compute this share of their prefill capacity "
+        "(llmd; needs latency_model_urls)",
+    )  # fmt: skip
 
     def settings(self) -> SaturationSettings:
         return SaturationSettings(
@@ -78,6 +88,7 @@ class Saturation(StrictModel):
             self.kv_spare_trigger,
             self.queue_spare_trigger,
             self.batch_target,
+            self.prefill_target,
         )
 
 
@@ -155,6 +166,12 @@ class AutoscalerConfig(ServiceConfig):
         description="/metrics URLs of schedulers and activators whose queued requests count as "
         "demand (llm_d_epp_flow_control_queue_size, llmd_activator_queue_size)",
     )
+    latency_model_urls: dict[str, Annotated[str, AfterValidator(_check_url)]] = Field(
+        default_factory=dict,
+        description="per model, the /metrics URL of the scheduler whose latency model gives one "
+        "replica's prefill capacity (llmd_latency_model_prefill_tokens_per_second); with it, "
+        "the prompt tokens the engines compute per second are load too",
+    )
     metrics_source: Literal["engines", "prometheus"] = Field(
         default="engines",
         description="engines: read each replica's /metrics (seconds fresh); prometheus: the "
@@ -219,6 +236,7 @@ class AutoscalerApp:
             max_up=config.max_scale_up_step,
             max_down=config.max_scale_down_step,
             demand_urls=config.demand_urls,
+            latency_model_urls=config.latency_model_urls,
             controller_instance=config.controller_instance,
             predictive=config.predictive,
             trend_window_s=config.trend_window,

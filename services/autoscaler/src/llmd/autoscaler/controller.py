@@ -57,6 +57,8 @@ from llmd.runtime.scrapeclient import ScrapeClient, ScrapeError
 log = logging.getLogger(__name__)
 
 GATEWAY_QUEUE = "llm_d_epp_flow_control_queue_size"
+PREFILL_CAPACITY = "llmd_latency_model_prefill_tokens_per_second"
+PROMPT_BY_SOURCE = "vllm:prompt_tokens_by_source_total"
 ACTIVATOR_QUEUE = "llmd_activator_queue_size"
 MAX_DECISIONS = 512
 Actuation = Literal["metric", "scale"]
@@ -98,6 +100,8 @@ class _ModelTrack:
     last_total: int = -1
     completed: dict[str, float] = field(default_factory=dict)
     """Per engine key, the completed-request counter at the last scrape."""
+    computed: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Per engine key, (computed prompt tokens, when) at the last scrape."""
 
 
 class AutoscalerMetrics:
@@ -132,7 +136,8 @@ class AutoscalerMetrics:
         )
         self.errors = Counter(
             "llmd_autoscaler_errors",
-            "Failures by stage (cluster, scrape, prometheus, demand, actuate, status, variants)",
+            "Failures by stage (cluster, scrape, prometheus, demand, latency_model, actuate, "
+            "status, variants)",
             ["stage"],
             registry=registry,
         )
@@ -146,6 +151,14 @@ class AutoscalerMetrics:
             "llmd_autoscaler_queued_requests",
             "Requests held at the gateway or activator for the model, at the last loop",
             ["model_name"],
+            registry=registry,
+        )
+        self.prefill = Gauge(
+            "llmd_autoscaler_prefill_tokens_per_second",
+            "Prompt tokens per second at the last loop: demand (computed by the model's "
+            "engines together) and capacity (one replica's, from the scheduler's latency model; "
+            "0: not known)",
+            ["model_name", "kind"],
             registry=registry,
         )
 
@@ -181,6 +194,7 @@ class Autoscaler:
         max_up: int = 4,
         max_down: int = 1,
         demand_urls: Sequence[str] = (),
+        latency_model_urls: dict[str, str] | None = None,
         scrape_timeout_s: float = 1.0,
         controller_instance: str = "",
         predictive: bool = True,
@@ -199,6 +213,7 @@ class Autoscaler:
         self.scale_to_zero = scale_to_zero
         self.retention_s = retention_s
         self.demand_urls = list(demand_urls)
+        self.latency_model_urls = dict(latency_model_urls or {})
         self.scrape_timeout_s = scrape_timeout_s
         self.clock = clock
         self.metrics = AutoscalerMetrics(registry or CollectorRegistry(), controller_instance)
@@ -267,13 +282,19 @@ class Autoscaler:
         try:
             text = await self._get(ep.address, ep.port, "/metrics")
             snap = parse_engine_snapshot(text)
-            done = sum(s.value for s in parse_samples(text, (REQUEST_SUCCESS,)))
+            done = 0.0
+            computed = None
+            for s in parse_samples(text, (REQUEST_SUCCESS, PROMPT_BY_SOURCE)):
+                if s.name == REQUEST_SUCCESS:
+                    done += s.value
+                elif s.labels.get("source") == "local_compute":
+                    computed = (computed or 0.0) + s.value
         except (ScrapeError, DecodeError, ValueError) as exc:
             self.metrics.errors.labels("scrape").inc()
             log.debug("scrape of %s failed: %s", ep.host_port, exc)
             return None
         cap = (snap.num_gpu_blocks or 0) * (snap.block_size or 0) or None
-        return EngineReading(snap.kv_cache_usage, snap.waiting, snap.running, done, cap)
+        return EngineReading(snap.kv_cache_usage, snap.waiting, snap.running, done, cap, computed)
 
     async def _engine(self, track: _ModelTrack, ep: Any) -> tuple[ReplicaLoad, int | None, bool]:
         """(load, KV capacity in tokens, completed any request since the last read)."""
@@ -285,10 +306,19 @@ class Autoscaler:
             track.completed[ep.host_port] = r.completed
         # a changed counter (a reset, on a restart, too) means requests completed
         completed = before is not None and r.completed is not None and r.completed != before
-        load = ReplicaLoad(ep.name, r.kv_usage, r.waiting, r.running)
+        rate = None
+        if r.computed_prompt_tokens is not None:
+            now = self.clock()
+            last = track.computed.get(ep.host_port)
+            track.computed[ep.host_port] = (r.computed_prompt_tokens, now)
+            if last is not None and now > last[1] and r.computed_prompt_tokens >= last[0]:
+                rate = (r.computed_prompt_tokens - last[0]) / (now - last[1])
+        load = ReplicaLoad(ep.name, r.kv_usage, r.waiting, r.running, rate)
         return load, r.kv_capacity_tokens, completed
 
-    async def _variant(self, track: _ModelTrack, v: Variant) -> tuple[VariantState, bool] | None:
+    async def _variant(
+        self, track: _ModelTrack, v: Variant, prefill_capacity: float | None = None
+    ) -> tuple[VariantState, bool] | None:
         try:
             status = await self.cluster.status(v.target)
             eps = [e for e in await self.cluster.endpoints(v.target) if e.ready]
@@ -312,6 +342,7 @@ class Autoscaler:
             loads,
             max(caps) if caps else None,
             self.batch_limits.get(v.key) or v.max_batch,
+            prefill_capacity,
         )
         return state, active
 
@@ -338,6 +369,23 @@ class Autoscaler:
                 log.debug("demand source %s failed: %s", url, exc)
         return per_model, per_pool
 
+    async def prefill_capacity(self, model: str) -> float | None:
+        """Prompt tokens per second one replica of `model` computes, from the latency model of
+        the scheduler in front of it (None: no URL, unreadable, or the model not trained)."""
+        url = self.latency_model_urls.get(model)
+        if url is None:
+            return None
+        u = urlsplit(url)
+        try:
+            text = await self._get(u.hostname or "127.0.0.1", u.port or 80, u.path or "/metrics")
+            values = [s.value for s in parse_samples(text, (PREFILL_CAPACITY,))]
+        except (ScrapeError, DecodeError, ValueError) as exc:
+            self.metrics.errors.labels("latency_model").inc()
+            log.debug("latency model %s failed: %s", url, exc)
+            return None
+        good = [v for v in values if v > 0 and math.isfinite(v)]
+        return min(good) if good else None
+
     # --- one pass --------------------------------------------------------------------------
 
     async def step(self) -> list[Decision]:
@@ -354,7 +402,8 @@ class Autoscaler:
         out: list[Decision] = []
         for model, variants in self.models.items():
             track = self.tracks[model]
-            observed = await asyncio.gather(*(self._variant(track, v) for v in variants))
+            capacity = await self.prefill_capacity(model)
+            observed = await asyncio.gather(*(self._variant(track, v, capacity) for v in variants))
             if any(o is None for o in observed):
                 continue  # a pool we cannot read is never scaled blind
             states = [o[0] for o in observed if o is not None]
@@ -386,6 +435,8 @@ class Autoscaler:
             self._learn_startup(states, now)
             self.metrics.saturated.labels(model).set(analysis.saturated)
             self.metrics.queued.labels(model).set(queued)
+            self.metrics.prefill.labels(model, "demand").set(analysis.prefill_tps or 0.0)
+            self.metrics.prefill.labels(model, "capacity").set(capacity or 0.0)
             wanted = allocate(states, analysis.replicas)
             for st in states:
                 v = st.variant
@@ -400,6 +451,8 @@ class Autoscaler:
         for track in self.tracks.values():
             for gone in set(track.completed) - self._used:
                 del track.completed[gone]
+            for gone in set(track.computed) - self._used:
+                del track.computed[gone]
         self.loops += 1
         self.passed.set()
         self.last_ok = self.clock()

@@ -18,7 +18,11 @@ are the fewest that keep the spare at the triggers with the load spread evenly:
 one decision can add several replicas (WVA adds one per 30 s cycle). Running requests count
 too, once a replica's batch limit is known (its running count while requests wait): the load
 needs `ceil(sum(running) / (limit * batch_target))` replicas, so a pool whose batches are full
-but whose KV and queues look empty is not scaled down into a queue. Scaling down removes
+but whose KV and queues look empty is not scaled down into a queue. Prefill is load as well,
+once a replica's prefill capacity is known (the tokens per second the scheduler's latency model
+implies): the prompt tokens the engines computed per second need
+`ceil(rate / (capacity * prefill_target))` replicas. A prompt-heavy load shows up there before
+queues form. Scaling down removes
 replicas only while the remaining ones would keep that spare.
 """
 
@@ -40,6 +44,9 @@ class SaturationSettings:
     queue_spare_trigger: float = 3.0
     batch_target: float = 0.75
     """Running requests per replica, as a share of its batch limit, the load is sized for."""
+    prefill_target: float = 0.7
+    """Prefill tokens per second per replica, as a share of its prefill capacity, the load is
+    sized for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +57,8 @@ class ReplicaLoad:
     kv_usage: float | None
     waiting: int | None
     running: int | None
+    prefill_tps: float | None = None
+    """Prompt tokens it computed per second since the previous read (None: not known yet)."""
 
     @property
     def known(self) -> bool:
@@ -68,6 +77,9 @@ class VariantState:
     batch_limit: int | None = None
     """Most requests one replica runs at once (learned: its running count while requests
     wait), when known."""
+    prefill_capacity_tps: float | None = None
+    """Prompt tokens one replica computes per second (the scheduler's latency model), when
+    known."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +96,8 @@ class Analysis:
     queued: float = 0.0
     load: float = 0.0
     """The load in replicas, before rounding (what a trend is fitted to)."""
+    prefill_tps: float | None = None
+    """Prompt tokens computed per second over the pool, when the engines report it."""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -95,6 +109,7 @@ class Analysis:
             "spare_queue": None if self.spare_queue is None else round(self.spare_queue, 3),
             "queued": self.queued,
             "load": round(self.load, 3),
+            "prefill_tps": None if self.prefill_tps is None else round(self.prefill_tps, 1),
         }
 
 
@@ -150,14 +165,22 @@ def analyze(
     if limits:  # busy batches are load too, not only KV and queues
         total_run = sum(ld.running or 0 for ld in loads)
         need_run = total_run * scale / (min(limits) * max(0.05, s.batch_target))
+    rates = [ld.prefill_tps for ld in loads if ld.prefill_tps is not None]
+    prefill = sum(rates) * (ready / len(rates) if ready > len(rates) else 1.0) if rates else None
+    caps = [st.prefill_capacity_tps for st in states if st.prefill_capacity_tps]
+    need_prefill = 0.0
+    if prefill is not None and caps:
+        need_prefill = prefill / (min(caps) * max(0.05, s.prefill_target))
     need = max(1, math.ceil(total_kv * scale / kv_budget - 1e-9),
                math.ceil(total_wait * scale / q_budget - 1e-9),
-               math.ceil(need_run - 1e-9))  # fmt: skip
+               math.ceil(need_run - 1e-9), math.ceil(need_prefill - 1e-9))  # fmt: skip
 
-    load = max(total_kv * scale / kv_budget, total_wait * scale / q_budget, need_run)
+    load = max(total_kv * scale / kv_budget, total_wait * scale / q_budget, need_run, need_prefill)
 
     def result(replicas: int, reason: str) -> Analysis:
-        return Analysis(replicas, reason, len(sat), len(loads), spare_kv, spare_q, queued, load)
+        return Analysis(
+            replicas, reason, len(sat), len(loads), spare_kv, spare_q, queued, load, prefill
+        )
 
     reasons = []
     if not free:
@@ -172,6 +195,11 @@ def analyze(
         reasons.append(
             f"running batches need {need_run:.1f} replica(s) at {s.batch_target:.0%} of "
             f"their limit {min(limits)}"
+        )
+    if math.ceil(need_prefill - 1e-9) > current:
+        reasons.append(
+            f"prefill {prefill:.0f} tok/s needs {need_prefill:.1f} replica(s) at "
+            f"{s.prefill_target:.0%} of {min(caps):.0f} tok/s each"
         )
     if reasons:
         return result(max(current + 1, need), "scale up: " + "; ".join(reasons))

@@ -77,6 +77,8 @@ class EngineReading:
     running: int | None
     completed: float | None
     kv_capacity_tokens: int | None
+    computed_prompt_tokens: float | None = None
+    """Prompt tokens computed so far (vLLM's prompt-tokens-by-source counter, local_compute)."""
 
 
 def parse_url(url: str) -> tuple[str, int, str]:

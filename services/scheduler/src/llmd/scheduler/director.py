@@ -610,15 +610,17 @@ class Director:
         if cause not in ("natural", "unobserved") or decision.status >= 400:
             code = str(decision.status) if decision.status >= 400 else cause
             self.metrics.request_error_total.labels(*labels, code).inc()
+        if cause == "natural" and decision.first_byte_at and decision.status < 400:
+            # a stream without a usage chunk (the client did not ask for include_usage) still
+            # has its time to first token; its output tokens are unknown (0: no TPOT sample)
+            req.timing = (
+                decision.first_byte_at - req.received_at,
+                decision.ended_at - req.received_at,
+                usage.completion_tokens if usage is not None else 0,
+            )
         if usage is not None:
             req.usage = usage
             self._usage(labels, usage)
-            if cause == "natural" and decision.first_byte_at and decision.status < 400:
-                req.timing = (
-                    decision.first_byte_at - req.received_at,
-                    decision.ended_at - req.received_at,
-                    usage.completion_tokens,
-                )
             if self.flow is not None:
                 self.flow.credit(req, usage.completion_tokens)
             out = usage.completion_tokens
