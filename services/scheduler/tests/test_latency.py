@@ -96,26 +96,35 @@ def test_the_model_learns_and_routes_to_the_lowest_predicted_ttft() -> None:
     assert max(errors.values()) < 0.2
 
 
-def test_a_stream_without_a_usage_chunk_still_teaches_the_ttft_model() -> None:
+def test_streams_without_a_usage_chunk_teach_ttft_and_routing_uses_it() -> None:
     """Most streaming clients do not ask for `include_usage`: the gateway then sees no usage,
     but the time to first token is known and is a TTFT sample (no TPOT sample: the output
-    token count is not)."""
-    director, ds, _ = make_director(2, CONFIG)
+    token count is not). Once TTFT has trained, routing follows predicted TTFT alone."""
+    director, ds, _ = make_director(3, CONFIG)
     producer = director.built.plugins["predicted-latency-producer"]
-    for _ in range(3):
-        scrape(ds, waiting=[1, 0], running=[2, 1])
+    rng = random.Random(3)
+    for _ in range(40):
+        waiting = [rng.randrange(6) for _ in ds.all()]
+        running = [rng.randrange(8) for _ in ds.all()]
+        scrape(ds, waiting, running)
         req = request(director)
         decision = director.schedule(req)
-        decision.first_byte_at = req.received_at + 0.2
-        decision.ended_at = req.received_at + 0.5
+        i = ds.all().index(decision.endpoints[0])
+        decision.first_byte_at = req.received_at + true_ttft(waiting[i], running[i])
+        decision.ended_at = decision.first_byte_at + 0.3
         director.complete(decision, "natural", None)
-    assert producer.state()["samples"] == {"ttft": 3, "tpot": 0}
+    state = producer.state()
+    assert state["samples"] == {"ttft": 40, "tpot": 0}
+    assert state["ready"]
+    assert not state["tpot_ready"]
+    scrape(ds, waiting=[5, 0, 3], running=[7, 2, 7])
+    assert director.schedule(request(director)).endpoints[0] is ds.all()[1]
     # a stream that broke off is no sample
     req = request(director)
     decision = director.schedule(req)
     decision.first_byte_at = req.received_at + 0.2
     director.complete(decision, "upstream-reset", None)
-    assert producer.state()["samples"]["ttft"] == 3
+    assert producer.state()["samples"]["ttft"] == 40
 
 
 def test_with_an_slo_the_tightest_endpoint_that_meets_it_wins() -> None:

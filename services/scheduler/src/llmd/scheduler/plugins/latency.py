@@ -111,6 +111,9 @@ class LatencyState:
     predictions: dict[str, Prediction] = field(default_factory=dict)
     features: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
     valid: bool = False
+    """The TTFT model has trained: predictions exist."""
+    tpot_known: bool = False
+    """The TPOT model has trained too (it needs streams that report their usage)."""
 
 
 class PredictedLatencyParams(PluginParams):
@@ -218,8 +221,10 @@ class PredictedLatencyProducer(DataProducer[PredictedLatencyParams], ResponseHoo
         st.slo_ttft_s = self._slo(request, SLO_TTFT)
         st.slo_tpot_s = self._slo(request, SLO_TPOT)
         hits = self._prefix_hits(request)
-        ready = min(self.ttft.n, self.tpot.n) >= self.params.min_samples
+        ready = self.ttft.n >= self.params.min_samples
+        tpot_ready = self.tpot.n >= self.params.min_samples
         st.valid = ready
+        st.tpot_known = tpot_ready
         role_label = self.params.endpoint_role_label
         for e in endpoints:
             uncached = max(0, request.prompt_tokens - hits.get(e.key, 0))
@@ -228,13 +233,14 @@ class PredictedLatencyProducer(DataProducer[PredictedLatencyParams], ResponseHoo
             if not ready:
                 continue
             ttft = max(0.0, self.ttft.predict(fx))
-            tpot = max(0.0, self.tpot.predict(gx))
+            # until the TPOT model has trained, routing is on TTFT alone (TPOT unknown: 0)
+            tpot = max(0.0, self.tpot.predict(gx)) if tpot_ready else 0.0
             if role_label and e.endpoint.labels.get(role_label) == "prefill":
                 tpot = 0.0  # a prefill pod produces no decode tokens
             pred = Prediction(ttft, tpot)
             if st.slo_ttft_s is not None:
                 pred.ttft_headroom_s = st.slo_ttft_s - ttft
-            if st.slo_tpot_s is not None:
+            if st.slo_tpot_s is not None and tpot_ready:
                 pred.tpot_headroom_s = st.slo_tpot_s - tpot
             st.predictions[e.key] = pred
 
@@ -297,7 +303,8 @@ class PredictedLatencyProducer(DataProducer[PredictedLatencyParams], ResponseHoo
     def state(self) -> dict[str, Any]:
         return {
             "samples": {"ttft": self.ttft.n, "tpot": self.tpot.n},
-            "ready": min(self.ttft.n, self.tpot.n) >= self.params.min_samples,
+            "ready": self.ttft.n >= self.params.min_samples,
+            "tpot_ready": self.tpot.n >= self.params.min_samples,
             "ttft_weights": [round(w, 6) for w in self.ttft.w],
             "tpot_weights": [round(w, 6) for w in self.tpot.w],
             "prefill_tokens_per_second": round(self.prefill_tokens_per_second(), 1),
@@ -342,8 +349,10 @@ class LatencyScorer(Scorer[LatencyScorerParams]):
         if any(x is None for x in preds):
             return self._composite(request, endpoints)
         ps: list[Prediction] = [x for x in preds if x is not None]
-        wt, wp = p.ttft_weight, p.tpot_weight
-        total = (wt + wp) or 1.0
+        wt, wp = p.ttft_weight, p.tpot_weight if st.tpot_known else 0.0
+        if wt + wp <= 0:  # only TPOT weighed, and TPOT not learned yet
+            return self._composite(request, endpoints)
+        total = wt + wp
         wt, wp = wt / total, wp / total
         if st.slo_ttft_s is None and st.slo_tpot_s is None:
             c = self._combined([x.ttft_s for x in ps], [x.tpot_s for x in ps], wt, wp)
