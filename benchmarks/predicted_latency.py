@@ -6,7 +6,13 @@ Targets (Envoy + llmd-scheduler, flow control off so routing alone is compared):
 - `sticky-until-saturated`: `prefix-cache-affinity-filter` + `token-load-scorer` +
   `max-score-picker` (llm-d's current default stack);
 - `predicted-latency`: llmd's in-process `predicted-latency-producer` + `latency-scorer`
-  (SLO headers on every request; the model learns online from the run's own responses).
+  (SLO headers on every request; the model learns online from the run's own responses), with
+  llm-d's default headroom strategy (`least`: the endpoint with the least headroom that is
+  still predicted to meet the SLO);
+- `predicted-latency-most`: the same with `headroomSelectionStrategy: most`.
+
+Each predicted-latency row records the model's training samples: a model with no TTFT samples
+predicts nothing, and its scorer falls back to llm-d's composite score.
 
 Shapes: prefill-heavy (ISL:OSL about 400:1) and decode-heavy (about 4:1). Half of each prompt is
 one of 16 shared prefixes. For each shape the SLOs are set from an unloaded probe (TTFT 4x,
@@ -76,6 +82,19 @@ plugins:
 - type: predicted-latency-producer
 - type: prefix-cache-scorer
 - type: latency-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: latency-scorer, weight: 1}
+""",
+    # the same with the headroom strategy reversed: among the endpoints predicted to meet the
+    # SLO, the one with the most headroom (llm-d's default, least, packs requests up to it)
+    "predicted-latency-most": """
+plugins:
+- type: predicted-latency-producer
+- type: prefix-cache-scorer
+- type: latency-scorer
+  parameters: {headroomSelectionStrategy: most}
 schedulingProfiles:
 - name: default
   plugins:

@@ -57,7 +57,10 @@ def true_ttft(waiting: int, running: int) -> float:
     return 0.05 + 0.1 * waiting + 0.02 * running
 
 
-def train(director: Director, ds: Datastore, rounds: int = 60, seed: int = 0) -> None:
+def train(
+    director: Director, ds: Datastore, rounds: int = 60, seed: int = 0, usage: bool = True
+) -> None:
+    """`usage=False`: streams without a usage chunk (the client did not ask for one)."""
     rng = random.Random(seed)
     for _ in range(rounds):
         waiting = [rng.randrange(6) for _ in ds.all()]
@@ -70,7 +73,9 @@ def train(director: Director, ds: Datastore, rounds: int = 60, seed: int = 0) ->
         decision.first_byte_at = req.received_at + ttft
         decision.ended_at = req.received_at + ttft + 15 * (0.01 + 0.002 * running[i])
         director.complete(
-            decision, "natural", Usage(prompt_tokens=60, completion_tokens=16, total_tokens=76)
+            decision,
+            "natural",
+            Usage(prompt_tokens=60, completion_tokens=16, total_tokens=76) if usage else None,
         )
 
 
@@ -102,17 +107,7 @@ def test_streams_without_a_usage_chunk_teach_ttft_and_routing_uses_it() -> None:
     token count is not). Once TTFT has trained, routing follows predicted TTFT alone."""
     director, ds, _ = make_director(3, CONFIG)
     producer = director.built.plugins["predicted-latency-producer"]
-    rng = random.Random(3)
-    for _ in range(40):
-        waiting = [rng.randrange(6) for _ in ds.all()]
-        running = [rng.randrange(8) for _ in ds.all()]
-        scrape(ds, waiting, running)
-        req = request(director)
-        decision = director.schedule(req)
-        i = ds.all().index(decision.endpoints[0])
-        decision.first_byte_at = req.received_at + true_ttft(waiting[i], running[i])
-        decision.ended_at = decision.first_byte_at + 0.3
-        director.complete(decision, "natural", None)
+    train(director, ds, rounds=40, seed=3, usage=False)
     state = producer.state()
     assert state["samples"] == {"ttft": 40, "tpot": 0}
     assert state["ready"]
