@@ -609,3 +609,25 @@ def test_warm_start_prompts_reach_the_activator_as_a_mounted_file(tmp_path: Path
         umbrella(values)
     plain = umbrella(PATHS["workload-autoscaling"])
     assert not [d for d in of_kind(plain, "ConfigMap") if "warm" in d["metadata"]["name"]]
+
+
+def test_the_autoscaler_reads_prefill_capacity_from_the_scheduler_it_is_given(
+    tmp_path: Path,
+) -> None:
+    values = copy.deepcopy(PATHS["workload-autoscaling"])
+    url = "http://{{ .Release.Name }}-scheduler:9090/metrics"
+    values["autoscaler"]["latencyModelUrls"] = {"Qwen/Qwen3-0.6B": url}
+    docs = umbrella(values)
+    args = named(docs, "Deployment", "-autoscaler")["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ]
+    flag = [a for a in args if a.startswith("--latency-model-urls=")]
+    assert flag == ['--latency-model-urls={"Qwen/Qwen3-0.6B":"http://demo-scheduler:9090/metrics"}']
+    r = subprocess.run(
+        [str(BIN / "llmd-autoscaler"), *args, "--check-config"],
+        capture_output=True, text=True, timeout=120, env=kubeconfig(tmp_path),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    values["autoscaler"]["latencyModelUrls"] = {"m": "https://x/metrics"}
+    with pytest.raises(ChartError, match="latencyModelUrls"):
+        umbrella(values)
