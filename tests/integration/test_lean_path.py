@@ -122,3 +122,59 @@ def test_a_body_over_the_gateway_limit_is_refused_with_json(tmp_path: Path) -> N
         assert ok.status_code == 200
     finally:
         s.stop()
+
+
+LATENCY = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: predicted-latency-producer
+- type: latency-scorer
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: latency-scorer}]
+"""
+
+
+def test_streams_without_usage_still_train_the_latency_model(tmp_path: Path) -> None:
+    """Clients that stream without `include_usage`: the lean path counts the stream's data
+    events, so both the TTFT and the TPOT model learn from them; the TPOT learned is the
+    engines' own."""
+    stack = start_stack(tmp_path, count=1, config=LATENCY, envoy={"response_path": "lean"})
+    try:
+        sent = 0
+        for k in range(6):
+            chat = k % 2 == 1
+            path = "/v1/chat/completions" if chat else "/v1/completions"
+            body: dict[str, object] = {"model": "tiny", "max_tokens": 12, "stream": True,
+                                       "ignore_eos": True}  # fmt: skip
+            if chat:
+                body["messages"] = [{"role": "user", "content": f"{PROMPT} {k}"}]
+            else:
+                body["prompt"] = f"{PROMPT} {k}"
+            with httpx.stream("POST", stack.url + path, json=body, timeout=30) as s:
+                assert s.status_code == 200
+                text = s.read().decode()
+            assert '"usage"' not in text
+            sent += 1
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            producer = stack.gateway.scheduler.get_json("/debug/plugins/state")["plugins"][
+                "predicted-latency-producer"
+            ]
+            if producer["samples"]["tpot"] >= sent:
+                break
+            time.sleep(0.1)
+        assert producer["samples"] == {"ttft": sent, "tpot": sent}
+        engine = httpx.get(stack.fleet.engines[0].url + "/metrics", timeout=5).text
+        name = "vllm:request_time_per_output_token_seconds"
+        seen = {
+            ln.split("{")[0]: float(ln.rsplit(" ", 1)[1])
+            for ln in engine.splitlines()
+            if ln.startswith((f"{name}_sum", f"{name}_count"))
+        }
+        engine_tpot = seen[f"{name}_sum"] / seen[f"{name}_count"]
+        learned = producer["tpot_weights"][0]  # the intercept: one request running alone
+        assert learned == pytest.approx(engine_tpot, rel=0.5), (learned, engine_tpot)
+    finally:
+        stack.stop()

@@ -587,11 +587,14 @@ class Director:
         *,
         response_bytes: int | None = None,
         served: str | None = None,
+        stream_events: int | None = None,
     ) -> None:
         """Release the request's accounting (if not yet) and record its outcome, exactly once,
         whatever ended it. `served` is the endpoint the gateway reports it actually used
         (`x-gateway-destination-endpoint-served`, or the access log's upstream host): when
-        Envoy retried to a fallback, the outcome belongs to that endpoint."""
+        Envoy retried to a fallback, the outcome belongs to that endpoint. `stream_events`: the
+        data events of a streamed response, which give its output tokens when it carried no
+        usage."""
         if decision.completed:
             return
         self.release(decision)
@@ -612,11 +615,18 @@ class Director:
             self.metrics.request_error_total.labels(*labels, code).inc()
         if cause == "natural" and decision.first_byte_at and decision.status < 400:
             # a stream without a usage chunk (the client did not ask for include_usage) still
-            # has its time to first token; its output tokens are unknown (0: no TPOT sample)
+            # has its time to first token, and its data events count its output tokens (a
+            # chat stream opens with a role-only event); unknown: 0, no TPOT sample
+            if usage is not None:
+                out = usage.completion_tokens
+            elif stream_events is not None and req.stream:
+                out = max(0, stream_events - (1 if req.path.endswith("chat/completions") else 0))
+            else:
+                out = 0
             req.timing = (
                 decision.first_byte_at - req.received_at,
                 decision.ended_at - req.received_at,
-                usage.completion_tokens if usage is not None else 0,
+                out,
             )
         if usage is not None:
             req.usage = usage

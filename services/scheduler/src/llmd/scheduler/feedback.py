@@ -53,6 +53,9 @@ class GatewayReport:
     response_bytes: int | None = None
     served: str | None = None
     """The upstream host:port Envoy finally sent the request to."""
+    stream_events: int | None = None
+    """Server-sent events that carried data (not `[DONE]`): a stream's output tokens when it
+    has no usage chunk (one event per token, after a chat stream's role-only first event)."""
 
 
 class FeedbackBook:
@@ -130,6 +133,7 @@ class FeedbackBook:
             report.usage,
             response_bytes=report.response_bytes,
             served=report.served,
+            stream_events=report.stream_events,
         )
 
     def sweep(self, now: float | None = None) -> None:
@@ -243,7 +247,16 @@ def parse_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, GatewayRe
         host = f"[{upstream.address}]" if ":" in upstream.address else upstream.address
         served = f"{host}:{upstream.port_value}"
     size = entry.response.response_body_bytes if entry.HasField("response") else None
-    report = GatewayReport(status, _cause(entry, status), ttft_s, usage, size, served)
+    events = _number(fields, "events")
+    report = GatewayReport(
+        status,
+        _cause(entry, status),
+        ttft_s,
+        usage,
+        size,
+        served,
+        events if events is not None and events >= 0 else None,
+    )
     return token_value.string_value, report
 
 

@@ -129,10 +129,21 @@ LUA_TYPE = _T + "filters.http.lua.v3.Lua"
 GRPC_ALS_TYPE = _T + "access_loggers.grpc.v3.HttpGrpcAccessLogConfig"
 
 FEEDBACK_LUA = """
--- llmd lean response path: note the first body byte's time and the usage in the body's tail
--- as dynamic metadata (namespace llmd) for the access log, and rewrite the model name back
--- when the scheduler rewrote it. Only requests the scheduler routed (llmd.pick) are touched.
+-- llmd lean response path: note the first body byte's time, the usage in the body's tail and,
+-- for a server-sent-event stream, how many events carried data, as dynamic metadata (namespace
+-- llmd) for the access log, and rewrite the model name back when the scheduler rewrote it.
+-- Only requests the scheduler routed (llmd.pick) are touched.
 local TAIL = 4096
+
+local function count_plain(s, pat)
+  local n, i = 0, 1
+  while true do
+    local a, b = string.find(s, pat, i, true)
+    if a == nil then return n end
+    n = n + 1
+    i = b + 1
+  end
+end
 
 local function replace_plain(s, from, to)
   local out, i = {}, 1
@@ -166,6 +177,9 @@ function envoy_on_response(h)
     d = '"model": "' .. to .. '"'
     h:headers():remove("content-length")  -- the body changes length: send it chunked
   end
+  local ctype = h:headers():get("content-type")
+  local sse = ctype ~= nil and string.find(ctype, "text/event-stream", 1, true) ~= nil
+  local events = 0
   local first, prev, last = nil, "", ""
   for chunk in h:bodyChunks() do
     local len = chunk:length()
@@ -178,8 +192,13 @@ function envoy_on_response(h)
         local bytes = chunk:getBytes(0, len)
         local fixed = replace_plain(replace_plain(bytes, a, b), c, d)
         if fixed ~= bytes then chunk:setBytes(fixed) end
+        if sse then events = events + count_plain(fixed, "data: ") end
         local n = string.len(fixed)
         if n > TAIL then last = string.sub(fixed, n - TAIL + 1) else last = fixed end
+      elseif sse then
+        local bytes = chunk:getBytes(0, len)
+        events = events + count_plain(bytes, "data: ")
+        if len > TAIL then last = string.sub(bytes, len - TAIL + 1) else last = bytes end
       elseif len > TAIL then
         last = chunk:getBytes(len - TAIL, TAIL)
       else
@@ -189,6 +208,11 @@ function envoy_on_response(h)
   end
   local dm = h:streamInfo():dynamicMetadata()
   if first ~= nil then dm:set("llmd", "first_us", first) end
+  if sse then
+    local tail = prev .. last
+    if string.find(tail, "data: [DONE]", 1, true) ~= nil then events = events - 1 end
+    dm:set("llmd", "events", tostring(events))
+  end
   local tail = prev .. last
   local p = last_number(tail, "prompt_tokens")
   local k = last_number(tail, "completion_tokens")

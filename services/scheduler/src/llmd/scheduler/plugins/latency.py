@@ -11,9 +11,10 @@ scheduler already knows at decision time:
 
 Uncached tokens are the prompt minus the best prefix match any producer reported for that
 endpoint. Every streamed response that completes naturally is a training sample: its
-features at decision time, its TTFT and TPOT as the gateway measured them. A stream without a
-usage chunk (the client did not set `stream_options.include_usage`) is a TTFT sample only: its
-output token count, and so its TPOT, is unknown. Until
+features at decision time, its TTFT and TPOT as the gateway measured them. The output token
+count behind TPOT is the usage chunk's, or, for a stream without one (the client did not set
+`stream_options.include_usage`), the lean path's count of the stream's data events; with
+neither, the stream is a TTFT sample only. Until
 `minSamples` samples have arrived the model says nothing and the scorer uses llm-d's
 composite score (KV, queue, prefix).
 
