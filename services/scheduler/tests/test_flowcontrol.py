@@ -438,3 +438,32 @@ async def test_without_enable_eviction_nothing_is_tracked() -> None:
     finally:
         assert director.flow is not None
         await director.flow.stop()
+
+
+async def test_output_of_a_stream_without_usage_is_credited_from_its_events() -> None:
+    """Least-attained-service fairness charges a tenant for its output tokens: from the usage
+    chunk, or, when a stream has none, from its data events as the lean path counts them."""
+    from llmd.scheduler.flowcontrol import FlowKey
+
+    director, ds = setup()
+    await started(director)
+    flow = director.flow
+    assert flow is not None
+    load(ds, waiting=50, kv=0.99)  # saturated: a request of tenant t1 stays queued
+    queued = asyncio.ensure_future(director.admit(request(director, tenant="t1")))
+    try:
+        while flow.queued == 0:
+            await asyncio.sleep(0.001)
+        done = request(director, tenant="t1")  # an earlier request of t1, finishing now
+        done.body = json.dumps({"model": "m", "prompt": "hi", "stream": True}).encode()
+        f = flow.bands[done.priority].flows[FlowKey("t1", done.priority)]
+        before = f.service
+        decision = director.schedule(done)
+        decision.first_byte_at = done.received_at + 0.1
+        decision.ended_at = done.received_at + 0.5
+        director.complete(decision, "natural", None, stream_events=9)
+        assert f.service == before + 2 * 9
+    finally:
+        queued.cancel()
+        await asyncio.gather(queued, return_exceptions=True)
+        await flow.stop()

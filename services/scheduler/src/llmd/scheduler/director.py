@@ -613,16 +613,16 @@ class Director:
         if cause not in ("natural", "unobserved") or decision.status >= 400:
             code = str(decision.status) if decision.status >= 400 else cause
             self.metrics.request_error_total.labels(*labels, code).inc()
+        # a stream without a usage chunk (the client did not ask for include_usage): its data
+        # events count its output tokens (a chat stream opens with a role-only event)
+        counted = None
+        if usage is None and stream_events is not None and req.stream:
+            counted = max(0, stream_events - (1 if req.path.endswith("chat/completions") else 0))
+            if self.flow is not None:
+                self.flow.credit(req, counted)
         if cause == "natural" and decision.first_byte_at and decision.status < 400:
-            # a stream without a usage chunk (the client did not ask for include_usage) still
-            # has its time to first token, and its data events count its output tokens (a
-            # chat stream opens with a role-only event); unknown: 0, no TPOT sample
-            if usage is not None:
-                out = usage.completion_tokens
-            elif stream_events is not None and req.stream:
-                out = max(0, stream_events - (1 if req.path.endswith("chat/completions") else 0))
-            else:
-                out = 0
+            # the time to first token is known either way; output tokens unknown: 0, no TPOT
+            out = usage.completion_tokens if usage is not None else (counted or 0)
             req.timing = (
                 decision.first_byte_at - req.received_at,
                 decision.ended_at - req.received_at,
