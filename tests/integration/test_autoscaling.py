@@ -326,13 +326,18 @@ async def test_prefill_capacity_comes_from_the_scheduler_s_latency_model(tmp_pat
             assert capacity > 0, "the latency model learned the engine's prefill speed"
             await scaler.step()  # the engines' counters, first read
             await asyncio.gather(*(send(c, 3000) for _ in range(8)))
+            for _ in range(100):  # every response has reached the model: it stops moving
+                text = (await c.get(sched)).text
+                if _metric(text, "llmd_latency_model_samples", target="ttft") >= 24 + 8:
+                    break
+                await asyncio.sleep(0.1)
+            learned = _metric(text, PREFILL_GAUGE)
             (d,) = await scaler.step()
-            after = _metric((await c.get(sched)).text, PREFILL_GAUGE)
         a = d.analysis
         assert a.prefill_tps is not None
         assert a.prefill_tps > 0
         seen = scaler.metrics.prefill.labels("tiny", "capacity")._value.get()
-        assert seen == pytest.approx(after, rel=0.25)  # the model keeps learning meanwhile
+        assert seen == pytest.approx(learned, rel=1e-6)
         need = math.ceil(a.prefill_tps / (seen * scaler.settings.prefill_target) - 1e-9)
         assert a.replicas >= need
         if need > 1:
