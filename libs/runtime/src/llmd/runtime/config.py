@@ -82,18 +82,24 @@ class ConfigError(ValueError):
         super().__init__(f"invalid {origin} ({len(issues)} problem(s)):\n{lines}")
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_config_text(path: Path, field: str = "") -> str:
+    """The text of a config file named by `field`; ConfigError when it cannot be read, is over
+    `MAX_CONFIG_BYTES` or is not UTF-8."""
     try:
         size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                [ConfigIssue(field, f"{path} is {size} bytes, over {MAX_CONFIG_BYTES}")]
+            )
+        return path.read_text()
     except OSError as exc:
-        raise ConfigError([ConfigIssue("", f"cannot read {path}: {exc.strerror}")]) from None
-    if size > MAX_CONFIG_BYTES:
-        raise ConfigError([ConfigIssue("", f"{path} is {size} bytes, over {MAX_CONFIG_BYTES}")])
-    try:
-        text = path.read_text()
+        raise ConfigError([ConfigIssue(field, f"cannot read {path}: {exc.strerror}")]) from None
     except UnicodeDecodeError:
-        raise ConfigError([ConfigIssue("", f"{path} is not UTF-8 text")]) from None
-    return yaml_mapping(text, str(path))
+        raise ConfigError([ConfigIssue(field, f"{path} is not UTF-8 text")]) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    return yaml_mapping(read_config_text(path), str(path))
 
 
 class YamlSyntaxError(ValueError):

@@ -25,6 +25,7 @@ with `prompt` or `messages` (`/v1/chat/completions`) and optionally `model`:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -35,7 +36,14 @@ import aiohttp
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from llmd.runtime.config import MAX_CONFIG_BYTES, ConfigError, ConfigIssue, load_yaml
+from llmd.protocol.openai import usage_from_body
+from llmd.runtime.config import (
+    ConfigError,
+    ConfigIssue,
+    YamlSyntaxError,
+    load_yaml,
+    read_config_text,
+)
 from llmd.runtime.discovery import Endpoint
 
 log = logging.getLogger(__name__)
@@ -90,21 +98,10 @@ def _prompt(item: Any, model: str) -> tuple[WarmPrompt | None, str]:
 def load_warm_prompts(file: str, model: str) -> list[WarmPrompt]:
     """The warm prompts in `file`; ConfigError names every bad item."""
     where = "warm_prompts_file"
-    p = Path(file)
+    text = read_config_text(Path(file), where)
     try:
-        size = p.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ConfigError(
-                [ConfigIssue(where, f"{file} is {size} bytes, over {MAX_CONFIG_BYTES}")]
-            )
-        data = load_yaml(p.read_text())
-    except OSError as exc:
-        raise ConfigError([ConfigIssue(where, f"cannot read {file}: {exc.strerror}")]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([ConfigIssue(where, f"{file} is not UTF-8 text")]) from None
-    except ValueError as exc:
-        if isinstance(exc, ConfigError):
-            raise
+        data = load_yaml(text)
+    except YamlSyntaxError as exc:
         raise ConfigError([ConfigIssue(where, f"{file} is {exc}")]) from None
     if not isinstance(data, list) or not data:
         raise ConfigError([ConfigIssue(where, f"{file} must hold a non-empty list of prompts")])
@@ -122,18 +119,6 @@ def load_warm_prompts(file: str, model: str) -> list[WarmPrompt]:
     if issues:
         raise ConfigError(issues)
     return prompts
-
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int = 0
-    prompt_tokens_details: dict[str, Any] | None = None
-
-
-class _Reply(msgspec.Struct):
-    usage: _Usage | None = None
-
-
-_reply = msgspec.json.Decoder(_Reply)
 
 
 class WarmMetrics:
@@ -199,13 +184,11 @@ class Warmer:
             if ep.host_port not in self._known and ep.host_port not in self._tasks:
                 task = asyncio.create_task(self._warm(ep), name=f"warm-{ep.host_port}")
                 self._tasks[ep.host_port] = task
-                task.add_done_callback(self._forget)
+                task.add_done_callback(functools.partial(self._forget, ep.host_port))
         self._known = now
 
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        for hp, t in list(self._tasks.items()):
-            if t is task:
-                del self._tasks[hp]
+    def _forget(self, host_port: str, _task: asyncio.Task[None]) -> None:
+        self._tasks.pop(host_port, None)
 
     async def _one(self, ep: Endpoint, prompt: WarmPrompt) -> bool:
         assert self._session is not None
@@ -224,14 +207,10 @@ class Warmer:
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("pool %s: warm-up of %s: %r", self.pool, ep.host_port, exc)
             return False
-        try:
-            usage = _reply.decode(data).usage
-        except msgspec.DecodeError:
-            usage = None
+        usage = usage_from_body(data, stream=False)
         if usage is not None:
-            details = usage.prompt_tokens_details or {}
-            cached = details.get("cached_tokens") or 0
-            cached = cached if isinstance(cached, int) else 0
+            details = usage.prompt_tokens_details
+            cached = (details.cached_tokens if details is not None else None) or 0
             self.metrics.tokens.labels(self.pool, "cached").inc(cached)
             self.metrics.tokens.labels(self.pool, "computed").inc(
                 max(0, usage.prompt_tokens - cached)
@@ -261,10 +240,6 @@ class Warmer:
             "pool %s: warmed %s with %d/%d prompt(s) in %.2fs",
             self.pool, ep.host_port, ok, len(results), took,
         )  # fmt: skip
-
-    @property
-    def warming(self) -> int:
-        return len(self._tasks)
 
     async def aclose(self) -> None:
         for task in list(self._tasks.values()):

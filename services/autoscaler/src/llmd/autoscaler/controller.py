@@ -237,6 +237,8 @@ class Autoscaler:
         self.decisions: deque[Decision] = deque(maxlen=MAX_DECISIONS)
         self._clients: dict[str, ScrapeClient] = {}
         self._used: set[str] = set()
+        self._pass_texts: dict[str, str] = {}
+        """/metrics of schedulers and activators read in this pass, by URL."""
         self._last: dict[str, tuple[int, str]] = {}
         self._task: asyncio.Task[None] | None = None
         self.loops = 0
@@ -268,6 +270,16 @@ class Autoscaler:
         if client is None:
             client = self._clients[key] = ScrapeClient(host, port, self.scrape_timeout_s)
         return (await client.get(path)).decode("utf-8", "replace")
+
+    async def _get_url(self, url: str) -> str:
+        """A scheduler's or activator's /metrics, read once per pass (a scheduler can be both
+        a demand and a latency-model source)."""
+        text = self._pass_texts.get(url)
+        if text is None:
+            u = urlsplit(url)
+            text = await self._get(u.hostname or "127.0.0.1", u.port or 80, u.path or "/metrics")
+            self._pass_texts[url] = text
+        return text
 
     async def _reading(self, ep: Any) -> EngineReading | None:
         """One engine's figures, from Prometheus or its own /metrics (None: not known)."""
@@ -352,11 +364,8 @@ class Autoscaler:
         per_model: dict[str, float] = {}
         per_pool: dict[str, float] = {}
         for url in self.demand_urls:
-            u = urlsplit(url)
             try:
-                text = await self._get(
-                    u.hostname or "127.0.0.1", u.port or 80, u.path or "/metrics"
-                )
+                text = await self._get_url(url)
                 for s in parse_samples(text, (GATEWAY_QUEUE, ACTIVATOR_QUEUE)):
                     if s.name == GATEWAY_QUEUE:
                         model = s.labels.get("model_name", "")
@@ -375,9 +384,8 @@ class Autoscaler:
         url = self.latency_model_urls.get(model)
         if url is None:
             return None
-        u = urlsplit(url)
         try:
-            text = await self._get(u.hostname or "127.0.0.1", u.port or 80, u.path or "/metrics")
+            text = await self._get_url(url)
             values = [s.value for s in parse_samples(text, (PREFILL_CAPACITY,))]
         except (ScrapeError, DecodeError, ValueError) as exc:
             self.metrics.errors.labels("latency_model").inc()
@@ -391,6 +399,7 @@ class Autoscaler:
     async def step(self) -> list[Decision]:
         started = self.clock()
         self._used = set()
+        self._pass_texts = {}
         per_model, per_pool = await self.demand()
         if self.prometheus is not None:
             try:

@@ -46,7 +46,13 @@ from llmd.scheduler.framework import (
     uncached_tokens,
 )
 from llmd.scheduler.metrics import SchedulerMetrics
-from llmd.scheduler.parsing import ParseError, is_inference_path, parse_openai, rewrite_model
+from llmd.scheduler.parsing import (
+    CHAT_SUFFIXES,
+    ParseError,
+    is_inference_path,
+    parse_openai,
+    rewrite_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -613,26 +619,25 @@ class Director:
         if cause not in ("natural", "unobserved") or decision.status >= 400:
             code = str(decision.status) if decision.status >= 400 else cause
             self.metrics.request_error_total.labels(*labels, code).inc()
-        # a stream without a usage chunk (the client did not ask for include_usage): its data
-        # events count its output tokens (a chat stream opens with a role-only event)
-        counted = None
-        if usage is None and stream_events is not None and req.stream:
-            counted = max(0, stream_events - (1 if req.path.endswith("chat/completions") else 0))
-            if self.flow is not None:
-                self.flow.credit(req, counted)
+        # output tokens: the usage chunk's, or a stream's data events when the client did not
+        # ask for usage (a chat stream opens with a role-only event); None: unknown
+        output: int | None = None
+        if usage is not None:
+            output = usage.completion_tokens
+        elif stream_events is not None and req.stream:
+            output = max(0, stream_events - (1 if req.path.endswith(CHAT_SUFFIXES) else 0))
+        if output is not None and self.flow is not None:
+            self.flow.credit(req, output)
         if cause == "natural" and decision.first_byte_at and decision.status < 400:
-            # the time to first token is known either way; output tokens unknown: 0, no TPOT
-            out = usage.completion_tokens if usage is not None else (counted or 0)
+            # the time to first token is known either way; output unknown: 0, no TPOT sample
             req.timing = (
                 decision.first_byte_at - req.received_at,
                 decision.ended_at - req.received_at,
-                out,
+                output or 0,
             )
         if usage is not None:
             req.usage = usage
             self._usage(labels, usage)
-            if self.flow is not None:
-                self.flow.credit(req, usage.completion_tokens)
             out = usage.completion_tokens
             if cause == "natural" and out > 0 and req.parsed:
                 self.metrics.request_ntpot.labels(*labels).observe(e2e / out)

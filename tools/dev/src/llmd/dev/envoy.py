@@ -188,17 +188,16 @@ function envoy_on_response(h)
         first = h:timestampString(EnvoyTimestampResolution.MICROSECOND)
       end
       prev = last
-      if a ~= nil then
+      if a ~= nil or sse then
         local bytes = chunk:getBytes(0, len)
-        local fixed = replace_plain(replace_plain(bytes, a, b), c, d)
-        if fixed ~= bytes then chunk:setBytes(fixed) end
-        if sse then events = events + count_plain(fixed, "data: ") end
-        local n = string.len(fixed)
-        if n > TAIL then last = string.sub(fixed, n - TAIL + 1) else last = fixed end
-      elseif sse then
-        local bytes = chunk:getBytes(0, len)
-        events = events + count_plain(bytes, "data: ")
-        if len > TAIL then last = string.sub(bytes, len - TAIL + 1) else last = bytes end
+        if a ~= nil then
+          local fixed = replace_plain(replace_plain(bytes, a, b), c, d)
+          if fixed ~= bytes then chunk:setBytes(fixed) end
+          bytes = fixed
+        end
+        if sse then events = events + count_plain(bytes, "data: ") end
+        local n = string.len(bytes)
+        if n > TAIL then last = string.sub(bytes, n - TAIL + 1) else last = bytes end
       elseif len > TAIL then
         last = chunk:getBytes(len - TAIL, TAIL)
       else
@@ -208,12 +207,11 @@ function envoy_on_response(h)
   end
   local dm = h:streamInfo():dynamicMetadata()
   if first ~= nil then dm:set("llmd", "first_us", first) end
+  local tail = prev .. last
   if sse then
-    local tail = prev .. last
     if string.find(tail, "data: [DONE]", 1, true) ~= nil then events = events - 1 end
     dm:set("llmd", "events", tostring(events))
   end
-  local tail = prev .. last
   local p = last_number(tail, "prompt_tokens")
   local k = last_number(tail, "completion_tokens")
   if p ~= nil and k ~= nil then
