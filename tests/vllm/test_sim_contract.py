@@ -23,7 +23,7 @@ import zmq
 from llmd.protocol.kv_events import BlockStored, decode_batch
 from llmd.protocol.metrics import SNAPSHOT_METRICS
 from llmd.vllm_cpu.install import VllmEnv
-from llmd.vllm_cpu.server import VllmServer, VllmServerSpec, free_port, start_servers
+from llmd.vllm_cpu.server import VllmServer, free_port, nixl_server_spec, start_servers
 
 pytestmark = pytest.mark.vllm
 
@@ -329,22 +329,7 @@ def vllm_prefill(
     vllm_env: VllmEnv, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[VllmServer]:
     """A real vLLM prefill engine (NixlConnector, kv_producer), only for this module."""
-    transfer = {
-        "kv_connector": "NixlConnector",
-        "kv_role": "kv_producer",
-        "kv_buffer_device": "cpu",
-    }
-    spec = VllmServerSpec(
-        pod="vllm-prefill",
-        model_dir=tiny_model_dir,
-        cpu_core=1,
-        extra_args=("--kv-transfer-config", json.dumps(transfer)),
-        env={
-            "UCX_TLS": "tcp",
-            "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
-        },
-    )
+    spec = nixl_server_spec("vllm-prefill", tiny_model_dir, "kv_producer", cpu_core=1)
     (server,) = start_servers(vllm_env, [spec], tmp_path_factory.mktemp("vllm-prefill"))
     yield server
     server.stop()

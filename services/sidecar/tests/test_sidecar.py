@@ -143,6 +143,8 @@ async def test_without_the_header_it_is_the_local_engine_and_other_routes_pass_t
     assert bad.json()["param"] == ""
     assert metric(sidecar, "llmd_sidecar_requests_total", mode="decode-only", outcome="2xx") == 1
     assert metric(sidecar, "llmd_sidecar_requests_total", mode="passthrough", outcome="2xx") == 1
+    # the decode-leg histogram holds the decode-only request, not the proxied /v1/models call
+    assert metric(sidecar, "llmd_sidecar_decode_duration_seconds_count") == 1
 
 
 async def test_ssrf_protection_refuses_hosts_outside_the_allowlist(

@@ -378,7 +378,8 @@ class SidecarApp:
                 # the decode leg began duration_s ago; its first byte came first_byte_s after
                 first_byte_at = time.monotonic() - result.duration_s + result.first_byte_s
                 self.metrics.true_ttft.observe(first_byte_at - started)
-            self.metrics.decode.observe(result.duration_s)
+            if mode != "passthrough":  # a scrape of the engine is no decode leg
+                self.metrics.decode.observe(result.duration_s)
 
         return await self.proxy.forward(
             request,

@@ -27,6 +27,9 @@ from llmd.vllm_cpu.install import VllmEnv
 DEFAULT_BLOCK_SIZE = 32  # vLLM's CPU backend needs a multiple of 32
 DEFAULT_MAX_MODEL_LEN = 4096
 STARTUP_TIMEOUT_S = 420.0
+NIXL_PROGRESS_DELAY_US = 1000
+"""The poll delay given to NIXL's progress thread (see `nixl_site/sitecustomize.py`)."""
+NIXL_SITE = Path(__file__).parent / "nixl_site"
 
 
 def free_port() -> int:
@@ -143,6 +146,24 @@ class VllmServer:
                 start_new_session=True,  # so stop() can signal vLLM's engine-core child too
             )
 
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by every process of this server (API server, engine core,
+        worker: they share the session it was started in)."""
+        if self.process is None:
+            return 0.0
+        ticks = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # ended while we looked
+            if int(fields[3]) == self.process.pid:  # stat field 6: the session id
+                ticks += int(fields[11]) + int(fields[12])  # utime + stime
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     def log_tail(self, lines: int = 40) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -180,6 +201,41 @@ class VllmServer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+def nixl_server_spec(
+    pod: str,
+    model_dir: Path,
+    role: str,
+    *,
+    cpu_core: int | None = None,
+    progress_delay_us: int = NIXL_PROGRESS_DELAY_US,
+) -> VllmServerSpec:
+    """A server with vLLM's NixlConnector in `role` (`kv_producer` for a prefill engine,
+    `kv_consumer` for a decode engine): KV in CPU memory, moved by UCX over TCP, the NIXL side
+    channel on loopback at a port of its own.
+
+    NIXL's progress thread gets a poll delay (`nixl_site`): as NIXL 1.5.1 starts it, it polls
+    without sleeping and takes a whole core even when the engine is idle. `progress_delay_us`
+    0 leaves NIXL as it is."""
+    transfer = {"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"}
+    env = {
+        "UCX_TLS": "tcp",
+        "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
+        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+    }
+    if progress_delay_us > 0:
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(NIXL_SITE), os.environ.get("PYTHONPATH", "")) if p
+        )
+        env["LLMD_NIXL_PROGRESS_DELAY_US"] = str(progress_delay_us)
+    return VllmServerSpec(
+        pod=pod,
+        model_dir=model_dir,
+        cpu_core=cpu_core,
+        extra_args=("--kv-transfer-config", json.dumps(transfer)),
+        env=env,
+    )
 
 
 def new_server(spec: VllmServerSpec, log_dir: Path) -> VllmServer:

@@ -1,0 +1,249 @@
+"""P/D disaggregation on real vLLM 0.32 CPU engines (1 prefill + 1 decode, NixlConnector over
+UCX TCP), through Envoy, llmd-scheduler (llm-d's P/D config) and an llmd-sidecar process.
+
+For each NIXL progress-thread poll delay given (`--progress-delays`; 0 is NIXL 1.5.1 as shipped,
+whose progress thread polls without sleeping), the two engines are started and measured:
+
+- idle CPU of each engine's processes (cores busy while no request is running);
+- `pd`: streamed completions of unique ~1.3k-token prompts through the gateway, disaggregated
+  (the sidecar's prefill leg, KV pull and decode leg): client TTFT and end-to-end time, and the
+  sidecar's own leg durations;
+- `aggregated`: the same kind of request sent straight to the decode engine (no gateway, no
+  P/D): what the engine alone takes;
+- the engines' own figures: the decode engine's NIXL transfer time and the prompt tokens it
+  took from the prefill engine (external prefix-cache hits).
+
+Requests are sequential and the two paths alternate, so both see the same machine.
+
+Usage: uv run python benchmarks/pd_vllm.py [--requests 12] [--progress-delays 1000,0] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pd_fleet import _wait_healthy
+from protocol_throughput import write_report
+
+from llmd.dev.gateway import Gateway
+from llmd.vllm_cpu.install import ensure_vllm_env
+from llmd.vllm_cpu.server import VllmServer, free_port, nixl_server_spec, start_servers
+from llmd.vllm_cpu.tiny_model import ensure_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: prefix-cache-scorer
+- type: queue-scorer
+- type: prefill-filter
+- type: decode-filter
+- type: max-score-picker
+- type: always-disagg-pd-decider
+- type: disagg-profile-handler
+  parameters: {deciders: {prefill: always-disagg-pd-decider}}
+schedulingProfiles:
+- name: prefill
+  plugins: [{pluginRef: prefill-filter}, {pluginRef: max-score-picker},
+            {pluginRef: prefix-cache-scorer, weight: 2}, {pluginRef: queue-scorer, weight: 1}]
+- name: decode
+  plugins: [{pluginRef: decode-filter}, {pluginRef: max-score-picker},
+            {pluginRef: prefix-cache-scorer, weight: 2}, {pluginRef: queue-scorer, weight: 1}]
+"""
+
+
+def pcts(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "max": None}
+    ordered = sorted(values)
+    return {
+        "p50": round(statistics.median(ordered) * 1000, 1),
+        "p90": round(ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))] * 1000, 1),
+        "max": round(ordered[-1] * 1000, 1),
+    }
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + "{", name + " "))
+    )
+
+
+def idle_cores(servers: list[VllmServer], seconds: float = 3.0) -> dict[str, float]:
+    before = {s.spec.pod: s.cpu_seconds() for s in servers}
+    time.sleep(seconds)
+    return {s.spec.pod: round((s.cpu_seconds() - before[s.spec.pod]) / seconds, 2) for s in servers}
+
+
+def stream(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> tuple[float, float]:
+    """(TTFT, end-to-end) of one streamed completion, in seconds."""
+    body = {
+        "model": "tiny",
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+    }
+    t0 = time.perf_counter()
+    first = None
+    with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{url}: {r.status_code} {r.read()!r}")
+        for line in r.iter_lines():
+            if first is None and line.startswith("data: {"):
+                first = time.perf_counter() - t0
+    return first or 0.0, time.perf_counter() - t0
+
+
+def sidecar_histograms(url: str) -> dict[str, tuple[float, float]]:
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    out: dict[str, tuple[float, float]] = {}
+    for name in ("prefill_duration", "decode_duration", "true_ttft"):
+        base = f"llmd_sidecar_{name}_seconds"
+        total = count = 0.0
+        for line in text.splitlines():
+            if line.startswith(base + "_sum"):
+                total = float(line.rsplit(" ", 1)[1])
+            elif line.startswith(base + "_count"):
+                count = float(line.rsplit(" ", 1)[1])
+        out[name] = (total, count)
+    return out
+
+
+def run_delay(delay_us: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    env = ensure_vllm_env()
+    model = ensure_tiny_model(env)
+    specs = [
+        nixl_server_spec("prefill", model, "kv_producer", cpu_core=0, progress_delay_us=delay_us),
+        nixl_server_spec("decode", model, "kv_consumer", cpu_core=1, progress_delay_us=delay_us),
+    ]
+    t0 = time.monotonic()
+    print(f"[pd-vllm] delay {delay_us} us: starting 2 vLLM NIXL engines", file=sys.stderr)
+    prefill, decode = start_servers(env, specs, work / f"vllm-{delay_us}")
+    started_s = time.monotonic() - t0
+    sidecar_port, sidecar_metrics = free_port(), free_port()
+    log = (work / f"sidecar-{delay_us}.log").open("wb")
+    sidecar = subprocess.Popen(
+        [
+            sys.executable, "-m", "llmd.sidecar.cli", "--host", "127.0.0.1",
+            "--port", str(sidecar_port), "--model-server-port", str(decode.port),
+            "--metrics-port", str(sidecar_metrics),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    gateway = None
+    try:
+        _wait_healthy(f"http://127.0.0.1:{sidecar_port}", sidecar)
+        endpoints = work / f"endpoints-{delay_us}.yaml"
+        endpoints.write_text(yaml.safe_dump({"endpoints": [
+            {"name": "prefill", "address": "127.0.0.1", "port": str(prefill.port),
+             "labels": {"llm-d.ai/role": "prefill"}},
+            {"name": "decode", "address": "127.0.0.1", "port": str(sidecar_port),
+             "labels": {"llm-d.ai/role": "decode"}},
+        ]}))  # fmt: skip
+        config = work / "pd.yaml"
+        config.write_text(CONFIG)
+        gateway = Gateway.start(endpoints, work / f"gw-{delay_us}", config_file=config)
+        idle = idle_cores([prefill, decode])
+        print(f"[pd-vllm] idle cores used: {idle}", file=sys.stderr)
+        xfer = (metric(decode.url, "vllm:nixl_xfer_time_seconds_sum"),
+                metric(decode.url, "vllm:nixl_xfer_time_seconds_count"))  # fmt: skip
+        pulled0 = metric(decode.url, "vllm:external_prefix_cache_hits_total")
+        results: dict[str, dict[str, list[float]]] = {
+            "pd": {"ttft": [], "e2e": []},
+            "aggregated": {"ttft": [], "e2e": []},
+        }
+        sidecar_url = f"http://127.0.0.1:{sidecar_metrics}"
+        legs: dict[str, list[float]] = {"prefill_duration": [], "decode_duration": [],
+                                        "true_ttft": []}  # fmt: skip
+        with httpx.Client(timeout=300) as client:
+            for i in range(args.requests):
+                tag = f"{delay_us}-{i}-{time.time_ns()}"
+                prompt = f"request {tag}: " + "the quick brown fox jumps over the lazy dog " * 48
+                before = sidecar_histograms(sidecar_url)
+                ttft, e2e = stream(client, gateway.url, prompt, args.max_tokens)
+                after = sidecar_histograms(sidecar_url)
+                for name in legs:
+                    legs[name].append(after[name][0] - before[name][0])
+                results["pd"]["ttft"].append(ttft)
+                results["pd"]["e2e"].append(e2e)
+                ttft, e2e = stream(client, decode.url, "aggregated " + prompt, args.max_tokens)
+                results["aggregated"]["ttft"].append(ttft)
+                results["aggregated"]["e2e"].append(e2e)
+                print(f"[pd-vllm] {i + 1}/{args.requests}: pd TTFT "
+                      f"{results['pd']['ttft'][-1] * 1000:.0f} ms, decode leg "
+                      f"{legs['decode_duration'][-1] * 1000:.0f} ms", file=sys.stderr)  # fmt: skip
+        transfers = metric(decode.url, "vllm:nixl_xfer_time_seconds_count") - xfer[1]
+        xfer_s = metric(decode.url, "vllm:nixl_xfer_time_seconds_sum") - xfer[0]
+        pulled = metric(decode.url, "vllm:external_prefix_cache_hits_total") - pulled0
+        return {
+            "progress_delay_us": delay_us,
+            "engines_start_s": round(started_s, 1),
+            "idle_cores_per_engine": idle,
+            "requests": args.requests,
+            "paths": {
+                path: {"ttft_ms": pcts(v["ttft"]), "e2e_ms": pcts(v["e2e"])}
+                for path, v in results.items()
+            },
+            "sidecar_legs_ms": {name: pcts(v) for name, v in legs.items()},
+            "decode_engine": {
+                "nixl_transfers": transfers,
+                "nixl_xfer_ms_mean": round(xfer_s / transfers * 1000, 1) if transfers else None,
+                "pulled_tokens_per_request": round(pulled / args.requests, 1),
+            },
+        }
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        sidecar.terminate()
+        try:
+            sidecar.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            sidecar.kill()
+        prefill.stop()
+        decode.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=12, help="requests per path")
+    parser.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
+    parser.add_argument(
+        "--progress-delays",
+        default="1000,0",
+        help="NIXL progress-thread poll delays to run, microseconds (0: NIXL as shipped)",
+    )
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "reports" / "pd-vllm.json"))
+    args = parser.parse_args(argv)
+    delays = [int(d) for d in args.progress_delays.split(",") if d.strip()]
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="pd-vllm-") as tmp:
+        for delay in delays:
+            runs.append(run_delay(delay, args, Path(tmp)))
+            print(json.dumps(runs[-1], indent=1), file=sys.stderr)
+    command = "uv run python benchmarks/pd_vllm.py " + shlex.join(sys.argv[1:])
+    write_report(args.out, "pd_vllm", command.strip(), runs=runs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
