@@ -225,3 +225,88 @@ def test_back_to_back_decisions_see_the_prefill_queue_they_build() -> None:
     scrape(ds, clock, "pod-0", waiting=3)  # three prefill legs queued there
     yes, why = decide("the fourth new prompt " * 200)
     assert not yes, why
+
+
+CACHE_SOURCE = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: approx-prefix-cache-producer
+  parameters: {blockSizeTokens: 16}
+- type: prefix-cache-scorer
+- type: kv-cache-utilization-scorer
+- type: queue-scorer
+- type: prefill-filter
+- type: decode-filter
+- type: llmd-cache-source-pd-decider
+  parameters: {minCachedTokenDelta: 256}
+- type: disagg-profile-handler
+  parameters: {deciders: {prefill: llmd-cache-source-pd-decider}}
+schedulingProfiles:
+- name: prefill
+  plugins: [{pluginRef: prefill-filter}, {pluginRef: queue-scorer}]
+- name: decode
+  plugins: [{pluginRef: decode-filter}, {pluginRef: prefix-cache-scorer},
+            {pluginRef: kv-cache-utilization-scorer, weight: 2}]
+"""
+
+
+def test_a_busy_holder_of_a_prefix_prefills_for_an_idle_pod_that_pulls_it() -> None:
+    """Three `both` pods. A hot prompt lands on one pod; once that pod is busy (KV nearly
+    full, no queue) the load scorer sends the next request with the same prefix to another
+    pod, and the cache-source decider names the holder as its prefiller (rather than the pod
+    the prefill profile's own scorer would take): the KV moves instead of being recomputed.
+    With a queue on the holder the leg would wait there, so the pod recomputes; a prompt that
+    nobody holds is never pulled."""
+    both = {i: {"llm-d.ai/role": "both"} for i in range(3)}
+    d, ds, clock = make_director(3, CACHE_SOURCE, labels=both)
+    hot = "a hot system prompt shared by many requests " * 70  # ~780 estimated tokens
+
+    def route(prompt: str) -> tuple[str, str | None, str]:
+        dec = d.schedule(completion(d, prompt))
+        assert dec.result is not None
+        d.complete(dec, "natural")
+        why = dec.result.profiles["decode"].explain["pd"]["reason"]
+        return dec.endpoints[0].name, dec.set_headers.get(hdr.PREFILLER_HOST_PORT), why
+
+    holder, prefiller, why = route(hot + "first question")
+    assert prefiller is None, why
+    scrape(ds, clock, holder, running=8, kv_cache_usage=0.95)
+    (held,) = [e for e in ds.all() if e.endpoint.name == holder]
+    decode, prefiller, why = route(hot + "second question")
+    assert decode != holder
+    assert prefiller == f"127.0.0.1:{held.endpoint.port}", why
+    assert "; pull" in why
+    assert f"{holder} lacks" in why
+    assert counted(d, "prefill-decode") == 1
+    (rendered,) = d.explain(limit=1)
+    assert rendered["profiles"]["prefill"]["pd"] == {"source": f"{holder}, as the decider costed"}
+
+    # now two pods hold the prefix (the second pulled it), both busy and queueing
+    clock.now += 0.05
+    for busy in (holder, decode):
+        scrape(ds, clock, busy, running=8, kv_cache_usage=0.95, waiting=3)
+    third, prefiller, why = route(hot + "third question")
+    assert third not in (holder, decode)
+    assert prefiller is None, why
+    assert "with 3 waiting" in why
+    assert why.endswith("recompute")
+
+    _, prefiller, why = route("a prompt nobody has seen before " * 70)
+    assert prefiller is None
+    assert "under 256" in why
+
+
+def test_the_cost_decider_names_the_prefill_pod_it_costed() -> None:
+    """Two prefill pods: the cost decider takes the one whose prefill is cheapest for this
+    prompt, and the handler uses that pod even though the prefill profile's scorer ties them."""
+    roles = {0: {"llm-d.ai/role": "prefill"}, 1: {"llm-d.ai/role": "prefill"},
+             2: {"llm-d.ai/role": "decode"}}  # fmt: skip
+    d, ds, clock = make_director(3, config(COST_DECIDER), labels=roles)
+    (slow,) = [e for e in ds.all() if e.endpoint.name == "pod-0"]
+    slow.inflight_tokens = 3_000  # pod-0 has a backlog, pod-1 none
+    scrape(ds, clock, "pod-2", running=8)
+    dec = d.schedule(completion(d, "a new long prompt for the cost decider " * 100))
+    assert dec.set_headers[hdr.PREFILLER_HOST_PORT] == "127.0.0.1:9001"
+    assert dec.result is not None
+    assert "on pod-1" in dec.result.profiles["decode"].explain["pd"]["reason"]

@@ -21,12 +21,17 @@ PreRequest it replaces any client-sent `x-prefiller-host-port` with the prefill 
 `pd-profile-handler` (llm-d v0.7-v0.9) is the same handler under its old name and parameters.
 
 `llmd-cost-pd-decider` (llmd's own) disaggregates only when it pays; see `CostDecider`.
+`llmd-cache-source-pd-decider` (llmd's own) moves cached KV instead of recomputing it: when the
+decode pick lacks a prefix another pod holds, that pod prefills (mostly from its cache) and the
+decode pod pulls the blocks; see `CacheSourceDecider`. A decider that costed a particular
+prefill pod names it, and the handler takes that pod when the prefill profile's filters kept it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry, Counter
@@ -54,12 +59,29 @@ log = logging.getLogger(__name__)
 MAX_MODEL_LABELS = 1000
 
 
+CHOICE_STATE = "pd-prefill-choice"
+
+
+@dataclass
+class PrefillChoice:
+    """The prefill pod a decider costed for this request (its endpoint key), if it named one."""
+
+    key: str = ""
+    name: str = ""
+
+
 class PDDecider(Plugin[Any]):
     """Whether a request that has its decode pod should be prefilled elsewhere."""
 
     def disaggregate(self, request: LLMRequest, decode: ProfileResult) -> tuple[bool, str]:
         """(disaggregate, why)."""
         raise NotImplementedError
+
+    @staticmethod
+    def name_prefill_pod(request: LLMRequest, e: Any) -> None:
+        """Ask the handler to use pod `e` for the prefill leg (the pod this decision costed)."""
+        choice = request.state(CHOICE_STATE, PrefillChoice)
+        choice.key, choice.name = e.key, e.endpoint.name
 
 
 class AlwaysDisagg(PDDecider, Plugin[NoParams]):
@@ -196,7 +218,7 @@ class CostDecider(PDDecider, Plugin[CostParams]):
         c_d = self._cost(pick)
         waiting = (m.waiting or 0) if m is not None else 0
         local = (waiting + 1) * u_d * c_d
-        best: tuple[float, str, float, float, int] | None = None
+        best: tuple[float, Any, float, float, int] | None = None
         for e in self.handle.endpoints():
             if e.endpoint.labels.get(ROLE_LABEL) not in PrefillFilter.roles or e.key == pick.key:
                 continue
@@ -206,21 +228,106 @@ class CostDecider(PDDecider, Plugin[CostParams]):
             compute = u_p * c_p
             remote = queue + compute + u_d * p.transfer_seconds_per_token
             if best is None or remote < best[0]:
-                best = (remote, e.endpoint.name, queue, compute, u_p)
+                best = (remote, e, queue, compute, u_p)
         if best is None:
             return False, "no prefill pod"
-        remote, name, queue, compute, u_p = best
+        remote, chosen, queue, compute, u_p = best
+        name = chosen.endpoint.name
         limit = (1 + p.max_ttft_increase) * local
         yes = remote <= limit
         if yes:
             n = self.mean_prefill_tokens
             self.mean_prefill_tokens = u_p if n == 0 else 0.9 * n + 0.1 * u_p
+            self.name_prefill_pod(request, chosen)
         return yes, (
             f"{u_d} of {tokens} prompt tokens to compute on {pick.endpoint.name}, which runs "
             f"{running} decodes and has {waiting} waiting: local ~{local * 1000:.1f} ms; remote "
             f"~{remote * 1000:.1f} ms on {name} (queue {queue * 1000:.1f} + prefill "
             f"{compute * 1000:.1f} + transfer {u_d * p.transfer_seconds_per_token * 1000:.1f}); "
             f"{'within' if yes else 'over'} {1 + p.max_ttft_increase:g}x local"
+        )
+
+
+class CacheSourceParams(PluginParams):
+    min_cached_token_delta: int = Field(default=256, ge=1, alias="minCachedTokenDelta")
+    """The source must hold at least this many more of the prompt's tokens than the decode
+    pod (llm-d's p2p-source-producer has the same parameter, default 1 block)."""
+    max_ttft_increase: float = Field(default=0.0, ge=0, le=10, alias="maxTTFTIncrease")
+    """Pull when the predicted TTFT is at most (1 + this) x recomputing on the decode pod."""
+    prefill_seconds_per_token: float = Field(
+        default=1e-4, gt=0, le=1, alias="prefillSecondsPerToken"
+    )
+    """Prefill cost where an engine has not shown its own yet (as `llmd-cost-pd-decider`)."""
+    transfer_seconds_per_token: float = Field(
+        default=5e-6, ge=0, le=1, alias="transferSecondsPerToken"
+    )
+    """Moving one token's KV between pods."""
+    prefix_plugin_name: str = Field(default="", alias="prefixPluginName")
+
+
+class CacheSourceDecider(CostDecider, Plugin[CacheSourceParams]):
+    """llmd's cache-source routing: when the decode pick lacks a prefix that another pod
+    holds, the holder prefills (only the part it has not cached) and the decode pod pulls the
+    blocks, instead of computing the prefix again.
+
+    This is what happens to a hot prefix whose holder is busy: the load scorers send the
+    request elsewhere, and an aggregated pool recomputes the prefix there. With u_X the prompt
+    tokens pod X would compute, c_X its seconds per prefilled token and t the transfer seconds
+    per token, for the source S holding the most of the prompt:
+
+        local  = u_D x c_D
+        remote = queue(S) + u_S x c_S + u_D x t,   queue(S) = (waiting(S) x u_D + sent) x c_S
+
+    A prefill leg on S waits behind S's waiting requests (each taken to be as big as this
+    one's work on D) and the legs sent to S since its last scrape; S's running decodes do not
+    hold it back (vLLM batches the leg with them). The pods must run vLLM's NixlConnector as
+    `kv_both` with llmd-sidecar in front (role label `both`), so that any of them can prefill
+    for another. The numbers show in /debug/explain."""
+
+    type_name = "llmd-cache-source-pd-decider"
+    Params = CacheSourceParams  # type: ignore[assignment]
+
+    def disaggregate(self, request: LLMRequest, decode: ProfileResult) -> tuple[bool, str]:
+        p: CacheSourceParams = self.params
+        tokens = request.prompt_tokens
+        pick = decode.targets[0]
+        matches = prefix_matches(request, p.prefix_plugin_name or "approx-prefix-cache-producer")
+        if matches is None:
+            return False, "no prefix information (no prefix-cache producer ran)"
+        u_d = uncached_tokens(request, matches, pick.key)
+        best: tuple[int, Any] | None = None
+        for e in self.handle.endpoints():
+            if e.endpoint.labels.get(ROLE_LABEL) not in PrefillFilter.roles or e.key == pick.key:
+                continue
+            u_s = uncached_tokens(request, matches, e.key)
+            if best is None or u_s < best[0]:
+                best = (u_s, e)
+        if best is None:
+            return False, "no other pod can prefill"
+        u_s, source = best
+        name = source.endpoint.name
+        if u_d - u_s < p.min_cached_token_delta:
+            return False, (
+                f"{pick.endpoint.name} lacks {u_d} of {tokens} prompt tokens; the best source "
+                f"{name} holds {u_d - u_s} more: under {p.min_cached_token_delta}"
+            )
+        c_d = self._cost(pick)
+        c_s = self._cost(source, c_d)
+        m = source.metrics
+        waiting = (m.waiting or 0) if m is not None else 0
+        queue = (waiting * u_d + source.unseen_tokens) * c_s
+        compute = u_s * c_s
+        transfer = u_d * p.transfer_seconds_per_token
+        local = u_d * c_d
+        remote = queue + compute + transfer
+        yes = remote <= (1 + p.max_ttft_increase) * local
+        if yes:
+            self.name_prefill_pod(request, source)
+        return yes, (
+            f"{pick.endpoint.name} lacks {u_d} of {tokens} prompt tokens, {name} lacks {u_s}: "
+            f"recompute ~{local * 1000:.1f} ms; pull ~{remote * 1000:.1f} ms (queue "
+            f"{queue * 1000:.1f} with {waiting} waiting + prefill {compute * 1000:.1f} + "
+            f"transfer {transfer * 1000:.1f}); {'pull' if yes else 'recompute'}"
         )
 
 
@@ -329,6 +436,7 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         picked = {self.decode: decode}
         kind = "decode-only"
         if prefill is not None and prefill.targets:
+            self._take_named_pod(request, prefill)
             picked[self.prefill] = prefill
             kind = "prefill-decode"
         decode.explain.setdefault("pd", {"reason": "no decision"})["decision"] = kind
@@ -336,6 +444,23 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         for counter in self.decisions:
             counter.labels(self.name, self.type_name, model, kind).inc()
         return SchedulingResult(picked, self.decode)
+
+    @staticmethod
+    def _take_named_pod(request: LLMRequest, prefill: ProfileResult) -> None:
+        """Put the pod the decider costed first, when the prefill profile's filters kept it;
+        else the profile's own pick stands (and the explanation says so)."""
+        choice = request.state(CHOICE_STATE, PrefillChoice)
+        if not choice.key:
+            return
+        kept = [s.endpoint for s in prefill.scored if s.endpoint.key == choice.key]
+        if kept or prefill.targets[0].key == choice.key:
+            if prefill.targets[0].key != choice.key:
+                prefill.targets = [kept[0], *(t for t in prefill.targets if t.key != choice.key)]
+            prefill.explain["pd"] = {"source": f"{choice.name}, as the decider costed"}
+        else:
+            prefill.explain["pd"] = {
+                "source": f"the decider costed {choice.name}, which the profile's filters removed"
+            }
 
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> Mapping[str, str]:
         prefill = result.profiles.get(self.prefill)
@@ -373,6 +498,7 @@ DISAGG_PLUGINS = (
     AlwaysDisagg,
     PrefixBasedDecider,
     CostDecider,
+    CacheSourceDecider,
     DisaggProfileHandler,
     PDProfileHandler,
     PrefillHeaderHandler,
