@@ -187,6 +187,10 @@ def test_a_wrong_value_fails_with_the_path_of_the_bad_field(
             {"scheduler": {"config": {"preset": "pd"}}},
             "the engines lack a decode role and a prefill role",
         ),
+        (
+            {"scheduler": {"config": {"preset": "cache-source"}}},
+            "no engine has the both role",
+        ),
     ],
 )
 def test_components_that_disagree_fail_the_render_naming_both_keys(
@@ -435,6 +439,35 @@ def test_a_decode_pod_runs_the_sidecar_in_front_of_vllm(tmp_path: Path) -> None:
     assert of_kind(docs, "InferencePool")[0]["metadata"]["name"] == "demo"
     rules = named(docs, "Role", "-model-server")["rules"]
     assert rules[0]["resources"] == ["inferencepools"]
+
+
+def test_a_cache_source_pool_runs_the_sidecar_on_every_pod_and_its_preset_loads(
+    tmp_path: Path,
+) -> None:
+    values = {
+        **PATHS["inference-scheduling"],
+        "modelServer": {"enabled": True, "pd": {"role": "both"}},
+    }
+    values["scheduler"] = {**values["scheduler"], "config": {"preset": "cache-source"}}
+    docs = umbrella(values)
+    validate_all(docs)
+    pod = named(docs, "Deployment", "-model-server")["spec"]["template"]
+    assert pod["metadata"]["labels"]["llm-d.ai/role"] == "both"
+    vllm, sidecar = pod["spec"]["containers"]
+    assert "--port=8200" in vllm["args"]
+    assert sidecar["ports"][0] == {"name": "http", "containerPort": 8000}
+    config = named(docs, "ConfigMap", "-scheduler")["data"]["config.yaml"]
+    assert "llmd-cache-source-pd-decider" in config
+    (tmp_path / "config.yaml").write_text(config)
+    sched = named(docs, "Deployment", "-scheduler")["spec"]["template"]["spec"]["containers"][0]
+    args = [a.replace("/etc/llmd/scheduler/config.yaml", str(tmp_path / "config.yaml"))
+            for a in sched["args"]]  # fmt: skip
+    r = subprocess.run(
+        [str(BIN / "llmd-scheduler"), *args, "--check-config"],
+        capture_output=True, text=True, timeout=120, env=kubeconfig(tmp_path), check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "config OK" in r.stdout
 
 
 def test_the_sidecar_serves_https_from_a_tls_secret_behind_a_tls_gateway() -> None:

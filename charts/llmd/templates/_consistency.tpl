@@ -100,4 +100,11 @@ gets no prefix hits and says nothing); here that is a render error.
 {{- fail "llmd: scheduler.config.preset is pd but the engines lack a decode role and a prefill role (set modelServer.pd.role=decode and prefillServer.pd.role=prefill)" -}}
 {{- end -}}
 {{- end -}}
+{{- if and $v.scheduler.enabled (eq (toString $v.scheduler.config.preset) "cache-source") -}}
+{{- $roles := list -}}
+{{- range $name := $engines }}{{ $roles = append $roles (toString ((index $v $name).pd | default dict).role) }}{{ end -}}
+{{- if not (has "both" $roles) -}}
+{{- fail "llmd: scheduler.config.preset is cache-source but no engine has the both role (set modelServer.pd.role=both)" -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
