@@ -40,15 +40,21 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pd_fleet import WORDS_PER_TOKEN, _wait_healthy, pct, pd_decisions, words
+from pd_fleet import (
+    WORDS_PER_TOKEN,
+    pd_decisions,
+    stage_rows,
+    start_sidecar,
+    stop_processes,
+    words,
+)
 from protocol_throughput import write_report
 
 from llmd.bench.loadgen import run_trace
-from llmd.bench.metrics import Summary
 from llmd.bench.workloads import Stage, TraceRequest
 from llmd.dev.gateway import Gateway
 from llmd.dev.sim_engines import SimFleetProcess
-from llmd.vllm_cpu.server import free_port
+from llmd.protocol import metrics as pm
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny"
@@ -129,40 +135,27 @@ def both_fleet(args: argparse.Namespace, work: Path) -> Iterator[tuple[Path, lis
     try:
         entries = []
         for i, e in enumerate(fleet.engines):
-            port = free_port()
-            log = (work / f"sidecar-{i}.log").open("wb")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "llmd.sidecar.cli", "--host", "127.0.0.1",
-                 "--port", str(port), "--model-server-port", e.url.rsplit(":", 1)[1],
-                 "--metrics-port", "0"],
-                stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            proc, port = start_sidecar(e.url.rsplit(":", 1)[1], work / f"sidecar-{i}.log")
             sidecars.append(proc)
-            _wait_healthy(f"http://127.0.0.1:{port}", proc)
             entries.append({"name": f"pod-{i}", "address": "127.0.0.1", "port": str(port),
                             "labels": {"llm-d.ai/role": "both"}})  # fmt: skip
         endpoints = work / "endpoints.yaml"
         endpoints.write_text(yaml.safe_dump({"endpoints": entries}))
         yield endpoints, [e.url for e in fleet.engines]
     finally:
-        for proc in sidecars:
-            proc.terminate()
-        for proc in sidecars:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(sidecars)
         fleet.stop()
 
 
 def tokens_by_source(urls: list[str]) -> dict[str, float]:
+    """The fleet's prompt tokens by source (computed, local cache hit, pulled)."""
     out = dict.fromkeys(SOURCES, 0.0)
     for url in urls:
-        for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-            if line.startswith("vllm:prompt_tokens_by_source_total{"):
-                source = line.split('source="', 1)[1].split('"', 1)[0]
-                if source in out:
-                    out[source] += float(line.rsplit(" ", 1)[1])
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        for sample in pm.parse_samples(text, {pm.PROMPT_TOKENS_BY_SOURCE}):
+            source = sample.labels.get("source", "")
+            if source in out:
+                out[source] += sample.value
     return out
 
 
@@ -181,22 +174,7 @@ def run_target(target: str, args: argparse.Namespace, work: Path) -> dict[str, A
             decisions = pd_decisions(gw.scheduler.metrics_text())
         finally:
             gw.stop()
-    rows = []
-    for i, stage in enumerate(stages):
-        recs = [r for r in records if r.stage == i]
-        span = max((r.done_at or r.sent_at) for r in recs) - min(r.sent_at for r in recs)
-        agg = Summary(recs, span).aggregate()
-        lat = agg["latency"]
-        rows.append(
-            {
-                "rate": stage.rate,
-                "requests": agg["requests"]["total"],
-                "failures": agg["requests"]["failures"],
-                "ttft_ms": {k: pct(lat["time_to_first_token"], k) for k in ("p50", "p90", "p99")},
-                "tpot_ms": {k: pct(lat["time_per_output_token"], k) for k in ("p50", "p90", "p99")},
-                "output_tokens_per_s": round(agg["throughput"]["output_token_rate"]["mean"], 1),
-            }
-        )
+    rows = stage_rows(records, stages)
     total = sum(decisions.values())
     return {
         "target": target,

@@ -142,6 +142,63 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30
     raise RuntimeError(f"llmd-sidecar at {url} did not answer in {timeout_s:.0f} s")
 
 
+def start_sidecar(
+    model_server_port: int | str, log_path: Path, metrics_port: int = 0
+) -> tuple[subprocess.Popen[bytes], int]:
+    """An llmd-sidecar process in front of the engine on `model_server_port`, once healthy:
+    (the process, its port)."""
+    port = free_port()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "llmd.sidecar.cli", "--host", "127.0.0.1",
+                "--port", str(port), "--model-server-port", str(model_server_port),
+                "--metrics-port", str(metrics_port),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", proc)
+    except BaseException:
+        stop_processes([proc])
+        raise
+    return proc, port
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM all, then wait for each (10 s before SIGKILL)."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def stage_rows(records: list[Any], stages: list[Stage]) -> list[dict[str, Any]]:
+    """Client figures per stage of a trace: TTFT, TPOT, ITL p50/p90/p99 and output tokens/s."""
+    rows = []
+    for i, stage in enumerate(stages):
+        recs = [r for r in records if r.stage == i]
+        span = max((r.done_at or r.sent_at) for r in recs) - min(r.sent_at for r in recs)
+        agg = Summary(recs, span).aggregate()
+        lat = agg["latency"]
+        rows.append(
+            {
+                "rate": stage.rate,
+                "requests": agg["requests"]["total"],
+                "failures": agg["requests"]["failures"],
+                "ttft_ms": {k: pct(lat["time_to_first_token"], k) for k in ("p50", "p90", "p99")},
+                "tpot_ms": {k: pct(lat["time_per_output_token"], k) for k in ("p50", "p90", "p99")},
+                "itl_ms": {k: pct(lat["inter_token_latency"], k) for k in ("p50", "p90", "p99")},
+                "output_tokens_per_s": round(agg["throughput"]["output_token_rate"]["mean"], 1),
+            }
+        )
+    return rows
+
+
 @contextmanager
 def pd_fleet(args: argparse.Namespace, work: Path) -> Iterator[tuple[Path, list[str]]]:
     """Prefill engines, decode engines, and a sidecar process in front of each decode one."""
@@ -178,19 +235,8 @@ def pd_fleet(args: argparse.Namespace, work: Path) -> Iterator[tuple[Path, list[
                 }
             )
         for i, e in enumerate(decode.engines):
-            port = free_port()
-            log = (work / f"sidecar-{i}.log").open("wb")
-            proc = subprocess.Popen(
-                [
-                    sys.executable, "-m", "llmd.sidecar.cli", "--host", "127.0.0.1",
-                    "--port", str(port), "--model-server-port", e.url.rsplit(":", 1)[1],
-                    "--metrics-port", "0",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            proc, port = start_sidecar(e.url.rsplit(":", 1)[1], work / f"sidecar-{i}.log")
             sidecars.append(proc)
-            _wait_healthy(f"http://127.0.0.1:{port}", proc)
             entries.append(
                 {
                     "name": f"decode-{i}",
@@ -203,13 +249,7 @@ def pd_fleet(args: argparse.Namespace, work: Path) -> Iterator[tuple[Path, list[
         endpoints.write_text(yaml.safe_dump({"endpoints": entries}))
         yield endpoints, [e.url for f in fleets for e in f.engines]
     finally:
-        for proc in sidecars:
-            proc.terminate()
-        for proc in sidecars:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(sidecars)
         for f in fleets:
             f.stop()
 
@@ -247,23 +287,7 @@ def run_target(target: str, args: argparse.Namespace, work: Path) -> dict[str, A
             decisions = pd_decisions(gw.scheduler.metrics_text())
         finally:
             gw.stop()
-    rows = []
-    for i, stage in enumerate(stages):
-        recs = [r for r in records if r.stage == i]
-        span = max((r.done_at or r.sent_at) for r in recs) - min(r.sent_at for r in recs)
-        agg = Summary(recs, span).aggregate()
-        lat = agg["latency"]
-        rows.append(
-            {
-                "rate": stage.rate,
-                "requests": agg["requests"]["total"],
-                "failures": agg["requests"]["failures"],
-                "ttft_ms": {k: pct(lat["time_to_first_token"], k) for k in ("p50", "p90", "p99")},
-                "tpot_ms": {k: pct(lat["time_per_output_token"], k) for k in ("p50", "p90", "p99")},
-                "itl_ms": {k: pct(lat["inter_token_latency"], k) for k in ("p50", "p90", "p99")},
-                "output_tokens_per_s": round(agg["throughput"]["output_token_rate"]["mean"], 1),
-            }
-        )
+    rows = stage_rows(records, stages)
 
     def mean(kind: str) -> float | None:
         v = means[kind]

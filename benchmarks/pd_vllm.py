@@ -35,10 +35,11 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pd_fleet import _wait_healthy
+from pd_fleet import start_sidecar, stop_processes
 from protocol_throughput import write_report
 
 from llmd.dev.gateway import Gateway
+from llmd.protocol import metrics as pm
 from llmd.vllm_cpu.install import ensure_vllm_env
 from llmd.vllm_cpu.server import VllmServer, free_port, nixl_server_spec, start_servers
 from llmd.vllm_cpu.tiny_model import ensure_tiny_model
@@ -78,12 +79,9 @@ def pcts(values: list[float]) -> dict[str, float | None]:
 
 
 def metric(url: str, name: str) -> float:
+    """The sum of every sample of `name` (all label sets) on `url`'s /metrics."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith((name + "{", name + " "))
-    )
+    return sum(s.value for s in pm.parse_samples(text, {name}))
 
 
 def idle_cores(servers: list[VllmServer], seconds: float = 3.0) -> dict[str, float]:
@@ -114,17 +112,11 @@ def stream(client: httpx.Client, url: str, prompt: str, max_tokens: int) -> tupl
 
 
 def sidecar_histograms(url: str) -> dict[str, tuple[float, float]]:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    """(sum, count) of each of the sidecar's leg histograms."""
     out: dict[str, tuple[float, float]] = {}
     for name in ("prefill_duration", "decode_duration", "true_ttft"):
         base = f"llmd_sidecar_{name}_seconds"
-        total = count = 0.0
-        for line in text.splitlines():
-            if line.startswith(base + "_sum"):
-                total = float(line.rsplit(" ", 1)[1])
-            elif line.startswith(base + "_count"):
-                count = float(line.rsplit(" ", 1)[1])
-        out[name] = (total, count)
+        out[name] = (metric(url, base + "_sum"), metric(url, base + "_count"))
     return out
 
 
@@ -139,20 +131,13 @@ def run_delay(delay_us: int, args: argparse.Namespace, work: Path) -> dict[str, 
     print(f"[pd-vllm] delay {delay_us} us: starting 2 vLLM NIXL engines", file=sys.stderr)
     prefill, decode = start_servers(env, specs, work / f"vllm-{delay_us}")
     started_s = time.monotonic() - t0
-    sidecar_port, sidecar_metrics = free_port(), free_port()
-    log = (work / f"sidecar-{delay_us}.log").open("wb")
-    sidecar = subprocess.Popen(
-        [
-            sys.executable, "-m", "llmd.sidecar.cli", "--host", "127.0.0.1",
-            "--port", str(sidecar_port), "--model-server-port", str(decode.port),
-            "--metrics-port", str(sidecar_metrics),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    sidecar_metrics = free_port()
     gateway = None
+    sidecar: subprocess.Popen[bytes] | None = None
     try:
-        _wait_healthy(f"http://127.0.0.1:{sidecar_port}", sidecar)
+        sidecar, sidecar_port = start_sidecar(
+            decode.port, work / f"sidecar-{delay_us}.log", sidecar_metrics
+        )
         endpoints = work / f"endpoints-{delay_us}.yaml"
         endpoints.write_text(yaml.safe_dump({"endpoints": [
             {"name": "prefill", "address": "127.0.0.1", "port": str(prefill.port),
@@ -214,11 +199,8 @@ def run_delay(delay_us: int, args: argparse.Namespace, work: Path) -> dict[str, 
     finally:
         if gateway is not None:
             gateway.stop()
-        sidecar.terminate()
-        try:
-            sidecar.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            sidecar.kill()
+        if sidecar is not None:
+            stop_processes([sidecar])
         prefill.stop()
         decode.stop()
 

@@ -18,6 +18,7 @@ import yaml
 
 from llmd.dev.gateway import Gateway
 from llmd.dev.sim_engines import SimFleetProcess
+from llmd.protocol import metrics as pm
 from llmd.sidecar.app import SidecarApp, SidecarConfig
 from llmd.vllm_cpu.server import free_port
 
@@ -92,13 +93,13 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
 
 
 async def by_source(url: str) -> dict[str, float]:
+    """An engine's prompt tokens by source (local_compute, local_cache_hit, ...)."""
     async with httpx.AsyncClient() as c:
         text = (await c.get(f"{url}/metrics")).text
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("vllm:prompt_tokens_by_source_total{"):
-            source = line.split('source="', 1)[1].split('"', 1)[0]
-            out[source] = out.get(source, 0.0) + float(line.rsplit(" ", 1)[1])
+    for sample in pm.parse_samples(text, {pm.PROMPT_TOKENS_BY_SOURCE}):
+        source = sample.labels["source"]
+        out[source] = out.get(source, 0.0) + sample.value
     return out
 
 

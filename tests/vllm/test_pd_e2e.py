@@ -29,6 +29,7 @@ import pytest
 import yaml
 
 from llmd.dev.gateway import Gateway
+from llmd.protocol import metrics as pm
 from llmd.sidecar.app import SidecarApp, SidecarConfig
 from llmd.vllm_cpu.install import VllmEnv
 from llmd.vllm_cpu.pytest_plugin import VllmFleet
@@ -121,11 +122,7 @@ async def metric(server: VllmServer, name: str) -> float:
     """The sum of every sample of `name` (all label sets) on a real engine's /metrics."""
     async with httpx.AsyncClient() as c:
         text = (await c.get(f"{server.url}/metrics")).text
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith((name + "{", name + " "))
-    )
+    return sum(s.value for s in pm.parse_samples(text, {name}))
 
 
 def long_prompt(tag: str) -> str:
