@@ -151,6 +151,21 @@ class CostParams(PluginParams):
 MIN_MEASURED_TOKENS = 1000
 
 
+def prefill_cost(e: Any, fallback: float | None, default: float) -> float:
+    """Endpoint `e`'s measured prefill seconds per token (its scraped counters, once it has
+    computed MIN_MEASURED_TOKENS); else `fallback` (the decode pod's, so that a pod never used
+    for prefill yet is not judged by a static guess against a measured rival), else `default`."""
+    c = e.counters
+    if (
+        c is not None
+        and c.computed_tokens
+        and c.computed_tokens >= MIN_MEASURED_TOKENS
+        and c.prefill_seconds is not None
+    ):
+        return float(c.prefill_seconds / c.computed_tokens)
+    return fallback if fallback is not None else default
+
+
 class CostDecider(PDDecider, Plugin[CostParams]):
     """llmd's decider: prefill elsewhere only when the decode pod has decodes to protect and
     the predicted TTFT of the remote prefill stays within `maxTTFTIncrease` of a local one.
@@ -183,18 +198,7 @@ class CostDecider(PDDecider, Plugin[CostParams]):
         return float(e.inflight_tokens + e.unseen_tokens + scraped * self.mean_prefill_tokens)
 
     def _cost(self, e: Any, fallback: float | None = None) -> float:
-        """The endpoint's measured prefill seconds per token; else `fallback` (the decode
-        pod's, so that a prefill pod never used yet is not judged by a static guess against
-        a measured rival), else the configured default."""
-        c = e.counters
-        if (
-            c is not None
-            and c.computed_tokens
-            and c.computed_tokens >= MIN_MEASURED_TOKENS
-            and c.prefill_seconds is not None
-        ):
-            return float(c.prefill_seconds / c.computed_tokens)
-        return fallback if fallback is not None else float(self.params.prefill_seconds_per_token)
+        return prefill_cost(e, fallback, self.params.prefill_seconds_per_token)
 
     def disaggregate(self, request: LLMRequest, decode: ProfileResult) -> tuple[bool, str]:
         p = self.params
@@ -265,7 +269,7 @@ class CacheSourceParams(PluginParams):
     prefix_plugin_name: str = Field(default="", alias="prefixPluginName")
 
 
-class CacheSourceDecider(CostDecider, Plugin[CacheSourceParams]):
+class CacheSourceDecider(PDDecider, Plugin[CacheSourceParams]):
     """llmd's cache-source routing: when the decode pick lacks a prefix that another pod
     holds, the holder prefills (only the part it has not cached) and the decode pod pulls the
     blocks, instead of computing the prefix again.
@@ -285,10 +289,10 @@ class CacheSourceDecider(CostDecider, Plugin[CacheSourceParams]):
     for another. The numbers show in /debug/explain."""
 
     type_name = "llmd-cache-source-pd-decider"
-    Params = CacheSourceParams  # type: ignore[assignment]
+    Params = CacheSourceParams
 
     def disaggregate(self, request: LLMRequest, decode: ProfileResult) -> tuple[bool, str]:
-        p: CacheSourceParams = self.params
+        p = self.params
         tokens = request.prompt_tokens
         pick = decode.targets[0]
         matches = prefix_matches(request, p.prefix_plugin_name or "approx-prefix-cache-producer")
@@ -311,8 +315,8 @@ class CacheSourceDecider(CostDecider, Plugin[CacheSourceParams]):
                 f"{pick.endpoint.name} lacks {u_d} of {tokens} prompt tokens; the best source "
                 f"{name} holds {u_d - u_s} more: under {p.min_cached_token_delta}"
             )
-        c_d = self._cost(pick)
-        c_s = self._cost(source, c_d)
+        c_d = prefill_cost(pick, None, p.prefill_seconds_per_token)
+        c_s = prefill_cost(source, c_d, p.prefill_seconds_per_token)
         m = source.metrics
         waiting = (m.waiting or 0) if m is not None else 0
         queue = (waiting * u_d + source.unseen_tokens) * c_s
@@ -452,15 +456,16 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         choice = request.state(CHOICE_STATE, PrefillChoice)
         if not choice.key:
             return
-        kept = [s.endpoint for s in prefill.scored if s.endpoint.key == choice.key]
-        if kept or prefill.targets[0].key == choice.key:
-            if prefill.targets[0].key != choice.key:
-                prefill.targets = [kept[0], *(t for t in prefill.targets if t.key != choice.key)]
-            prefill.explain["pd"] = {"source": f"{choice.name}, as the decider costed"}
-        else:
-            prefill.explain["pd"] = {
-                "source": f"the decider costed {choice.name}, which the profile's filters removed"
-            }
+        if prefill.targets[0].key != choice.key:
+            kept = next((c.endpoint for c in prefill.scored if c.endpoint.key == choice.key), None)
+            if kept is None:
+                prefill.explain["pd"] = {
+                    "source": f"the decider costed {choice.name}, which the profile's filters "
+                    "removed"
+                }
+                return
+            prefill.targets = [kept, *(t for t in prefill.targets if t.key != choice.key)]
+        prefill.explain["pd"] = {"source": f"{choice.name}, as the decider costed"}
 
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> Mapping[str, str]:
         prefill = result.profiles.get(self.prefill)
