@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 
 import pytest
@@ -196,6 +197,78 @@ async def test_valkey_backend_matches_the_in_memory_one(valkey_url: str) -> None
         vk.pod_ttl_s = 0
         assert await vk.janitor(live={"c"}) == ["b"]
         assert await vk.longest_prefix(r) == {}
+    finally:
+        await vk.close()
+
+
+async def test_valkey_lookup_agrees_with_the_in_memory_one_on_random_fleets(
+    valkey_url: str,
+) -> None:
+    """Random holders per block (GPU, CPU, storage and speculative entries, removals, nested
+    and overlapping prefixes) on both backends; every lookup, with and without a pod filter
+    and with other tier weights, must give the same hits."""
+    rng = random.Random(11)
+    tag = uuid.uuid4().hex[:6]
+    mixed = 0
+    for round_ in range(6):
+        mem = InMemoryIndex()
+        vk = ValkeyIndex(valkey_url, prefix=f"r{tag}{round_}:")
+        try:
+            keys = [rng.getrandbits(63) for _ in range(40)]
+            pods = [f"10.2.0.{i}:8000" for i in range(12)]
+            for _ in range(60):
+                pod = rng.choice(pods)
+                tier = rng.choice(["gpu", "gpu", "gpu", "cpu", "storage"])
+                entry = PodEntry(pod, tier, speculative=rng.random() < 0.1)
+                if entry.speculative:
+                    entry = entry._replace(tier="")
+                start = rng.randrange(0, 8) if rng.random() < 0.2 else 0
+                chain = keys[start : start + rng.randrange(1, len(keys))]
+                for index in (mem, vk):
+                    await index.add(None, chain, entry)
+                if rng.random() < 0.15:
+                    gone = chain[rng.randrange(len(chain)) :]
+                    for index in (mem, vk):
+                        await index.evict_request_keys(gone, entry)
+            for query, kw in (
+                (keys, {}),
+                (keys[: rng.randrange(1, 40)], {}),
+                (keys, {"pods": set(rng.sample(pods, 4))}),
+                (keys, {"weights": {"gpu": 1.0, "cpu": 0.5, "storage": 0.25, "": 0.9}}),
+            ):
+                want = await mem.longest_prefix(query, **kw)  # type: ignore[arg-type]
+                got = await vk.longest_prefix(query, **kw)  # type: ignore[arg-type]
+                assert set(got) == set(want), (round_, kw)
+                for pod, hit in want.items():
+                    assert got[pod].blocks == hit.blocks, (round_, pod)
+                    assert got[pod].tiers == hit.tiers, (round_, pod)
+                    assert got[pod].score == pytest.approx(hit.score), (round_, pod)
+                    mixed += set(hit.tiers) != {"gpu"}
+        finally:
+            await vk.close()
+    assert mixed > 10  # the walk met CPU, storage and speculative holders, not only GPU ones
+
+
+async def test_valkey_lookup_reads_set_texts_written_without_the_tier_header(
+    valkey_url: str,
+) -> None:
+    """A replica from before the set texts carried their `!g`/`!m` header may still be writing
+    to the same server: its texts are read correctly (the header is then worked out)."""
+    vk = ValkeyIndex(valkey_url, prefix=f"h{uuid.uuid4().hex[:6]}:")
+    try:
+        keys = [101, 102, 103, 104]
+        await vk.add(None, keys, PodEntry("a"))
+        await vk.add(None, keys[:3], PodEntry("b", "cpu"))
+        want = await vk.longest_prefix(keys)
+        # rewrite every set text the old way: no header, no newline at either end
+        for name in [k async for k in vk.redis.scan_iter(match=f"{vk.prefix}set:*")]:
+            body = (await vk.redis.get(name)).decode()
+            assert body.startswith(("!g\n", "!m\n"))
+            await vk.redis.set(name, body[3:].rstrip("\n"))
+        got = await vk.longest_prefix(keys)
+        assert got == want
+        assert got["a"].blocks == 4
+        assert got["b"].tiers == {"cpu": 3}
     finally:
         await vk.close()
 

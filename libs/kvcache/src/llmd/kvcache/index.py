@@ -405,10 +405,16 @@ class InMemoryIndex:
                     continue
                 weight = w.get(e.tier, 1.0)
                 cur = best.get(e.pod)
+                # Ties go to a confirmed entry, then to the first tier name in sort order,
+                # whatever order the entries arrived in (the Valkey backend decides alike).
                 if (
                     cur is None
                     or weight > cur[0]
-                    or (weight == cur[0] and cur[1] == SPECULATIVE_TIER)
+                    or (
+                        weight == cur[0]
+                        and e.tier != SPECULATIVE_TIER
+                        and (cur[1] == SPECULATIVE_TIER or e.tier < cur[1])
+                    )
                 ):
                     best[e.pod] = (weight, e.tier)
             for p, (weight, tier) in best.items():

@@ -8,15 +8,19 @@ Key layout (llm-d's, so Go and Python replicas can share one server):
 - `<prefix>engine:<engine key decimal>`: ZSET; members = request-key decimals, score =
   position (the highest is the chain's last key).
 - `<prefix>sig:<request key decimal>`: STRING; the SHA-1 of the key's holder list, and
-  `<prefix>set:<sha1>`: STRING, that list (`pod<TAB>tier` lines, sorted; speculative entries
-  have an empty tier) (llmd only; what lookups read: one short string per block, the holder
-  list only where it changes).
+  `<prefix>set:<sha1>`: STRING, that list: a header line, `!g` when every entry is a plain GPU
+  one and `!m` otherwise, then `pod<TAB>tier` lines, sorted, each ending in a newline
+  (speculative entries have an empty tier) (llmd only; what lookups read: one short string per
+  block, the holder list only where it changes). Texts without the header, from llmd before
+  2026-12, are still read.
 - `<prefix>llmd:pods`: HASH; pod -> unix time its events were last applied (llmd only; it
   drives cleanup).
 
 Reads are one round trip: a Lua script walks the request keys' signatures server-side (an
 unchanged signature from one block to the next costs one string comparison) and returns only the
-per-pod result (consecutive blocks, weighted score, blocks per tier). Evictions are a script too
+per-pod result (consecutive blocks, weighted score, blocks per tier). Where the holders change,
+each still-active pod is looked for in the new list with one plain substring search (C code,
+no tables built); lists headed `!m` are weighed per tier once, after the walk. Evictions are a script too
 (remove the entry, drop emptied keys, drop the engine mapping once every key it names is empty).
 
 Dead pods do not linger: `clear(pod)` runs when discovery drops a pod, and `janitor()` clears
@@ -42,8 +46,8 @@ from llmd.kvcache.index import (
     ratio_mapping,
 )
 
-# Every request-key HASH has a companion STRING `<prefix>sig:<key>`: its fields, sorted and
-# joined by newlines. Writes keep it current; lookups read one string per key and, since
+# Every request-key HASH has a companion STRING `<prefix>sig:<key>`: the digest of its holder
+# list (header line, then sorted `pod<TAB>tier` lines). Writes keep it current; lookups read one string per key and, since
 # consecutive blocks usually have the same holders, mostly just compare it with the previous
 # one (Lua strings are interned: equal strings are one object).
 _RESIG = """
@@ -56,16 +60,20 @@ local function resig(k, sk)
     return true
   end
   local lines = {}
+  local mixed = false
   for _, field in ipairs(f) do
     local ok, d = pcall(cjson.decode, field)
     if ok and type(d) == 'table' and d['PodIdentifier'] then
       local t = d['DeviceTier'] or ''
       if d['Speculative'] then t = '' end
+      if t ~= 'gpu' then mixed = true end
       lines[#lines + 1] = d['PodIdentifier'] .. '\\t' .. t
     end
   end
   table.sort(lines)
-  local body = table.concat(lines, '\\n')
+  local head = '!g\\n'
+  if mixed then head = '!m\\n' end
+  local body = head .. table.concat(lines, '\\n') .. '\\n'
   local digest = redis.sha1hex(body)
   redis.call('SET', SETPREFIX .. digest, body, 'NX')
   redis.call('SET', sk, digest)
@@ -133,41 +141,19 @@ local i = npods + 4
 local nw = tonumber(ARGV[i]); i = i + 1
 local weights = {}
 for _ = 1, nw do weights[ARGV[i]] = tonumber(ARGV[i + 1]); i = i + 2 end
-local pp, pt, pw = {}, {}, {}  -- set digest -> holder pods, tiers, weights (parsed once)
-local function holders(digest, body)
-  local ps = pp[digest]
-  if ps == nil then
-    ps = {}
-    local ts, ws = {}, {}
-    local c = 0
-    for pod, tier in string.gmatch(body, '([^\\t\\n]+)\\t([^\\n]*)') do
-      c = c + 1
-      ps[c] = pod
-      ts[c] = tier
-      ws[c] = weights[tier] or 1.0
-    end
-    pp[digest], pt[digest], pw[digest] = ps, ts, ws
-  end
-  return ps, pt[digest], pw[digest]
-end
-local aw, at = nil, nil        -- active pods -> weight, tier for the current run of blocks
-local rb, rs, rt = {}, {}, {}   -- results: blocks, score, blocks per tier
-local last = nil
-local seg_start = 1
-local function close(upto)
-  local len = upto - seg_start
-  if aw == nil or len <= 0 then return end
-  for p, w in pairs(aw) do
-    rb[p] = (rb[p] or 0) + len
-    rs[p] = (rs[p] or 0) + len * w
-    local tt = rt[p]
-    if tt == nil then tt = {}; rt[p] = tt end
-    local t = at[p]
-    tt[t] = (tt[t] or 0) + len
-  end
-end
+local wg = weights['gpu'] or 1.0
+local find, gsub = string.find, string.gsub
+-- Walk: the active pods only shrink. Where the holder set changes, each active pod is looked
+-- for in the new set's text (a C-level search for its own line), so a change costs one search
+-- per active pod and no table building. Sets that hold anything but plain GPU entries are
+-- remembered as runs and weighed once, after the walk.
+local active, na = nil, 0
+local depth = {}          -- pod -> blocks it holds from the start
+local needles = {}        -- pod -> '\\n' .. pod .. '\\t'
+local runs = {}           -- {first block, end block, set text} for sets with other tiers
+local last, lasttext, lastmixed = nil, nil, false
+local runstart = 0
 local n = 0
-local idx = 0
 local names = {}
 for key in string.gmatch(keylist, '%d+') do names[#names + 1] = sigprefix .. key end
 local chunk = 16
@@ -177,45 +163,95 @@ while lo <= #names and not stop do
   local hi = math.min(#names, lo + chunk - 1)
   local sigs = redis.call('MGET', unpack(names, lo, hi))
   for j = 1, hi - lo + 1 do
-    idx = lo + j - 1
+    local idx = lo + j - 2
     local sig = sigs[j]
     if not sig then stop = true; break end
     if sig ~= last then
       local body = redis.call('GET', setprefix .. sig)
       if not body then stop = true; break end
-      local ps, ts, ws = holders(sig, body)
-      local nw, nt = {}, {}
-      local any = false
-      for q = 1, #ps do
-        local p = ps[q]
-        if (aw == nil and (filter == nil or filter[p])) or (aw ~= nil and aw[p]) then
-          local w, t = ws[q], ts[q]
-          local cw = nw[p]
-          if cw == nil or w > cw or (w == cw and nt[p] == '') then
-            nw[p] = w
-            nt[p] = t
-            any = true
+      if lastmixed then runs[#runs + 1] = {runstart, idx, lasttext} end
+      local text, mixed = body, false
+      if string.byte(body, 1) == 33 then  -- '!': the header says whether any tier is not 'gpu'
+        mixed = string.byte(body, 2) == 109
+      else  -- written by an older llmd: no header, no newline at either end
+        text = '\\n' .. body .. '\\n'
+        local _, lines = gsub(text, '\\t', '')
+        local _, plain = gsub(text, '\\tgpu\\n', '')
+        mixed = plain ~= lines
+      end
+      if active == nil then
+        active = {}
+        for pod in string.gmatch(body, '([^\\t\\n]+)\\t[^\\n]*') do
+          if (filter == nil or filter[pod]) and not active[pod] then
+            active[pod] = true
+            needles[pod] = '\\n' .. pod .. '\\t'
+            na = na + 1
+          end
+        end
+      else
+        for p in pairs(active) do
+          if not find(text, needles[p], 1, true) then
+            active[p] = nil
+            depth[p] = idx
+            na = na - 1
           end
         end
       end
-      close(idx)
-      seg_start = idx
-      if not any then aw = nil; stop = true; break end
-      aw, at = nw, nt
+      if na == 0 then stop = true; break end
+      lastmixed = mixed
+      lasttext = text
+      runstart = idx
       last = sig
     end
-    n = idx
+    n = idx + 1
   end
   lo = hi + 1
   if chunk < 256 then chunk = chunk * 2 end
 end
-if aw ~= nil then close(n + 1) end
+if active ~= nil then
+  for p in pairs(active) do depth[p] = n end
+  if lastmixed and na > 0 then runs[#runs + 1] = {runstart, n, lasttext} end
+end
+local score, tiers = {}, {}
+for p, d in pairs(depth) do
+  if d > 0 then
+    score[p] = d * wg
+    tiers[p] = {gpu = d}
+  end
+end
+for _, run in ipairs(runs) do
+  local s, e, text = run[1], run[2], run[3]
+  local len = e - s
+  local bw, bt = {}, {}
+  for pod, tier in string.gmatch(text, '([^\\t\\n]+)\\t([^\\n]*)') do
+    local d = depth[pod]
+    if d ~= nil and d >= e then
+      local w = weights[tier] or 1.0
+      local cw = bw[pod]
+      if cw == nil or w > cw or (w == cw and bt[pod] == '') then
+        bw[pod] = w
+        bt[pod] = tier
+      end
+    end
+  end
+  for p, t in pairs(bt) do
+    if t ~= 'gpu' then
+      score[p] = score[p] + len * (bw[p] - wg)
+      local tt = tiers[p]
+      tt['gpu'] = tt['gpu'] - len
+      tt[t] = (tt[t] or 0) + len
+    end
+  end
+end
 -- one string, not nested arrays: the client parses it with a split, not a RESP walk
 local out = {}
-for p, b in pairs(rb) do
+for p, tt in pairs(tiers) do
   local tl = {}
-  for t, c in pairs(rt[p]) do tl[#tl + 1] = t .. '=' .. c end
-  out[#out + 1] = p .. '\\t' .. b .. '\\t' .. tostring(rs[p]) .. '\\t' .. table.concat(tl, ',')
+  for t, c in pairs(tt) do
+    if c > 0 then tl[#tl + 1] = t .. '=' .. c end
+  end
+  out[#out + 1] = p .. '\\t' .. depth[p] .. '\\t' .. tostring(score[p]) .. '\\t'
+    .. table.concat(tl, ',')
 end
 return table.concat(out, '\\n')
 """
