@@ -17,9 +17,18 @@ router process (user + system, from /proc) and of the engines' process. A router
 (no traffic, `--idle-seconds`: metrics scraping, health checks) is measured first and reported
 per second, with the per-request CPU beyond it (the cost that grows with traffic).
 
+With `--rates R1,R2,...` the run is a rate ladder instead: for each target, open-loop Poisson
+stages of `--stage-seconds` at each offered rate, reporting per stage the achieved rate, TTFT
+p50/p99, errors and router CPU per request; then, per target, the highest stage it sustains: 0
+errors, the client sending at >= 90% of the offered rate and >= 95% of that completed per
+second, and TTFT p99 at most `--added-p99-ms` above `envoy-rr`'s at the same stage when
+`envoy-rr` is among the targets.
+
 Usage: uv run python benchmarks/gateway_overhead.py [--requests N] [--concurrency C]
            [--output-tokens T] [--prompt-words W] [--targets a,b,...] [--rounds R]
            [--sim-args '--max-model-len 40000'] [--out FILE]
+       uv run python benchmarks/gateway_overhead.py --rates 100,200,300 --targets
+           envoy-rr,llmd-lean [--stage-seconds S] [--added-p99-ms 5] [--out FILE]
 """
 
 from __future__ import annotations
@@ -184,6 +193,78 @@ async def drive(
     }
 
 
+async def drive_rate(
+    target: Target,
+    prompts: list[list[dict[str, str]]],
+    rate: float,
+    seconds: float,
+    output_tokens: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Open loop: Poisson arrivals at `rate` for `seconds`, each request its own task (a slow
+    router makes requests pile up instead of slowing the sender down)."""
+    rng = random.Random(seed)
+    ttfts: list[float] = []
+    errors: dict[str, int] = {}
+    bases = target.engine_urls or [target.url]
+
+    async def one(session: aiohttp.ClientSession, i: int) -> None:
+        body = {"model": "tiny", "messages": prompts[i % len(prompts)],
+                "max_tokens": output_tokens, "stream": True,
+                "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
+        t0 = time.perf_counter()
+        first = None
+        try:
+            url = bases[i % len(bases)] + "/v1/chat/completions"
+            async with session.post(url, json=body) as resp:
+                if resp.status != 200:
+                    errors[str(resp.status)] = errors.get(str(resp.status), 0) + 1
+                    await resp.read()
+                    return
+                async for line in resp.content:
+                    if first is None and line.startswith(b"data: {") and b'"content"' in line:
+                        first = time.perf_counter() - t0
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            return
+        if first is None:
+            errors["no-content"] = errors.get("no-content", 0) + 1
+        else:
+            ttfts.append(first)
+
+    timeout = aiohttp.ClientTimeout(total=60)
+    connector = aiohttp.TCPConnector(limit=0)
+    tasks: list[asyncio.Task[None]] = []
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        t0 = time.perf_counter()
+        at = 0.0
+        i = 0
+        while True:
+            at += rng.expovariate(rate)
+            if at >= seconds:
+                break
+            delay = t0 + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(session, i)))
+            i += 1
+        sent_s = time.perf_counter() - t0
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+    ttfts.sort()
+    return {
+        "offered_rate": rate,
+        "sent": len(tasks),
+        "send_rate": round(len(tasks) / sent_s, 1) if sent_s else None,
+        "ok": len(ttfts),
+        "achieved_rate": round(len(ttfts) / wall, 1) if wall else None,
+        "errors": errors,
+        "wall_s": round(wall, 3),
+        "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 2) if ttfts else None,
+        "ttft_p99_ms": round(ttfts[int(len(ttfts) * 0.99) - 1] * 1000, 2) if ttfts else None,
+    }
+
+
 @contextlib.contextmanager
 def started(
     name: str, fleet: SimFleetProcess, work: Path, scheduler_args: list[str]
@@ -301,6 +382,130 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def measure_ladder(
+    name: str, fleet: SimFleetProcess, work: Path, args: argparse.Namespace, rates: list[float]
+) -> list[dict[str, Any]]:
+    prompts = workload(2000, args.prompt_words, seed=1)
+    warm = workload(max(20, args.concurrency * 4), args.prompt_words, seed=2)
+    stages = []
+    with started(name, fleet, work, shlex.split(args.scheduler_args)) as target:
+        asyncio.run(drive(target, warm, args.concurrency, args.output_tokens))
+        for k, rate in enumerate(rates):
+            before = {label: cpu_seconds(ps) for label, ps in target.router_pids.items()}
+            engines_before = cpu_seconds([fleet.process.pid])
+            row = asyncio.run(
+                drive_rate(target, prompts, rate, args.stage_seconds, args.output_tokens, k)
+            )
+            n = max(1, row["sent"])
+            row["router_cpu_ms_per_request"] = {
+                label: round((cpu_seconds(ps) - before[label]) * 1000 / n, 3)
+                for label, ps in target.router_pids.items()
+            }
+            row["router_cpu_cores"] = round(
+                sum(cpu_seconds(ps) - before[label] for label, ps in target.router_pids.items())
+                / row["wall_s"],
+                3,
+            )
+            row["engines_cpu_ms_per_request"] = round(
+                (cpu_seconds([fleet.process.pid]) - engines_before) * 1000 / n, 3
+            )
+            stages.append(row)
+            print(f"  {rate:g} req/s: achieved {row['achieved_rate']}, ttft p50 "
+                  f"{row['ttft_p50_ms']} p99 {row['ttft_p99_ms']} ms, errors {row['errors']}, "
+                  f"router CPU {row['router_cpu_ms_per_request']} ms/req", flush=True)  # fmt: skip
+            time.sleep(1.0)
+    return stages
+
+
+def sustained(
+    ladders: dict[str, list[dict[str, Any]]], added_p99_ms: float
+) -> dict[str, dict[str, Any]]:
+    """Per target: the highest offered rate, climbing the ladder until the first stage that
+    fails, with 0 errors, the client sending at >= 90% of it, >= 95% of what was sent completed
+    per second, and (when `envoy-rr` ran) TTFT p99 within `added_p99_ms` of Envoy's at the
+    same stage."""
+    base = {s["offered_rate"]: s for s in ladders.get("envoy-rr", [])}
+    out: dict[str, dict[str, Any]] = {}
+    for name, stages in ladders.items():
+        best: float | None = None
+        failure: str | None = None
+        for s in stages:
+            rate = s["offered_rate"]
+            problems = []
+            if s["errors"]:
+                problems.append(f"{sum(s['errors'].values())} errors")
+            if (s["send_rate"] or 0) < 0.9 * rate:
+                problems.append(f"the client sent only {s['send_rate']} req/s")
+            if (s["achieved_rate"] or 0) < 0.95 * (s["send_rate"] or rate):
+                problems.append(f"achieved {s['achieved_rate']} of {s['send_rate']} req/s sent")
+            b = base.get(rate)
+            added = None
+            if b is not None and name != "envoy-rr" and s["ttft_p99_ms"] and b["ttft_p99_ms"]:
+                added = round(s["ttft_p99_ms"] - b["ttft_p99_ms"], 2)
+                if added > added_p99_ms:
+                    problems.append(f"p99 {added:+.2f} ms over Envoy")
+            s["added_p99_over_envoy_ms"] = added
+            if failure is None:
+                if problems:
+                    failure = f"{rate:g} req/s: " + ", ".join(problems)
+                else:
+                    best = rate
+        out[name] = {"highest_sustained_rate": best, "first_failure": failure}
+    return out
+
+
+def ladder_table(ladders: dict[str, list[dict[str, Any]]]) -> str:
+    lines = [
+        "| target | offered req/s | achieved | TTFT p50 / p99 ms | added p99 over Envoy ms | "
+        "router CPU ms/req (by process) | router cores | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, stages in ladders.items():
+        for s in stages:
+            procs = ", ".join(f"{k} {v:.2f}" for k, v in s["router_cpu_ms_per_request"].items())
+            added = s.get("added_p99_over_envoy_ms")
+            lines.append(
+                f"| {name} | {s['offered_rate']:g} | {s['achieved_rate']} | "
+                f"{s['ttft_p50_ms']} / {s['ttft_p99_ms']} | "
+                f"{'-' if added is None else f'{added:+.2f}'} | {procs or '-'} | "
+                f"{s['router_cpu_cores']} | {sum(s['errors'].values())} |"
+            )
+    return "\n".join(lines)
+
+
+def ladder_main(args: argparse.Namespace, targets: list[str], fleet: SimFleetProcess,
+                work: Path) -> int:  # fmt: skip
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    ladders: dict[str, list[dict[str, Any]]] = {}
+    skipped: dict[str, str] = {}
+    try:
+        for name in targets:
+            print(f"{name}: rates {args.rates} ...", flush=True)
+            try:
+                ladders[name] = measure_ladder(name, fleet, work, args, rates)
+            except PeerError as exc:
+                skipped[name] = str(exc)[:300]
+                print(f"  skipped: {skipped[name]}", flush=True)
+    finally:
+        fleet.stop()
+    best = sustained(ladders, args.added_p99_ms)
+    print(ladder_table(ladders))
+    for name, b in best.items():
+        failed = f" (first failure: {b['first_failure']})" if b["first_failure"] else ""
+        print(f"{name}: highest sustained {b['highest_sustained_rate']} req/s{failed}")
+    write_report(
+        args.out,
+        "gateway-overhead-rate-ladder",
+        "uv run python benchmarks/gateway_overhead.py " + shlex.join(sys.argv[1:]),
+        settings={k: v for k, v in vars(args).items() if k != "out"},
+        stages=ladders,
+        sustained=best,
+        skipped=skipped,
+        table=ladder_table(ladders),
+    )
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=300, help="requests per target (300)")
@@ -318,6 +523,18 @@ def main() -> int:
         default="",
         help="extra llmd-sim flags, e.g. '--max-model-len 40000' for 32k-token prompts",
     )
+    p.add_argument(
+        "--rates",
+        default="",
+        help="comma list of offered req/s: run an open-loop rate ladder instead (see above)",
+    )
+    p.add_argument("--stage-seconds", type=float, default=10.0, help="per ladder stage (10 s)")
+    p.add_argument(
+        "--added-p99-ms",
+        type=float,
+        default=5.0,
+        help="ladder pass mark: TTFT p99 over envoy-rr's at the same stage (5 ms)",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks/reports/gateway-overhead.json"))
     args = p.parse_args()
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -329,6 +546,8 @@ def main() -> int:
         work=work,
         extra_args=shlex.split(args.sim_args),
     )
+    if args.rates:
+        return ladder_main(args, targets, fleet, work)
     runs: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
     skipped: dict[str, str] = {}
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -26,21 +27,41 @@ class SimStartError(RuntimeError):
     """llmd-sim exited or did not report ready in time."""
 
 
+def _ephemeral_low() -> int:
+    """The bottom of the kernel's ephemeral port range (32768 when it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _run_is_free(base: int, count: int) -> bool:
+    for port in range(base, base + count):
+        with contextlib.closing(socket.socket()) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the engines bind
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
 def _free_run(count: int) -> int:
-    """A base port with `count` free consecutive ports after it (best effort, loopback)."""
+    """A base port with `count` free consecutive ports after it (best effort, loopback).
+
+    Runs are looked for below the ephemeral range first: after a load test, tens of
+    thousands of client connections sit in TIME_WAIT on ephemeral ports, and those ports
+    cannot be bound, so a run there is rarely whole."""
+    rng = random.Random()
+    low = _ephemeral_low()
+    if low - count > 20000:
+        for _ in range(50):
+            base = rng.randrange(20000, low - count)
+            if _run_is_free(base, count):
+                return base
     for _ in range(50):
         base = free_port()
-        if base + count >= 65536:
-            continue
-        ok = True
-        for port in range(base, base + count):
-            with contextlib.closing(socket.socket()) as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
+        if base + count < 65536 and _run_is_free(base, count):
             return base
     raise SimStartError(f"no run of {count} free ports found")
 
