@@ -644,6 +644,45 @@ def test_warm_start_prompts_reach_the_activator_as_a_mounted_file(tmp_path: Path
     assert not [d for d in of_kind(plain, "ConfigMap") if "warm" in d["metadata"]["name"]]
 
 
+def test_the_activator_learns_warm_prompts_from_the_schedulers_debug_port(
+    tmp_path: Path,
+) -> None:
+    values = copy.deepcopy(PATHS["workload-autoscaling"])
+    secret = {"name": "llmd-debug", "key": "token"}
+    values["scheduler"]["debug"] = {"enabled": True, "tokenSecret": secret}
+    values["activator"]["warmStart"] = {
+        "learnFrom": "http://{{ .Release.Name }}-scheduler:9091/debug/hot-prompts",
+        "tokenSecret": secret,
+        "model": "m1",
+    }
+    docs = umbrella(values)
+    validate_all(docs)
+    sched = named(docs, "Deployment", "-scheduler")["spec"]["template"]["spec"]["containers"][0]
+    assert {"--debug-port=9091", "--debug-host=0.0.0.0", "--hot-prompts=64"} <= set(sched["args"])
+    token = {"secretKeyRef": {"name": "llmd-debug", "key": "token"}}
+    assert {"name": "LLMD_SCHEDULER_DEBUG_TOKEN", "valueFrom": token} in sched["env"]
+    service = named(docs, "Service", "-scheduler")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["debug"] == 9091
+    act = named(docs, "Deployment", "-activator")["spec"]["template"]["spec"]["containers"][0]
+    url = [a for a in act["args"] if a.startswith("--warm-prompts-url=")]
+    name = service["metadata"]["name"]  # the template names the scheduler's Service
+    assert url == [f"--warm-prompts-url=http://{name}:9091/debug/hot-prompts"]
+    assert "--warm-top=8" in act["args"]
+    assert not [a for a in act["args"] if a.startswith("--warm-prompts-file")]
+    assert {"name": "LLMD_ACTIVATOR_WARM_PROMPTS_TOKEN", "valueFrom": token} in act["env"]
+    r = subprocess.run([str(BIN / "llmd-activator"), *act["args"], "--check-config"],
+                       capture_output=True, text=True, timeout=120, env=kubeconfig(tmp_path))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "warms new replicas with 0 prompt(s) and up to 8 learned from http://" in r.stdout
+    # the debug port shows prompts: the chart refuses to serve it without a token
+    values["scheduler"]["debug"] = {"enabled": True}
+    with pytest.raises(ChartError, match=r"debug\.tokenSecret\.name"):
+        umbrella(values)
+    plain = named(umbrella(PATHS["workload-autoscaling"]), "Deployment", "-scheduler")
+    assert not [a for a in plain["spec"]["template"]["spec"]["containers"][0]["args"]
+                if a.startswith("--debug")]  # fmt: skip
+
+
 def test_the_autoscaler_reads_prefill_capacity_from_the_scheduler_it_is_given(
     tmp_path: Path,
 ) -> None:

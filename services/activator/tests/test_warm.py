@@ -7,12 +7,16 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
+import aiohttp.web
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
 from llmd.activator.app import ActivatorApp, ActivatorConfig
-from llmd.activator.warm import load_warm_prompts
+from llmd.activator.warm import Warmer, load_warm_prompts
 from llmd.dev.cluster import LocalCluster, SimLauncher
+from llmd.dev.gateway import Gateway
 from llmd.protocol.metrics import parse_samples
 from llmd.runtime.config import ConfigError
 from llmd.vllm_cpu.server import free_port
@@ -172,3 +176,135 @@ async def test_prefixes_of_a_replica_removed_on_scale_down_stay_on_the_volume(
         r = await c.post(f"http://{old.host_port}/v1/completions", json=body)
         assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == full
         assert _sources((await c.get(f"http://{old.host_port}/metrics")).text)["disk"] == full
+
+
+@pytest.mark.integration
+async def test_a_new_replica_is_warmed_with_the_prompts_the_scheduler_learned(
+    tmp_path: Path,
+) -> None:
+    """No list to maintain: chats through Envoy + llmd-scheduler teach it the pool's system
+    prompt; the activator reads /debug/hot-prompts when a replica joins and warms it."""
+    cluster = LocalCluster({"sim": SimLauncher()}, tmp_path / "endpoints.yaml", tmp_path)
+    await cluster.scale("sim", 1)
+    await cluster.wait_ready("sim", 60)
+    (first,) = await cluster.endpoints("sim")
+    gateway = await asyncio.to_thread(
+        Gateway.start,
+        cluster.discovery_file,
+        tmp_path / "gw",
+        scheduler_args=["--debug-token", "s3"],
+    )
+    system = {"role": "system", "content": HOT}
+    app: ActivatorApp | None = None
+    try:
+        async with httpx.AsyncClient(timeout=30) as c:
+            for i in range(3):
+                r = await c.post(
+                    gateway.url + "/v1/chat/completions",
+                    json={"model": "tiny", "max_tokens": 1,
+                          "messages": [system, {"role": "user", "content": f"question {i}"}]},
+                )  # fmt: skip
+                assert r.status_code == 200, r.text
+            url = gateway.scheduler.debug_url + "/debug/hot-prompts"
+            assert (await c.get(url)).status_code == 401  # behind the debug token
+            r = await c.get(url, headers={"authorization": "Bearer s3"})
+            learned = r.json()["prompts"]
+            assert [p["messages"] for p in learned] == [[system]]
+            assert learned[0]["requests"] == 3
+            assert learned[0]["model"] == "tiny"
+
+            cfg = ActivatorConfig.model_validate(
+                {"pool": "sim", "host": "127.0.0.1", "http_port": free_port(),
+                 "warm_prompts_url": url, "warm_prompts_token": "s3"}
+            )  # fmt: skip
+            app = ActivatorApp(cfg, cluster)
+            await app.start()
+            await asyncio.wait_for(app.activator.synced.wait(), 10)
+            assert f"up to 8 learned from {url}" in app.describe()
+            await cluster.scale("sim", 2)
+            reg = app.registry
+            for _ in range(300):
+                if reg.get_sample_value("llmd_activator_warmed_replicas_total", {"pool": "sim"}):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the new replica was not warmed")
+            assert (
+                reg.get_sample_value("llmd_activator_warm_learned_prompts_total", {"pool": "sim"})
+                == 1
+            )
+            assert (
+                reg.get_sample_value(
+                    "llmd_activator_warm_requests_total", {"pool": "sim", "outcome": "ok"}
+                )
+                == 1
+            )
+            assert not reg.get_sample_value(
+                "llmd_activator_warm_prompt_fetch_errors_total", {"pool": "sim"}
+            )
+            computed = reg.get_sample_value(
+                "llmd_activator_warm_prompt_tokens_total", {"pool": "sim", "source": "computed"}
+            )
+            assert (computed or 0) > 500  # no FS tier here: the warm-up computed it
+            # a user's chat on the new replica finds the system prompt in its prefix cache
+            (new,) = [e for e in await cluster.endpoints("sim") if e != first]
+            r = await c.post(
+                f"http://{new.host_port}/v1/chat/completions",
+                json={"model": "tiny", "max_tokens": 1,
+                      "messages": [system, {"role": "user", "content": "where is my order?"}]},
+            )  # fmt: skip
+            assert r.status_code == 200, r.text
+            cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+            assert cached >= computed // 16 * 16 - 16
+    finally:
+        if app is not None:
+            await app.stop()
+        await asyncio.to_thread(gateway.stop)
+        await cluster.close()
+
+
+async def test_a_failed_read_of_learned_prompts_is_counted_and_the_file_still_sent(
+    tmp_path: Path,
+) -> None:
+    """The scheduler is unreachable, then answers garbage: each read is counted, nothing
+    learned is sent, and the file's prompt goes out as before."""
+    warm = tmp_path / "warm.yaml"
+    warm.write_text("- hello there\n")
+    reg = CollectorRegistry()
+    dead = f"http://127.0.0.1:{free_port()}/debug/hot-prompts"
+    w = Warmer("p", load_warm_prompts(str(warm), "tiny"), registry=reg, learned_url=dead)
+    w._session = aiohttp.ClientSession()
+    try:
+        assert await w.fetch_learned() == []
+        fetch_errors = ("llmd_activator_warm_prompt_fetch_errors_total", {"pool": "p"})
+        assert reg.get_sample_value(*fetch_errors) == 1
+        # a server that answers, but not with hot prompts
+        web_app = aiohttp.web.Application()
+        answers = iter(
+            [
+                b"not json",
+                b'{"prompts": "no"}',
+                b'{"prompts": [{"messages": []}, '
+                b'{"model": "tiny", "messages": [{"role": "system", "content": "x"}]}]}',
+            ]
+        )
+
+        async def handler(_: aiohttp.web.Request) -> aiohttp.web.Response:
+            return aiohttp.web.Response(body=next(answers), content_type="application/json")
+
+        web_app.router.add_get("/debug/hot-prompts", handler)
+        runner = aiohttp.web.AppRunner(web_app)
+        await runner.setup()
+        port = free_port()
+        await aiohttp.web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            w.learned_url = f"http://127.0.0.1:{port}/debug/hot-prompts"
+            assert await w.fetch_learned() == []
+            assert await w.fetch_learned() == []
+            (one,) = await w.fetch_learned()  # the bad item is skipped, the good one kept
+            assert one.path == "/v1/chat/completions"
+            assert reg.get_sample_value(*fetch_errors) == 4
+        finally:
+            await runner.cleanup()
+    finally:
+        await w.aclose()

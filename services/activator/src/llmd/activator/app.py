@@ -79,6 +79,18 @@ class ActivatorConfig(ServiceConfig):
     warm_model: str = Field(
         default="", description="warm start: the model of prompts that do not name one"
     )
+    warm_prompts_url: str = Field(
+        default="",
+        pattern=r"^(https?://\S+)?$",
+        description="warm start: llmd-scheduler's /debug/hot-prompts URL; each joining replica "
+        "also gets the hottest chat heads the scheduler routed lately",
+    )
+    warm_prompts_token: str | None = Field(
+        default=None, description="warm start: the scheduler's --debug-token, if it has one"
+    )
+    warm_top: int = Field(
+        default=8, gt=0, le=256, description="warm start: learned prompts sent per replica"
+    )
     warm_concurrency: int = Field(
         default=2, gt=0, le=64, description="warm start: prompts in flight per replica"
     )
@@ -107,13 +119,19 @@ class ActivatorApp:
         self.health = Health(self.registry)
         self.health.set("pool-synced", False, "the pool has not been read yet")
         self.warmer: Warmer | None = None
-        if config.warm_prompts_file:
+        if config.warm_prompts_file or config.warm_prompts_url:
             self.warmer = Warmer(
                 config.pool,
-                load_warm_prompts(config.warm_prompts_file, config.warm_model),
+                load_warm_prompts(config.warm_prompts_file, config.warm_model)
+                if config.warm_prompts_file
+                else [],
                 registry=self.registry,
                 concurrency=config.warm_concurrency,
                 timeout_s=config.warm_timeout,
+                learned_url=config.warm_prompts_url,
+                learned_token=config.warm_prompts_token,
+                learned_top=config.warm_top,
+                model=config.warm_model,
             )
         self.activator = Activator(
             config.settings(),
@@ -129,11 +147,11 @@ class ActivatorApp:
         c = self.config
         target = c.upstream_url or "a ready engine"
         zero = f"after {c.scale_down_delay:g}s idle" if c.scale_to_zero else "never"
-        warm = (
-            f"; warms new replicas with {len(self.warmer.prompts)} prompt(s)"
-            if self.warmer is not None
-            else ""
-        )
+        warm = ""
+        if self.warmer is not None:
+            warm = f"; warms new replicas with {len(self.warmer.prompts)} prompt(s)"
+            if c.warm_prompts_url:
+                warm += f" and up to {c.warm_top} learned from {c.warm_prompts_url}"
         return (
             f"llmd-activator: pool {c.pool} ({c.cluster}), forwarding to {target}; holds up to "
             f"{c.max_queued} requests for {c.hold_timeout:g}s; scale to zero {zero}{warm}"

@@ -20,6 +20,12 @@ with `prompt` or `messages` (`/v1/chat/completions`) and optionally `model`:
     - "You are a support agent for ACME. Policies: ..."
     - messages: [{role: system, content: "You are a code reviewer. ..."}]
       model: llama-3-8b
+
+Learned prompts: with `--warm-prompts-url` pointing at llmd-scheduler's `/debug/hot-prompts`,
+the activator asks, each time a replica joins, for the hottest chat heads the scheduler has
+routed lately (their system/developer messages) and sends those too. Nobody has to keep a list
+up to date. A failed read is logged and counted
+(`llmd_activator_warm_prompt_fetch_errors_total`); the file's prompts are still sent.
 """
 
 from __future__ import annotations
@@ -144,6 +150,18 @@ class WarmMetrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=registry,
         ).labels(pool)
+        self.fetch_errors = Counter(
+            "llmd_activator_warm_prompt_fetch_errors",
+            "Failed reads of the learned hot prompts (--warm-prompts-url)",
+            ["pool"],
+            registry=registry,
+        ).labels(pool)
+        self.learned = Counter(
+            "llmd_activator_warm_learned_prompts",
+            "Learned hot prompts sent as warm-ups (counted per replica warmed)",
+            ["pool"],
+            registry=registry,
+        ).labels(pool)
         self.replicas = Counter(
             "llmd_activator_warmed_replicas",
             "Replicas whose warm-up finished (every prompt sent, whatever the outcome)",
@@ -163,11 +181,20 @@ class Warmer:
         registry: CollectorRegistry,
         concurrency: int = 2,
         timeout_s: float = 60.0,
+        learned_url: str = "",
+        learned_token: str | None = None,
+        learned_top: int = 8,
+        model: str = "",
     ) -> None:
         self.pool = pool
         self.prompts = prompts
         self.concurrency = concurrency
         self.timeout_s = timeout_s
+        self.learned_url = learned_url
+        """llmd-scheduler's /debug/hot-prompts ("": no learned prompts)."""
+        self.learned_token = learned_token
+        self.learned_top = learned_top
+        self.model = model
         self.metrics = WarmMetrics(registry, pool)
         self._known: set[str] | None = None
         """Replicas seen (host:port); None until the first look at the pool."""
@@ -229,7 +256,13 @@ class Warmer:
             async with gate:
                 return await self._one(ep, prompt)
 
-        results = await asyncio.gather(*(one(p) for p in self.prompts))
+        prompts = list(self.prompts)
+        if self.learned_url:
+            known = {p.body for p in prompts}
+            learned = [p for p in await self.fetch_learned() if p.body not in known]
+            self.metrics.learned.inc(len(learned))
+            prompts += learned
+        results = await asyncio.gather(*(one(p) for p in prompts))
         ok = sum(results)
         self.metrics.requests.labels(self.pool, "ok").inc(ok)
         self.metrics.requests.labels(self.pool, "error").inc(len(results) - ok)
@@ -240,6 +273,47 @@ class Warmer:
             "pool %s: warmed %s with %d/%d prompt(s) in %.2fs",
             self.pool, ep.host_port, ok, len(results), took,
         )  # fmt: skip
+
+    async def fetch_learned(self) -> list[WarmPrompt]:
+        """The scheduler's hottest chat heads as warm prompts; [] (logged, counted) when the
+        read fails or its answer is not the expected shape."""
+        assert self._session is not None
+        headers = {"authorization": f"Bearer {self.learned_token}"} if self.learned_token else {}
+        params = None if "top=" in self.learned_url else {"top": str(self.learned_top)}
+        try:
+            async with self._session.get(
+                self.learned_url,
+                params=params,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=min(self.timeout_s, 5.0)),
+            ) as resp:
+                data = await resp.read()
+                if resp.status != 200:
+                    raise ValueError(f"HTTP {resp.status} {data[:200].decode(errors='replace')}")
+            doc = msgspec.json.decode(data)
+            items = doc.get("prompts") if isinstance(doc, dict) else None
+            if not isinstance(items, list):
+                raise ValueError('the answer has no "prompts" list')
+        except (aiohttp.ClientError, TimeoutError, ValueError, msgspec.DecodeError) as exc:
+            self.metrics.fetch_errors.inc()
+            log.warning("pool %s: reading learned hot prompts from %s: %s",
+                        self.pool, self.learned_url, exc)  # fmt: skip
+            return []
+        out: list[WarmPrompt] = []
+        for i, item in enumerate(items[: self.learned_top]):
+            fields = (
+                {k: item[k] for k in ("messages", "model") if k in item}
+                if isinstance(item, dict)
+                else item
+            )
+            prompt, problem = _prompt(fields, self.model)
+            if prompt is None or prompt.path != "/v1/chat/completions":
+                self.metrics.fetch_errors.inc()
+                log.warning("pool %s: learned hot prompt %d skipped: %s",
+                            self.pool, i, problem or "not a chat")  # fmt: skip
+                continue
+            out.append(prompt)
+        return out
 
     async def aclose(self) -> None:
         for task in list(self._tasks.values()):

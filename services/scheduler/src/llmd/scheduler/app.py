@@ -4,8 +4,9 @@ discovery (static file | Kubernetes) -> Datastore (collectors) -> Director (plug
 gRPC :9002  ExternalProcessor + Health      (Envoy talks here; TLS with --secure-serving)
 gRPC :9003  Health only                     (probes)
 HTTP :9090  /metrics /healthz /readyz
-HTTP debug  /debug/decisions /debug/explain /debug/plugins/state: off unless --debug-port,
-            on 127.0.0.1 unless --debug-host, behind --debug-token when one is set
+HTTP debug  /debug/decisions /debug/explain /debug/plugins/state /debug/hot-prompts: off
+            unless --debug-port, on 127.0.0.1 unless --debug-host, behind --debug-token when
+            one is set
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from llmd.scheduler.core import SchedulerCore, build_core
 from llmd.scheduler.extproc import ExternalProcessor, HealthService
 from llmd.scheduler.feedback import AccessLogService, FeedbackBook
 from llmd.scheduler.framework import SchedulingError
+from llmd.scheduler.hotprompts import HotPrompts
 from llmd.scheduler.metrics import LegacyNames
 from llmd.scheduler.objectives import OBJECTIVES_REFRESH_S, KubeObjectives, load_objectives
 
@@ -138,6 +140,16 @@ class SchedulerConfig(ServiceConfig, TLSServing):
     )
     debug_token: str | None = Field(
         default=None, description="when set, /debug/* requires 'Authorization: Bearer <token>'"
+    )
+    hot_prompts: int = Field(
+        default=64,
+        ge=0,
+        le=4096,
+        description="chat heads (leading system/developer messages) learned from routed "
+        "requests and served at /debug/hot-prompts for warm starts; 0 = off",
+    )
+    hot_prompts_half_life: Seconds = Field(
+        default=600.0, gt=0, description="how fast a hot prompt's count fades when unused"
     )
 
     @model_validator(mode="after")
@@ -232,6 +244,20 @@ class SchedulerApp:
         self.datastore = self.core.datastore
         self.built = self.core.built
         self.director = self.core.director
+        if config.hot_prompts:
+            hot = self.director.hot = HotPrompts(
+                max_entries=config.hot_prompts, half_life_s=config.hot_prompts_half_life
+            )
+            Gauge(
+                "llmd_scheduler_hot_prompts",
+                "Chat heads tracked as the pool's hot prompts (for warm starts)",
+                registry=self.registry,
+            ).set_function(lambda: len(hot))
+            Gauge(
+                "llmd_scheduler_hot_prompts_chars",
+                "Characters held by the tracked hot prompts (bounded at 4 Mi)",
+                registry=self.registry,
+            ).set_function(lambda: hot.chars)
         self.health = Health(self.registry)
         self.health.set("endpoints-synced", False, "discovery has not reported yet")
         self.grpc_health = HealthService(lambda: self.datastore.synced.is_set())
@@ -348,6 +374,21 @@ class SchedulerApp:
                 return _json(await self.director.dry_run_async(path, body, headers))
             except SchedulingError as exc:
                 return _json({"error": exc.message}, exc.status)
+
+        @app.get("/debug/hot-prompts")
+        async def hot_prompts(top: int = 8, min_requests: int = 2, model: str = "") -> Response:
+            """The hottest chat heads, in llmd-activator's warm-prompt shape (model, messages)."""
+            hot = self.director.hot
+            if hot is None:
+                return _json({"error": "hot prompts are off (--hot-prompts 0)"}, 404)
+            return _json(
+                {
+                    "prompts": hot.top(max(0, min(top, 256)), max(1, min_requests), model),
+                    "tracked": len(hot),
+                    "chars": hot.chars,
+                    "evicted": hot.evicted,
+                }
+            )
 
         @app.get("/debug/plugins/state")
         async def plugin_state() -> Response:

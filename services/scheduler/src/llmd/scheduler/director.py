@@ -45,6 +45,7 @@ from llmd.scheduler.framework import (
     prefix_matches,
     uncached_tokens,
 )
+from llmd.scheduler.hotprompts import HotPrompts
 from llmd.scheduler.metrics import SchedulerMetrics
 from llmd.scheduler.parsing import (
     CHAT_SUFFIXES,
@@ -183,6 +184,8 @@ class Director:
         self._async_producers = [p for p in built.producers if isinstance(p, AsyncDataProducer)]
         self._timers: dict[tuple[str, str], Any] = {}
         self.inflight = 0
+        self.hot: HotPrompts | None = None
+        """Learns the pool's hot chat heads from routed requests (None: off)."""
         self.detector = built.saturation_detector
         if isinstance(self.detector, UtilizationDetector):
             self.detector.staleness_source = lambda: datastore.stale_after_s
@@ -396,6 +399,8 @@ class Director:
             self._timer("PreRequest", plugin).observe(time.perf_counter() - t)
         primary = decision.endpoints[0]
         self._account(decision, primary)
+        if self.hot is not None and req.head:
+            self.hot.observe(req.target_model, req.head)
         ep = primary.endpoint
         self.metrics.scheduler_attempts.labels(
             "success", labels[1], ep.name, ep.namespace, str(ep.port)

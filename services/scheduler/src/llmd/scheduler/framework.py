@@ -265,6 +265,9 @@ class LLMRequest:
     prompt_bytes: list[bytes] = field(default_factory=list)
     """Per prompt, the bytes the token estimate packs (4 bytes = 1 pseudo-token) or real ids."""
     prompt_tokens: int = 0
+    head: tuple[tuple[str, str], ...] = ()
+    """A chat's leading system/developer messages as (role, text): what a pool's requests
+    share (learned as hot prompts for warm starts)."""
     parsed: bool = False
     received_at: float = field(default_factory=time.monotonic)
     prefix: dict[str, dict[str, PrefixMatch]] = field(default_factory=dict)

@@ -90,6 +90,23 @@ def _chat_prompt(messages: list[_Message], tools: list[Any] | None) -> bytes:
     return b"".join(parts)
 
 
+HEAD_ROLES = ("system", "developer")
+
+
+def _chat_head(messages: list[_Message]) -> tuple[tuple[str, str], ...]:
+    """The leading system/developer messages as (role, text), the parsed strings themselves."""
+    head: list[tuple[str, str]] = []
+    for m in messages:
+        if m.role not in HEAD_ROLES:
+            break
+        content = m.content
+        if isinstance(content, str):
+            head.append((m.role, content))
+        elif content:
+            head.append((m.role, "".join(p.text for p in content if p.text)))
+    return tuple(head)
+
+
 def is_inference_path(path: str) -> bool:
     return path.endswith(COMPLETIONS_SUFFIXES) or path.endswith(CHAT_SUFFIXES)
 
@@ -111,6 +128,7 @@ def parse_openai(request: LLMRequest) -> None:
         if view.messages is None:
             raise ParseError("chat completions need a 'messages' list")
         request.prompt_bytes = [_chat_prompt(view.messages, view.tools)]
+        request.head = _chat_head(view.messages)
     else:
         if view.prompt is None:
             raise ParseError("completions need a 'prompt'")
