@@ -20,8 +20,9 @@ Reads are one round trip: a Lua script walks the request keys' signatures server
 unchanged signature from one block to the next costs one string comparison) and returns only the
 per-pod result (consecutive blocks, weighted score, blocks per tier). Where the holders change,
 each still-active pod is looked for in the new list with one plain substring search (C code,
-no tables built); lists headed `!m` are weighed per tier once, after the walk. Evictions are a script too
-(remove the entry, drop emptied keys, drop the engine mapping once every key it names is empty).
+no tables built); lists headed `!m` are weighed per tier once, after the walk. Evictions are a
+script too (remove the entry, drop emptied keys, drop the engine mapping once every key it
+names is empty).
 
 Dead pods do not linger: `clear(pod)` runs when discovery drops a pod, and `janitor()` clears
 pods whose events stopped more than `pod_ttl_s` ago (the replica that takes a short lock does
@@ -47,9 +48,9 @@ from llmd.kvcache.index import (
 )
 
 # Every request-key HASH has a companion STRING `<prefix>sig:<key>`: the digest of its holder
-# list (header line, then sorted `pod<TAB>tier` lines). Writes keep it current; lookups read one string per key and, since
-# consecutive blocks usually have the same holders, mostly just compare it with the previous
-# one (Lua strings are interned: equal strings are one object).
+# list (header line, then sorted `pod<TAB>tier` lines). Writes keep it current; lookups read
+# one string per key and, since consecutive blocks usually have the same holders, mostly just
+# compare it with the previous one (Lua strings are interned: equal strings are one object).
 _RESIG = """
 local SETPREFIX = ''
 local function resig(k, sk)
