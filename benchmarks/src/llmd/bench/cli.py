@@ -287,6 +287,7 @@ def vllm_fleet(args: argparse.Namespace, work: Path) -> Iterator[Fleet]:
             cpu_core=i % cores,
             kv_cache_gib=args.vllm_kv_gib,
             env={"VLLM_SERVER_DEV_MODE": "1"},
+            nice=args.vllm_nice,
         )
         for i in range(args.servers)
     ]
@@ -853,6 +854,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "on the tiny model, started once, prefix caches reset between runs (~2-3 min start)",
     )
     r.add_argument("--vllm-kv-gib", type=int, default=1, help="KV cache GiB per real vLLM server")
+    r.add_argument(
+        "--vllm-nice",
+        type=int,
+        default=0,
+        help="niceness of the real vLLM servers (e.g. 10): on a machine where they share cores "
+        "with the routers and the generator, keeps them from starving those, as separate "
+        "nodes would (0: off)",
+    )
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.cmd == "scenarios":

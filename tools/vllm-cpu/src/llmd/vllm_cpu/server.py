@@ -58,6 +58,9 @@ class VllmServerSpec:
     cpu_core: int | None = None
     extra_args: Sequence[str] = ()
     env: dict[str, str] = field(default_factory=dict)
+    nice: int = 0
+    """Scheduling niceness of the server's processes (benchmarks raise it so that engines
+    sharing cores with the router do not starve it, as they do not share in a cluster)."""
 
 
 @dataclass
@@ -138,8 +141,9 @@ class VllmServer:
     def start(self, env: VllmEnv) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:
+            nice = ["nice", "-n", str(self.spec.nice)] if self.spec.nice else []
             self.process = subprocess.Popen(
-                self.command(env),
+                [*nice, *self.command(env)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.environment(),
