@@ -142,6 +142,37 @@ def workload(n: int, words: int, seed: int = 0) -> list[list[dict[str, str]]]:
     return out
 
 
+async def streamed_ttft(
+    session: aiohttp.ClientSession,
+    url: str,
+    messages: list[dict[str, str]],
+    output_tokens: int,
+    errors: dict[str, int],
+) -> float | None:
+    """One streamed chat request: seconds to its first content chunk, or None (counted in
+    `errors` by status or exception name) when it failed."""
+    body = {"model": "tiny", "messages": messages, "max_tokens": output_tokens,
+            "stream": True, "stream_options": {"include_usage": True},
+            "ignore_eos": True}  # fmt: skip
+    t0 = time.perf_counter()
+    first = None
+    try:
+        async with session.post(url + "/v1/chat/completions", json=body) as resp:
+            if resp.status != 200:
+                errors[str(resp.status)] = errors.get(str(resp.status), 0) + 1
+                await resp.read()
+                return None
+            async for line in resp.content:
+                if first is None and line.startswith(b"data: {") and b'"content"' in line:
+                    first = time.perf_counter() - t0
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+        return None
+    if first is None:
+        errors["no-content"] = errors.get("no-content", 0) + 1
+    return first
+
+
 async def drive(
     target: Target, prompts: list[list[dict[str, str]]], concurrency: int, output_tokens: int
 ) -> dict[str, Any]:
@@ -155,24 +186,8 @@ async def drive(
     async def worker(session: aiohttp.ClientSession) -> None:
         while not queue.empty():
             i, messages = queue.get_nowait()
-            body = {"model": "tiny", "messages": messages, "max_tokens": output_tokens,
-                    "stream": True, "stream_options": {"include_usage": True},
-                    "ignore_eos": True}  # fmt: skip
-            t0 = time.perf_counter()
-            first = None
-            try:
-                url = bases[i % len(bases)] + "/v1/chat/completions"
-                async with session.post(url, json=body) as resp:
-                    if resp.status != 200:
-                        errors[str(resp.status)] = errors.get(str(resp.status), 0) + 1
-                        await resp.read()
-                        continue
-                    async for line in resp.content:
-                        if first is None and line.startswith(b"data: {") and b'"content"' in line:
-                            first = time.perf_counter() - t0
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                continue
+            url = bases[i % len(bases)]
+            first = await streamed_ttft(session, url, messages, output_tokens, errors)
             if first is not None:
                 ttfts.append(first)
 
@@ -209,27 +224,9 @@ async def drive_rate(
     bases = target.engine_urls or [target.url]
 
     async def one(session: aiohttp.ClientSession, i: int) -> None:
-        body = {"model": "tiny", "messages": prompts[i % len(prompts)],
-                "max_tokens": output_tokens, "stream": True,
-                "stream_options": {"include_usage": True}, "ignore_eos": True}  # fmt: skip
-        t0 = time.perf_counter()
-        first = None
-        try:
-            url = bases[i % len(bases)] + "/v1/chat/completions"
-            async with session.post(url, json=body) as resp:
-                if resp.status != 200:
-                    errors[str(resp.status)] = errors.get(str(resp.status), 0) + 1
-                    await resp.read()
-                    return
-                async for line in resp.content:
-                    if first is None and line.startswith(b"data: {") and b'"content"' in line:
-                        first = time.perf_counter() - t0
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-            return
-        if first is None:
-            errors["no-content"] = errors.get("no-content", 0) + 1
-        else:
+        messages = prompts[i % len(prompts)]
+        first = await streamed_ttft(session, bases[i % len(bases)], messages, output_tokens, errors)
+        if first is not None:
             ttfts.append(first)
 
     timeout = aiohttp.ClientTimeout(total=60)
