@@ -70,7 +70,7 @@ def banner(
     sched = gateway.scheduler
     lines += [
         f"scheduler: ext_proc :{sched.grpc_port}, metrics {sched.url}/metrics,"
-        f" debug {sched.debug_url} (/debug/decisions, /debug/plugins/state)",
+        f" debug {sched.debug_url} (/debug/decisions, /debug/plugins/state, /debug/hot-prompts)",
         f"gateway:   {gateway.url}  (Envoy; admin http://127.0.0.1:{gateway.envoy.settings.admin_port})",
         f"control:   http://127.0.0.1:{control_port}/pools"
         f"  (scale: llmd-dev scale {pool} N --control-url http://127.0.0.1:{control_port})",

@@ -56,7 +56,8 @@ class SchedulerProcess:
 
     @property
     def debug_url(self) -> str:
-        """/debug/decisions, /debug/explain, /debug/plugins/state (loopback only)."""
+        """/debug/decisions, /debug/explain, /debug/plugins/state, /debug/hot-prompts (loopback
+        only)."""
         return f"http://127.0.0.1:{self.debug_port}"
 
     @classmethod
