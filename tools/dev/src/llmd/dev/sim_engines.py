@@ -18,21 +18,13 @@ from pathlib import Path
 import yaml
 
 from llmd.dev.monitor import EngineAddress
-from llmd.vllm_cpu.server import free_port
+from llmd.vllm_cpu.server import ephemeral_low, free_port
 
 READY_TIMEOUT_S = 60.0
 
 
 class SimStartError(RuntimeError):
     """llmd-sim exited or did not report ready in time."""
-
-
-def _ephemeral_low() -> int:
-    """The bottom of the kernel's ephemeral port range (32768 when it cannot be read)."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
 
 
 def _run_is_free(base: int, count: int) -> bool:
@@ -53,7 +45,7 @@ def _free_run(count: int) -> int:
     thousands of client connections sit in TIME_WAIT on ephemeral ports, and those ports
     cannot be bound, so a run there is rarely whole."""
     rng = random.Random()
-    low = _ephemeral_low()
+    low = ephemeral_low()
     if low - count > 20000:
         for _ in range(50):
             base = rng.randrange(20000, low - count)

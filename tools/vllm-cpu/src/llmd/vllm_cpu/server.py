@@ -7,9 +7,11 @@ work on these CPUs, see the package README), and its own CPU core for OpenMP.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -32,12 +34,48 @@ NIXL_PROGRESS_DELAY_US = 1000
 NIXL_SITE = Path(__file__).parent / "nixl_site"
 
 
+_PORTS_FROM = 20000
+_rng = random.SystemRandom()
+_handed_out: collections.deque[int] = collections.deque(maxlen=4096)
+"""Ports this process returned lately: not returned again while their server may be starting."""
+
+
+def ephemeral_low() -> int:
+    """The bottom of the kernel's ephemeral port range (32768 when it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a server could listen on `port` on loopback now (and no wildcard listener has it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """An unused TCP port on loopback (the OS picks; a tiny race with other binders remains)."""
+    """An unused TCP port on loopback, for a server about to be started.
+
+    Taken at random below the kernel's ephemeral range when there is room: a port in that range
+    can be handed to some outgoing connection between this check and the server's bind (a test
+    suite or a load test makes thousands), and the server then fails with "address already in
+    use". A race with other callers of this function remains, as with any such helper."""
+    low = ephemeral_low()
+    if low > _PORTS_FROM + 1000:
+        for _ in range(100):
+            port = _rng.randrange(_PORTS_FROM, low)
+            if port not in _handed_out and port_is_free(port):
+                _handed_out.append(port)
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+        chosen: int = s.getsockname()[1]
+        return chosen
 
 
 class VllmStartError(RuntimeError):
