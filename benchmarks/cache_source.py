@@ -27,10 +27,8 @@ import argparse
 import asyncio
 import json
 import random
-import shlex
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,12 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pd_fleet import (
     WORDS_PER_TOKEN,
     pd_decisions,
+    run_benchmark,
     stage_rows,
     start_sidecar,
     stop_processes,
     words,
 )
-from protocol_throughput import write_report
 
 from llmd.bench.loadgen import run_trace
 from llmd.bench.workloads import Stage, TraceRequest
@@ -202,36 +200,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-blocks", type=int, default=4000, help="KV blocks per engine (16 tok)")
     p.add_argument("--seed", type=int, default=11)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "reports" / "cache-source.json"))
-    args = p.parse_args(argv)
-    args.rate_list = [float(r) for r in args.rates.split(",")]
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown:
-        p.error(f"unknown target(s) {unknown}: choose from {TARGETS}")
-    results = []
-    with tempfile.TemporaryDirectory(prefix="llmd-cache-source-") as tmp:
-        for target in targets:
-            r = run_target(target, args, Path(tmp) / target)
-            results.append(r)
-            for s in r["stages"]:
-                print(
-                    f"{target:>12} {s['rate']:>5g} req/s: TTFT p50/p90/p99 {s['ttft_ms']['p50']}/"
-                    f"{s['ttft_ms']['p90']}/{s['ttft_ms']['p99']} ms, TPOT p50/p90 "
-                    f"{s['tpot_ms']['p50']}/{s['tpot_ms']['p90']} ms, "
-                    f"{s['output_tokens_per_s']} tok/s, {s['failures']} failed",
-                    flush=True,
-                )
-            print(
-                f"{target:>12} prompt tokens by source {r['prompt_tokens_by_source']}; "
-                f"pulled {r['pulled_share']}",
-                flush=True,
-            )
-    command = "uv run python benchmarks/cache_source.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    return run_benchmark(
+        p,
+        argv,
+        "cache-source",
+        run_target,
+        lambda r: (
+            f"prompt tokens by source {r['prompt_tokens_by_source']}; pulled {r['pulled_share']}"
+        ),
     )
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "rate_list")}
-    write_report(args.out, "cache-source", command.strip(), settings=settings, results=results)
-    return 0
 
 
 if __name__ == "__main__":

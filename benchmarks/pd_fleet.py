@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -323,35 +323,55 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "reports" / "pd-fleet.json"))
+    return run_benchmark(
+        p,
+        argv,
+        "pd-fleet",
+        run_target,
+        lambda r: (
+            f"engines: TTFT mean {r['engine_ttft_mean_ms']} ms, TPOT mean "
+            f"{r['engine_tpot_mean_ms']} ms; disaggregated {r['disaggregated_share']}"
+        ),
+    )
+
+
+def run_benchmark(
+    p: argparse.ArgumentParser,
+    argv: list[str] | None,
+    name: str,
+    run_target: Callable[[str, argparse.Namespace, Path], dict[str, Any]],
+    summary: Callable[[dict[str, Any]], str],
+) -> int:
+    """The P/D benchmarks' common main: parse `p` (which has --targets, --rates and --out),
+    run each target on a fresh work folder, print every stage and `summary` of each target,
+    write the report as `benchmarks/<name with _>.py` ran it."""
     args = p.parse_args(argv)
     args.rate_list = [float(r) for r in args.rates.split(",")]
+    known = p.get_default("targets").split(",")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = [t for t in targets if t not in TARGETS]
+    unknown = [t for t in targets if t not in known]
     if unknown:
-        p.error(f"unknown target(s) {unknown}: choose from {TARGETS}")
+        p.error(f"unknown target(s) {unknown}: choose from {known}")
     results = []
-    with tempfile.TemporaryDirectory(prefix="llmd-pd-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"llmd-{name}-") as tmp:
         for target in targets:
             r = run_target(target, args, Path(tmp) / target)
             results.append(r)
             for s in r["stages"]:
                 print(
-                    f"{target:>10} {s['rate']:>5g} req/s: TTFT p50/p90 {s['ttft_ms']['p50']}/"
-                    f"{s['ttft_ms']['p90']} ms, TPOT p50/p90 {s['tpot_ms']['p50']}/"
-                    f"{s['tpot_ms']['p90']} ms, {s['output_tokens_per_s']} tok/s, "
-                    f"{s['failures']} failed",
+                    f"{target:>12} {s['rate']:>5g} req/s: TTFT p50/p90/p99 {s['ttft_ms']['p50']}/"
+                    f"{s['ttft_ms']['p90']}/{s['ttft_ms']['p99']} ms, TPOT p50/p90 "
+                    f"{s['tpot_ms']['p50']}/{s['tpot_ms']['p90']} ms, "
+                    f"{s['output_tokens_per_s']} tok/s, {s['failures']} failed",
                     flush=True,
                 )
-            print(
-                f"{target:>10} engines: TTFT mean {r['engine_ttft_mean_ms']} ms, TPOT mean "
-                f"{r['engine_tpot_mean_ms']} ms; disaggregated {r['disaggregated_share']}",
-                flush=True,
-            )
-    command = "uv run python benchmarks/pd_fleet.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+            print(f"{target:>12} {summary(r)}", flush=True)
+    script = name.replace("-", "_")
+    command = f"uv run python benchmarks/{script}.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:]
     )
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "rate_list")}
-    write_report(args.out, "pd-fleet", command.strip(), settings=settings, results=results)
+    write_report(args.out, name, command.strip(), settings=settings, results=results)
     return 0
 
 

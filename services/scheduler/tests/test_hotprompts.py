@@ -13,7 +13,7 @@ SYSTEM = "You are the support agent of a garden tool shop. " * 20  # ~1k chars
 
 def chat(body: bytes) -> LLMRequest:
     req = LLMRequest("r", "/v1/chat/completions", {}, body)
-    parse_openai(req)
+    parse_openai(req, head=True)
     return req
 
 
@@ -29,8 +29,17 @@ def test_the_head_is_the_leading_system_and_developer_messages() -> None:
     assert req.head == (("system", "be brief"), ("developer", "use tools"))
     assert chat(b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}').head == ()
     completion = LLMRequest("r", "/v1/completions", {}, b'{"model": "m", "prompt": "x"}')
-    parse_openai(completion)
+    parse_openai(completion, head=True)
     assert completion.head == ()
+    unwanted = LLMRequest(
+        "r",
+        "/v1/chat/completions",
+        {},
+        b'{"model": "m", "messages": '
+        b'[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}',
+    )
+    parse_openai(unwanted)  # learning off: no head is built
+    assert unwanted.head == ()
 
 
 def test_heads_are_counted_decayed_and_ranked() -> None:

@@ -252,8 +252,8 @@ class Director:
         control only sheddable requests (priority < 0) are dropped, and only while the pool is
         saturated (llm-d's legacy admission)."""
         if not req.parsed and is_inference_path(req.path):
-            with contextlib.suppress(ParseError):
-                parse_openai(req)  # model labels for the flow-control metrics
+            with contextlib.suppress(ParseError):  # model labels for the flow-control metrics
+                parse_openai(req, head=self.hot is not None)
         if self.activator and not self.datastore.candidates():
             return  # the pool is at zero: the activator holds the request, not the queue
         if self.flow is not None:
@@ -295,7 +295,7 @@ class Director:
             return
         if not req.parsed and is_inference_path(req.path) and "openai-parser" in self.built.parsers:
             try:
-                parse_openai(req)
+                parse_openai(req, head=self.hot is not None)
             except ParseError:
                 return  # schedule() reports it
         if not req.parsed:
@@ -319,7 +319,7 @@ class Director:
         if is_inference_path(req.path) and "openai-parser" in self.built.parsers:
             if not req.parsed:
                 try:
-                    parse_openai(req)
+                    parse_openai(req, head=self.hot is not None)
                 except ParseError as exc:
                     raise SchedulingError(400, str(exc)) from None
             if req.target_model != req.model:
@@ -689,7 +689,7 @@ class Director:
             raise SchedulingError(400, f"{path!r} is not an inference path")
         if not req.parsed:
             try:
-                parse_openai(req)
+                parse_openai(req, head=self.hot is not None)
             except ParseError as exc:
                 raise SchedulingError(400, str(exc)) from None
         candidates = self.datastore.candidates()

@@ -111,8 +111,9 @@ def is_inference_path(path: str) -> bool:
     return path.endswith(COMPLETIONS_SUFFIXES) or path.endswith(CHAT_SUFFIXES)
 
 
-def parse_openai(request: LLMRequest) -> None:
-    """Fill the routing fields of `request` from its OpenAI body; ParseError when invalid."""
+def parse_openai(request: LLMRequest, *, head: bool = False) -> None:
+    """Fill the routing fields of `request` from its OpenAI body; ParseError when invalid.
+    With `head`, also a chat's leading system/developer messages (for hot-prompt learning)."""
     try:
         view = _decoder.decode(request.body)
     except msgspec.ValidationError as exc:
@@ -128,7 +129,8 @@ def parse_openai(request: LLMRequest) -> None:
         if view.messages is None:
             raise ParseError("chat completions need a 'messages' list")
         request.prompt_bytes = [_chat_prompt(view.messages, view.tools)]
-        request.head = _chat_head(view.messages)
+        if head:
+            request.head = _chat_head(view.messages)
     else:
         if view.prompt is None:
             raise ParseError("completions need a 'prompt'")

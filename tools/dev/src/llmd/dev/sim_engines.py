@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from llmd.dev.monitor import EngineAddress
-from llmd.vllm_cpu.server import ephemeral_low, free_port
+from llmd.vllm_cpu.server import free_port, port_is_free
 
 READY_TIMEOUT_S = 60.0
 
@@ -27,33 +24,16 @@ class SimStartError(RuntimeError):
     """llmd-sim exited or did not report ready in time."""
 
 
-def _run_is_free(base: int, count: int) -> bool:
-    for port in range(base, base + count):
-        with contextlib.closing(socket.socket()) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the engines bind
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-    return True
-
-
 def _free_run(count: int) -> int:
-    """A base port with `count` free consecutive ports after it (best effort, loopback).
-
-    Runs are looked for below the ephemeral range first: after a load test, tens of
-    thousands of client connections sit in TIME_WAIT on ephemeral ports, and those ports
-    cannot be bound, so a run there is rarely whole."""
-    rng = random.Random()
-    low = ephemeral_low()
-    if low - count > 20000:
-        for _ in range(50):
-            base = rng.randrange(20000, low - count)
-            if _run_is_free(base, count):
-                return base
-    for _ in range(50):
+    """A base port with `count` free consecutive ports after it (best effort, loopback), from
+    `free_port`, which looks below the ephemeral range first: after a load test, tens of
+    thousands of client connections sit in TIME_WAIT there and a run is rarely whole."""
+    for _ in range(100):
         base = free_port()
-        if base + count < 65536 and _run_is_free(base, count):
+        if base + count < 65536 and all(
+            port_is_free(p, reuse_address=True)  # the engines bind with SO_REUSEADDR
+            for p in range(base, base + count)
+        ):
             return base
     raise SimStartError(f"no run of {count} free ports found")
 

@@ -48,9 +48,13 @@ def ephemeral_low() -> int:
         return 32768
 
 
-def port_is_free(port: int) -> bool:
-    """Whether a server could listen on `port` on loopback now (and no wildcard listener has it)."""
+def port_is_free(port: int, *, reuse_address: bool = False) -> bool:
+    """Whether a server could listen on `port` on loopback now (and no wildcard listener has it).
+    With `reuse_address`, as a server setting SO_REUSEADDR would: old connections in TIME_WAIT
+    on the port do not count."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if reuse_address:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
