@@ -356,16 +356,6 @@ def test_failed_scrape_and_5xx_answers_hold_an_endpoint_out_until_it_recovers() 
     dec = d.schedule(completion(d, "all held out"))
     assert dec.endpoints
     d.complete(dec, "natural")
-    # one endpoint held out, the others merely stale (their scrapes are late, as a busy CPU
-    # engine's are): the stale ones are the candidates, not the one that just failed
-    clock.now += 11
-    for e in ds.all():
-        ds.metrics(e.key, clock.now - 0.01, EngineSnapshot(waiting=0, running=0), clock.now)
-    clock.now += ds.stale_after_s + 1
-    late = ds.all()[1:]
-    ds.metrics(dead.key, clock.now - 0.01, EngineSnapshot(waiting=0, running=0), clock.now)
-    ds.endpoint_failed(dead, "response")
-    assert set(ds.candidates()) == set(late)
     # the backoff passes and a good scrape brings the endpoint back
     clock.now += 11
     ds.metrics(dead.key, clock.now - 0.01, EngineSnapshot(waiting=0, running=0), clock.now)

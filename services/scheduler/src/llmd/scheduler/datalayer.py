@@ -173,17 +173,12 @@ class Datastore:
         return sum(1 for e in self.endpoints.values() if not e.fresh(now, self.stale_after_s))
 
     def candidates(self) -> list[EndpointState]:
-        """Usable endpoints (fresh, not held out after a failure); else those not held out,
-        however old their metrics; else the fresh ones; else all of them: the pool never fails
-        closed. An endpoint that just failed ranks below one whose scrape is merely late (a
-        busy CPU engine answering /metrics slowly must not leave only the failed one)."""
+        """Usable endpoints (fresh, not held out after a failure); else the fresh ones; else
+        all of them: the pool never fails closed."""
         now = self.clock()
         eps = list(self.endpoints.values())
         usable = [e for e in eps if e.usable(now, self.stale_after_s)]
-        if usable:
-            return usable
-        healthy = [e for e in eps if e.failed_until <= now]
-        return healthy or fresh_or_all(eps, now, self.stale_after_s)
+        return usable or fresh_or_all(eps, now, self.stale_after_s)
 
     def endpoint_failed(self, state: EndpointState, source: str) -> None:
         """Hold `state` out after a failed scrape or a 5xx answer (`source` says which)."""
