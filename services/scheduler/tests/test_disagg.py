@@ -106,6 +106,55 @@ def test_no_decode_pod_is_a_503_and_no_prefill_pod_is_decode_only() -> None:
     assert counted(d, "decode-only") == 1
 
 
+def test_a_stale_decode_pod_still_serves_when_only_a_prefill_pod_is_usable() -> None:
+    """The flake a real P/D run showed: the decode pod's metrics went stale and the busy
+    prefill pod's scrape failed. The pool-wide candidates were the prefill pod alone, so the
+    decode profile found no decode pod. It now looks wider, and counts that it did."""
+    decider = "- type: always-disagg-pd-decider\n- type: disagg-profile-handler\n" \
+              "  parameters: {deciders: {prefill: always-disagg-pd-decider}}"  # fmt: skip
+    d, ds, clock = make_director(
+        2, config(decider), labels={0: {"llm-d.ai/role": "prefill"}, 1: {"llm-d.ai/role": "decode"}}
+    )
+    prefill, decode = ds.all()
+    clock.now += 60  # both stale
+    scrape(ds, clock, "pod-0")  # the prefill pod's last scrape was good...
+    ds.endpoint_failed(prefill, "metrics")  # ...and its next one failed: fresh, held out
+    assert [e.name for e in ds.candidates()] == ["pod-0"]
+    assert [[e.name for e in t] for t in ds.candidate_tiers()] == [["pod-0"], ["pod-0", "pod-1"]]
+    dec = d.schedule(completion(d, "x " * 20))
+    assert dec.endpoints[0] is decode
+    assert dec.set_headers[hdr.PREFILLER_HOST_PORT] == "127.0.0.1:9000"
+    assert d.metrics.profile_widened.labels("decode")._value.get() == 1
+    assert d.metrics.profile_widened.labels("prefill")._value.get() == 0
+    d.complete(dec, "natural")
+    assert decode.inflight_requests == 0
+    # with the decode pod back, nothing is widened
+    scrape(ds, clock, "pod-1")
+    d.complete(d.schedule(completion(d, "y " * 20)), "natural")
+    assert d.metrics.profile_widened.labels("decode")._value.get() == 1
+
+
+def test_a_saturated_profile_is_never_widened_to_held_out_pods() -> None:
+    limits = """- type: utilization-filter
+  name: overload-filter
+  parameters: {conditions: [{metric: waiting-queue, maxValue: 2}], fallbackOnEmpty: false}
+- type: always-disagg-pd-decider
+- type: disagg-profile-handler
+  parameters: {deciders: {prefill: always-disagg-pd-decider}}
+"""
+    cfg = config(limits).replace(
+        "plugins: [{pluginRef: decode-filter},",
+        "plugins: [{pluginRef: decode-filter}, {pluginRef: overload-filter},",
+    )
+    d, ds, clock = make_director(3, cfg, labels=ROLES)
+    scrape(ds, clock, "pod-1", waiting=10)  # usable, over the limit
+    ds.endpoint_failed(ds.all()[2], "metrics")  # idle, but held out
+    with pytest.raises(SchedulingError) as exc:
+        d.schedule(completion(d, "x"))
+    assert exc.value.status == 429
+    assert d.metrics.profile_widened.labels("decode")._value.get() == 0
+
+
 def test_a_handler_naming_a_missing_decider_or_profile_is_refused() -> None:
     bad = "- type: disagg-profile-handler\n  parameters: {deciders: {prefill: nope}}"
     with pytest.raises(ConfigError, match="'nope' is not a P/D decider"):

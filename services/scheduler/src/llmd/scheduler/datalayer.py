@@ -20,7 +20,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -180,6 +180,17 @@ class Datastore:
         usable = [e for e in eps if e.usable(now, self.stale_after_s)]
         return usable or fresh_or_all(eps, now, self.stale_after_s)
 
+    def candidate_tiers(self) -> list[list[EndpointState]]:
+        """Ever wider candidate sets, each a strict superset of the one before: the usable
+        endpoints, the fresh ones, then all of them (empty sets left out). The first is
+        `candidates()`; a profile whose filters leave nothing of it tries the next (a decode
+        profile whose only decode endpoint is stale while a prefill one is usable)."""
+        now = self.clock()
+        eps = list(self.endpoints.values())
+        fresh = [e for e in eps if e.fresh(now, self.stale_after_s)]
+        usable = [e for e in fresh if e.failed_until <= now]
+        return widening((usable, fresh, eps))
+
     def endpoint_failed(self, state: EndpointState, source: str) -> None:
         """Hold `state` out after a failed scrape or a 5xx answer (`source` says which)."""
         if state.failed_until <= self.clock():
@@ -254,3 +265,13 @@ def _std_dev(values: list[float]) -> float:
     """Population standard deviation (llm-d's pool gauges)."""
     m = _mean(values)
     return math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+
+
+def widening(tiers: Iterable[list[EndpointState]]) -> list[list[EndpointState]]:
+    """`tiers` (each a superset of the one before) without the empty ones and without one
+    no larger than the tier kept before it."""
+    out: list[list[EndpointState]] = []
+    for tier in tiers:
+        if tier and (not out or len(tier) > len(out[-1])):
+            out.append(tier)
+    return out

@@ -28,7 +28,7 @@ from opentelemetry import trace
 from llmd.protocol import headers as hdr
 from llmd.protocol.openai import Usage
 from llmd.scheduler.config import BuiltConfig, Profile
-from llmd.scheduler.datalayer import Datastore
+from llmd.scheduler.datalayer import Datastore, widening
 from llmd.scheduler.flowcontrol import FlowController, FlowMetrics, UtilizationDetector
 from llmd.scheduler.framework import (
     AsyncDataProducer,
@@ -308,11 +308,16 @@ class Director:
                 log.exception("data producer %s failed to prefetch", producer.name)
 
     def _candidates(self, subset: list[str] | None) -> list[EndpointState]:
-        candidates = self.datastore.candidates()
-        if subset is not None:
-            hosts = {s.rsplit(":", 1)[0] for s in subset}
-            candidates = [e for e in candidates if e.endpoint.address in hosts]
-        return candidates
+        tiers = self._candidate_tiers(subset)
+        return tiers[0] if tiers else []
+
+    def _candidate_tiers(self, subset: list[str] | None) -> list[list[EndpointState]]:
+        """The datastore's ever wider candidate sets, within the gateway's `subset`."""
+        tiers = self.datastore.candidate_tiers()
+        if subset is None:
+            return tiers
+        hosts = {s.rsplit(":", 1)[0] for s in subset}
+        return widening([e for e in tier if e.endpoint.address in hosts] for tier in tiers)
 
     def _schedule(self, req: LLMRequest, subset: list[str] | None) -> Decision:
         body_out: bytes | None = None
@@ -330,7 +335,8 @@ class Director:
         self.metrics.request_total.labels(*labels).inc()
         self.metrics.request_size.labels(*labels).observe(len(req.body))
 
-        candidates = self._candidates(subset)
+        tiers = self._candidate_tiers(subset)
+        candidates = tiers[0] if tiers else []
         if not candidates and self.activator and not self.datastore.candidates():
             self.metrics.activator_routed.inc()
             return Decision(req, [], body=body_out, route_to=self.activator)
@@ -370,7 +376,7 @@ class Director:
                 for name in chosen:
                     try:
                         results[name] = self._run_profile(
-                            self.built.profiles[name], req, candidates, explain
+                            self.built.profiles[name], req, candidates, explain, tiers[1:]
                         )
                     except SchedulingError as exc:
                         results[name] = None
@@ -413,6 +419,7 @@ class Director:
         req: LLMRequest,
         candidates: list[EndpointState],
         explain: _Explanation,
+        wider: list[list[EndpointState]] | None = None,
     ) -> ProfileResult:
         with self._span(
             "run_scheduler_profile",
@@ -421,7 +428,7 @@ class Director:
                 "gen_ai.request.model": req.target_model,
             },
         ):
-            return self._run_profile_inner(profile, req, candidates, explain)
+            return self._run_profile_inner(profile, req, candidates, explain, wider or [])
 
     def _run_profile_inner(
         self,
@@ -429,11 +436,14 @@ class Director:
         req: LLMRequest,
         candidates: list[EndpointState],
         explain: _Explanation,
+        wider: list[list[EndpointState]],
     ) -> ProfileResult:
-        eps = candidates
         filter_log: list[tuple[str, int]] = []
         with self._span("filter_endpoints", {"candidates": len(candidates)}):
-            eps = self._filter(profile, req, eps, filter_log, explain)
+            try:
+                eps = self._filter(profile, req, candidates, filter_log, explain)
+            except SchedulingError as exc:
+                eps = self._filter_wider(profile, req, wider, exc, filter_log, explain)
         totals = [0.0] * len(eps)
         score_log: list[tuple[str, float, list[float]]] = []
         with self._span("llm_d.epp.scoring", {"candidates": len(eps)}):
@@ -455,6 +465,45 @@ class Director:
         result = ProfileResult(picked, scored)
         explain.notes[profile.name] = result.explain  # filled in later by the profile handler
         return result
+
+    def _filter_wider(
+        self,
+        profile: Profile,
+        req: LLMRequest,
+        wider: list[list[EndpointState]],
+        drained: SchedulingError,
+        filter_log: list[tuple[str, int]],
+        explain: _Explanation,
+    ) -> list[EndpointState]:
+        """The profile's filters left no candidate: run them on the next wider candidate set
+        (stale or held-out endpoints too), so that one role's endpoint being usable does not
+        hide another role's stale one. A saturation drain (429) is never widened: held-out
+        endpoints are no escape from overload."""
+        if drained.status != 503:
+            raise drained
+        for tier in wider:
+            for producer in self.built.producers:  # the wider endpoints need their data too
+                try:
+                    producer.produce(req, tier)
+                except Exception:
+                    log.exception("data producer %s failed", producer.name)
+            filter_log.clear()
+            try:
+                eps = self._filter(profile, req, tier, filter_log, explain)
+            except SchedulingError as exc:
+                if exc.status != 503:
+                    raise
+                continue
+            self.metrics.profile_widened.labels(profile.name).inc()
+            log.debug(
+                "profile %s: no usable endpoint passed its filters; picked among %d of %d "
+                "stale or held-out candidates",
+                profile.name,
+                len(eps),
+                len(tier),
+            )
+            return eps
+        raise drained
 
     def _filter(
         self,

@@ -259,6 +259,13 @@ class SchedulerMetrics:
             "Requests sent to llmd-activator because the pool had no endpoint (scale from zero)",
             registry=registry,
         )
+        self.profile_widened = Counter(
+            "llmd_scheduler_profile_widened",
+            "Scheduling profiles whose filters left no usable endpoint and that picked among "
+            "stale or held-out ones instead (one role usable, another's endpoints not)",
+            ["profile"],
+            registry=registry,
+        )
         self.served_elsewhere = Counter(
             "llmd_served_endpoint_mismatch",
             "Responses the gateway reports as served by another endpoint than the one picked "
