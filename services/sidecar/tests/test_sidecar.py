@@ -393,3 +393,95 @@ def test_https_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="unknown stage 'decode'"):
         SidecarConfig(tls_insecure_skip_verify=["decode"])
     assert SidecarConfig(enable_tls="decoder,prefiller").enable_tls == ["decoder", "prefiller"]
+
+
+def _free_pair() -> int:
+    """A port whose next port is free too (the sidecar's two rank listeners)."""
+    from llmd.vllm_cpu.server import port_is_free
+
+    for _ in range(100):
+        base = free_port()
+        if base < 65535 and port_is_free(base + 1):
+            return base
+    raise RuntimeError("no two free consecutive ports")
+
+
+async def test_data_parallel_ranks_each_get_a_listener_and_rank_0_follows_the_header(
+    engines: tuple[str, str], tmp_path: Path
+) -> None:
+    """Two decode engines on consecutive ports stand for two vLLM data-parallel ranks; the
+    sidecar listens on two consecutive ports. Through rank 0, x-data-parallel-host-port picks
+    the engine (the P/D leg too); rank 1's listener serves rank 1's engine."""
+    transfer = {"kv_connector": "NixlConnector", "kv_role": "kv_consumer"}
+    fleet = SimFleetProcess.start(
+        count=2, block_size=16, profile="h100-8b", work=tmp_path,
+        extra_args=["--kv-transfer-config", json.dumps(transfer)],
+    )  # fmt: skip
+    rank0, rank1 = (e.url for e in fleet.engines)
+    model_port = int(rank0.rsplit(":", 1)[1])
+    assert int(rank1.rsplit(":", 1)[1]) == model_port + 1
+    port = _free_pair()
+    app = SidecarApp(
+        SidecarConfig(
+            host="127.0.0.1",
+            port=port,
+            model_server_port=model_port,
+            metrics_port=free_port(),
+            data_parallel_size=2,
+        )
+    )
+    await app.start()
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4}
+    served = "vllm:request_success_total"
+    try:
+        before = [await engine_counter(e, served) for e in (rank0, rank1)]
+        pulls = await engine_counter(rank1, "vllm:nixl_xfer_time_seconds_count")
+        async with httpx.AsyncClient(timeout=30) as c:
+            pd = await c.post(
+                f"http://127.0.0.1:{port}/v1/completions", json=body,
+                headers={"x-data-parallel-host-port": f"127.0.0.1:{port + 1}",
+                         "x-prefiller-host-port": engines[0].removeprefix("http://")},
+            )  # fmt: skip
+            direct = await c.post(f"http://127.0.0.1:{port + 1}/v1/completions", json=body)
+            plain = await c.post(f"http://127.0.0.1:{port}/v1/completions", json=body)
+            wrong = await c.post(
+                f"http://127.0.0.1:{port}/v1/completions", json=body,
+                headers={"x-data-parallel-host-port": f"127.0.0.1:{port + 2}"},
+            )  # fmt: skip
+            app.pod_ip = "10.9.9.9"  # the header must name this pod's own address
+            elsewhere = await c.get(
+                f"http://127.0.0.1:{port}/v1/models",
+                headers={"x-data-parallel-host-port": f"127.0.0.1:{port + 1}"},
+            )  # fmt: skip
+        after = [await engine_counter(e, served) for e in (rank0, rank1)]
+        assert pd.status_code == direct.status_code == plain.status_code == 200, pd.text
+        assert pd.json()["usage"]["completion_tokens"] == 4
+        # rank 1's engine served the P/D request (and pulled its KV) and the direct one;
+        # rank 0's the request without a header
+        assert [a - b for a, b in zip(after, before, strict=True)] == [1, 2]
+        assert await engine_counter(rank1, "vllm:nixl_xfer_time_seconds_count") - pulls == 1
+        assert wrong.status_code == 400
+        assert "names no data-parallel rank of this sidecar" in wrong.json()["message"]
+        assert f"ports {port}-{port + 1}" in wrong.json()["message"]
+        assert elsewhere.status_code == 400
+        assert "10.9.9.9" in elsewhere.json()["message"]
+        assert metric(app, "llmd_sidecar_data_parallel_requests_total", rank="1") == 1
+        assert metric(app, "llmd_sidecar_requests_total", mode="pd", outcome="2xx") == 1
+        assert (
+            metric(app, "llmd_sidecar_requests_total", mode="decode-only", outcome="bad-rank") == 1
+        )
+        assert (
+            metric(app, "llmd_sidecar_requests_total", mode="passthrough", outcome="bad-rank") == 1
+        )
+    finally:
+        await app.stop()
+        fleet.stop()
+
+
+def test_data_parallel_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="less than or equal to 16"):
+        SidecarConfig(data_parallel_size=17)
+    with pytest.raises(ValueError, match="the rank ports run past 65535"):
+        SidecarConfig(port=65535, data_parallel_size=2)
+    with pytest.raises(ValueError, match="metrics_port 8001 is a rank's listener port"):
+        SidecarConfig(port=8000, metrics_port=8001, data_parallel_size=4)

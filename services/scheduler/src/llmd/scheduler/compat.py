@@ -41,12 +41,12 @@ _ADMIT = "admission plugins"
 
 UNAVAILABLE: dict[str, str] = {
     # profile handlers, deciders and P/D headers
-    "data-parallel-profile-handler": "data-parallel rank routing",
     "always-disagg-multimodal-decider": "E/P/D disaggregation",
     "header-profile-handler": "header-selected scheduling profiles",
     "pd-slo-pair-optimizer": _PD + " with SLO pair optimisation",
     "pd-slo-profile-handler": _PD + " with SLO pair optimisation",
-    "dp-rank-header-handler": "data-parallel rank routing",
+    "dp-rank-header-handler": "rank pinning in vLLM's internal data-parallel balancer "
+    "(X-data-parallel-rank)",
     "disaggregatedset-rollout-screener": "DisaggregatedSet rollouts",
     # filters and scorers
     "session-affinity-filter": "session pinning as a filter",

@@ -89,12 +89,21 @@ class Decision:
 
     @property
     def destination(self) -> str:
-        return self.route_to or ",".join(e.key for e in self.endpoints)
+        if self.route_to:
+            return self.route_to
+        if self.result is None or not self.result.port:
+            return ",".join(e.key for e in self.endpoints)
+        # data-parallel ranks of one pod share the sidecar's primary port: list it once
+        return ",".join(dict.fromkeys(self.result.destination(e) for e in self.endpoints))
 
     @property
     def primary(self) -> str:
         """The endpoint Envoy sends the request to first."""
-        return self.route_to or self.endpoints[0].key
+        if self.route_to:
+            return self.route_to
+        if self.result is None:
+            return self.endpoints[0].key
+        return self.result.destination(self.endpoints[0])
 
 
 @dataclass(slots=True)
@@ -565,6 +574,16 @@ class Director:
         self._inflight_gauges(endpoint)
         self.metrics.request_running.labels(*self._labels(req)).inc()
 
+    def _served(self, decision: Decision, served: str) -> EndpointState | None:
+        """The endpoint behind `served`: one of the decision's fallbacks when the gateway
+        reached it on a data-parallel primary port, else the pool member with that key."""
+        result = decision.result
+        if result is not None and result.port:
+            for e in decision.endpoints:
+                if result.destination(e) == served:
+                    return e
+        return self.datastore.endpoints.get(served)
+
     def rejected(self, req: LLMRequest, exc: SchedulingError) -> None:
         """Count a request answered by the scheduler itself (never forwarded)."""
         self.metrics.request_error_total.labels(*self._labels(req), str(exc.status)).inc()
@@ -661,9 +680,9 @@ class Director:
         decision.completed = True
         req = decision.request
         endpoint = decision.endpoints[0] if decision.endpoints else None
-        if served and endpoint is not None and served != endpoint.key:
+        if served and endpoint is not None and served != decision.primary:
             self.metrics.served_elsewhere.inc()
-            endpoint = self.datastore.endpoints.get(served)
+            endpoint = self._served(decision, served)
         labels = self._labels(req)
         e2e = decision.ended_at - req.received_at
         if req.parsed:

@@ -327,6 +327,17 @@ class ProfileResult:
 class SchedulingResult:
     profiles: dict[str, ProfileResult]
     primary: str
+    port: int = 0
+    """0: each target is reached on its own port. Else the gateway sends to this port on
+    each target's address: data-parallel ranks behind one sidecar listener (llm-d's
+    `primaryPort`), the picked rank named in x-data-parallel-host-port."""
+
+    def destination(self, endpoint: EndpointState) -> str:
+        """Where the gateway sends a request meant for `endpoint`."""
+        if not self.port:
+            return endpoint.key
+        address = endpoint.endpoint.address
+        return f"[{address}]:{self.port}" if ":" in address else f"{address}:{self.port}"
 
     @property
     def targets(self) -> list[EndpointState]:

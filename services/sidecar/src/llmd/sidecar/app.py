@@ -17,12 +17,17 @@ each deliberate:
 - Request metrics (`llmd_sidecar_*`) on `--metrics-port` (9090): llm-d's sidecar has none.
 - Besides the InferencePool's pods (`--inference-pool`, llm-d's way), a static list of prefill
   hosts can be allowed (`--allowed-prefill-hosts`), for runs without Kubernetes.
+- `--data-parallel-size N` starts N listeners as llm-d's does (rank r on `port+r`, its engine on
+  `model-server-port+r`). On rank 0, `x-data-parallel-host-port` picks the rank whose engine
+  serves the request; one naming no rank of this pod is a 400 that says so (llm-d answers an
+  empty 400).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 import time
 import uuid
@@ -50,6 +55,7 @@ from llmd.runtime.service import ServiceConfig
 from llmd.runtime.tls import TLSFiles
 from llmd.sidecar.allowlist import POOL_VERSIONS, follow_pods, parse_pool, read_pool
 from llmd.sidecar.pd import (
+    DP_HEADER,
     PREFILLER_HEADER,
     REQUEST_ID_HEADER,
     ROUTES,
@@ -72,6 +78,7 @@ DECODE_REFUSED = (
 TLS_STAGES = ("prefiller", "decoder")
 CERT_CHECK_S = 10.0
 """How often the serving certificate files are looked at for a rotation."""
+MAX_DP_RANKS = 16
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -88,7 +95,11 @@ class SidecarConfig(ServiceConfig):
         "not available)",
     )
     data_parallel_size: int = Field(
-        default=1, ge=1, le=1, description="DP ranks behind this sidecar (1; more: not yet)"
+        default=1,
+        ge=1,
+        le=MAX_DP_RANKS,
+        description="data-parallel ranks behind this sidecar: rank r listens on port+r and "
+        "proxies to model_server_port+r; rank 0 follows x-data-parallel-host-port",
     )
     secure_proxy: bool = Field(default=False, description="serve HTTPS (needs cert_path)")
     cert_path: str | None = Field(
@@ -146,6 +157,17 @@ class SidecarConfig(ServiceConfig):
             raise ValueError("enable_ssrf_protection needs inference_pool or allowed_prefill_hosts")
         if self.pool_group not in POOL_VERSIONS:
             raise ValueError(f"pool_group: one of {', '.join(POOL_VERSIONS)}")
+        last = self.data_parallel_size - 1
+        if self.port + last > 65535 or self.model_server_port + last > 65535:
+            raise ValueError(
+                f"data_parallel_size {self.data_parallel_size}: the rank ports run past 65535"
+            )
+        ranks = range(self.port, self.port + self.data_parallel_size)
+        if self.metrics_port in ranks:
+            raise ValueError(
+                f"metrics_port {self.metrics_port} is a rank's listener port "
+                f"({ranks.start}-{ranks.stop - 1})"
+            )
         if self.secure_proxy and not self.cert_path:
             raise ValueError(
                 "secure_proxy needs cert_path (a directory with tls.crt and tls.key); llmd "
@@ -204,6 +226,12 @@ class SidecarMetrics:
             "Prefill targets refused by SSRF protection",
             registry=registry,
         )
+        self.ranks = Counter(
+            "llmd_sidecar_data_parallel_requests_total",
+            "Requests rank 0 sent to a rank's engine as x-data-parallel-host-port asked",
+            ["rank"],
+            registry=registry,
+        )
         self.missing_params = Counter(
             "llmd_sidecar_missing_kv_transfer_params_total",
             "Prefill answers without kv_transfer_params (the decoder prefilled locally)",
@@ -230,7 +258,13 @@ class SidecarApp:
         self.metrics = SidecarMetrics(self.registry)
         self.proxy = StreamingProxy(ProxyTimeouts(read_s=config.read_timeout))
         scheme = "https" if "decoder" in config.enable_tls else "http"
-        self.decoder = f"{scheme}://127.0.0.1:{config.model_server_port}"
+        self.decoders = [
+            f"{scheme}://127.0.0.1:{config.model_server_port + r}"
+            for r in range(config.data_parallel_size)
+        ]
+        self.decoder = self.decoders[0]
+        self.pod_ip = os.environ.get("POD_IP", "").strip("[]")
+        """This pod's address (llm-d's POD_IP): x-data-parallel-host-port must name it."""
         self.prefill_scheme = "https" if "prefiller" in config.enable_tls else "http"
         self.verify_prefiller = "prefiller" not in config.tls_insecure_skip_verify
         self.verify_decoder = "decoder" not in config.tls_insecure_skip_verify
@@ -252,8 +286,13 @@ class SidecarApp:
     def describe(self) -> str:
         c = self.config
         ssrf = f"allowlist of {len(self.allowed)} host(s)" if c.enable_ssrf_protection else "off"
+        ranks = ""
+        if c.data_parallel_size > 1:
+            last = c.data_parallel_size - 1
+            ranks = f" ({c.data_parallel_size} data-parallel ranks: :{c.port}-{c.port + last})"
         return (
-            f"llmd-sidecar: :{c.port} -> decoder {self.decoder}, kv connector {c.kv_connector}, "
+            f"llmd-sidecar: :{c.port} -> decoder {self.decoder}{ranks}, kv connector "
+            f"{c.kv_connector}, "
             f"SSRF protection {ssrf}, prefill retries {c.prefill_max_retries}, prefill timeout "
             f"{c.prefill_timeout:g}s"
         )
@@ -265,7 +304,7 @@ class SidecarApp:
     ) -> tuple[int, bytes, dict[str, str]]:
         """(status, body, headers) of the prefill leg, retried on 502/503/504; a transport
         failure is a 502 and a deadline a 504, both answered in vLLM's error shape."""
-        drop = [PREFILLER_HEADER, "content-type"]  # the body is re-encoded JSON
+        drop = [PREFILLER_HEADER, DP_HEADER, "content-type"]  # the body is re-encoded JSON
         headers = forward_headers(request.headers.items(), drop=drop)
         headers += [(REQUEST_ID_HEADER, request_id), ("content-type", "application/json")]
         attempt = 0
@@ -304,11 +343,39 @@ class SidecarApp:
             )  # fmt: skip
             await asyncio.sleep(self.config.prefill_retry_backoff)
 
-    async def disaggregated(self, request: Request, api: Api) -> Response:
+    def _rank(self, request: Request, listener: int, mode: str) -> int | Response:
+        """The rank whose engine serves `request` arriving on the listener of rank
+        `listener`: that rank, or on rank 0 the one x-data-parallel-host-port names (this
+        pod's address, a rank's listener port); a value naming no rank is a 400."""
+        value = request.headers.get(DP_HEADER)
+        if listener != 0 or not value:
+            return listener
+        host, _, port = value.rpartition(":")
+        rank = int(port) - self.config.port if port.isdecimal() else -1
+        if 0 <= rank < self.config.data_parallel_size and (
+            not self.pod_ip or host.strip("[]") == self.pod_ip
+        ):
+            self.metrics.ranks.labels(str(rank)).inc()
+            return rank
+        self.metrics.requests.labels(mode, "bad-rank").inc()
+        last = self.config.port + self.config.data_parallel_size - 1
+        pod = self.pod_ip or "this pod"
+        log.warning("%s %r names no data-parallel rank of this pod", DP_HEADER, value)
+        return vllm_error(
+            400,
+            f"{DP_HEADER} {value!r} names no data-parallel rank of this sidecar (ranks listen "
+            f"on {pod}, ports {self.config.port}-{last})",
+            "BadRequestError",
+        )
+
+    async def disaggregated(self, request: Request, api: Api, listener: int = 0) -> Response:
         started = time.monotonic()
         targets = prefill_targets(request.headers.getlist(PREFILLER_HEADER))
+        rank = self._rank(request, listener, "pd" if targets else "decode-only")
+        if isinstance(rank, Response):
+            return rank
         if not targets:
-            return await self._decode(request, None, "decode-only", started)
+            return await self._decode(request, None, "decode-only", started, rank=rank)
         target = choose(targets, self.config.enable_prefiller_sampling)
         if self.config.enable_ssrf_protection and target_host(target) not in self.allowed:
             self.metrics.refused.inc()
@@ -360,7 +427,9 @@ class SidecarApp:
             log.warning("warning: missing 'kv_transfer_params' field in prefiller response")
         log.debug("prefill of %s: %d cached tokens", request_id, cached_tokens(answer))
         body = msgspec.json.encode(decode_body(doc, answer))
-        return await self._decode(request, body, "pd", started, request_id, doc.get("stream"))
+        return await self._decode(
+            request, body, "pd", started, request_id, doc.get("stream"), rank=rank
+        )
 
     async def _decode(
         self,
@@ -370,6 +439,8 @@ class SidecarApp:
         started: float,
         request_id: str | None = None,
         stream: Any = None,
+        *,
+        rank: int = 0,
     ) -> Response:
         def done(result: ProxyResult) -> None:
             outcome = result.outcome if result.outcome != "ok" else f"{result.status // 100}xx"
@@ -383,13 +454,13 @@ class SidecarApp:
 
         return await self.proxy.forward(
             request,
-            self.decoder
+            self.decoders[rank]
             + request.url.path
             + (f"?{request.url.query}" if request.url.query else ""),
             body=body,
             stream=bool(stream),
             headers={REQUEST_ID_HEADER: request_id} if request_id else None,
-            drop_headers=[PREFILLER_HEADER],
+            drop_headers=[PREFILLER_HEADER, DP_HEADER],
             on_complete=done,
             refused=vllm_error(503, DECODE_REFUSED, "ServiceUnavailable"),
             verify_tls=self.verify_decoder,
@@ -397,7 +468,8 @@ class SidecarApp:
 
     # --- HTTP ------------------------------------------------------------------------------
 
-    def http_app(self) -> FastAPI:
+    def http_app(self, listener: int = 0) -> FastAPI:
+        """The app of rank `listener`'s port (rank 0: `--port`)."""
         app = FastAPI(title="llmd-sidecar", docs_url=None, redoc_url=None)
 
         @app.get("/health")
@@ -407,7 +479,7 @@ class SidecarApp:
         for path, api in ROUTES.items():
 
             async def handler(request: Request, api: Api = api) -> Response:
-                return await self.disaggregated(request, api)
+                return await self.disaggregated(request, api, listener)
 
             app.add_api_route(path, handler, methods=["POST"])
 
@@ -415,7 +487,10 @@ class SidecarApp:
             "/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
         )
         async def passthrough(request: Request) -> Response:
-            return await self._decode(request, None, "passthrough", time.monotonic())
+            rank = self._rank(request, listener, "passthrough")
+            if isinstance(rank, Response):
+                return rank
+            return await self._decode(request, None, "passthrough", time.monotonic(), rank=rank)
 
         return app
 
@@ -458,9 +533,16 @@ class SidecarApp:
         if self.tls is not None:
             self.ssl_context = self.tls.ssl_context()  # OSError/SSLError: refuse to start
             self._tasks.append(asyncio.create_task(self._watch_certificates(), name="certs"))
-        self._servers.append(
-            serve_http(self.http_app(), c.host, c.port, ssl_context=self.ssl_context)
-        )
+        for rank in range(c.data_parallel_size):
+            self._servers.append(
+                serve_http(
+                    self.http_app(rank),
+                    c.host,
+                    c.port + rank,
+                    f"rank {rank}" if rank else "http",
+                    ssl_context=self.ssl_context,
+                )
+            )
         if c.metrics_port:
             self._servers.append(serve_http(self.metrics_app(), c.host, c.metrics_port, "metrics"))
         log.info("%s", self.describe())

@@ -17,6 +17,8 @@ Api = Literal["chat", "responses", "generate"]
 
 PREFILLER_HEADER = "x-prefiller-host-port"
 REQUEST_ID_HEADER = "x-request-id"
+DP_HEADER = "x-data-parallel-host-port"
+"""The rank the scheduler picked, when it sends a data-parallel pod's requests to rank 0."""
 ROUTES: dict[str, Api] = {
     "/v1/chat/completions": "chat",
     "/v1/completions": "chat",

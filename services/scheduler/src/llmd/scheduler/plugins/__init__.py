@@ -15,6 +15,7 @@ from typing import Any
 from llmd.runtime.config import ConfigError, ConfigIssue
 from llmd.scheduler.flowcontrol import FLOW_PLUGINS
 from llmd.scheduler.framework import Plugin, PluginRegistry
+from llmd.scheduler.plugins.dataparallel import DATA_PARALLEL_PLUGINS
 from llmd.scheduler.plugins.disagg import DISAGG_PLUGINS
 from llmd.scheduler.plugins.filters import FILTERS
 from llmd.scheduler.plugins.latency import LATENCY_PLUGINS
@@ -41,6 +42,7 @@ def builtin_registry() -> PluginRegistry:
         *FLOW_PLUGINS,
         *LATENCY_PLUGINS,
         *DISAGG_PLUGINS,
+        *DATA_PARALLEL_PLUGINS,
     ):
         registry.add(cls, *DEPRECATED_ALIASES.get(cls.type_name, ()))
     return registry

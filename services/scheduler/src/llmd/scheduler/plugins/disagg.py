@@ -52,6 +52,7 @@ from llmd.scheduler.framework import (
     prefix_matches,
     uncached_tokens,
 )
+from llmd.scheduler.plugins.dataparallel import rank_header
 from llmd.scheduler.plugins.filters import ROLE_LABEL, PrefillFilter
 
 log = logging.getLogger(__name__)
@@ -375,7 +376,6 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         unused = [
             alias
             for alias, value in (
-                ("primaryPort", params.primary_port),
                 ("prefixPluginType", params.prefix_plugin_type),
                 ("prefixPluginName", params.prefix_plugin_name),
             )
@@ -384,7 +384,7 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         if unused:
             log.warning(
                 "%s: %s not used by llmd (give the prefix plugin to prefix-based-pd-decider's "
-                "prefixPluginName; data-parallel ports are not supported)",
+                "prefixPluginName)",
                 name, ", ".join(unused),
             )  # fmt: skip
 
@@ -447,7 +447,9 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         (model,) = self.model_label(request.target_model or request.model)
         for counter in self.decisions:
             counter.labels(self.name, self.type_name, model, kind).inc()
-        return SchedulingResult(picked, self.decode)
+        # primaryPort: the decode pick is a data-parallel rank reached through its pod's
+        # sidecar on that port (x-data-parallel-host-port names the rank)
+        return SchedulingResult(picked, self.decode, port=self.params.primary_port)
 
     @staticmethod
     def _take_named_pod(request: LLMRequest, prefill: ProfileResult) -> None:
@@ -468,9 +470,10 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         prefill.explain["pd"] = {"source": f"{choice.name}, as the decider costed"}
 
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> Mapping[str, str]:
+        headers = rank_header(result)
         prefill = result.profiles.get(self.prefill)
         if prefill is None or not prefill.targets:
-            return {}
+            return headers
         target = prefill.targets[0]
         # The prefill leg goes from the decode pod's sidecar, not through the gateway: note it
         # on the prefill pod as a pick its next scrape will show (load scorers and the cost
@@ -479,7 +482,7 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         target.note_pick(tokens, self.handle.clock())
         ep = target.endpoint
         host = f"[{ep.address}]" if ":" in ep.address else ep.address
-        return {hdr.PREFILLER_HOST_PORT: f"{host}:{ep.port}"}
+        return {**headers, hdr.PREFILLER_HOST_PORT: f"{host}:{ep.port}"}
 
 
 class PDProfileHandler(DisaggProfileHandler):
