@@ -11,7 +11,23 @@ from llmd.runtime.config import ConfigError
 from llmd.scheduler.core import build_core
 
 from .conftest import completion, make_director
-from .test_disagg import config
+
+
+def config(handler: str) -> str:
+    """A P/D config (prefill and decode profiles) with `handler`'s plugins."""
+    return f"""
+plugins:
+- type: queue-scorer
+- type: prefill-filter
+- type: decode-filter
+{handler}
+schedulingProfiles:
+- name: prefill
+  plugins: [{{pluginRef: prefill-filter}}, {{pluginRef: queue-scorer}}]
+- name: decode
+  plugins: [{{pluginRef: decode-filter}}, {{pluginRef: queue-scorer}}]
+"""
+
 
 DP = """
 plugins:
