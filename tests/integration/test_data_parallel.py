@@ -14,9 +14,8 @@ import pytest
 import yaml
 
 from llmd.dev.gateway import Gateway
-from llmd.dev.sim_engines import SimFleetProcess
+from llmd.dev.sim_engines import SimFleetProcess, free_run
 from llmd.sidecar.app import SidecarApp, SidecarConfig
-from llmd.vllm_cpu.server import free_port, port_is_free
 
 pytestmark = pytest.mark.integration
 
@@ -32,14 +31,6 @@ schedulingProfiles:
 - name: default
   plugins: [{{pluginRef: queue-scorer}}, {{pluginRef: max-score-picker}}]
 """
-
-
-def _free_pair() -> int:
-    for _ in range(100):
-        base = free_port()
-        if base < 65535 and port_is_free(base + 1):
-            return base
-    raise RuntimeError("no two free consecutive ports")
 
 
 async def _counter(url: str, name: str) -> float:
@@ -70,7 +61,7 @@ async def test_the_scheduler_picks_a_rank_and_the_sidecar_serves_it_there(tmp_pa
         SimFleetProcess.start, count=2, block_size=16, profile="h100-8b", work=tmp_path
     )
     engines = [e.url for e in fleet.engines]
-    port = _free_pair()
+    port = free_run(2)
     sidecar = SidecarApp(
         SidecarConfig(
             host="127.0.0.1",

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from llmd.dev.sim_engines import SimFleetProcess
+from llmd.dev.sim_engines import SimFleetProcess, free_run
 from llmd.sidecar.app import SidecarApp, SidecarConfig
 from llmd.vllm_cpu.server import free_port
 
@@ -395,17 +395,6 @@ def test_https_settings_are_checked() -> None:
     assert SidecarConfig(enable_tls="decoder,prefiller").enable_tls == ["decoder", "prefiller"]
 
 
-def _free_pair() -> int:
-    """A port whose next port is free too (the sidecar's two rank listeners)."""
-    from llmd.vllm_cpu.server import port_is_free
-
-    for _ in range(100):
-        base = free_port()
-        if base < 65535 and port_is_free(base + 1):
-            return base
-    raise RuntimeError("no two free consecutive ports")
-
-
 async def test_data_parallel_ranks_each_get_a_listener_and_rank_0_follows_the_header(
     engines: tuple[str, str], tmp_path: Path
 ) -> None:
@@ -420,7 +409,7 @@ async def test_data_parallel_ranks_each_get_a_listener_and_rank_0_follows_the_he
     rank0, rank1 = (e.url for e in fleet.engines)
     model_port = int(rank0.rsplit(":", 1)[1])
     assert int(rank1.rsplit(":", 1)[1]) == model_port + 1
-    port = _free_pair()
+    port = free_run(2)
     app = SidecarApp(
         SidecarConfig(
             host="127.0.0.1",

@@ -24,7 +24,7 @@ class SimStartError(RuntimeError):
     """llmd-sim exited or did not report ready in time."""
 
 
-def _free_run(count: int) -> int:
+def free_run(count: int) -> int:
     """A base port with `count` free consecutive ports after it (best effort, loopback), from
     `free_port`, which looks below the ephemeral range first: after a load test, tens of
     thousands of client connections sit in TIME_WAIT there and a run is rarely whole."""
@@ -59,7 +59,7 @@ class SimFleetProcess:
     ) -> SimFleetProcess:
         # One run for all four port kinds: separate probes could hand out overlapping runs,
         # since a probed port is released before the next probe.
-        base = _free_run(4 * count)
+        base = free_run(4 * count)
         http, events, replay, side = (base + k * count for k in range(4))
         endpoints_file = work / "endpoints.yaml"
         log_path = work / "llmd-sim.log"

@@ -24,9 +24,9 @@ from llmd.scheduler.framework import (
     PreRequest,
     ProfileHandler,
     ProfileResult,
-    SchedulingError,
     SchedulingResult,
 )
+from llmd.scheduler.plugins.pickers import single_result
 
 
 class DataParallelParams(PluginParams):
@@ -65,12 +65,7 @@ class DataParallelProfileHandler(
     def process_results(
         self, request: LLMRequest, results: dict[str, ProfileResult | None]
     ) -> SchedulingResult:
-        name, result = next(iter(results.items()))
-        if result is None or not result.targets:
-            raise SchedulingError(
-                503, f"failed to run scheduler profile {name!r}", hdr.DROPPED_NO_ENDPOINTS
-            )
-        return SchedulingResult({name: result}, name, port=self.params.primary_port)
+        return single_result(results, self.params.primary_port)
 
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> Mapping[str, str]:
         return rank_header(result)

@@ -117,10 +117,16 @@ class SingleProfileHandler(ProfileHandler[NoParams]):
     def process_results(
         self, request: LLMRequest, results: dict[str, ProfileResult | None]
     ) -> SchedulingResult:
-        name, result = next(iter(results.items()))
-        if result is None or not result.targets:
-            raise SchedulingError(503, "no endpoint could be picked", "rejected-no-endpoints")
-        return SchedulingResult({name: result}, name)
+        return single_result(results)
+
+
+def single_result(results: dict[str, ProfileResult | None], port: int = 0) -> SchedulingResult:
+    """The one profile's picks as the result (503 when it picked none), reached on `port`
+    (0: each pick's own)."""
+    name, result = next(iter(results.items()))
+    if result is None or not result.targets:
+        raise SchedulingError(503, "no endpoint could be picked", "rejected-no-endpoints")
+    return SchedulingResult({name: result}, name, port=port)
 
 
 PICKERS = (MaxScorePicker, RandomPicker, WeightedRandomPicker, SingleProfileHandler)
