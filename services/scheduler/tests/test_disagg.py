@@ -126,6 +126,11 @@ def test_a_stale_decode_pod_still_serves_when_only_a_prefill_pod_is_usable() -> 
     assert dec.set_headers[hdr.PREFILLER_HOST_PORT] == "127.0.0.1:9000"
     assert d.metrics.profile_widened.labels("decode")._value.get() == 1
     assert d.metrics.profile_widened.labels("prefill")._value.get() == 0
+    why = d.explain(request_id=dec.request.request_id)[0]["profiles"]["decode"]["widened"]
+    assert why == (
+        "no endpoint passes filter decode-filter (profile decode) among the usable candidates; "
+        "picked among 1 stale or held-out endpoint(s)"
+    )
     d.complete(dec, "natural")
     assert decode.inflight_requests == 0
     # with the decode pod back, nothing is widened

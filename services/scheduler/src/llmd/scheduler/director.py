@@ -448,11 +448,16 @@ class Director:
         wider: list[list[EndpointState]],
     ) -> ProfileResult:
         filter_log: list[tuple[str, int]] = []
+        widened = ""
         with self._span("filter_endpoints", {"candidates": len(candidates)}):
             try:
                 eps = self._filter(profile, req, candidates, filter_log, explain)
             except SchedulingError as exc:
                 eps = self._filter_wider(profile, req, wider, exc, filter_log, explain)
+                widened = (
+                    f"{exc.message} among the usable candidates; picked among {len(eps)} "
+                    "stale or held-out endpoint(s)"
+                )
         totals = [0.0] * len(eps)
         score_log: list[tuple[str, float, list[float]]] = []
         with self._span("llm_d.epp.scoring", {"candidates": len(eps)}):
@@ -472,6 +477,8 @@ class Director:
             [e.name for e in picked],
         )
         result = ProfileResult(picked, scored)
+        if widened:
+            result.explain["widened"] = widened
         explain.notes[profile.name] = result.explain  # filled in later by the profile handler
         return result
 
