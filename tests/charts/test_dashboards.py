@@ -27,6 +27,8 @@ from llmd.indexer.app import IndexerConfig
 from llmd.indexer.app import build as build_indexer
 from llmd.scheduler.app import SchedulerConfig
 from llmd.scheduler.app import build as build_scheduler
+from llmd.sidecar.app import SidecarConfig
+from llmd.sidecar.app import build as build_sidecar
 from llmd.sim.tokenizer import default_tokenizer_dir
 
 DASHBOARDS = sorted((charts_dir() / "llmd" / "dashboards").glob("*.json"))
@@ -48,6 +50,23 @@ plugins:
 - type: precise-prefix-cache-producer
   parameters: {{tokenizer: {{modelDir: "{tokenizer}"}}}}
 - type: prefix-cache-scorer
+"""
+
+PD_CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: prefill-filter
+- type: decode-filter
+- type: always-disagg-pd-decider
+- type: disagg-profile-handler
+  parameters: {deciders: {prefill: always-disagg-pd-decider}}
+schedulingProfiles:
+- name: prefill
+  plugins: [{pluginRef: prefill-filter}, {pluginRef: queue-scorer}]
+- name: decode
+  plugins: [{pluginRef: decode-filter}, {pluginRef: queue-scorer}]
 """
 
 
@@ -75,6 +94,10 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, frozenset[st
                 config_text=PRECISE_CONFIG.format(tokenizer=default_tokenizer_dir()),
             )
         ),
+        build_scheduler(  # the P/D handler's decision counters
+            SchedulerConfig(endpoints_file=str(d / "endpoints.yaml"), config_text=PD_CONFIG)
+        ),
+        build_sidecar(SidecarConfig()),
         build_indexer(
             IndexerConfig(endpoints_file=str(d / "endpoints.yaml"), render_url="http://127.0.0.1:9")
         ),
@@ -103,7 +126,13 @@ def expressions(doc: dict[str, Any]) -> Iterator[tuple[str, str, str]]:
 
 
 def test_there_is_a_dashboard_per_service_area() -> None:
-    assert [p.stem for p in DASHBOARDS] == ["autoscaling", "fs-offload", "indexer", "scheduler"]
+    assert [p.stem for p in DASHBOARDS] == [
+        "autoscaling",
+        "fs-offload",
+        "indexer",
+        "pd",
+        "scheduler",
+    ]
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.stem)
