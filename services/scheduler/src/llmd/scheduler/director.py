@@ -317,16 +317,15 @@ class Director:
                 log.exception("data producer %s failed to prefetch", producer.name)
 
     def _candidates(self, subset: list[str] | None) -> list[EndpointState]:
-        tiers = self._candidate_tiers(subset)
-        return tiers[0] if tiers else []
+        return _within(self.datastore.candidates(), _hosts(subset))
 
-    def _candidate_tiers(self, subset: list[str] | None) -> list[list[EndpointState]]:
-        """The datastore's ever wider candidate sets, within the gateway's `subset`."""
-        tiers = self.datastore.candidate_tiers()
-        if subset is None:
-            return tiers
-        hosts = {s.rsplit(":", 1)[0] for s in subset}
-        return widening([e for e in tier if e.endpoint.address in hosts] for tier in tiers)
+    def _wider_candidates(self, subset: list[str] | None, than: int) -> list[list[EndpointState]]:
+        """The datastore's ever wider candidate sets within the gateway's `subset`, those
+        larger than `than` endpoints (built only when a profile's filters drained its
+        candidates: the usual request needs the first set alone)."""
+        hosts = _hosts(subset)
+        tiers = widening(_within(tier, hosts) for tier in self.datastore.candidate_tiers())
+        return [tier for tier in tiers if len(tier) > than]
 
     def _schedule(self, req: LLMRequest, subset: list[str] | None) -> Decision:
         body_out: bytes | None = None
@@ -344,8 +343,7 @@ class Director:
         self.metrics.request_total.labels(*labels).inc()
         self.metrics.request_size.labels(*labels).observe(len(req.body))
 
-        tiers = self._candidate_tiers(subset)
-        candidates = tiers[0] if tiers else []
+        candidates = self._candidates(subset)
         if not candidates and self.activator and not self.datastore.candidates():
             self.metrics.activator_routed.inc()
             return Decision(req, [], body=body_out, route_to=self.activator)
@@ -385,7 +383,12 @@ class Director:
                 for name in chosen:
                     try:
                         results[name] = self._run_profile(
-                            self.built.profiles[name], req, candidates, explain, tiers[1:]
+                            self.built.profiles[name],
+                            req,
+                            candidates,
+                            explain,
+                            widen=True,
+                            subset=subset,
                         )
                     except SchedulingError as exc:
                         results[name] = None
@@ -428,8 +431,12 @@ class Director:
         req: LLMRequest,
         candidates: list[EndpointState],
         explain: _Explanation,
-        wider: list[list[EndpointState]] | None = None,
+        *,
+        widen: bool = False,
+        subset: list[str] | None = None,
     ) -> ProfileResult:
+        """`widen`: when the filters leave none of `candidates`, try the wider candidate sets
+        (within the gateway's `subset`) before failing."""
         with self._span(
             "run_scheduler_profile",
             {
@@ -437,7 +444,7 @@ class Director:
                 "gen_ai.request.model": req.target_model,
             },
         ):
-            return self._run_profile_inner(profile, req, candidates, explain, wider or [])
+            return self._run_profile_inner(profile, req, candidates, explain, widen, subset)
 
     def _run_profile_inner(
         self,
@@ -445,7 +452,8 @@ class Director:
         req: LLMRequest,
         candidates: list[EndpointState],
         explain: _Explanation,
-        wider: list[list[EndpointState]],
+        widen: bool,
+        subset: list[str] | None,
     ) -> ProfileResult:
         filter_log: list[tuple[str, int]] = []
         widened = ""
@@ -453,6 +461,9 @@ class Director:
             try:
                 eps = self._filter(profile, req, candidates, filter_log, explain)
             except SchedulingError as exc:
+                if not widen or exc.status != 503:  # a load filter's 429 is never widened
+                    raise
+                wider = self._wider_candidates(subset, len(candidates))
                 eps = self._filter_wider(profile, req, wider, exc, filter_log, explain)
                 widened = (
                     f"{exc.message} among the usable candidates; picked among {len(eps)} "
@@ -493,10 +504,8 @@ class Director:
     ) -> list[EndpointState]:
         """The profile's filters left no candidate: run them on the next wider candidate set
         (stale or held-out endpoints too), so that one role's endpoint being usable does not
-        hide another role's stale one. A saturation drain (429) is never widened: held-out
-        endpoints are no escape from overload."""
-        if drained.status != 503:
-            raise drained
+        hide another role's stale one. Only a 503 drain comes here (the caller's check): a
+        load filter's 429 is not widened, as held-out endpoints are no escape from overload."""
         for tier in wider:
             for producer in self.built.producers:  # the wider endpoints need their data too
                 try:
@@ -809,3 +818,12 @@ def _drained(f: Filter[Any], profile: str) -> SchedulingError:
     return SchedulingError(
         503, f"no endpoint passes filter {f.name} (profile {profile})", hdr.DROPPED_NO_ENDPOINTS
     )
+
+
+def _hosts(subset: list[str] | None) -> set[str] | None:
+    """The addresses of the gateway's subset hint (`host:port` items), None without one."""
+    return None if subset is None else {s.rsplit(":", 1)[0] for s in subset}
+
+
+def _within(eps: list[EndpointState], hosts: set[str] | None) -> list[EndpointState]:
+    return eps if hosts is None else [e for e in eps if e.endpoint.address in hosts]
