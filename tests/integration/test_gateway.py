@@ -116,11 +116,18 @@ def test_streaming_passes_through_unchanged(stack: Stack) -> None:
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[-1]["usage"]["completion_tokens"] == 6
     assert len(chunks) == 1 + 6 + 1  # role chunk, one per token, usage chunk
-    metrics = stack.gateway.scheduler.metrics_text()
-    assert (
+    # TTFT comes from Envoy's access log, which may reach the scheduler after the client has
+    # read the stream's end: wait for it.
+    ttft = (
         'llm_d_epp_request_ttft_seconds_count{fairness_id="",model_name="tiny",priority="0",'
-        'streaming="true",target_model_name="tiny"}' in metrics
+        'streaming="true",target_model_name="tiny"}'
     )
+    deadline = time.monotonic() + 10
+    while ttft not in (metrics := stack.gateway.scheduler.metrics_text()):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert ttft in metrics
 
 
 def test_lora_requests_go_where_the_adapter_is_loaded(stack: Stack) -> None:
