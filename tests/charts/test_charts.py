@@ -441,6 +441,41 @@ def test_a_decode_pod_runs_the_sidecar_in_front_of_vllm(tmp_path: Path) -> None:
     assert rules[0]["resources"] == ["inferencepools"]
 
 
+def test_e_p_d_pods_an_encode_pod_moves_no_kv_and_the_sidecar_runs_the_encoder_stage() -> None:
+    values = {
+        **PATHS["inference-scheduling"],
+        "modelServer": {
+            "enabled": True,
+            "pd": {"role": "decode", "sidecar": {"ecConnector": "ec-nixl", "encodeTimeout": "20s",
+                                                  "tls": {"enableTLS": ["encoder"]}}},
+        },
+    }  # fmt: skip
+    docs = umbrella(values)
+    validate_all(docs)
+    sidecar = named(docs, "Deployment", "-model-server")["spec"]["template"]["spec"]["containers"][
+        1
+    ]
+    assert "--ec-connector=ec-nixl" in sidecar["args"]
+    assert "--encode-timeout=20s" in sidecar["args"]
+    r = subprocess.run(
+        [str(BIN / "llmd-sidecar"), *sidecar["args"], "--check-config"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "encoder stage ec-nixl" in r.stdout
+    values["modelServer"]["pd"] = {"role": "encode"}
+    docs = umbrella(values)
+    validate_all(docs)
+    pod = named(docs, "Deployment", "-model-server")["spec"]["template"]
+    assert pod["metadata"]["labels"]["llm-d.ai/role"] == "encode"
+    (vllm,) = pod["spec"]["containers"]  # no sidecar
+    assert not any(a.startswith("--kv-transfer-config") for a in vllm["args"])
+    assert "VLLM_NIXL_SIDE_CHANNEL_HOST" not in {e["name"] for e in vllm["env"]}
+    values["modelServer"]["pd"] = {"role": "decode", "sidecar": {"ecConnector": "ec-mooncake"}}
+    with pytest.raises(ChartError, match="ecConnector"):
+        umbrella(values)
+
+
 def test_a_cache_source_pool_runs_the_sidecar_on_every_pod_and_its_preset_loads(
     tmp_path: Path,
 ) -> None:
@@ -497,7 +532,7 @@ def test_the_sidecar_serves_https_from_a_tls_secret_behind_a_tls_gateway() -> No
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    tls["enableTLS"] = ["encoder"]
+    tls["enableTLS"] = ["encode"]
     with pytest.raises(ChartError, match="enableTLS"):
         umbrella(values)
 

@@ -388,8 +388,9 @@ async def test_https_on_both_legs_and_a_rotated_certificate(
 def test_https_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="secure_proxy needs cert_path"):
         SidecarConfig(secure_proxy=True)
-    with pytest.raises(ValueError, match="no encoder stage"):
-        SidecarConfig(enable_tls="prefiller,encoder")
+    assert SidecarConfig(enable_tls="prefiller,encoder").enable_tls == ["encoder", "prefiller"]
+    with pytest.raises(ValueError, match="ec_connector"):
+        SidecarConfig(ec_connector="ec-mooncake")
     with pytest.raises(ValueError, match="unknown stage 'decode'"):
         SidecarConfig(tls_insecure_skip_verify=["decode"])
     assert SidecarConfig(enable_tls="decoder,prefiller").enable_tls == ["decoder", "prefiller"]

@@ -246,6 +246,43 @@ async def test_pd_prefill_params_then_decode_pulls_once(start_fleet: StartFleet)
     assert "unknown or its KV lease expired" in r3.json()["error"]["message"]
 
 
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}
+
+
+async def test_an_encode_pod_answers_ec_params_and_a_consumer_skips_those_items(
+    start_fleet: StartFleet,
+) -> None:
+    ec = {"ec_connector": "ECExampleConnector"}
+    encoder = (await start_fleet(ec_transfer_config={**ec, "ec_role": "ec_producer"})).servers[0]
+    consumer = (await start_fleet(ec_transfer_config={**ec, "ec_role": "ec_consumer"})).servers[0]
+    plain = (await start_fleet()).servers[0]
+    audio = {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}
+    body = {
+        "model": "tiny",
+        "max_tokens": 1,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "what is this"},
+                                                   IMAGE, audio]}],
+    }  # fmt: skip
+    r = await post(encoder, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    params = r.json()["ec_transfer_params"]
+    assert len(params) == 2  # one entry per multimodal item, by hash
+    assert all(p["size_bytes"] > 0 and p["peer_port"] > 0 for p in params.values())
+    assert (await get(encoder, "/sim/state")).json()["mm_items"] == {"encoded": 2, "received": 0}
+    # a consumer told where one item's encoding is encodes only the other
+    one = dict(list(params.items())[:1])
+    r = await post(consumer, "/v1/chat/completions", {**body, "ec_transfer_params": one})
+    assert r.status_code == 200, r.text
+    assert r.json()["ec_transfer_params"] is None  # consumers announce nothing
+    assert (await get(consumer, "/sim/state")).json()["mm_items"] == {
+        "encoded": 1, "received": 1
+    }  # fmt: skip
+    # an engine without an EC connector encodes everything, whatever the request says
+    r = await post(plain, "/v1/chat/completions", {**body, "ec_transfer_params": params})
+    assert r.status_code == 200, r.text
+    assert (await get(plain, "/sim/state")).json()["mm_items"] == {"encoded": 2, "received": 0}
+
+
 async def test_pd_invalid_params_fall_back_to_local_prefill(start_fleet: StartFleet) -> None:
     decode = (await start_fleet(kv_transfer_config=_transfer("kv_consumer"))).servers[0]
     partial = {"do_remote_prefill": True, "remote_block_ids": [[1]], "remote_engine_id": "x"}

@@ -29,7 +29,21 @@ class ContentPart(msgspec.Struct, omit_defaults=True):
 
     type: str
     text: str | None = None
-    image_url: dict[str, Any] | None = None
+    image_url: dict[str, Any] | str | None = None
+    """`{"url": ...}` on an image_url part; the URL itself on an input_image part."""
+    audio_url: dict[str, Any] | None = None
+    video_url: dict[str, Any] | None = None
+    input_audio: dict[str, Any] | None = None
+
+    def media(self) -> Any:
+        """The part's media reference (URL object or inline data), None for a text part."""
+        if self.type not in MEDIA_PART_TYPES:
+            return None
+        return self.image_url or self.audio_url or self.video_url or self.input_audio
+
+
+MEDIA_PART_TYPES = frozenset({"image_url", "audio_url", "video_url", "input_audio", "input_image"})
+"""Chat content parts an encoder turns into embeddings (vLLM's multimodal inputs)."""
 
 
 class ChatMessage(msgspec.Struct, omit_defaults=True):
@@ -65,6 +79,8 @@ class _RequestCommon(msgspec.Struct, omit_defaults=True, kw_only=True):
     min_tokens: int | None = None
     cache_salt: str | None = None
     kv_transfer_params: dict[str, Any] | None = None
+    ec_transfer_params: dict[str, Any] | None = None
+    """Where each multimodal item's encoder output can be read, by mm hash (E/P/D)."""
     priority: int | None = None
     user: str | None = None
 

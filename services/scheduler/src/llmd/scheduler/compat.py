@@ -41,7 +41,6 @@ _ADMIT = "admission plugins"
 
 UNAVAILABLE: dict[str, str] = {
     # profile handlers, deciders and P/D headers
-    "always-disagg-multimodal-decider": "E/P/D disaggregation",
     "header-profile-handler": "header-selected scheduling profiles",
     "pd-slo-pair-optimizer": _PD + " with SLO pair optimisation",
     "pd-slo-profile-handler": _PD + " with SLO pair optimisation",

@@ -265,6 +265,8 @@ class LLMRequest:
     prompt_bytes: list[bytes] = field(default_factory=list)
     """Per prompt, the bytes the token estimate packs (4 bytes = 1 pseudo-token) or real ids."""
     prompt_tokens: int = 0
+    media_items: int = 0
+    """A chat's multimodal content parts (images, audio, video): what an encoder works on."""
     head: tuple[tuple[str, str], ...] = ()
     """A chat's leading system/developer messages as (role, text): what a pool's requests
     share (learned as hot prompts for warm starts)."""

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from llmd.protocol.errors import DecodeError
+from llmd.protocol.openai import MEDIA_PART_TYPES
 from llmd.scheduler.framework import LLMRequest
 
 COMPLETIONS_SUFFIXES = ("/completions", "/completions/render")
@@ -129,6 +130,12 @@ def parse_openai(request: LLMRequest, *, head: bool = False) -> None:
         if view.messages is None:
             raise ParseError("chat completions need a 'messages' list")
         request.prompt_bytes = [_chat_prompt(view.messages, view.tools)]
+        request.media_items = sum(
+            p.type in MEDIA_PART_TYPES
+            for m in view.messages
+            if isinstance(m.content, list)
+            for p in m.content
+        )
         if head:
             request.head = _chat_head(view.messages)
     else:

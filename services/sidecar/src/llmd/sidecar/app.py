@@ -10,10 +10,15 @@ each deliberate:
 - `--secure-proxy` (serve HTTPS) defaults to false and needs `--cert-path` (`tls.crt`,
   `tls.key`, and `ca.crt` to require client certificates; re-read when they change): llm-d
   defaults to true with a self-signed certificate, which every deployment of it turns off.
-  `--enable-tls` / `--tls-insecure-skip-verify` take llm-d's stages `prefiller` and `decoder`
-  (`encoder` is refused: llmd has no encoder stage).
+  `--enable-tls` / `--tls-insecure-skip-verify` take llm-d's stages `prefiller`, `decoder` and
+  `encoder`.
 - The prefill leg has a deadline (`--prefill-timeout`, 60 s): a dead or hung prefill pod gets a
   504 instead of holding the request as long as the client waits.
+- E/P/D (`--ec-connector ec-example|ec-nixl`): a request naming encode pods
+  (`x-encoder-hosts-ports`) has each multimodal item sent to one of them first (round robin, in
+  parallel, one output token each); with `ec-nixl` their `ec_transfer_params` are merged into
+  the request before its prefill (or decode) leg. The encoder legs have a deadline
+  (`--encode-timeout`, 60 s); a failed item is a 502 (a deadline a 504) naming the encoder.
 - Request metrics (`llmd_sidecar_*`) on `--metrics-port` (9090): llm-d's sidecar has none.
 - Besides the InferencePool's pods (`--inference-pool`, llm-d's way), a static list of prefill
   hosts can be allowed (`--allowed-prefill-hosts`), for runs without Kubernetes.
@@ -56,6 +61,8 @@ from llmd.runtime.tls import TLSFiles
 from llmd.sidecar.allowlist import POOL_VERSIONS, follow_pods, parse_pool, read_pool
 from llmd.sidecar.pd import (
     DP_HEADER,
+    ENCODER_HEADER,
+    ENCODER_PATHS,
     PREFILLER_HEADER,
     REQUEST_ID_HEADER,
     ROUTES,
@@ -63,6 +70,8 @@ from llmd.sidecar.pd import (
     cached_tokens,
     choose,
     decode_body,
+    encoder_body,
+    media_items,
     prefill_body,
     prefill_targets,
     target_host,
@@ -75,7 +84,7 @@ DECODE_REFUSED = (
     "The decode node is not ready. Please check that the vLLM service is running and the port "
     "configuration is correct."
 )
-TLS_STAGES = ("prefiller", "decoder")
+TLS_STAGES = ("prefiller", "decoder", "encoder")
 CERT_CHECK_S = 10.0
 """How often the serving certificate files are looked at for a rotation."""
 MAX_DP_RANKS = 16
@@ -94,6 +103,15 @@ class SidecarConfig(ServiceConfig):
         description="how KV moves: nixlv2 (vLLM's NixlConnector; llm-d's other connectors are "
         "not available)",
     )
+    ec_connector: Literal["", "ec-example", "ec-nixl"] = Field(
+        default="",
+        description="the encoder stage (E/P/D): ec-example (encoders store their outputs on "
+        "shared storage) or ec-nixl (their answers' ec_transfer_params go with the request); "
+        "empty: x-encoder-hosts-ports is ignored",
+    )
+    encode_timeout: Seconds = Field(
+        default=60.0, gt=0, description="the longest the encoder legs may take (then 504)"
+    )
     data_parallel_size: int = Field(
         default=1,
         ge=1,
@@ -109,14 +127,17 @@ class SidecarConfig(ServiceConfig):
     )
     enable_tls: list[str] = Field(
         default_factory=list,
-        description="stages reached over HTTPS: prefiller, decoder (comma list or repeated)",
+        description="stages reached over HTTPS: prefiller, decoder, encoder (comma list or "
+        "repeated)",
     )
     tls_insecure_skip_verify: list[str] = Field(
         default_factory=list,
-        description="stages whose certificate is not verified: prefiller, decoder",
+        description="stages whose certificate is not verified: prefiller, decoder, encoder",
     )
     enable_ssrf_protection: bool = Field(
-        default=False, description="contact only prefill hosts in allowed_prefill_hosts"
+        default=False,
+        description="contact only prefill and encode hosts in the allowlist (others: a 403 "
+        "for a prefiller, dropped for an encoder)",
     )
     allowed_prefill_hosts: list[str] = Field(
         default_factory=list,
@@ -185,8 +206,6 @@ class SidecarConfig(ServiceConfig):
     def _stages(cls, v: list[str]) -> list[str]:
         stages = sorted({s.strip() for item in v for s in item.split(",") if s.strip()})
         for s in stages:
-            if s == "encoder":
-                raise ValueError("encoder: llmd-sidecar has no encoder stage (E/P/D)")
             if s not in TLS_STAGES:
                 raise ValueError(f"unknown stage {s!r}: one of {', '.join(TLS_STAGES)}")
         return stages
@@ -232,11 +251,35 @@ class SidecarMetrics:
             ["rank"],
             registry=registry,
         )
+        self.encode = Histogram(
+            "llmd_sidecar_encode_duration_seconds",
+            "The encoder legs of one request (all its multimodal items, in parallel)",
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.encoder_items = Counter(
+            "llmd_sidecar_encoder_items_total",
+            "Multimodal items sent to encoders by outcome (ok, no-params: an ec-nixl answer "
+            "without ec_transfer_params, error, timeout)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.encoders_refused = Counter(
+            "llmd_sidecar_ssrf_refused_encoders_total",
+            "Encode hosts dropped by SSRF protection",
+            registry=registry,
+        )
         self.missing_params = Counter(
             "llmd_sidecar_missing_kv_transfer_params_total",
             "Prefill answers without kv_transfer_params (the decoder prefilled locally)",
             registry=registry,
         )
+
+
+class _EncoderError(Exception):
+    def __init__(self, status: int, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
 
 
 def vllm_error_body(status: int, message: str, kind: str) -> bytes:
@@ -273,6 +316,9 @@ class SidecarApp:
         )
         self.ssl_context: ssl.SSLContext | None = None
         self.prefill_timeout = aiohttp.ClientTimeout(total=config.prefill_timeout)
+        self.encoder_scheme = "https" if "encoder" in config.enable_tls else "http"
+        self.verify_encoder = "encoder" not in config.tls_insecure_skip_verify
+        self.encode_timeout = aiohttp.ClientTimeout(total=config.encode_timeout)
         self.static_allowed = {h.strip().strip("[]") for h in config.allowed_prefill_hosts}
         self.allowed = set(self.static_allowed)
         self._servers: list[Any] = []
@@ -292,7 +338,7 @@ class SidecarApp:
             ranks = f" ({c.data_parallel_size} data-parallel ranks: :{c.port}-{c.port + last})"
         return (
             f"llmd-sidecar: :{c.port} -> decoder {self.decoder}{ranks}, kv connector "
-            f"{c.kv_connector}, "
+            f"{c.kv_connector}, encoder stage {c.ec_connector or 'off'}, "
             f"SSRF protection {ssrf}, prefill retries {c.prefill_max_retries}, prefill timeout "
             f"{c.prefill_timeout:g}s"
         )
@@ -304,7 +350,8 @@ class SidecarApp:
     ) -> tuple[int, bytes, dict[str, str]]:
         """(status, body, headers) of the prefill leg, retried on 502/503/504; a transport
         failure is a 502 and a deadline a 504, both answered in vLLM's error shape."""
-        drop = [PREFILLER_HEADER, DP_HEADER, "content-type"]  # the body is re-encoded JSON
+        # the body is re-encoded JSON
+        drop = [PREFILLER_HEADER, DP_HEADER, ENCODER_HEADER, "content-type"]
         headers = forward_headers(request.headers.items(), drop=drop)
         headers += [(REQUEST_ID_HEADER, request_id), ("content-type", "application/json")]
         attempt = 0
@@ -343,6 +390,110 @@ class SidecarApp:
             )  # fmt: skip
             await asyncio.sleep(self.config.prefill_retry_backoff)
 
+    def _encoders(self, request: Request) -> list[str]:
+        """The encode hosts of x-encoder-hosts-ports (none without an EC connector); with SSRF
+        protection, those outside the allowlist are dropped, as llm-d does."""
+        hosts = prefill_targets(request.headers.getlist(ENCODER_HEADER))
+        if not self.config.ec_connector or not self.config.enable_ssrf_protection:
+            return hosts if self.config.ec_connector else []
+        kept = [h for h in hosts if target_host(h) in self.allowed]
+        if len(kept) < len(hosts):
+            self.metrics.encoders_refused.inc(len(hosts) - len(kept))
+            log.warning(
+                "SSRF protection: encode hosts not in allowlist dropped (%s)",
+                ", ".join(h for h in hosts if h not in kept),
+            )
+        return kept
+
+    async def _encode(
+        self, request_id: str, doc: dict[str, Any], api: Api, encoders: list[str]
+    ) -> Response | None:
+        """Send each multimodal item of `doc` to an encoder (round robin, in parallel); with
+        ec-nixl, merge their `ec_transfer_params` into `doc`. A failed item cancels the others
+        and is answered: 502 (its status and message), 504 past the encode timeout."""
+        items = media_items(doc, api)
+        if not items:
+            log.debug("request %s names encoders but has no multimodal items", request_id)
+            return None
+        path = ENCODER_PATHS.get(api, "/v1/chat/completions")
+        merged: dict[str, Any] = {}
+        contributed = 0
+
+        async def one(i: int, part: dict[str, Any]) -> None:
+            nonlocal contributed
+            url = f"{self.encoder_scheme}://{encoders[i % len(encoders)]}{path}"
+            headers = {
+                "content-type": "application/json",
+                REQUEST_ID_HEADER: f"{request_id}-enc-{i}",
+            }
+            try:
+                async with self.proxy.session.post(
+                    url,
+                    data=msgspec.json.encode(encoder_body(doc, part, api)),
+                    headers=headers,
+                    timeout=self.encode_timeout,
+                    ssl=self.verify_encoder,
+                ) as r:
+                    status, answer = r.status, await r.read()
+            except TimeoutError:
+                self.metrics.encoder_items.labels("timeout").inc()
+                raise _EncoderError(
+                    504,
+                    f"the encoder leg of item {i} at {url} took over "
+                    f"{self.config.encode_timeout:g}s",
+                    "GatewayTimeoutError",
+                ) from None
+            except aiohttp.ClientError as exc:
+                self.metrics.encoder_items.labels("error").inc()
+                raise _EncoderError(
+                    502,
+                    f"the encoder leg of item {i} at {url} failed: {type(exc).__name__}: {exc}",
+                    "BadGatewayError",
+                ) from None
+            if not 200 <= status < 300:
+                self.metrics.encoder_items.labels("error").inc()
+                raise _EncoderError(
+                    502,
+                    f"encoder request failed for item {i} at {url} with status {status}: "
+                    f"{answer[:500].decode(errors='replace')}",
+                    "BadGatewayError",
+                )
+            params = None
+            if self.config.ec_connector == "ec-nixl":
+                try:
+                    found = msgspec.json.decode(answer)
+                except msgspec.DecodeError:
+                    found = None
+                params = found.get("ec_transfer_params") if isinstance(found, dict) else None
+                if not isinstance(params, dict) or not params:
+                    self.metrics.encoder_items.labels("no-params").inc()
+                    log.warning("encoder answer for item %d of %s has no ec_transfer_params",
+                                i, request_id)  # fmt: skip
+                    return
+                merged.update(params)
+                contributed += 1
+            self.metrics.encoder_items.labels("ok").inc()
+
+        t0 = time.monotonic()
+        failure: BaseException | None = None
+        try:
+            async with asyncio.TaskGroup() as group:
+                for i, part in enumerate(items):
+                    group.create_task(one(i, part))
+        except* _EncoderError as failures:
+            failure = failures.exceptions[0]
+        finally:
+            self.metrics.encode.observe(time.monotonic() - t0)
+        if isinstance(failure, _EncoderError):
+            log.warning("encoder stage of %s failed: %s", request_id, failure.message)
+            return vllm_error(failure.status, failure.message, failure.kind)
+        if merged:
+            doc["ec_transfer_params"] = merged
+            if contributed < len(items):
+                log.warning("ec_transfer_params for %d of %d items of %s", contributed,
+                            len(items), request_id)  # fmt: skip
+        return None
+
     def _rank(self, request: Request, listener: int, mode: str) -> int | Response:
         """The rank whose engine serves `request` arriving on the listener of rank
         `listener`: that rank, or on rank 0 the one x-data-parallel-host-port names (this
@@ -371,15 +522,20 @@ class SidecarApp:
     async def disaggregated(self, request: Request, api: Api, listener: int = 0) -> Response:
         started = time.monotonic()
         targets = prefill_targets(request.headers.getlist(PREFILLER_HEADER))
-        rank = self._rank(request, listener, "pd" if targets else "decode-only")
+        encoders = self._encoders(request)
+        mode = ("encode-" if encoders else "") + ("pd" if targets else "decode")
+        if mode == "decode":
+            mode = "decode-only"
+        rank = self._rank(request, listener, mode)
         if isinstance(rank, Response):
             return rank
-        if not targets:
-            return await self._decode(request, None, "decode-only", started, rank=rank)
-        target = choose(targets, self.config.enable_prefiller_sampling)
-        if self.config.enable_ssrf_protection and target_host(target) not in self.allowed:
+        if mode == "decode-only":
+            return await self._decode(request, None, mode, started, rank=rank)
+        target = choose(targets, self.config.enable_prefiller_sampling) if targets else ""
+        ssrf = self.config.enable_ssrf_protection
+        if target and ssrf and target_host(target) not in self.allowed:
             self.metrics.refused.inc()
-            self.metrics.requests.labels("pd", "ssrf-refused").inc()
+            self.metrics.requests.labels(mode, "ssrf-refused").inc()
             log.warning(
                 "SSRF protection: prefill target not in allowlist (target %s, path %s)",
                 target, request.url.path,
@@ -392,7 +548,7 @@ class SidecarApp:
         try:
             raw = await read_body(request, self.config.max_body_bytes)
         except BodyTooLargeError as exc:
-            self.metrics.requests.labels("pd", "bad-request").inc()
+            self.metrics.requests.labels(mode, "bad-request").inc()
             return vllm_error(413, str(exc), "BadRequestError")
         try:
             doc = msgspec.json.decode(raw)
@@ -401,9 +557,19 @@ class SidecarApp:
         else:
             error = "" if isinstance(doc, dict) else "the body is not a JSON object"
         if not isinstance(doc, dict):
-            self.metrics.requests.labels("pd", "bad-request").inc()
+            self.metrics.requests.labels(mode, "bad-request").inc()
             return vllm_error(400, f"invalid JSON body: {error}", "BadRequestError")
         request_id = str(uuid.uuid1())
+        if encoders:
+            failed = await self._encode(request_id, doc, api, encoders)
+            if failed is not None:
+                self.metrics.requests.labels(mode, "encode-error").inc()
+                return failed
+            if not targets:
+                return await self._decode(
+                    request, msgspec.json.encode(doc), mode, started, request_id,
+                    doc.get("stream"), rank=rank,
+                )  # fmt: skip
         url = f"{self.prefill_scheme}://{target}{request.url.path}"
         t0 = time.monotonic()
         status, answer_raw, reply = await self._prefill(
@@ -412,14 +578,14 @@ class SidecarApp:
         self.metrics.prefill.observe(time.monotonic() - t0)
         if not 200 <= status < 300:
             log.warning("prefill request failed (%s -> %d)", url, status)
-            self.metrics.requests.labels("pd", "prefill-error").inc()
+            self.metrics.requests.labels(mode, "prefill-error").inc()
             return Response(answer_raw, status, headers=reply)
         try:
             answer = msgspec.json.decode(answer_raw)
         except msgspec.DecodeError:
             answer = None
         if not isinstance(answer, dict):
-            self.metrics.requests.labels("pd", "prefill-error").inc()
+            self.metrics.requests.labels(mode, "prefill-error").inc()
             return vllm_error(400, f"the prefill leg at {url} answered no JSON object",
                               "BadRequestError")  # fmt: skip
         if answer.get("kv_transfer_params") is None:
@@ -428,7 +594,7 @@ class SidecarApp:
         log.debug("prefill of %s: %d cached tokens", request_id, cached_tokens(answer))
         body = msgspec.json.encode(decode_body(doc, answer))
         return await self._decode(
-            request, body, "pd", started, request_id, doc.get("stream"), rank=rank
+            request, body, mode, started, request_id, doc.get("stream"), rank=rank
         )
 
     async def _decode(
@@ -445,7 +611,7 @@ class SidecarApp:
         def done(result: ProxyResult) -> None:
             outcome = result.outcome if result.outcome != "ok" else f"{result.status // 100}xx"
             self.metrics.requests.labels(mode, outcome).inc()
-            if result.first_byte_s is not None and mode == "pd":
+            if result.first_byte_s is not None and mode not in ("decode-only", "passthrough"):
                 # the decode leg began duration_s ago; its first byte came first_byte_s after
                 first_byte_at = time.monotonic() - result.duration_s + result.first_byte_s
                 self.metrics.true_ttft.observe(first_byte_at - started)
@@ -460,7 +626,7 @@ class SidecarApp:
             body=body,
             stream=bool(stream),
             headers={REQUEST_ID_HEADER: request_id} if request_id else None,
-            drop_headers=[PREFILLER_HEADER, DP_HEADER],
+            drop_headers=[PREFILLER_HEADER, DP_HEADER, ENCODER_HEADER],
             on_complete=done,
             refused=vllm_error(503, DECODE_REFUSED, "ServiceUnavailable"),
             verify_tls=self.verify_decoder,

@@ -1,4 +1,5 @@
-"""The request transformations of P/D disaggregation with vLLM's NixlConnector (pure).
+"""The request transformations of P/D disaggregation with vLLM's NixlConnector, and of the
+encoder stage of E/P/D (pure).
 
 The prefill leg is the client's request, non-streaming, capped to one token, with
 `kv_transfer_params` asking the prefill engine to keep the KV for a remote decode. The decode
@@ -17,6 +18,8 @@ Api = Literal["chat", "responses", "generate"]
 
 PREFILLER_HEADER = "x-prefiller-host-port"
 REQUEST_ID_HEADER = "x-request-id"
+ENCODER_HEADER = "x-encoder-hosts-ports"
+"""The encode pods the scheduler picked (E/P/D), comma-separated."""
 DP_HEADER = "x-data-parallel-host-port"
 """The rank the scheduler picked, when it sends a data-parallel pod's requests to rank 0."""
 ROUTES: dict[str, Api] = {
@@ -105,3 +108,43 @@ def cached_tokens(answer: dict[str, Any]) -> int:
     details = usage.get("prompt_tokens_details") if isinstance(usage, dict) else None
     value = details.get("cached_tokens") if isinstance(details, dict) else None
     return value if isinstance(value, int) and value >= 0 else 0
+
+
+MEDIA_TYPES = frozenset({"image_url", "audio_url", "video_url", "input_audio", "input_image"})
+"""Content parts an encoder turns into embeddings."""
+ENCODER_FIELDS = ("model", "mm_processor_kwargs", "media_io_kwargs")
+"""Client fields an encoder request keeps: the kwargs change the media's processing, and so
+the hash under which vLLM stores and looks up its encoder output."""
+ENCODER_PATHS: dict[Api, str] = {"chat": "/v1/chat/completions", "responses": "/v1/responses"}
+
+
+def media_items(doc: dict[str, Any], api: Api) -> list[dict[str, Any]]:
+    """Every multimodal content part of a chat's messages (or a Responses request's input
+    items), in order, repeats included (each is its own encoder item, as vLLM hashes it)."""
+    turns = doc.get("input") if api == "responses" else doc.get("messages")
+    if api not in ENCODER_PATHS or not isinstance(turns, list):
+        return []
+    out: list[dict[str, Any]] = []
+    for turn in turns:
+        content = turn.get("content") if isinstance(turn, dict) else None
+        if isinstance(content, list):
+            out.extend(
+                part
+                for part in content
+                if isinstance(part, dict) and part.get("type") in MEDIA_TYPES
+            )
+    return out
+
+
+def encoder_body(doc: dict[str, Any], part: dict[str, Any], api: Api) -> dict[str, Any]:
+    """One item's encoder request: the passthrough fields and one user turn holding only
+    `part`, capped to one output token (llm-d's priming request)."""
+    body = {k: doc[k] for k in ENCODER_FIELDS if k in doc}
+    turn = {"role": "user", "content": [part]}
+    if api == "responses":
+        body["input"] = [turn]
+        body["max_output_tokens"] = 1
+    else:
+        body["messages"] = [turn]
+        body["max_tokens"] = 1
+    return body

@@ -101,15 +101,33 @@ class SimFleetProcess:
         return cls(proc, engines, endpoints_file, log_path)
 
     @classmethod
-    def start_pd(cls, role: str, work: Path, profile: str = "h100-8b") -> SimFleetProcess:
+    def start_pd(
+        cls, role: str, work: Path, profile: str = "h100-8b", *, ec_consumer: bool = False
+    ) -> SimFleetProcess:
         """One engine with vLLM's NixlConnector in `role` (kv_producer for a prefill engine,
-        kv_consumer for a decode one, kv_both), its work files under `work/role`."""
+        kv_consumer for a decode one, kv_both), its work files under `work/role`; with
+        `ec_consumer`, it also reads encoder outputs that requests' ec_transfer_params name."""
         sub = work / role
         sub.mkdir(parents=True, exist_ok=True)
         transfer = {"kv_connector": "NixlConnector", "kv_role": role}
+        args = ["--kv-transfer-config", json.dumps(transfer)]
+        if ec_consumer:
+            ec = {"ec_connector": "ECExampleConnector", "ec_role": "ec_consumer"}
+            args += ["--ec-transfer-config", json.dumps(ec)]
+        return cls.start(count=1, block_size=16, profile=profile, work=sub, extra_args=args)
+
+    @classmethod
+    def start_encoders(
+        cls, work: Path, count: int = 1, profile: str = "h100-8b"
+    ) -> SimFleetProcess:
+        """`count` encode engines (an EC producer each: multimodal items answered with
+        ec_transfer_params), their work files under `work/encode`."""
+        sub = work / "encode"
+        sub.mkdir(parents=True, exist_ok=True)
+        ec = {"ec_connector": "ECExampleConnector", "ec_role": "ec_producer"}
         return cls.start(
-            count=1, block_size=16, profile=profile, work=sub,
-            extra_args=["--kv-transfer-config", json.dumps(transfer)],
+            count=count, block_size=16, profile=profile, work=sub,
+            extra_args=["--ec-transfer-config", json.dumps(ec)],
         )  # fmt: skip
 
     def stop(self) -> None:

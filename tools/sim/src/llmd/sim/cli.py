@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-transfer-config",
         help='JSON, e.g. {"kv_connector":"NixlConnector","kv_role":"kv_producer"}',
     )
+    g.add_argument(
+        "--ec-transfer-config",
+        help='JSON, e.g. {"ec_connector":"ECExampleConnector","ec_role":"ec_producer"}: an '
+        "encode pod (producer) answers multimodal items with ec_transfer_params; a consumer "
+        "skips encoding the items they name",
+    )
     for flag in IGNORED_VLLM_FLAGS:
         g.add_argument(flag, dest=f"_ignored{flag}", help=argparse.SUPPRESS)
     for flag in IGNORED_VLLM_SWITCHES:

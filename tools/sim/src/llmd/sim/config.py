@@ -56,6 +56,33 @@ class KVTransferConfig(StrictModel):
         return float(self.kv_connector_extra_config.get("kv_lease_duration", 30))
 
 
+class ECTransferConfig(StrictModel):
+    """vLLM's --ec-transfer-config (JSON): where encoder outputs go (E/P/D). A producer
+    (`ec_producer`, an encode pod) answers each multimodal item with `ec_transfer_params`; a
+    consumer (`ec_consumer`, a prefill or decode pod) skips encoding the items a request's
+    `ec_transfer_params` name."""
+
+    ec_connector: str | None = None
+    ec_role: Literal["ec_producer", "ec_consumer", "ec_both"] | None = None
+    engine_id: str | None = None
+    ec_buffer_device: str | None = None
+    ec_connector_extra_config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _role_required(self) -> ECTransferConfig:
+        if self.ec_connector is not None and self.ec_role is None:
+            raise ValueError("ec_role is required when ec_connector is set")
+        return self
+
+    @property
+    def produces(self) -> bool:
+        return self.ec_connector is not None and self.ec_role in ("ec_producer", "ec_both")
+
+    @property
+    def consumes(self) -> bool:
+        return self.ec_connector is not None and self.ec_role in ("ec_consumer", "ec_both")
+
+
 class LoraModule(StrictModel):
     """A LoRA adapter loaded at start (`--lora-modules name=path`)."""
 
@@ -108,6 +135,7 @@ class SimServerConfig(StrictModel):
     allow_runtime_lora_updating: bool = False
     kv_events_config: KVEventsConfig | None = None
     kv_transfer_config: KVTransferConfig | None = None
+    ec_transfer_config: ECTransferConfig | None = None
     side_channel_host: str = "127.0.0.1"
     side_channel_port: int = Field(default=5600, ge=0, le=65535)
     metrics_dialect: Literal["vllm", "sglang"] = "vllm"
@@ -122,7 +150,7 @@ class SimServerConfig(StrictModel):
     storage: StorageConfig | None = None
     """A shared filesystem KV tier (llmd-fs-offload) this engine mounts."""
 
-    @field_validator("kv_events_config", "kv_transfer_config", mode="before")
+    @field_validator("kv_events_config", "kv_transfer_config", "ec_transfer_config", mode="before")
     @classmethod
     def _json_text(cls, value: Any) -> Any:
         if isinstance(value, str):

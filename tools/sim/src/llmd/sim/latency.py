@@ -37,6 +37,9 @@ class LatencyProfile(StrictModel):
     kv_read_token_s: float = Field(default=0.0, ge=0)
     kv_transfer_setup_s: float = Field(default=0.0, ge=0)
     kv_transfer_token_s: float = Field(default=0.0, ge=0)
+    encode_item_s: float = Field(default=0.0, ge=0)
+    """The encoder's time for one multimodal item (an image through a ViT), run before the
+    request joins the batch, one item at a time per engine; 0: free."""
     default_num_gpu_blocks: int = Field(default=16384, gt=1)
     """KV capacity in blocks of 16 tokens when --num-gpu-blocks-override is not given."""
 
@@ -62,6 +65,8 @@ PROFILES: dict[str, LatencyProfile] = {
         kv_read_token_s=3.9e-8,
         kv_transfer_setup_s=0.001,
         kv_transfer_token_s=3.3e-6,
+        # a ~600M-parameter ViT on one image (576 patches): ~20 ms, an assumption for E/P/D
+        encode_item_s=0.02,
         default_num_gpu_blocks=19000,
     ),
     "h100-8b": LatencyProfile(
@@ -80,6 +85,8 @@ PROFILES: dict[str, LatencyProfile] = {
         kv_read_token_s=3.9e-8,
         kv_transfer_setup_s=0.001,
         kv_transfer_token_s=3.3e-6,
+        # a ~600M-parameter ViT on one image (576 patches): ~20 ms, an assumption for E/P/D
+        encode_item_s=0.02,
         default_num_gpu_blocks=25700,
     ),
     "cpu-tiny": LatencyProfile(

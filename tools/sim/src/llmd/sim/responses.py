@@ -60,6 +60,7 @@ def completion(
     usage_obj: dict[str, Any],
     fingerprint: str,
     kv_transfer_params: dict[str, Any] | None,
+    ec_transfer_params: dict[str, Any] | None = None,
 ) -> bytes:
     return _encode(
         {
@@ -85,7 +86,7 @@ def completion(
             "system_fingerprint": fingerprint,
             "usage": usage_obj,
             "kv_transfer_params": kv_transfer_params,
-            "ec_transfer_params": None,
+            "ec_transfer_params": ec_transfer_params,
             "metrics": None,
         }
     )
@@ -99,6 +100,7 @@ def chat_completion(
     usage_obj: dict[str, Any],
     fingerprint: str,
     kv_transfer_params: dict[str, Any] | None,
+    ec_transfer_params: dict[str, Any] | None = None,
 ) -> bytes:
     return _encode(
         {
@@ -133,7 +135,7 @@ def chat_completion(
             "prompt_token_ids": None,
             "prompt_text": None,
             "kv_transfer_params": kv_transfer_params,
-            "ec_transfer_params": None,
+            "ec_transfer_params": ec_transfer_params,
             "metrics": None,
         }
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import random
@@ -98,6 +99,13 @@ class SimServer:
         self.requests_seen = 0
         self.in_flight = 0
         self.crashed = False
+        self.ec = cfg.ec_transfer_config
+        self._encoder = asyncio.Lock()
+        """One multimodal item through the encoder at a time (it shares the accelerator)."""
+        self.mm_encoded = 0
+        self.mm_received = 0
+        """Multimodal items encoded here, and items whose encoder output came from elsewhere
+        (named by the request's ec_transfer_params)."""
         self.loras: dict[str, LoraAdapter] = {}
         self._next_lora_id = 1
         self._vocab = self.tokenizer.output_vocabulary()
@@ -552,6 +560,7 @@ class SimServer:
                 if self.publisher
                 else None,
                 "requests_seen": self.requests_seen,
+                "mm_items": {"encoded": self.mm_encoded, "received": self.mm_received},
                 "faults": self.faults.model_dump(),
             }
         )
@@ -626,6 +635,39 @@ class SimServer:
             out.append(ids)
         return out
 
+    async def _encode_media(
+        self, req: CompletionRequest | ChatCompletionRequest
+    ) -> dict[str, Any] | None:
+        """Run the encoder over the request's multimodal items, except those whose output a
+        consumer is told to read elsewhere (`ec_transfer_params`); on a producer, where each
+        encoded item can be read, by mm hash (what vLLM's EC connectors answer)."""
+        if not isinstance(req, ChatCompletionRequest):
+            return None
+        hashes = media_hashes(req)
+        if not hashes:
+            return None
+        given = req.ec_transfer_params or {}
+        consumer = self.ec is not None and self.ec.consumes
+        todo = [h for h in hashes if not (consumer and isinstance(given.get(h), dict))]
+        self.mm_received += len(hashes) - len(todo)
+        per_item = self.cfg.latency_profile().encode_item_s / self.cfg.speed
+        for _ in todo:
+            async with self._encoder:
+                if per_item:
+                    await asyncio.sleep(per_item)
+                self.mm_encoded += 1
+        if self.ec is None or not self.ec.produces:
+            return None
+        return {
+            h: {
+                "peer_host": self.cfg.host,
+                "peer_port": self.cfg.side_channel_port,
+                "size_bytes": MM_ITEM_BYTES,
+                "shape": [MM_ITEM_TOKENS, MM_HIDDEN],
+            }
+            for h in hashes
+        }
+
     def _max_tokens(self, req: CompletionRequest | ChatCompletionRequest, prompt_len: int) -> int:
         requested = req.output_limit() if isinstance(req, ChatCompletionRequest) else req.max_tokens
         if requested is None:
@@ -678,6 +720,7 @@ class SimServer:
                 return self._error(str(exc), exc.kind, exc.status, exc.param)
             except EngineError as exc:
                 return self._error(str(exc), exc.kind, exc.status)
+            ec_params = await self._encode_media(parsed)
             base = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{base}"
             do_remote_decode = (
@@ -714,7 +757,9 @@ class SimServer:
                 return await self._stream(
                     request, children, rid, created, model, chat, include_usage, len(prompts)
                 )
-            return await self._complete(children, rid, created, model, chat, len(prompts))
+            return await self._complete(
+                children, rid, created, model, chat, len(prompts), ec_params
+            )
         finally:
             self.in_flight -= 1
             for child in children:
@@ -759,6 +804,7 @@ class SimServer:
         model: str,
         chat: bool,
         n_prompts: int,
+        ec_params: dict[str, Any] | None = None,
     ) -> web.Response:
         waiter = asyncio.Event()
         for child in children:
@@ -775,7 +821,9 @@ class SimServer:
         usage_obj = self._usage(children, chat, False, n_prompts)
         kv_params = children[0].kv_transfer_params if len(children) == 1 else None
         build = responses.chat_completion if chat else responses.completion
-        body = build(rid, created, model, choices, usage_obj, self.fingerprint, kv_params)
+        body = build(
+            rid, created, model, choices, usage_obj, self.fingerprint, kv_params, ec_params
+        )
         return web.Response(body=body, content_type="application/json")
 
     async def _stream(
@@ -864,6 +912,26 @@ def _json_error_param(message: str) -> str:
     """FastAPI's `loc` for a JSON syntax error: body.<offset of the error>."""
     match = re.search(r"\((?:byte|char) (\d+)\)", message)
     return f"body.{match.group(1)}" if match else "body"
+
+
+MM_ITEM_TOKENS = 576
+MM_HIDDEN = 4096
+MM_ITEM_BYTES = MM_ITEM_TOKENS * MM_HIDDEN * 2
+"""An encoded image as the simulator describes it: 576 embeddings of width 4096 in bf16."""
+
+
+def media_hashes(req: ChatCompletionRequest) -> list[str]:
+    """One hash per multimodal content part, in order (repeats included): the part's type and
+    media reference, hashed (vLLM hashes the processed media; any stable digest serves)."""
+    out = []
+    for m in req.messages:
+        if isinstance(m.content, list):
+            for part in m.content:
+                media = part.media()
+                if media is not None:
+                    digest = hashlib.sha256(msgspec.json.encode([part.type, media]))
+                    out.append(digest.hexdigest()[:32])
+    return out
 
 
 def _content(value: object) -> str:

@@ -20,6 +20,15 @@ PreRequest it replaces any client-sent `x-prefiller-host-port` with the prefill 
 (`decode-only`, `prefill-decode`) and shows in `/debug/decisions`. The deprecated
 `pd-profile-handler` (llm-d v0.7-v0.9) is the same handler under its old name and parameters.
 
+E/P/D: with an `encode` profile (`encode-filter`: pods whose `llm-d.ai/role` is encode,
+encode-prefill or encode-prefill-decode) the handler runs it after `decode` when the encode
+decider says so (`deciders.encode`; `always-disagg-multimodal-decider`, the default: any chat
+request with image, audio or video parts), before the prefill decision. The encode picks go to
+the sidecar as `x-encoder-hosts-ports` (comma-separated); the sidecar sends each multimodal item
+to one of them and hands their `ec_transfer_params` on. An encode profile that finds no pod
+does not fail the request: the decode (or prefill) pod encodes itself, and the explanation says
+so. Decision types add `encode-decode` and `encode-prefill-decode`.
+
 `llmd-cost-pd-decider` (llmd's own) disaggregates only when it pays; see `CostDecider`.
 `llmd-cache-source-pd-decider` (llmd's own) moves cached KV instead of recomputing it: when the
 decode pick lacks a prefix another pod holds, that pod prefills (mostly from its cache) and the
@@ -83,6 +92,37 @@ class PDDecider(Plugin[Any]):
         """Ask the handler to use pod `e` for the prefill leg (the pod this decision costed)."""
         choice = request.state(CHOICE_STATE, PrefillChoice)
         choice.key, choice.name = e.key, e.endpoint.name
+
+
+class EncodeDecider(Plugin[Any]):
+    """Whether a request that has its decode pod should have its multimodal items encoded on
+    encode pods."""
+
+    def encode(self, request: LLMRequest, decode: ProfileResult) -> tuple[bool, str]:
+        """(encode remotely, why)."""
+        raise NotImplementedError
+
+
+class AlwaysDisaggMultimodal(EncodeDecider, Plugin[NoParams]):
+    """llm-d's multimodal decider: every chat request with image, audio or video parts."""
+
+    type_name = "always-disagg-multimodal-decider"
+
+    def encode(self, request: LLMRequest, decode: ProfileResult) -> tuple[bool, str]:
+        n = request.media_items
+        return (True, f"{n} multimodal item(s)") if n else (False, "no multimodal items")
+
+
+@dataclass
+class DisaggStages:
+    """Which stage decisions this scheduling run has made (the handler is called once per
+    stage)."""
+
+    encode: bool = False
+    prefill: bool = False
+
+
+STAGES_STATE = "disagg-stages"
 
 
 class AlwaysDisagg(PDDecider, Plugin[NoParams]):
@@ -338,11 +378,13 @@ class CacheSourceDecider(PDDecider, Plugin[CacheSourceParams]):
 
 class Deciders(PluginParams):
     prefill: str = ""
+    encode: str = ""
 
 
 class Profiles(PluginParams):
     decode: str = "decode"
     prefill: str = "prefill"
+    encode: str = "encode"
 
 
 class DisaggParams(PluginParams):
@@ -370,6 +412,12 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         self.prefill = params.prefill_profile or params.profiles.prefill
         self.decider_name = params.decider_plugin_name or params.deciders.prefill
         self.decider: PDDecider = AlwaysDisagg("always", NoParams(), handle)
+        self.encode = params.profiles.encode
+        self.encode_decider: EncodeDecider = AlwaysDisaggMultimodal(
+            "multimodal", NoParams(), handle
+        )
+        self.with_encode = False
+        self.with_prefill = True
         self.decisions: list[Counter] = []
         # model names come from clients: a bounded label set, as llm-d caps them
         self.model_label = LabelBudget("disagg_model_name", max_sets=MAX_MODEL_LABELS)
@@ -391,7 +439,15 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
     def bind(self, plugins: Mapping[str, Plugin[Any]], profiles: Sequence[str]) -> list[str]:
         """Resolve the decider and check the profiles; problems as messages."""
         problems = []
-        for role, profile in (("decode", self.decode), ("prefill", self.prefill)):
+        self.with_encode = self.encode in profiles
+        # E/PD (encode and decode pods only) needs no prefill profile; P/D does
+        self.with_prefill = self.prefill in profiles or not self.with_encode
+        needed = [("decode", self.decode)]
+        if self.with_prefill:
+            needed.append(("prefill", self.prefill))
+        if self.params.deciders.encode:
+            needed.append(("encode", self.encode))
+        for role, profile in needed:
             if profile not in profiles:
                 problems.append(f"no scheduling profile named {profile!r} (the {role} profile)")
         if self.decider_name:
@@ -400,6 +456,15 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
                 problems.append(f"deciders.prefill: {self.decider_name!r} is not a P/D decider")
             else:
                 self.decider = found
+        if self.params.deciders.encode:
+            named = plugins.get(self.params.deciders.encode)
+            if not isinstance(named, EncodeDecider):
+                problems.append(
+                    f"deciders.encode: {self.params.deciders.encode!r} is not an encode decider "
+                    "(always-disagg-multimodal-decider)"
+                )
+            else:
+                self.encode_decider = named
         return problems
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
@@ -407,7 +472,8 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         self.decisions = [
             Counter(
                 name,
-                "P/D decisions by type (decode-only, prefill-decode)",
+                "Disaggregation decisions by type (decode-only, prefill-decode, encode-decode, "
+                "encode-prefill-decode)",
                 labels,
                 registry=registry,
             )
@@ -417,16 +483,25 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
     def pick_profiles(
         self, request: LLMRequest, profiles: Sequence[str], results: dict[str, ProfileResult | None]
     ) -> list[str]:
+        stages = request.state(STAGES_STATE, DisaggStages)
         if not results:
+            stages.encode = stages.prefill = False
             return [self.decode]
-        if self.prefill in results:
-            return []
         decode = results.get(self.decode)
         if decode is None or not decode.targets:
             return []
-        yes, why = self.decider.disaggregate(request, decode)
-        decode.explain["pd"] = {"reason": why}
-        return [self.prefill] if yes else []
+        if self.with_encode and not stages.encode:
+            stages.encode = True
+            yes, why = self.encode_decider.encode(request, decode)
+            decode.explain["encode"] = {"reason": why}
+            if yes:
+                return [self.encode]
+        if self.with_prefill and not stages.prefill:
+            stages.prefill = True
+            yes, why = self.decider.disaggregate(request, decode)
+            decode.explain["pd"] = {"reason": why}
+            return [self.prefill] if yes else []
+        return []
 
     def process_results(
         self, request: LLMRequest, results: dict[str, ProfileResult | None]
@@ -436,13 +511,23 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
             raise SchedulingError(
                 503, "failed to find available decode workers", hdr.DROPPED_NO_ENDPOINTS
             )
-        prefill = results.get(self.prefill)
+        prefill = results.get(self.prefill) if self.with_prefill else None
         picked = {self.decode: decode}
         kind = "decode-only"
         if prefill is not None and prefill.targets:
             self._take_named_pod(request, prefill)
             picked[self.prefill] = prefill
             kind = "prefill-decode"
+        if self.with_encode and self.encode in results:
+            encode = results[self.encode]
+            if encode is not None and encode.targets:
+                picked[self.encode] = encode
+                kind = "encode-decode" if kind == "decode-only" else "encode-prefill-decode"
+            else:
+                where = "prefill" if kind == "prefill-decode" else "decode"
+                decode.explain["encode"]["outcome"] = (
+                    f"no encode pod passed the encode profile: the {where} pod encodes itself"
+                )
         decode.explain.setdefault("pd", {"reason": "no decision"})["decision"] = kind
         (model,) = self.model_label(request.target_model or request.model)
         for counter in self.decisions:
@@ -470,7 +555,10 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         prefill.explain["pd"] = {"source": f"{choice.name}, as the decider costed"}
 
     def pre_request(self, request: LLMRequest, result: SchedulingResult) -> Mapping[str, str]:
-        headers = rank_header(result)
+        headers = dict(rank_header(result))
+        encode = result.profiles.get(self.encode) if self.with_encode else None
+        if encode is not None and encode.targets:
+            headers[hdr.ENCODER_HOSTS_PORTS] = ",".join(_host_port(t) for t in encode.targets)
         prefill = result.profiles.get(self.prefill)
         if prefill is None or not prefill.targets:
             return headers
@@ -480,9 +568,14 @@ class DisaggProfileHandler(ProfileHandler[DisaggParams], PreRequest[DisaggParams
         # decider read it), so that back-to-back decisions see the queue they build.
         tokens = uncached_tokens(request, prefix_matches(request), target.key)
         target.note_pick(tokens, self.handle.clock())
-        ep = target.endpoint
-        host = f"[{ep.address}]" if ":" in ep.address else ep.address
-        return {**headers, hdr.PREFILLER_HOST_PORT: f"{host}:{ep.port}"}
+        return {**headers, hdr.PREFILLER_HOST_PORT: _host_port(target)}
+
+
+def _host_port(target: Any) -> str:
+    """`address:port` of an endpoint, an IPv6 address in brackets."""
+    ep = target.endpoint
+    host = f"[{ep.address}]" if ":" in ep.address else ep.address
+    return f"{host}:{ep.port}"
 
 
 class PDProfileHandler(DisaggProfileHandler):
@@ -504,6 +597,7 @@ class DisaggHeadersHandler(PrefillHeaderHandler):
 
 DISAGG_PLUGINS = (
     AlwaysDisagg,
+    AlwaysDisaggMultimodal,
     PrefixBasedDecider,
     CostDecider,
     CacheSourceDecider,
