@@ -204,3 +204,4 @@ async def test_without_an_ec_connector_the_encoder_header_is_ignored(
     assert r.status_code == 200, r.text
     assert await mm(engines.encoders[0]) == before
     assert metric(app, "llmd_sidecar_requests_total", mode="decode-only", outcome="2xx") == 1
+    assert metric(app, "llmd_sidecar_encoder_header_ignored_total") == 1

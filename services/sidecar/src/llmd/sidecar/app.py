@@ -264,6 +264,11 @@ class SidecarMetrics:
             ["outcome"],
             registry=registry,
         )
+        self.encoders_ignored = Counter(
+            "llmd_sidecar_encoder_header_ignored_total",
+            "Requests naming encoders that this sidecar, without --ec-connector, did not use",
+            registry=registry,
+        )
         self.encoders_refused = Counter(
             "llmd_sidecar_ssrf_refused_encoders_total",
             "Encode hosts dropped by SSRF protection",
@@ -319,6 +324,7 @@ class SidecarApp:
         self.encoder_scheme = "https" if "encoder" in config.enable_tls else "http"
         self.verify_encoder = "encoder" not in config.tls_insecure_skip_verify
         self.encode_timeout = aiohttp.ClientTimeout(total=config.encode_timeout)
+        self._warned_ignored = False
         self.static_allowed = {h.strip().strip("[]") for h in config.allowed_prefill_hosts}
         self.allowed = set(self.static_allowed)
         self._servers: list[Any] = []
@@ -394,8 +400,20 @@ class SidecarApp:
         """The encode hosts of x-encoder-hosts-ports (none without an EC connector); with SSRF
         protection, those outside the allowlist are dropped, as llm-d does."""
         hosts = prefill_targets(request.headers.getlist(ENCODER_HEADER))
-        if not self.config.ec_connector or not self.config.enable_ssrf_protection:
-            return hosts if self.config.ec_connector else []
+        if hosts and not self.config.ec_connector:
+            # the scheduler has an encode profile, this sidecar no encoder stage: say so
+            if not self._warned_ignored:
+                self._warned_ignored = True
+                log.warning(
+                    "%s names encoders but --ec-connector is not set: the decode engine "
+                    "encodes the request's media itself (counted in "
+                    "llmd_sidecar_encoder_header_ignored_total; logged once)",
+                    ENCODER_HEADER,
+                )
+            self.metrics.encoders_ignored.inc()
+            return []
+        if not self.config.enable_ssrf_protection:
+            return hosts
         kept = [h for h in hosts if target_host(h) in self.allowed]
         if len(kept) < len(hosts):
             self.metrics.encoders_refused.inc(len(hosts) - len(kept))
