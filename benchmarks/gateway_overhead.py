@@ -4,10 +4,12 @@ Targets, each in front of the same simulated engines (llmd-sim, profile `instant
 --profile): `direct` (the client round-robins over the engines itself: the baseline), `envoy-rr`
 (Envoy alone, round-robin), `llmd-lean` (Envoy + llmd-scheduler, the generated lean path:
 request body buffered once, responses never through the scheduler), `llmd-full` (the same with
-llm-d's full-duplex ext_proc shape: every response chunk through the scheduler), and the peers
-`sglang-cache-aware` and `vllm-router` when their virtualenvs can be made. `noop-extproc`
-is Envoy's lean path in front of a do-nothing Python grpc.aio ext_proc server
-(`noop_extproc.py`): the floor under any scheduler written on grpc.aio.
+llm-d's full-duplex ext_proc shape: every response chunk through the scheduler), `llmd-authz`
+(the lean path with Envoy asking the scheduler through ext_authz's HTTP check instead of
+ext_proc), and the peers `sglang-cache-aware` and `vllm-router` when their virtualenvs can be
+made. `noop-extproc` is Envoy's lean path in front of a do-nothing Python grpc.aio ext_proc
+server (`noop_extproc.py`): the floor under any scheduler written on grpc.aio; `noop-authz` is
+the same for an ext_authz HTTP check server (`noop_authz.py`).
 
 Workload: streamed chat completions whose system prompts (~`--prompt-words` words) come from
 16 groups, a short distinct user turn, `--output-tokens` tokens, `--concurrency` in flight,
@@ -67,8 +69,10 @@ ALL_TARGETS = (
     "direct",
     "envoy-rr",
     "noop-extproc",
+    "noop-authz",
     "llmd-lean",
     "llmd-full",
+    "llmd-authz",
     "sglang-cache-aware",
     "vllm-router",
 )
@@ -302,13 +306,35 @@ def started(
             envoy.stop()
             server.kill()
             server.wait(timeout=10)
-    elif name in ("llmd-lean", "llmd-full"):
-        path = "lean" if name == "llmd-lean" else "full"
+    elif name == "noop-authz":
+        port = free_port()
+        dests = ",".join(f"{a}:{p}" for a, p in endpoints)
+        server = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "noop_authz.py"), str(port), dests]
+        )
+        envoy = EnvoyProcess(
+            EnvoySettings(listen_port=free_port(), admin_port=free_port(), extauthz_port=port,
+                          extproc_port=free_port(), scheduler_api="ext_authz",
+                          listen_address="127.0.0.1", feedback=False),
+            work / name,
+        )  # fmt: skip
+        try:
+            time.sleep(1.0)
+            envoy.start()
+            assert envoy.proc is not None
+            yield Target(name, envoy.url, {"noop": [server.pid], "envoy": [envoy.proc.pid]})
+        finally:
+            envoy.stop()
+            server.kill()
+            server.wait(timeout=10)
+    elif name in ("llmd-lean", "llmd-full", "llmd-authz"):
+        path = "full" if name == "llmd-full" else "lean"
         gw = Gateway.start(
             fleet.endpoints_file,
             work / name,
             envoy_overrides={"response_path": path},
             scheduler_args=scheduler_args,
+            scheduler_api="ext_authz" if name == "llmd-authz" else "ext_proc",
         )
         try:
             assert gw.envoy.proc is not None

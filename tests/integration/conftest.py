@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -64,6 +64,7 @@ def start_stack(
     config: str | None = TEST_CONFIG,
     fail_open: bool = False,
     envoy: dict[str, Any] | None = None,
+    scheduler_api: Literal["ext_proc", "ext_authz"] = "ext_proc",
 ) -> Stack:
     fleet = SimFleetProcess.start(
         count=count, block_size=16, profile="h100-8b", work=work, extra_args=sim_args
@@ -79,6 +80,7 @@ def start_stack(
             config_file=config_file,
             fail_open=fail_open,
             envoy_overrides=envoy,
+            scheduler_api=scheduler_api,
         )
     except Exception:
         fleet.stop()

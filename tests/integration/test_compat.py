@@ -92,8 +92,10 @@ class Stack:
         return next(k for k, e in self.endpoints().items() if e["name"] == name)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=["ext_proc", "ext_authz"])
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("compat")
     fleet = SimFleetProcess.start(
         count=3,
@@ -123,6 +125,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 "--inference-objectives-file",
                 str(objectives),
             ],
+            scheduler_api=request.param,
         )
     except Exception:
         fleet.stop()

@@ -67,8 +67,10 @@ class Stack:
             httpx.post(e.url + "/sim/faults", json=faults, timeout=5).raise_for_status()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+@pytest.fixture(scope="module", params=["ext_proc", "ext_authz"])
+def stack(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("flow")
     fleet = SimFleetProcess.start(
         count=2, block_size=16, profile="h100-8b", work=work, extra_args=["--max-num-seqs", "1"]
@@ -83,6 +85,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             work / "gateway",
             config_file=config,
             scheduler_args=["--inference-objectives-file", str(objectives)],
+            scheduler_api=request.param,
         )
     except Exception:
         fleet.stop()

@@ -1,6 +1,7 @@
-"""The gateway's two shapes on real Envoy, llmd-scheduler and llmd-sim: the lean path (request
+"""The gateway's shapes on real Envoy, llmd-scheduler and llmd-sim: the lean path (request
 body buffered once, responses never through the scheduler, usage and timings from Envoy's access
-log) and llm-d's full-duplex path. Both must serve the same bytes and record the same facts."""
+log), the same with Envoy asking through ext_authz's HTTP check instead of ext_proc (`authz`),
+and llm-d's full-duplex path. All must serve the same bytes and record the same facts."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
@@ -19,13 +21,15 @@ pytestmark = pytest.mark.integration
 PROMPT = "the lean path carries this prompt " * 8
 
 
-@pytest.fixture(scope="module", params=["lean", "full"])
+@pytest.fixture(scope="module", params=["lean", "full", "authz"])
 def stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
+    authz = request.param == "authz"
     s = start_stack(
         tmp_path_factory.mktemp(request.param), count=2, config=None,
-        envoy={"response_path": request.param},
+        envoy={"response_path": "full" if request.param == "full" else "lean"},
+        scheduler_api="ext_authz" if authz else "ext_proc",
     )  # fmt: skip
     yield s
     s.stop()
@@ -68,10 +72,19 @@ def test_usage_and_time_to_first_byte_are_recorded(stack: Stack) -> None:
     assert state["inflight"] == 0
 
 
+def authz(stack: Stack) -> bool:
+    return stack.gateway.envoy.settings.scheduler_api == "ext_authz"
+
+
 def test_a_rewritten_model_name_is_given_back_in_the_response(stack: Stack) -> None:
     headers = {"x-llm-d-model-name-rewrite": "tiny"}
     body = {"model": "public-name", "prompt": PROMPT, "max_tokens": 3}
     r = httpx.post(stack.url + "/v1/completions", json=body, headers=headers, timeout=30)
+    if authz(stack):  # ext_authz cannot rewrite the body: refused, never sent unrewritten
+        assert r.status_code == 500, r.text
+        assert "ext_authz" in r.json()["error"]["message"]
+        assert stack.gateway.scheduler.get_json("/debug/plugins/state")["inflight"] == 0
+        return
     assert r.status_code == 200, r.text
     assert r.json()["model"] == "public-name"  # the engine answered for "tiny"
     with httpx.stream("POST", stack.url + "/v1/completions", headers=headers, timeout=30,
@@ -105,13 +118,27 @@ def test_every_lean_request_got_its_report(stack: Stack) -> None:
     missing = metric(stack, 'llmd_gateway_feedback_total{outcome="missing"')
     if stack.gateway.envoy.settings.response_path == "full":
         assert observed + early == 0  # the full path reads responses itself
-    else:
-        assert observed + early >= 5
+    else:  # the ext_authz run's rewrite is refused before routing
+        assert observed + early >= (3 if authz(stack) else 5)
     assert missing == 0
 
 
-def test_a_body_over_the_gateway_limit_is_refused_with_json(tmp_path: Path) -> None:
-    s = start_stack(tmp_path, count=1, config=None, envoy={"max_request_body_bytes": 200_000})
+def test_a_rejection_reaches_the_client_as_the_scheduler_wrote_it(stack: Stack) -> None:
+    r = httpx.post(stack.url + "/v1/completions", content=b'{"model": "tiny", "prompt": ',
+                   headers={"content-type": "application/json"}, timeout=30)  # fmt: skip
+    assert r.status_code == 400
+    assert r.headers["content-type"] == "application/json"
+    error = r.json()["error"]
+    assert error["type"] == "BadRequestError"
+    assert "JSON" in error["message"]  # the scheduler's own message, not re-wrapped by Envoy
+
+
+@pytest.mark.parametrize("api", ["ext_proc", "ext_authz"])
+def test_a_body_over_the_gateway_limit_is_refused_with_json(
+    tmp_path: Path, api: Literal["ext_proc", "ext_authz"]
+) -> None:
+    s = start_stack(tmp_path, count=1, config=None, envoy={"max_request_body_bytes": 200_000},
+                    scheduler_api=api)  # fmt: skip
     try:
         big = {"model": "tiny", "prompt": "x" * 300_000, "max_tokens": 1}
         r = httpx.post(s.url + "/v1/completions", json=big, timeout=30)

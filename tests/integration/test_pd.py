@@ -54,8 +54,8 @@ class Stack:
     sidecar: SidecarApp
 
 
-@pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+@pytest.fixture(params=["ext_proc", "ext_authz"])
+async def stack(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Stack]:
     prefill = await asyncio.to_thread(SimFleetProcess.start_pd, "kv_producer", tmp_path)
     decode = await asyncio.to_thread(SimFleetProcess.start_pd, "kv_consumer", tmp_path)
     decode_port = int(decode.engines[0].url.rsplit(":", 1)[1])
@@ -75,7 +75,9 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     ]}))  # fmt: skip
     config = tmp_path / "pd.yaml"
     config.write_text(CONFIG)
-    gateway = await asyncio.to_thread(Gateway.start, endpoints, tmp_path / "gw", config_file=config)
+    gateway = await asyncio.to_thread(
+        Gateway.start, endpoints, tmp_path / "gw", config_file=config, scheduler_api=request.param
+    )
     try:
         yield Stack(gateway, prefill.engines[0].url, decode.engines[0].url, sidecar)
     finally:

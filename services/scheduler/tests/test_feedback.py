@@ -133,3 +133,66 @@ def test_access_log_entries_are_read() -> None:
     parsed = parse_entry(bad)
     assert parsed is not None
     assert parsed[1].usage is None
+
+
+# --- the ext_authz path: no stream end, the access-log entry releases the request ----------
+
+
+def test_a_dispatched_request_stays_in_flight_until_its_entry_arrives() -> None:
+    d, _, _ = make_director()
+    book = FeedbackBook(d)
+    dec = routed(d, book)
+    book.dispatched(dec)
+    assert d.inflight == 1
+    assert book.open == 1
+    assert dec.request.body == b""  # what waits stays small
+    book.report(dec.token, GatewayReport(200, "natural", 0.02, None))
+    assert dec.completed
+    assert d.inflight == 0
+    assert book.open == 0
+    book.report(dec.token, OK)  # a duplicate changes nothing
+    assert d.inflight == 0
+
+
+def test_a_dispatched_request_with_no_entry_is_released_after_max_open() -> None:
+    d, _, _ = make_director()
+    book = FeedbackBook(d, max_open_s=60.0)
+    dec = routed(d, book)
+    book.dispatched(dec)
+    start = dec.request.received_at
+    book.sweep(now=start + 30.0)
+    assert d.inflight == 1
+    book.sweep(now=start + 3600.0)
+    assert d.inflight == 0
+    assert dec.completed
+    assert book.open == 0
+
+
+def test_dispatched_requests_are_bounded_and_flushed() -> None:
+    d, _, _ = make_director()
+    book = FeedbackBook(d, max_waiting=2)
+    decisions = [routed(d, book, f"open {i}") for i in range(3)]
+    for dec in decisions:
+        book.dispatched(dec)
+    assert book.open == 2
+    assert decisions[0].completed
+    assert d.inflight == 2
+    book.flush()
+    assert d.inflight == 0
+    assert all(dec.completed for dec in decisions)
+
+
+def test_an_ext_authz_entry_carries_its_token_in_the_filter_namespace() -> None:
+    entry = _entry({"first_us": "1000620000", "prompt_tokens": "9", "completion_tokens": "2"})
+    authz = struct_pb2.Struct()
+    authz.update({"x-llmd-pick": "cd-7"})
+    entry.common_properties.metadata.filter_metadata["envoy.filters.http.ext_authz"].CopyFrom(authz)
+    token, report = parse_entry(entry) or ("", OK)
+    assert token == "cd-7"
+    assert report.usage is not None
+    assert report.usage.completion_tokens == 2
+    bare = accesslog_pb2.HTTPAccessLogEntry()
+    bare.common_properties.metadata.filter_metadata["envoy.filters.http.ext_authz"].CopyFrom(authz)
+    token, report = parse_entry(bare) or ("", OK)
+    assert token == "cd-7"  # no Lua metadata (no body): still the request's entry
+    assert report.usage is None

@@ -127,3 +127,34 @@ def test_tls_dir_is_read_as_documented(tmp_path: Path) -> None:
     }
     with pytest.raises(ValueError, match="need extproc_tls_ca"):
         envoy_config(EnvoySettings(extproc_tls_client_cert="x", extproc_tls_client_key="y"))
+
+
+def test_the_ext_authz_gateway_shape() -> None:
+    cfg = envoy_config(EnvoySettings(scheduler_api="ext_authz", extauthz_port=9555))
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = [f["name"] for f in hcm["typed_config"]["http_filters"]]
+    # the Lua filter sits before ext_authz so that the check's rejections pass through it
+    assert filters == [
+        "envoy.filters.http.lua",
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.router",
+    ]
+    authz = hcm["typed_config"]["http_filters"][1]["typed_config"]
+    assert authz["http_service"]["path_prefix"] == "/llmd/check"
+    assert authz["with_request_body"]["allow_partial_message"] is False
+    upstream = {p["exact"] for p in authz["http_service"]["authorization_response"][
+        "allowed_upstream_headers"]["patterns"]}  # fmt: skip
+    assert "x-gateway-destination-endpoint" in upstream
+    assert "x-prefiller-host-port" in upstream
+    log = hcm["typed_config"]["access_log"][0]["filter"]["metadata_filter"]["matcher"]
+    assert (log["filter"], log["path"]) == (
+        "envoy.filters.http.ext_authz",
+        [{"key": "x-llmd-pick"}],
+    )
+    cluster = next(c for c in cfg["static_resources"]["clusters"]
+                   if c["name"] == "llmd_scheduler_http")  # fmt: skip
+    assert cluster["health_checks"][0]["http_health_check"] == {"path": "/llmd/health"}
+    with pytest.raises(ValueError, match="needs response_path lean"):
+        envoy_config(EnvoySettings(scheduler_api="ext_authz", response_path="full"))
+    with pytest.raises(ValueError, match="no TLS"):
+        envoy_config(EnvoySettings(scheduler_api="ext_authz", extproc_tls_ca="ca.pem"))

@@ -3,6 +3,7 @@
 discovery (static file | Kubernetes) -> Datastore (collectors) -> Director (plugins)
 gRPC :9002  ExternalProcessor + Health      (Envoy talks here; TLS with --secure-serving)
 gRPC :9003  Health only                     (probes)
+HTTP --extauthz-port  Envoy ext_authz checks (off by default; see extauthz.py)
 HTTP :9090  /metrics /healthz /readyz
 HTTP debug  /debug/decisions /debug/explain /debug/plugins/state /debug/hot-prompts: off
             unless --debug-port, on 127.0.0.1 unless --debug-host, behind --debug-token when
@@ -54,6 +55,7 @@ from llmd.runtime.service import ServiceConfig
 from llmd.runtime.tls import TLSServing
 from llmd.scheduler.config import load_config_file
 from llmd.scheduler.core import SchedulerCore, build_core
+from llmd.scheduler.extauthz import CheckServer
 from llmd.scheduler.extproc import ExternalProcessor, HealthService
 from llmd.scheduler.feedback import AccessLogService, FeedbackBook
 from llmd.scheduler.framework import SchedulingError
@@ -86,6 +88,14 @@ class SchedulerConfig(ServiceConfig, TLSServing):
     pool_namespace: str = Field(default="default", description="namespace of the pods")
     pool_name: str = Field(default="llmd", description="pool name in metric labels")
     grpc_port: int = Field(default=9002, ge=0, lt=65536, description="ext_proc gRPC port")
+    extauthz_port: int = Field(
+        default=0,
+        ge=0,
+        lt=65536,
+        description="HTTP port answering Envoy's ext_authz filter (http_service, path prefix "
+        "/llmd/check, health /llmd/health): a cheaper gateway path than ext_proc for pools "
+        "without model rewrites; 0 = off",
+    )
     grpc_health_port: int = Field(
         default=9003,
         ge=0,
@@ -266,6 +276,12 @@ class SchedulerApp:
             self.director, self.built.settings.max_body_bytes, self.feedback
         )
         self.access_log = AccessLogService(self.feedback)
+        self.checks = CheckServer(
+            self.director,
+            self.feedback,
+            lambda: self.datastore.synced.is_set(),
+            self.built.settings.max_body_bytes,
+        )
         self._servers: list[grpc.aio.Server] = []
         self._http: list[QuietHttpServer] = []
         self._http_tasks: list[asyncio.Task[None]] = []
@@ -470,6 +486,16 @@ class SchedulerApp:
         grpc_listen(main, f"{o.host}:{o.grpc_port}", credentials)
         await main.start()
         self._servers.append(main)
+        if o.extauthz_port:
+            await self.checks.start(o.host, o.extauthz_port)
+            flow = self.director.flow
+            if flow is not None and flow.eviction:
+                log.warning(
+                    "flowControl.enableEviction is on, but requests routed through the "
+                    "ext_authz port (:%d) cannot be evicted once dispatched (no stream to end); "
+                    "only ext_proc requests can",
+                    o.extauthz_port,
+                )
         if o.grpc_health_port and o.grpc_health_port != o.grpc_port:
             # plaintext: it answers only grpc.health.v1, and kubelet's gRPC probes speak no TLS
             hs = grpc.aio.server()
@@ -486,10 +512,11 @@ class SchedulerApp:
             self._http.append(server)
             self._http_tasks.append(task)
         log.info(
-            "llmd-scheduler serving ext_proc on :%d (%s; health :%d, metrics :%d, debug %s) "
-            "with %s",
+            "llmd-scheduler serving ext_proc on :%d (%s; ext_authz %s, health :%d, metrics :%d, "
+            "debug %s) with %s",
             o.grpc_port,
             "TLS" if credentials is not None else "plaintext",
+            f":{o.extauthz_port}" if o.extauthz_port else "off",
             o.grpc_health_port,
             o.metrics_port,
             f"{o.debug_host}:{o.debug_port}" if o.debug_port else "off",
@@ -502,6 +529,7 @@ class SchedulerApp:
             return
         self._started = False
         self.grpc_health.draining = True
+        self.checks.draining = True
         self.health.draining = True
         deadline = time.monotonic() + self.config.drain_timeout
         while self.director.inflight > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
@@ -511,6 +539,7 @@ class SchedulerApp:
         settle = min(deadline, time.monotonic() + 1.0)  # the access log's last entries
         while self.feedback.waiting and time.monotonic() < settle:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+        await self.checks.stop()
         for server in self._servers:
             await server.stop(grace=1.0)
         await self.feedback.stop()

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 NAMESPACE = "llmd"
 """The dynamic-metadata namespace the scheduler and the Lua filter write."""
 TOKEN_KEY = "pick"
+AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+"""Where Envoy's ext_authz filter puts the check answer's metadata headers."""
+AUTHZ_TOKEN_KEY = "x-llmd-pick"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,10 +65,21 @@ class FeedbackBook:
     """Ended requests waiting for their access-log entry, and entries waiting for their
     request's stream to end; both bounded by `max_waiting` and `timeout_s`."""
 
-    def __init__(self, director: Director, timeout_s: float = 10.0, max_waiting: int = 65_536):
+    def __init__(
+        self,
+        director: Director,
+        timeout_s: float = 10.0,
+        max_waiting: int = 65_536,
+        max_open_s: float = 3600.0,
+    ):
         self.director = director
         self.timeout_s = timeout_s
         self.max_waiting = max_waiting
+        self.max_open_s = max_open_s
+        """ext_authz path: how long a dispatched request may stay in flight with no access-log
+        entry (the gateway's longest request: Envoy's max stream duration) before it is
+        released and counted as missing."""
+        self._open: OrderedDict[str, tuple[float, Decision]] = OrderedDict()
         self._nonce = os.urandom(8).hex()
         self._ids = itertools.count(1)
         self._waiting: OrderedDict[str, tuple[float, Decision]] = OrderedDict()
@@ -110,7 +124,32 @@ class FeedbackBook:
             self.director.complete(old, "unobserved")
         self._gauge.set(len(self._waiting))
 
+    def dispatched(self, decision: Decision) -> None:
+        """ext_authz path: the request was routed and nothing will say when its stream ends but
+        its access-log entry; it stays in flight until that arrives (or `max_open_s`)."""
+        decision.request.body = b""
+        early = self._early.pop(decision.token, None)
+        if early is not None:
+            self._counts["early"].inc()
+            self._apply(decision, early[1])
+            return
+        self._open[decision.token] = (time.monotonic() + self.max_open_s, decision)
+        while len(self._open) > self.max_waiting:
+            _, (_, old) = self._open.popitem(last=False)
+            self._counts["evicted"].inc()
+            self.director.complete(old, "unobserved")
+
+    @property
+    def open(self) -> int:
+        """ext_authz path: requests in flight waiting for their access-log entry."""
+        return len(self._open)
+
     def report(self, token: str, report: GatewayReport) -> None:
+        opened = self._open.pop(token, None)
+        if opened is not None:
+            self._counts["observed"].inc()
+            self._apply(opened[1], report)
+            return
         item = self._waiting.pop(token, None)
         if item is None:
             if token.startswith(self._nonce):  # its stream has not ended yet
@@ -150,13 +189,21 @@ class FeedbackBook:
             if deadline > now:
                 break
             del self._early[token]
+        while self._open:
+            token, (deadline, decision) = next(iter(self._open.items()))
+            if deadline > now:
+                break
+            del self._open[token]
+            self._counts["missing"].inc()
+            self.director.complete(decision, "unobserved")
         self._gauge.set(len(self._waiting))
 
     def flush(self) -> None:
         """Complete everything still waiting (shutdown): nothing stays accounted."""
-        for _, decision in list(self._waiting.values()):
+        for _, decision in [*self._waiting.values(), *self._open.values()]:
             self.director.complete(decision, "unobserved")
         self._waiting.clear()
+        self._open.clear()
         self._early.clear()
         self._gauge.set(0)
 
@@ -215,13 +262,15 @@ def _cause(entry: accesslog_pb2.HTTPAccessLogEntry, status: int) -> str:
 def parse_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, GatewayReport] | None:
     """The token and the report in one access-log entry (None: not a request we routed)."""
     common = entry.common_properties
-    meta = common.metadata.filter_metadata.get(NAMESPACE)
-    if meta is None:
-        return None
-    token_value = meta.fields.get(TOKEN_KEY)
+    namespaces = common.metadata.filter_metadata
+    meta = namespaces.get(NAMESPACE)
+    token_value = meta.fields.get(TOKEN_KEY) if meta is not None else None
+    if token_value is None:
+        authz = namespaces.get(AUTHZ_NAMESPACE)
+        token_value = authz.fields.get(AUTHZ_TOKEN_KEY) if authz is not None else None
     if token_value is None or not token_value.string_value:
         return None
-    fields = meta.fields
+    fields = meta.fields if meta is not None else {}
     status = entry.response.response_code.value
     ttft_s = None
     first_us = _number(fields, "first_us")

@@ -257,6 +257,7 @@ def start_gateway(args: argparse.Namespace, endpoints_file: Path, work: Path) ->
             scheduler_grpc_port=args.scheduler_grpc_port,
             scheduler_metrics_port=args.scheduler_metrics_port,
             tls=gateway_tls(Path(args.tls_dir)) if args.tls_dir else None,
+            scheduler_api=args.scheduler_api,
         )
     except (GatewayStartError, EnvoyStartError, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -299,6 +300,8 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         extproc_host=args.scheduler_host,
         extproc_port=args.scheduler_port,
         fail_open=args.fail_open,
+        scheduler_api=args.scheduler_api,
+        extauthz_port=args.scheduler_extauthz_port,
     )
     sys.stdout.write(yaml.safe_dump(envoy_config(settings), sort_keys=False))
     return 0
@@ -385,6 +388,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="EndpointPickerConfig YAML for the scheduler (default: built-in)",
     )
     up.add_argument(
+        "--scheduler-api",
+        choices=["ext_proc", "ext_authz"],
+        default="ext_proc",
+        help="how Envoy asks the scheduler: ext_proc (gRPC, llm-d's contract; default) or "
+        "ext_authz (an HTTP check per request: less CPU and latency per request; no model "
+        "rewrites, no TLS, no eviction of dispatched requests)",
+    )
+    up.add_argument(
         "--tls-dir",
         default=None,
         help="Envoy talks TLS to the scheduler: DIR holds the scheduler's tls.crt and tls.key, "
@@ -413,6 +424,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--scheduler-host", default="127.0.0.1", help="the scheduler's address or DNS name"
     )
     ec.add_argument("--scheduler-port", type=int, default=9002, help="its ext_proc port")
+    ec.add_argument(
+        "--scheduler-api",
+        choices=["ext_proc", "ext_authz"],
+        default="ext_proc",
+        help="how Envoy asks the scheduler: ext_proc (gRPC, llm-d's contract; default) or "
+        "ext_authz (an HTTP check per request: cheaper; no model rewrites, no TLS)",
+    )
+    ec.add_argument(
+        "--scheduler-extauthz-port",
+        type=int,
+        default=9004,
+        help="the scheduler's --extauthz-port (with --scheduler-api ext_authz; 9004)",
+    )
     ec.add_argument("--port", type=int, default=8081, help="the gateway's listening port")
     ec.add_argument("--admin-port", type=int, default=9901, help="Envoy's admin port")
     ec.add_argument(

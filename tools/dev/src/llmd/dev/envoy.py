@@ -43,7 +43,12 @@ from typing import Any, Literal
 import httpx
 import yaml
 
-from llmd.protocol.headers import DESTINATION_ENDPOINT, SCHEDULER_OWNED, SESSION_TOKEN
+from llmd.protocol.headers import (
+    DESTINATION_ENDPOINT,
+    REQUEST_DROPPED_REASON,
+    SCHEDULER_OWNED,
+    SESSION_TOKEN,
+)
 from llmd.protocol.openai import error_body
 
 
@@ -113,6 +118,11 @@ class EnvoySettings:
     feedback: bool = True
     """The lean path's Lua filter and access log (off only for benchmarks of bare ext_proc)."""
     access_log: bool = False
+    scheduler_api: Literal["ext_proc", "ext_authz"] = "ext_proc"
+    """How Envoy asks the scheduler: `ext_proc` (gRPC, llm-d's contract) or `ext_authz` (one
+    HTTP/1.1 check per request carrying the headers and the buffered body; the answer's headers
+    are copied onto the upstream request)."""
+    extauthz_port: int = 9004
     round_robin_only: bool = False
     """No scheduler: round-robin over `fallback_endpoints` (the "Kubernetes Service" baseline
     that benchmarks compare against)."""
@@ -120,6 +130,7 @@ class EnvoySettings:
 
 _T = "type.googleapis.com/envoy.extensions."
 EXT_PROC_TYPE = _T + "filters.http.ext_proc.v3.ExternalProcessor"
+EXT_AUTHZ_TYPE = _T + "filters.http.ext_authz.v3.ExtAuthz"
 HCM_TYPE = _T + "filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER_TYPE = _T + "filters.http.router.v3.Router"
 STDOUT_LOG_TYPE = _T + "access_loggers.stream.v3.StdoutAccessLog"
@@ -166,8 +177,14 @@ local function last_number(s, key)
 end
 
 function envoy_on_response(h)
-  local meta = h:streamInfo():dynamicMetadata():get("llmd")
-  if meta == nil or meta["pick"] == nil then return end
+  local status = h:headers():get("x-llmd-status")
+  if status ~= nil then  -- an ext_authz rejection with a 5xx status (sent as 424)
+    h:headers():replace(":status", status)
+    h:headers():remove("x-llmd-status")
+    return
+  end
+  local meta = h:streamInfo():dynamicMetadata():get("@NS@")
+  if meta == nil or meta["@PICK@"] == nil then return end
   local from, to = meta["model_from"], meta["model_to"]
   local a, b, c, d
   if from ~= nil and to ~= nil then
@@ -325,15 +342,22 @@ def _processing_mode(s: EnvoySettings) -> dict[str, str]:
     }
 
 
+def _pick_key(s: EnvoySettings) -> tuple[str, str]:
+    """The dynamic-metadata namespace and key of the scheduler's feedback token."""
+    return (AUTHZ_NAMESPACE, AUTHZ_TOKEN) if s.scheduler_api == "ext_authz" else ("llmd", "pick")
+
+
 def _feedback_log(s: EnvoySettings) -> dict[str, Any]:
-    """Envoy's gRPC access log to the scheduler, for requests it routed (`llmd.pick`)."""
+    """Envoy's gRPC access log to the scheduler, for requests it routed (`llmd.pick`, or the
+    ext_authz answer's `x-llmd-pick`)."""
+    ns, key = _pick_key(s)
     return {
         "name": "envoy.access_loggers.http_grpc",
         "filter": {
             "metadata_filter": {
                 "matcher": {
-                    "filter": "llmd",
-                    "path": [{"key": "pick"}],
+                    "filter": ns,
+                    "path": [{"key": key}],
                     "value": {"present_match": True},
                 }
             }
@@ -347,6 +371,69 @@ def _feedback_log(s: EnvoySettings) -> dict[str, Any]:
                 "buffer_flush_interval": _seconds(s.feedback_flush_s),
                 "buffer_size_bytes": 16384,
             },
+        },
+    }
+
+
+AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
+"""Where the ext_authz filter keeps the check answer's metadata headers."""
+AUTHZ_TOKEN = "x-llmd-pick"
+CHECK_PREFIX = "/llmd/check"
+AUTHZ_STATUS_HEADER = "x-llmd-status"
+"""Envoy's ext_authz takes any 5xx check answer for a failed check: the scheduler sends its 5xx
+rejections as 424 with the real status in this header, and the Lua filter, placed before
+ext_authz so that the denial passes through it, restores the status."""
+CHECK_HEALTH_PATH = "/llmd/health"
+
+
+def _ext_authz(s: EnvoySettings) -> dict[str, Any]:
+    """The ext_authz filter asking the scheduler's HTTP check endpoint (`--extauthz-port`):
+    the client's headers and buffered body go to it; its 200 answer's routing headers are
+    copied onto the upstream request and its metadata headers become dynamic metadata; any
+    other answer goes to the client as it is."""
+    upstream = sorted({DESTINATION_ENDPOINT, *SCHEDULER_OWNED})
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": EXT_AUTHZ_TYPE,
+            "transport_api_version": "V3",
+            "http_service": {
+                "server_uri": {
+                    "uri": f"http://{s.extproc_host}:{s.extauthz_port}",
+                    "cluster": "llmd_scheduler_http",
+                    "timeout": _seconds(s.message_timeout_s),
+                },
+                "path_prefix": CHECK_PREFIX,
+                "authorization_request": {
+                    "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
+                },
+                "authorization_response": {
+                    "allowed_upstream_headers": {
+                        "patterns": [{"exact": name} for name in upstream]
+                    },
+                    "allowed_client_headers": {
+                        "patterns": [
+                            {"exact": "content-type"},
+                            {"exact": "retry-after"},
+                            {"exact": REQUEST_DROPPED_REASON},
+                            {"exact": AUTHZ_STATUS_HEADER},
+                        ]
+                    },
+                    "dynamic_metadata_from_headers": {
+                        "patterns": [
+                            {"exact": AUTHZ_TOKEN},
+                            *({"exact": name} for name in SCHEDULER_RESPONSE_HEADERS),
+                        ]
+                    },
+                },
+            },
+            "with_request_body": {
+                "max_request_bytes": s.max_request_body_bytes,
+                "allow_partial_message": False,
+            },
+            "clear_route_cache": True,
+            "failure_mode_allow": s.fail_open,
+            "status_on_error": {"code": "ServiceUnavailable"},
         },
     }
 
@@ -384,14 +471,22 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
             },
         },
     }
+    authz = s.scheduler_api == "ext_authz"
+    if authz and s.response_path != "lean":
+        raise ValueError("scheduler_api ext_authz needs response_path lean")
+    if authz and s.extproc_tls_ca is not None:
+        raise ValueError("scheduler_api ext_authz has no TLS to the scheduler; use ext_proc")
     lean = s.response_path == "lean" and not s.round_robin_only
     feedback = lean and s.feedback
     if lean:
         ext_proc["typed_config"]["send_body_without_waiting_for_header_response"] = True
+    ns, key = _pick_key(s)
+    lua_source = FEEDBACK_LUA.replace("@NS@", ns).replace("@PICK@", key)
     lua = {
         "name": "envoy.filters.http.lua",
-        "typed_config": {"@type": LUA_TYPE, "default_source_code": {"inline_string": FEEDBACK_LUA}},
+        "typed_config": {"@type": LUA_TYPE, "default_source_code": {"inline_string": lua_source}},
     }
+    meta_ns = AUTHZ_NAMESPACE if authz else "llmd"
     idle = _seconds(s.upstream_idle_timeout_s)
     routes: list[dict[str, Any]] = []
     for prefix in s.allowed_path_prefixes:
@@ -410,7 +505,10 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                 # headers the scheduler asks for (x-session-token), from its dynamic metadata
                 "response_headers_to_add": [
                     {
-                        "header": {"key": name, "value": f"%DYNAMIC_METADATA(llmd:{name})%"},
+                        "header": {
+                            "key": name,
+                            "value": f"%DYNAMIC_METADATA({meta_ns}:{name})%",
+                        },
                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
                         "keep_empty_value": False,
                     }
@@ -472,10 +570,13 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
             "virtual_hosts": [{"name": "llmd", "domains": ["*"], "routes": routes}],
         },
         "early_header_mutation_extensions": [strip],
-        "local_reply_config": local_reply_config(),
+        "local_reply_config": local_reply_config(),  # (ext_authz denials are left alone)
         "http_filters": [
-            *([] if s.round_robin_only else [ext_proc]),
-            *([lua] if feedback else []),
+            # on the ext_authz path the Lua filter goes first: the check's rejections (local
+            # replies of ext_authz) pass through it, and it restores their 5xx statuses
+            *([lua] if authz and feedback else []),
+            *([] if s.round_robin_only else [_ext_authz(s) if authz else ext_proc]),
+            *([lua] if feedback and not authz else []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {"@type": ROUTER_TYPE},
@@ -555,6 +656,44 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
             "typed_extension_protocol_options": _upstream_http(s),
         },
     ]
+    if authz:
+        clusters.append(
+            {
+                "name": "llmd_scheduler_http",
+                "type": "STATIC" if _is_ip(s.extproc_host) else "STRICT_DNS",
+                "connect_timeout": "1s",
+                "lb_policy": "ROUND_ROBIN",
+                "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+                "circuit_breakers": _breakers(s.max_concurrent_requests),
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": HTTP_OPTIONS_TYPE,
+                        "explicit_http_config": {"http_protocol_options": {}},
+                    }
+                },
+                "health_checks": [
+                    {
+                        "timeout": "2s",
+                        "interval": "1s",
+                        "no_traffic_interval": "1s",
+                        "unhealthy_interval": "1s",
+                        "unhealthy_threshold": 3,
+                        "healthy_threshold": 1,
+                        "http_health_check": {"path": CHECK_HEALTH_PATH},
+                    }
+                ],
+                "load_assignment": {
+                    "cluster_name": "llmd_scheduler_http",
+                    "endpoints": [
+                        {
+                            "lb_endpoints": [
+                                {"endpoint": {"address": _address(s.extproc_host, s.extauthz_port)}}
+                            ]
+                        }
+                    ],
+                },
+            }
+        )
     if s.round_robin_only:
         clusters = []
     if (s.fail_open or s.round_robin_only) and s.fallback_endpoints:
@@ -648,10 +787,16 @@ def local_reply_config() -> dict[str, Any]:
     clients cannot parse. Direct responses and the scheduler's immediate responses already
     carry their JSON and are left alone."""
     # direct responses and the scheduler's own replies (details llmd_*) are JSON already
-    own = "response.code_details != 'direct_response' && !response.code_details.startsWith('llmd_')"
+    own = (
+        "response.code_details != 'direct_response' && !response.code_details.startsWith('llmd_')"
+        " && response.code_details != 'ext_authz_denied'"
+    )
     mappers: list[dict[str, Any]] = [
         {
-            "filter": _cel("response.code_details.startsWith('ext_proc_error')"),
+            "filter": _cel(
+                "response.code_details.startsWith('ext_proc_error')"
+                " || response.code_details.startsWith('ext_authz_error')"
+            ),
             "status_code": 503,
             "body": {"inline_string": "the scheduler is unavailable; retry later"},
             "body_format_override": _json_reply("ServiceUnavailableError"),

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 
@@ -177,10 +177,20 @@ class Gateway:
         scheduler_metrics_port: int | None = None,
         envoy_overrides: dict[str, Any] | None = None,
         tls: GatewayTLS | None = None,
+        scheduler_api: Literal["ext_proc", "ext_authz"] = "ext_proc",
     ) -> Gateway:
         """`tls`: the scheduler serves ext_proc over TLS from `tls.cert_path` and Envoy trusts
-        `tls.ca` (with a client certificate when the scheduler requires one)."""
+        `tls.ca` (with a client certificate when the scheduler requires one). `scheduler_api`
+        `ext_authz`: Envoy asks the scheduler's HTTP check port instead of ext_proc."""
         work.mkdir(parents=True, exist_ok=True)
+        authz_args: list[str] = []
+        authz_settings: dict[str, Any] = {}
+        if scheduler_api == "ext_authz":
+            if tls is not None:
+                raise ValueError("the ext_authz gateway path has no TLS to the scheduler")
+            port = free_port()
+            authz_args = ["--extauthz-port", str(port)]
+            authz_settings = {"scheduler_api": "ext_authz", "extauthz_port": port}
         tls_args: list[str] = []
         tls_settings: dict[str, Any] = {}
         if tls is not None:
@@ -195,7 +205,7 @@ class Gateway:
             "endpoints_file": endpoints_file,
             "work": work,
             "config_file": config_file,
-            "extra_args": [*tls_args, *scheduler_args],
+            "extra_args": [*tls_args, *authz_args, *scheduler_args],
         }
         scheduler = SchedulerProcess.start(
             grpc_port=scheduler_grpc_port, metrics_port=scheduler_metrics_port, **restart_args
@@ -208,15 +218,16 @@ class Gateway:
             listen_address="127.0.0.1" if listen_port is None else "0.0.0.0",
             fail_open=fail_open,
             fallback_endpoints=fallback,
-            **{**tls_settings, **(envoy_overrides or {})},
+            **{**tls_settings, **authz_settings, **(envoy_overrides or {})},
         )
         envoy = EnvoyProcess(settings, work / "envoy")
         try:
             envoy.start()
             deadline = time.monotonic() + 20
+            clusters = ["llmd_scheduler"] + (["llmd_scheduler_http"] if authz_args else [])
             while time.monotonic() < deadline:
-                stats = envoy.stats("cluster.llmd_scheduler.health_check")
-                if stats.get("cluster.llmd_scheduler.health_check.healthy", 0) >= 1:
+                stats = envoy.stats("cluster.llmd_scheduler")
+                if all(stats.get(f"cluster.{c}.health_check.healthy", 0) >= 1 for c in clusters):
                     break
                 time.sleep(0.1)
             else:
