@@ -1,7 +1,8 @@
 """Time outside the engines, one request at a time, on 2 real vLLM CPU servers.
 
-The question: how much of a request's TTFT does the path in front of vLLM add, with llmd against
-Envoy round-robin and against calling one engine directly? "Outside" = the client's mean TTFT
+The question: how much of a request's TTFT does the path in front of vLLM add, with llmd (ext_proc,
+and `llmd-authz`: Envoy asking through ext_authz) against Envoy round-robin and against calling
+one engine directly? "Outside" = the client's mean TTFT
 minus the engines' own mean TTFT (`vllm:time_to_first_token_seconds`, which starts once the
 engine's front end has rendered and tokenized the request). Requests go one at a time, so
 no queueing and no routing imbalance enters the figure: what is left is the path plus vLLM's
@@ -120,14 +121,21 @@ def main() -> int:
         )  # fmt: skip
         envoy.start()
         gateway = Gateway.start(endpoints, work / "gateway")
+        authz = Gateway.start(endpoints, work / "gateway-authz", scheduler_api="ext_authz")
         try:
-            targets = {"envoy-rr": envoy.url, "llmd": gateway.url, "direct (engine 0)": engines[0]}
+            targets = {
+                "envoy-rr": envoy.url,
+                "llmd": gateway.url,
+                "llmd-authz": authz.url,
+                "direct (engine 0)": engines[0],
+            }
             for rnd in range(args.rounds):
                 for name, url in targets.items():
                     row = {"round": rnd + 1, "target": name, **probe(url, engines, reqs)}
                     rows.append(row)
                     print(row, flush=True)
         finally:
+            authz.stop()
             gateway.stop()
             envoy.stop()
     finally:

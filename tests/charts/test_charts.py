@@ -258,6 +258,24 @@ def test_the_chart_envoy_config_is_the_generated_one() -> None:
     """files/envoy.yaml is `llmd-dev envoy-config --port 8081` (make charts-envoy rewrites it)."""
     text = (CHARTS / "llmd-scheduler" / "files" / "envoy.yaml").read_text()
     assert yaml.safe_load(text) == envoy_config(EnvoySettings(listen_port=8081))
+    authz = (CHARTS / "llmd-scheduler" / "files" / "envoy-authz.yaml").read_text()
+    assert yaml.safe_load(authz) == envoy_config(
+        EnvoySettings(listen_port=8081, scheduler_api="ext_authz", extauthz_port=9004)
+    )
+
+
+def test_the_gateway_can_ask_the_scheduler_through_ext_authz() -> None:
+    docs = umbrella({"scheduler": {"gateway": {"schedulerApi": "ext_authz"}}})
+    envoy = yaml.safe_load(named(docs, "ConfigMap", "-scheduler")["data"]["envoy.yaml"])
+    hcm = envoy["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    names = [f["name"] for f in hcm["typed_config"]["http_filters"]]
+    assert "envoy.filters.http.ext_authz" in names
+    assert "envoy.filters.http.ext_proc" not in names
+    sched = next(c for name, c, _ in containers(docs) if name.endswith("-scheduler/scheduler"))
+    assert "--extauthz-port=9004" in sched["args"]
+    plain = umbrella()
+    sched = next(c for name, c, _ in containers(plain) if name.endswith("-scheduler/scheduler"))
+    assert not any(a.startswith("--extauthz-port") for a in sched["args"])
 
 
 def kubeconfig(tmp_path: Path) -> dict[str, str]:

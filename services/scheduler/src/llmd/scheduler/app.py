@@ -282,6 +282,19 @@ class SchedulerApp:
             lambda: self.datastore.synced.is_set(),
             self.built.settings.max_body_bytes,
         )
+        if config.extauthz_port:
+            checks = self.checks
+            Gauge(
+                "llmd_scheduler_extauthz_connections",
+                "Open connections from Envoy's ext_authz filter (one per check in flight)",
+                registry=self.registry,
+            ).set_function(lambda: checks.connections)
+            Gauge(
+                "llmd_scheduler_extauthz_open_requests",
+                "Requests routed through ext_authz still in flight, waiting for their "
+                "access-log entry",
+                registry=self.registry,
+            ).set_function(lambda: self.feedback.open)
         self._servers: list[grpc.aio.Server] = []
         self._http: list[QuietHttpServer] = []
         self._http_tasks: list[asyncio.Task[None]] = []

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import time
 from collections.abc import Callable
 
@@ -127,6 +128,12 @@ class CheckServer:
         self.server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> None:
+        # HTTP/1.1: every check in flight (queued in flow control too) holds one connection
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = 65_536 if hard == resource.RLIM_INFINITY else min(hard, 65_536)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            log.info("open-file limit raised from %d to %d for ext_authz connections", soft, want)
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: _CheckProtocol(self), host, port)
 

@@ -177,14 +177,11 @@ local function last_number(s, key)
 end
 
 function envoy_on_response(h)
-  local status = h:headers():get("x-llmd-status")
-  if status ~= nil then  -- an ext_authz rejection with a 5xx status (sent as 424)
-    h:headers():replace(":status", status)
-    h:headers():remove("x-llmd-status")
+  local meta = h:streamInfo():dynamicMetadata():get("@NS@")
+  if meta == nil or meta["@PICK@"] == nil then
+@STATUS_FIX@
     return
   end
-  local meta = h:streamInfo():dynamicMetadata():get("@NS@")
-  if meta == nil or meta["@PICK@"] == nil then return end
   local from, to = meta["model_from"], meta["model_to"]
   local a, b, c, d
   if from ~= nil and to ~= nil then
@@ -240,6 +237,16 @@ function envoy_on_response(h)
 end
 """
 
+
+AUTHZ_STATUS_LUA = """\
+    -- not routed: on the ext_authz path, a check's 5xx rejection arrives as 424 with its
+    -- status in x-llmd-status (Envoy would read a 5xx check answer as a failed check)
+    local status = h:headers():get("x-llmd-status")
+    if status ~= nil then
+      h:headers():replace(":status", status)
+      h:headers():remove("x-llmd-status")
+    end
+"""
 
 CLIENT_FORBIDDEN_HEADERS = tuple(sorted(SCHEDULER_OWNED))
 """Routing headers only the scheduler may set: removed from every client request."""
@@ -481,7 +488,11 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
     if lean:
         ext_proc["typed_config"]["send_body_without_waiting_for_header_response"] = True
     ns, key = _pick_key(s)
-    lua_source = FEEDBACK_LUA.replace("@NS@", ns).replace("@PICK@", key)
+    lua_source = (
+        FEEDBACK_LUA.replace("@NS@", ns)
+        .replace("@PICK@", key)
+        .replace("@STATUS_FIX@\n", AUTHZ_STATUS_LUA if authz else "")
+    )
     lua = {
         "name": "envoy.filters.http.lua",
         "typed_config": {"@type": LUA_TYPE, "default_source_code": {"inline_string": lua_source}},
