@@ -142,7 +142,7 @@ SCENARIOS: dict[str, tuple[str, WorkloadSpec]] = {
     ),
 }
 
-TARGETS = ("llmd", "llmd-full", "llmd-precise", "envoy-rr", *PEERS)
+TARGETS = ("llmd", "llmd-full", "llmd-authz", "llmd-precise", "envoy-rr", *PEERS)
 
 
 def quick(spec: WorkloadSpec) -> WorkloadSpec:
@@ -377,6 +377,8 @@ def target_on(
         description += f" ({config.name})"
     elif target == "llmd-full":
         description += " (llm-d's full-duplex ext_proc: responses through the scheduler)"
+    elif target == "llmd-authz":
+        description += " (Envoy asks through ext_authz's HTTP check instead of ext_proc)"
     elif target != "llmd":
         raise ValueError(f"unknown target {target!r}; expected one of {TARGETS}")
     if scheduler_args:
@@ -387,6 +389,7 @@ def target_on(
         config_file=config,
         scheduler_args=scheduler_args,
         envoy_overrides={"response_path": "full"} if target == "llmd-full" else None,
+        scheduler_api="ext_authz" if target == "llmd-authz" else "ext_proc",
     )
     stack.append(_router_stack(target, description))
     try:
