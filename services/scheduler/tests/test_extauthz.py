@@ -152,3 +152,17 @@ async def test_a_5xx_rejection_travels_as_424_with_its_status_named(
     assert server.director.inflight == 0
     assert server.book.open == 0
     writer.close()
+
+
+async def test_non_ascii_header_values_are_read_as_utf8(server: CheckServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", _port(server))
+    raw = _request("POST", CHECK_PREFIX + "/v1/completions", BODY)
+    raw = raw.replace(
+        b"host: scheduler", "host: scheduler\r\nx-llm-d-inference-fairness-id: équipe".encode()
+    )
+    writer.write(raw)
+    status, _, _ = await _read_answer(reader)
+    assert status == 200
+    decision = next(iter(server.book._open.values()))[1]
+    assert decision.request.fairness_id == "équipe"
+    writer.close()

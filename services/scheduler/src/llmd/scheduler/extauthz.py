@@ -69,7 +69,7 @@ def _response(status: int, headers: list[tuple[str, str]], body: bytes = b"") ->
     lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
     lines += [f"{k}: {v}" for k, v in headers]
     lines.append(f"content-length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8") + body
 
 
 def rejection(status: int, message: str, dropped_reason: str | None = None) -> bytes:
@@ -238,7 +238,8 @@ class _CheckProtocol(asyncio.Protocol):
                 self._fail(431, "check request headers too large")
             return
         try:
-            head = bytes(self.buf[:end]).decode("latin-1")
+            # header values as the ext_proc path reads them (UTF-8, bad bytes replaced)
+            head = bytes(self.buf[:end]).decode("utf-8", "replace")
             request_line, *lines = head.split("\r\n")
             method, path, _version = request_line.split(" ", 2)
             headers: dict[str, str] = {}
