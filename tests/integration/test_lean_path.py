@@ -205,3 +205,31 @@ def test_streams_without_usage_still_train_the_latency_model(tmp_path: Path) -> 
         assert learned == pytest.approx(engine_tpot, rel=0.5), (learned, engine_tpot)
     finally:
         stack.stop()
+
+
+def test_requests_of_a_stopped_gateway_are_released_on_the_ext_authz_path(
+    tmp_path: Path,
+) -> None:
+    """No stream spans an ext_authz request: when Envoy exits mid-response (dropping its
+    buffered access-log entries), the scheduler notices that no gateway is attached and
+    releases what that gateway had dispatched."""
+    stack = start_stack(tmp_path, count=1, config=None, scheduler_api="ext_authz")
+    try:
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2000, "stream": True,
+                "ignore_eos": True}  # fmt: skip
+        with httpx.stream("POST", stack.url + "/v1/completions", json=body, timeout=30) as s:
+            lines = s.iter_lines()
+            assert next(lines).startswith("data: ")  # the response has started (still open)
+            engine = stack.fleet.engines[0].url
+            httpx.post(engine + "/sim/faults", json={"hang": True}, timeout=5).raise_for_status()
+            assert stack.gateway.scheduler.get_json("/debug/plugins/state")["inflight"] == 1
+            stack.gateway.envoy.stop()
+        deadline = time.monotonic() + 15
+        while stack.gateway.scheduler.get_json("/debug/plugins/state")["inflight"] and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.1)
+        assert stack.gateway.scheduler.get_json("/debug/plugins/state")["inflight"] == 0
+        assert metric(stack, 'llmd_gateway_feedback_total{outcome="orphaned"') == 1
+    finally:
+        stack.stop()

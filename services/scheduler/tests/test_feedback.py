@@ -3,6 +3,8 @@ recorded exactly once from the access log, whatever arrives first or never."""
 
 from __future__ import annotations
 
+import asyncio
+
 from envoy.data.accesslog.v3 import accesslog_pb2
 from google.protobuf import struct_pb2
 
@@ -196,3 +198,39 @@ def test_an_ext_authz_entry_carries_its_token_in_the_filter_namespace() -> None:
     token, report = parse_entry(bare) or ("", OK)
     assert token == "cd-7"  # no Lua metadata (no body): still the request's entry
     assert report.usage is None
+
+
+async def test_requests_of_a_gateway_that_went_away_are_released() -> None:
+    d, _, _ = make_director()
+    book = FeedbackBook(d)
+    book.orphan_grace_s = 0.05
+    connections = 1
+    book.check_connections = lambda: connections
+    book.streams = 1
+    decisions = [routed(d, book, f"orphan {i}") for i in range(3)]
+    for dec in decisions:
+        book.dispatched(dec)
+    book.streams = 0
+    book.detached()  # the access-log stream closed, a check connection is still open
+    await asyncio.sleep(0.1)
+    assert d.inflight == 3
+    connections = 0
+    book.detached()  # Envoy is gone: its buffered entries will never come
+    await asyncio.sleep(0.1)
+    assert d.inflight == 0
+    assert all(dec.completed for dec in decisions)
+    assert book.open == 0
+
+
+async def test_a_gateway_that_comes_back_within_the_grace_keeps_its_requests() -> None:
+    d, _, _ = make_director()
+    book = FeedbackBook(d)
+    book.orphan_grace_s = 0.05
+    dec = routed(d, book)
+    book.dispatched(dec)
+    book.detached()
+    book.streams = 1  # it reattached (a reconnected access-log stream)
+    await asyncio.sleep(0.1)
+    assert d.inflight == 1
+    book.report(dec.token, OK)
+    assert d.inflight == 0

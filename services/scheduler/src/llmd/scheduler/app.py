@@ -282,6 +282,7 @@ class SchedulerApp:
             lambda: self.datastore.synced.is_set(),
             self.built.settings.max_body_bytes,
         )
+        self.feedback.check_connections = lambda: self.checks.connections
         if config.extauthz_port:
             checks = self.checks
             Gauge(

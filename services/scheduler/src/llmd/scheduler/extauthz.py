@@ -16,8 +16,11 @@ check), 503 otherwise.
 
 What differs from the ext_proc lean path (`extproc.py`):
 - There is no stream that lives as long as the request, so nothing ends at the request's end.
-  The request stays in flight until Envoy's access log reports it (`FeedbackBook.dispatched`);
-  one that no entry reports within `FeedbackBook.max_open_s` is released and counted as missing.
+  The request stays in flight until Envoy's access log reports it (`FeedbackBook.dispatched`).
+  When no gateway is attached any more (no access-log stream, no check connection: Envoy
+  exited and dropped its buffered entries), the requests it had dispatched are released after
+  2 s (`orphaned`); any other request with no entry within `FeedbackBook.max_open_s` is
+  released and counted as missing.
 - The answer cannot change the body: a request the scheduler would rewrite (model rewrites) is
   refused with 500 and a message saying so; use the ext_proc path for such pools.
 - Flow control cannot evict a request once it is dispatched (there is no stream to end).
@@ -209,6 +212,7 @@ class _CheckProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections -= 1
         self.gone.set()
+        self.server.book.detached()
         if self.task is not None and not self.task.done():
             # Envoy gave up on the check (client gone, timeout): leave flow control's queue
             self.task.cancel()

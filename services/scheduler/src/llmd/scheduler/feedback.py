@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,11 +86,14 @@ class FeedbackBook:
         self._early: OrderedDict[str, tuple[float, GatewayReport]] = OrderedDict()
         self.streams = 0
         """Open access-log streams (Envoy opens one on its first entry)."""
+        self.check_connections: Callable[[], int] = lambda: 0
+        """ext_authz path: Envoy's open check connections (set by the app)."""
+        self.orphan_grace_s = 2.0
         self._task: asyncio.Task[None] | None = None
         m = director.metrics
         self._counts = {
             o: m.gateway_feedback.labels(o)
-            for o in ("observed", "early", "missing", "evicted", "unobserved")
+            for o in ("observed", "early", "missing", "evicted", "unobserved", "orphaned")
         }
         self._gauge = m.gateway_feedback_waiting
 
@@ -138,6 +141,27 @@ class FeedbackBook:
             _, (_, old) = self._open.popitem(last=False)
             self._counts["evicted"].inc()
             self.director.complete(old, "unobserved")
+
+    def detached(self) -> None:
+        """An access-log stream or a check connection closed. With none of either left, no
+        gateway is attached: the entries of the requests it had dispatched will never come
+        (Envoy drops its buffered entries when it exits). Unless a gateway attaches again
+        within `orphan_grace_s`, those requests are released and counted as `orphaned`."""
+        if self.streams or self.check_connections() or not self._open:
+            return
+        since = time.monotonic()
+        asyncio.get_running_loop().call_later(self.orphan_grace_s, self._release_orphans, since)
+
+    def _release_orphans(self, since: float) -> None:
+        if self.streams or self.check_connections():
+            return
+        for token, (deadline, decision) in list(self._open.items()):
+            if deadline - self.max_open_s <= since:
+                del self._open[token]
+                self._counts["orphaned"].inc()
+                self.director.complete(decision, "unobserved")
+        if self._open:
+            log.warning("%d dispatched requests still wait for access-log entries", len(self._open))
 
     @property
     def open(self) -> int:
@@ -337,4 +361,5 @@ class AccessLogService(als_pb2_grpc.AccessLogServiceServicer):
                         self.book.report(*parsed)
         finally:
             self.book.streams -= 1
+            self.book.detached()
         return als_pb2.StreamAccessLogsResponse()

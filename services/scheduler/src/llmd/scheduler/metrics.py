@@ -285,7 +285,8 @@ class SchedulerMetrics:
             "llmd_gateway_feedback",
             "Requests on the lean response path by how their usage and timings arrived from "
             "the gateway's access log: observed, early (before the stream ended), missing (none "
-            "within the timeout), evicted (too many waiting), unobserved (no feedback token)",
+            "within the timeout), evicted (too many waiting), unobserved (no feedback token), "
+            "orphaned (ext_authz: the gateway went away before reporting it)",
             ["outcome"],
             registry=registry,
         )

@@ -411,9 +411,6 @@ def _ext_authz(s: EnvoySettings) -> dict[str, Any]:
                     "timeout": _seconds(s.message_timeout_s),
                 },
                 "path_prefix": CHECK_PREFIX,
-                "authorization_request": {
-                    "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
-                },
                 "authorization_response": {
                     "allowed_upstream_headers": {
                         "patterns": [{"exact": name} for name in upstream]
@@ -434,6 +431,8 @@ def _ext_authz(s: EnvoySettings) -> dict[str, Any]:
                     },
                 },
             },
+            # every client header goes to the scheduler (objectives, fairness, SLOs, sessions)
+            "allowed_headers": {"patterns": [{"safe_regex": {"regex": ".*"}}]},
             "with_request_body": {
                 "max_request_bytes": s.max_request_body_bytes,
                 "allow_partial_message": False,
