@@ -286,40 +286,25 @@ def started(
             yield Target(name, envoy.url, {"envoy": [envoy.proc.pid]})
         finally:
             envoy.stop()
-    elif name == "noop-extproc":
+    elif name in ("noop-extproc", "noop-authz"):
         port = free_port()
         dests = ",".join(f"{a}:{p}" for a, p in endpoints)
+        script = "noop_extproc.py" if name == "noop-extproc" else "noop_authz.py"
         server = subprocess.Popen(
-            [sys.executable, str(Path(__file__).parent / "noop_extproc.py"), str(port), dests]
+            [sys.executable, str(Path(__file__).parent / script), str(port), dests]
+        )
+        api: dict[str, Any] = (
+            {"extproc_port": port}
+            if name == "noop-extproc"
+            else {"extproc_port": free_port(), "extauthz_port": port, "scheduler_api": "ext_authz"}
         )
         envoy = EnvoyProcess(
-            EnvoySettings(listen_port=free_port(), admin_port=free_port(), extproc_port=port,
-                          listen_address="127.0.0.1", feedback=False),
+            EnvoySettings(listen_port=free_port(), admin_port=free_port(),
+                          listen_address="127.0.0.1", feedback=False, **api),
             work / name,
         )  # fmt: skip
         try:
             time.sleep(1.5)
-            envoy.start()
-            assert envoy.proc is not None
-            yield Target(name, envoy.url, {"noop": [server.pid], "envoy": [envoy.proc.pid]})
-        finally:
-            envoy.stop()
-            server.kill()
-            server.wait(timeout=10)
-    elif name == "noop-authz":
-        port = free_port()
-        dests = ",".join(f"{a}:{p}" for a, p in endpoints)
-        server = subprocess.Popen(
-            [sys.executable, str(Path(__file__).parent / "noop_authz.py"), str(port), dests]
-        )
-        envoy = EnvoyProcess(
-            EnvoySettings(listen_port=free_port(), admin_port=free_port(), extauthz_port=port,
-                          extproc_port=free_port(), scheduler_api="ext_authz",
-                          listen_address="127.0.0.1", feedback=False),
-            work / name,
-        )  # fmt: skip
-        try:
-            time.sleep(1.0)
             envoy.start()
             assert envoy.proc is not None
             yield Target(name, envoy.url, {"noop": [server.pid], "envoy": [envoy.proc.pid]})

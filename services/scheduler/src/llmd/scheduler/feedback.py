@@ -201,25 +201,10 @@ class FeedbackBook:
 
     def sweep(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        while self._waiting:
-            token, (deadline, decision) = next(iter(self._waiting.items()))
-            if deadline > now:
-                break
-            del self._waiting[token]
+        for decision in [*_expired(self._waiting, now), *_expired(self._open, now)]:
             self._counts["missing"].inc()
             self.director.complete(decision, "unobserved")
-        while self._early:
-            token, (deadline, _) = next(iter(self._early.items()))
-            if deadline > now:
-                break
-            del self._early[token]
-        while self._open:
-            token, (deadline, decision) = next(iter(self._open.items()))
-            if deadline > now:
-                break
-            del self._open[token]
-            self._counts["missing"].inc()
-            self.director.complete(decision, "unobserved")
+        _expired(self._early, now)
         self._gauge.set(len(self._waiting))
 
     def flush(self) -> None:
@@ -247,6 +232,19 @@ class FeedbackBook:
                 await self._task
             self._task = None
         self.flush()
+
+
+def _expired(entries: OrderedDict[str, tuple[float, Any]], now: float) -> list[Any]:
+    """Remove the entries (oldest first, in deadline order) whose deadline has passed; their
+    values."""
+    out = []
+    while entries:
+        token, (deadline, value) = next(iter(entries.items()))
+        if deadline > now:
+            break
+        del entries[token]
+        out.append(value)
+    return out
 
 
 def _number(fields: Any, key: str) -> int | None:

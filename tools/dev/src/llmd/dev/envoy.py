@@ -444,6 +444,55 @@ def _ext_authz(s: EnvoySettings) -> dict[str, Any]:
     }
 
 
+def _scheduler_cluster(
+    s: EnvoySettings, name: str, port: int, protocol: str, check: dict[str, Any]
+) -> dict[str, Any]:
+    """A cluster of the scheduler: ext_proc and the access log (HTTP/2, gRPC health), or the
+    ext_authz checks (HTTP/1.1, HTTP health)."""
+    return {
+        "name": name,
+        # a name (a Kubernetes Service, a container on a podman network) is resolved and
+        # re-resolved by DNS; an address is used as given
+        "type": "STATIC" if _is_ip(s.extproc_host) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        # no panic routing: an unhealthy scheduler gets no streams (fail-open needs that)
+        "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
+        "circuit_breakers": _breakers(s.max_concurrent_requests),
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": HTTP_OPTIONS_TYPE,
+                "explicit_http_config": {protocol: {}},
+            }
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": _address(s.extproc_host, port)}}]}
+            ],
+        },
+        "health_checks": [
+            {
+                # A down scheduler must be known before requests reach it: requests with a
+                # body cannot fail open once they are streaming to the processor, but they
+                # do when the cluster has no healthy host (checked before streaming).
+                # A draining scheduler answers NOT_SERVING (or 503), which Envoy acts on at
+                # once whatever the threshold. Network failures (refused, no answer within
+                # 2 s) need three in a row: on a saturated machine a busy scheduler can miss
+                # one check, and a threshold of 1 turned that into 503s in a real-vLLM CI run.
+                # A killed scheduler is therefore known within ~3 s.
+                "timeout": "2s",
+                "interval": "1s",
+                "no_traffic_interval": "1s",
+                "unhealthy_interval": "1s",
+                "unhealthy_threshold": 3,
+                "healthy_threshold": 1,
+                **check,
+            }
+        ],
+    }
+
+
 def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
@@ -604,55 +653,14 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
     if logs:
         hcm["access_log"] = logs
     clusters: list[dict[str, Any]] = [
-        {
-            "name": "llmd_scheduler",
-            # a name (a Kubernetes Service, a container on a podman network) is resolved and
-            # re-resolved by DNS; an address is used as given
-            "type": "STATIC" if _is_ip(s.extproc_host) else "STRICT_DNS",
-            "connect_timeout": "1s",
-            "lb_policy": "ROUND_ROBIN",
-            # no panic routing: an unhealthy scheduler gets no streams (fail-open needs that)
-            "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
-            "circuit_breakers": _breakers(s.max_concurrent_requests),
-            "typed_extension_protocol_options": {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": HTTP_OPTIONS_TYPE,
-                    "explicit_http_config": {"http2_protocol_options": {}},
-                }
-            },
-            "load_assignment": {
-                "cluster_name": "llmd_scheduler",
-                "endpoints": [
-                    {
-                        "lb_endpoints": [
-                            {"endpoint": {"address": _address(s.extproc_host, s.extproc_port)}}
-                        ]
-                    }
-                ],
-            },
-            "health_checks": [
-                {
-                    # A down scheduler must be known before requests reach it: requests with a
-                    # body cannot fail open once they are streaming to the processor, but they
-                    # do when the cluster has no healthy host (checked before streaming).
-                    # A draining scheduler answers NOT_SERVING, which Envoy acts on at once
-                    # whatever the threshold. Network failures (refused, no answer within 2 s)
-                    # need three in a row: on a saturated machine a busy scheduler can miss one
-                    # check, and a threshold of 1 turned that into 503s in a real-vLLM CI run.
-                    # A killed scheduler is therefore known within ~3 s.
-                    "timeout": "2s",
-                    "interval": "1s",
-                    "no_traffic_interval": "1s",
-                    "unhealthy_interval": "1s",
-                    "unhealthy_threshold": 3,
-                    "healthy_threshold": 1,
-                    "grpc_health_check": {
-                        "service_name": "envoy.service.ext_proc.v3.ExternalProcessor"
-                    },
-                }
-            ],
-            **_scheduler_tls(s),
-        },
+        _scheduler_cluster(
+            s,
+            "llmd_scheduler",
+            s.extproc_port,
+            "http2_protocol_options",
+            {"grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"}},
+        )
+        | _scheduler_tls(s),
         {
             "name": "llmd_pool",
             "type": "ORIGINAL_DST",
@@ -668,41 +676,13 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
     ]
     if authz:
         clusters.append(
-            {
-                "name": "llmd_scheduler_http",
-                "type": "STATIC" if _is_ip(s.extproc_host) else "STRICT_DNS",
-                "connect_timeout": "1s",
-                "lb_policy": "ROUND_ROBIN",
-                "common_lb_config": {"healthy_panic_threshold": {"value": 0}},
-                "circuit_breakers": _breakers(s.max_concurrent_requests),
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": HTTP_OPTIONS_TYPE,
-                        "explicit_http_config": {"http_protocol_options": {}},
-                    }
-                },
-                "health_checks": [
-                    {
-                        "timeout": "2s",
-                        "interval": "1s",
-                        "no_traffic_interval": "1s",
-                        "unhealthy_interval": "1s",
-                        "unhealthy_threshold": 3,
-                        "healthy_threshold": 1,
-                        "http_health_check": {"path": CHECK_HEALTH_PATH},
-                    }
-                ],
-                "load_assignment": {
-                    "cluster_name": "llmd_scheduler_http",
-                    "endpoints": [
-                        {
-                            "lb_endpoints": [
-                                {"endpoint": {"address": _address(s.extproc_host, s.extauthz_port)}}
-                            ]
-                        }
-                    ],
-                },
-            }
+            _scheduler_cluster(
+                s,
+                "llmd_scheduler_http",
+                s.extauthz_port,
+                "http_protocol_options",
+                {"http_health_check": {"path": CHECK_HEALTH_PATH}},
+            )
         )
     if s.round_robin_only:
         clusters = []
