@@ -13,6 +13,18 @@ ENVOY_LB_NAMESPACE: Final = "envoy.lb"
 """Dynamic-metadata namespace carrying the destination for Envoy's ORIGINAL_DST cluster."""
 ENVOY_LB_SUBSET_HINT: Final = "envoy.lb.subset_hint"
 
+# Envoy's ext_authz filter asking llmd-scheduler (its --extauthz-port)
+EXTAUTHZ_CHECK_PREFIX: Final = "/llmd/check"
+"""Check requests go to this prefix followed by the client's path."""
+EXTAUTHZ_HEALTH_PATH: Final = "/llmd/health"
+EXTAUTHZ_NAMESPACE: Final = "envoy.filters.http.ext_authz"
+"""Where the ext_authz filter keeps the check answer's metadata headers."""
+EXTAUTHZ_TOKEN: Final = "x-llmd-pick"
+"""The check answer's header that becomes dynamic metadata: the feedback token."""
+EXTAUTHZ_STATUS: Final = "x-llmd-status"
+"""Envoy's ext_authz takes any 5xx check answer for a failed check: a 5xx rejection travels
+as 424 with its real status in this header, and the gateway restores it."""
+
 REQUEST_DROPPED_REASON: Final = "x-llm-d-request-dropped-reason"
 INFERENCE_OBJECTIVE: Final = "x-llm-d-inference-objective"
 INFERENCE_OBJECTIVE_LEGACY: Final = "x-gateway-inference-objective"

@@ -38,23 +38,24 @@ import time
 from collections.abc import Callable
 
 from llmd.protocol import headers as hdr
-from llmd.protocol.openai import error_body
 from llmd.scheduler.director import Decision, Director
-from llmd.scheduler.extproc import RESPONSE_HEADERS_FROM_METADATA
+from llmd.scheduler.extproc import (
+    RESPONSE_HEADERS_FROM_METADATA,
+    headers_to_remove,
+    rejection_body,
+)
 from llmd.scheduler.feedback import FeedbackBook
 from llmd.scheduler.framework import SchedulingError
 
 log = logging.getLogger(__name__)
 
-CHECK_PREFIX = "/llmd/check"
-HEALTH_PATH = "/llmd/health"
-TOKEN_HEADER = "x-llmd-pick"
-STATUS_HEADER = "x-llmd-status"
+CHECK_PREFIX = hdr.EXTAUTHZ_CHECK_PREFIX
+HEALTH_PATH = hdr.EXTAUTHZ_HEALTH_PATH
+TOKEN_HEADER = hdr.EXTAUTHZ_TOKEN
+STATUS_HEADER = hdr.EXTAUTHZ_STATUS
 WIRE_STATUS_5XX = 424
-"""Envoy's ext_authz takes any 5xx check answer for a failed check (and answers its own 503):
-a 5xx rejection goes out as 424 with the real status in `x-llmd-status`, which the gateway's
-local-reply config restores."""
-"""The check answer's header Envoy turns into dynamic metadata (the feedback token)."""
+"""What a 5xx rejection is sent as (its real status in `x-llmd-status`): Envoy would read a 5xx
+check answer as a failed check and answer its own 503."""
 MAX_HEAD_BYTES = 256 * 1024
 _REASONS = {
     200: "OK",
@@ -77,7 +78,6 @@ def _response(status: int, headers: list[tuple[str, str]], body: bytes = b"") ->
 
 def rejection(status: int, message: str, dropped_reason: str | None = None) -> bytes:
     """A denial Envoy forwards to the client: OpenAI-style JSON, llm-d's reason header."""
-    kind = "BadRequestError" if status < 500 else "ServiceUnavailableError"
     headers = [("content-type", "application/json")]
     if dropped_reason:
         headers.append((hdr.REQUEST_DROPPED_REASON, dropped_reason))
@@ -85,7 +85,7 @@ def rejection(status: int, message: str, dropped_reason: str | None = None) -> b
     if status >= 500:
         headers.append((STATUS_HEADER, str(status)))
         wire = WIRE_STATUS_5XX
-    return _response(wire, headers, error_body(message, kind=kind, code=status))
+    return _response(wire, headers, rejection_body(status, message))
 
 
 def allowed(decision: Decision) -> bytes:
@@ -93,14 +93,7 @@ def allowed(decision: Decision) -> bytes:
     req = decision.request
     out = [(hdr.DESTINATION_ENDPOINT, decision.primary)]
     out += list(decision.set_headers.items())
-    # client headers only the scheduler may see (objectives, fairness, SLOs) and scheduler-owned
-    # headers it did not set never reach the engine
-    remove = [
-        h
-        for h in req.headers
-        if (h in hdr.SYSTEM_OWNED and h != "content-length")
-        or (h in hdr.SCHEDULER_OWNED and h not in decision.set_headers)
-    ]
+    remove = headers_to_remove(decision)
     if remove:
         out.append(("x-envoy-auth-headers-to-remove", ",".join(remove)))
     if decision.token:
@@ -146,9 +139,7 @@ class CheckServer:
             await self.server.wait_closed()
             self.server = None
 
-    async def handle(
-        self, method: str, path: str, headers: dict[str, str], body: bytes, gone: asyncio.Event
-    ) -> bytes:
+    async def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
         """One check (or health) request to its answer."""
         if path == HEALTH_PATH:
             ok = self.is_ready() and not self.draining
@@ -183,9 +174,6 @@ class CheckServer:
             )
             d.rejected(req, refused)
             return rejection(refused.status, refused.message)
-        if gone.is_set():  # Envoy gave up on the check: nothing will be sent
-            d.complete(decision, "client-disconnect")
-            return b""
         decision.token = self.book.token()
         self.book.dispatched(decision)
         d.metrics.request_processing.observe(time.perf_counter() - t0)
@@ -200,7 +188,6 @@ class _CheckProtocol(asyncio.Protocol):
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.busy = False
-        self.gone = asyncio.Event()
         self.task: asyncio.Future[None] | None = None
         self.failed = False
 
@@ -211,10 +198,11 @@ class _CheckProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections -= 1
-        self.gone.set()
         self.server.book.detached()
         if self.task is not None and not self.task.done():
-            # Envoy gave up on the check (client gone, timeout): leave flow control's queue
+            # Envoy gave up on the check (client gone, timeout): the task stops at its await
+            # (flow control's queue or a prefetch); scheduling after those has no await, so a
+            # check is never decided for a connection already gone
             self.task.cancel()
 
     def data_received(self, data: bytes) -> None:
@@ -274,15 +262,14 @@ class _CheckProtocol(asyncio.Protocol):
 
     async def _serve(self, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
         try:
-            answer = await self.server.handle(method, path, headers, body, self.gone)
+            answer = await self.server.handle(method, path, headers, body)
         except Exception:
             log.exception("ext_authz check failed")
             answer = rejection(500, "the scheduler failed to route this request")
         self.busy = False
         if self.transport is None or self.transport.is_closing():
             return
-        if answer:
-            self.transport.write(answer)
+        self.transport.write(answer)
         if self.buf:
             self._next()
 

@@ -72,12 +72,29 @@ def read_headers(msg: pb.HttpHeaders) -> dict[str, str]:
     return out
 
 
+def rejection_body(status: int, message: str) -> bytes:
+    """The OpenAI-style JSON body of a request the scheduler answers itself."""
+    kind = "BadRequestError" if status < 500 else "ServiceUnavailableError"
+    return error_body(message, kind=kind, code=status)
+
+
+def headers_to_remove(decision: Decision) -> list[str]:
+    """Client headers that must not reach the engine: those only the scheduler reads
+    (objectives, fairness, SLOs, the subset) and scheduler-owned ones it did not set."""
+    req = decision.request
+    return [
+        h
+        for h in req.headers
+        if (h in hdr.SYSTEM_OWNED and h != "content-length")
+        or (h in hdr.SCHEDULER_OWNED and h not in decision.set_headers)
+    ]
+
+
 def immediate(
     status: int, message: str, dropped_reason: str | None = None
 ) -> pb.ProcessingResponse:
     """An error reply sent by Envoy on our behalf, with an OpenAI-style JSON body."""
-    kind = "BadRequestError" if status < 500 else "ServiceUnavailableError"
-    body = error_body(message, kind=kind, code=status)
+    body = rejection_body(status, message)
     headers = [_header_value("content-type", "application/json")]
     if dropped_reason:
         headers.append(_header_value(hdr.REQUEST_DROPPED_REASON, dropped_reason))
@@ -111,10 +128,10 @@ def _routing(
         set_headers.append(_header_value(key, value))
     if body_len is not None:
         set_headers.append(_header_value("content-length", str(body_len)))
-    remove = [h for h in req.headers if h in hdr.SYSTEM_OWNED and h != "content-length"]
-    remove += [h for h in req.headers if h in hdr.SCHEDULER_OWNED and h not in decision.set_headers]
     common = pb.CommonResponse(
-        header_mutation=pb.HeaderMutation(set_headers=set_headers, remove_headers=remove),
+        header_mutation=pb.HeaderMutation(
+            set_headers=set_headers, remove_headers=headers_to_remove(decision)
+        ),
         clear_route_cache=True,
     )
     lb: dict[str, Any] = {hdr.DESTINATION_ENDPOINT: dest}

@@ -31,6 +31,7 @@ import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
+from llmd.protocol import headers as hdr
 from llmd.protocol.openai import PromptTokensDetails, Usage
 from llmd.scheduler.director import Decision, Director
 
@@ -39,9 +40,6 @@ log = logging.getLogger(__name__)
 NAMESPACE = "llmd"
 """The dynamic-metadata namespace the scheduler and the Lua filter write."""
 TOKEN_KEY = "pick"
-AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
-"""Where Envoy's ext_authz filter puts the check answer's metadata headers."""
-AUTHZ_TOKEN_KEY = "x-llmd-pick"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,11 +118,7 @@ class FeedbackBook:
             self._counts["unobserved"].inc()
             self.director.complete(decision, "unobserved")
             return
-        self._waiting[decision.token] = (time.monotonic() + self.timeout_s, decision)
-        while len(self._waiting) > self.max_waiting:
-            _, (_, old) = self._waiting.popitem(last=False)
-            self._counts["evicted"].inc()
-            self.director.complete(old, "unobserved")
+        self._add(self._waiting, decision, self.timeout_s)
         self._gauge.set(len(self._waiting))
 
     def dispatched(self, decision: Decision) -> None:
@@ -136,9 +130,15 @@ class FeedbackBook:
             self._counts["early"].inc()
             self._apply(decision, early[1])
             return
-        self._open[decision.token] = (time.monotonic() + self.max_open_s, decision)
-        while len(self._open) > self.max_waiting:
-            _, (_, old) = self._open.popitem(last=False)
+        self._add(self._open, decision, self.max_open_s)
+
+    def _add(
+        self, entries: OrderedDict[str, tuple[float, Decision]], decision: Decision, ttl: float
+    ) -> None:
+        """Keep `decision` for `ttl` seconds; past `max_waiting`, the oldest is completed."""
+        entries[decision.token] = (time.monotonic() + ttl, decision)
+        while len(entries) > self.max_waiting:
+            _, (_, old) = entries.popitem(last=False)
             self._counts["evicted"].inc()
             self.director.complete(old, "unobserved")
 
@@ -288,8 +288,8 @@ def parse_entry(entry: accesslog_pb2.HTTPAccessLogEntry) -> tuple[str, GatewayRe
     meta = namespaces.get(NAMESPACE)
     token_value = meta.fields.get(TOKEN_KEY) if meta is not None else None
     if token_value is None:
-        authz = namespaces.get(AUTHZ_NAMESPACE)
-        token_value = authz.fields.get(AUTHZ_TOKEN_KEY) if authz is not None else None
+        authz = namespaces.get(hdr.EXTAUTHZ_NAMESPACE)
+        token_value = authz.fields.get(hdr.EXTAUTHZ_TOKEN) if authz is not None else None
     if token_value is None or not token_value.string_value:
         return None
     fields = meta.fields if meta is not None else {}

@@ -45,6 +45,11 @@ import yaml
 
 from llmd.protocol.headers import (
     DESTINATION_ENDPOINT,
+    EXTAUTHZ_CHECK_PREFIX,
+    EXTAUTHZ_HEALTH_PATH,
+    EXTAUTHZ_NAMESPACE,
+    EXTAUTHZ_STATUS,
+    EXTAUTHZ_TOKEN,
     REQUEST_DROPPED_REASON,
     SCHEDULER_OWNED,
     SESSION_TOKEN,
@@ -238,13 +243,13 @@ end
 """
 
 
-AUTHZ_STATUS_LUA = """\
+AUTHZ_STATUS_LUA = f"""\
     -- not routed: on the ext_authz path, a check's 5xx rejection arrives as 424 with its
-    -- status in x-llmd-status (Envoy would read a 5xx check answer as a failed check)
-    local status = h:headers():get("x-llmd-status")
+    -- status in {EXTAUTHZ_STATUS} (Envoy would read a 5xx check answer as a failed check)
+    local status = h:headers():get("{EXTAUTHZ_STATUS}")
     if status ~= nil then
       h:headers():replace(":status", status)
-      h:headers():remove("x-llmd-status")
+      h:headers():remove("{EXTAUTHZ_STATUS}")
     end
 """
 
@@ -351,7 +356,9 @@ def _processing_mode(s: EnvoySettings) -> dict[str, str]:
 
 def _pick_key(s: EnvoySettings) -> tuple[str, str]:
     """The dynamic-metadata namespace and key of the scheduler's feedback token."""
-    return (AUTHZ_NAMESPACE, AUTHZ_TOKEN) if s.scheduler_api == "ext_authz" else ("llmd", "pick")
+    return (
+        (EXTAUTHZ_NAMESPACE, EXTAUTHZ_TOKEN) if s.scheduler_api == "ext_authz" else ("llmd", "pick")
+    )
 
 
 def _feedback_log(s: EnvoySettings) -> dict[str, Any]:
@@ -382,17 +389,6 @@ def _feedback_log(s: EnvoySettings) -> dict[str, Any]:
     }
 
 
-AUTHZ_NAMESPACE = "envoy.filters.http.ext_authz"
-"""Where the ext_authz filter keeps the check answer's metadata headers."""
-AUTHZ_TOKEN = "x-llmd-pick"
-CHECK_PREFIX = "/llmd/check"
-AUTHZ_STATUS_HEADER = "x-llmd-status"
-"""Envoy's ext_authz takes any 5xx check answer for a failed check: the scheduler sends its 5xx
-rejections as 424 with the real status in this header, and the Lua filter, placed before
-ext_authz so that the denial passes through it, restores the status."""
-CHECK_HEALTH_PATH = "/llmd/health"
-
-
 def _ext_authz(s: EnvoySettings) -> dict[str, Any]:
     """The ext_authz filter asking the scheduler's HTTP check endpoint (`--extauthz-port`):
     the client's headers and buffered body go to it; its 200 answer's routing headers are
@@ -410,7 +406,7 @@ def _ext_authz(s: EnvoySettings) -> dict[str, Any]:
                     "cluster": "llmd_scheduler_http",
                     "timeout": _seconds(s.message_timeout_s),
                 },
-                "path_prefix": CHECK_PREFIX,
+                "path_prefix": EXTAUTHZ_CHECK_PREFIX,
                 "authorization_response": {
                     "allowed_upstream_headers": {
                         "patterns": [{"exact": name} for name in upstream]
@@ -420,12 +416,12 @@ def _ext_authz(s: EnvoySettings) -> dict[str, Any]:
                             {"exact": "content-type"},
                             {"exact": "retry-after"},
                             {"exact": REQUEST_DROPPED_REASON},
-                            {"exact": AUTHZ_STATUS_HEADER},
+                            {"exact": EXTAUTHZ_STATUS},
                         ]
                     },
                     "dynamic_metadata_from_headers": {
                         "patterns": [
-                            {"exact": AUTHZ_TOKEN},
+                            {"exact": EXTAUTHZ_TOKEN},
                             *({"exact": name} for name in SCHEDULER_RESPONSE_HEADERS),
                         ]
                     },
@@ -545,7 +541,6 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
         "name": "envoy.filters.http.lua",
         "typed_config": {"@type": LUA_TYPE, "default_source_code": {"inline_string": lua_source}},
     }
-    meta_ns = AUTHZ_NAMESPACE if authz else "llmd"
     idle = _seconds(s.upstream_idle_timeout_s)
     routes: list[dict[str, Any]] = []
     for prefix in s.allowed_path_prefixes:
@@ -566,7 +561,7 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                     {
                         "header": {
                             "key": name,
-                            "value": f"%DYNAMIC_METADATA({meta_ns}:{name})%",
+                            "value": f"%DYNAMIC_METADATA({ns}:{name})%",
                         },
                         "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
                         "keep_empty_value": False,
@@ -681,7 +676,7 @@ def envoy_config(s: EnvoySettings) -> dict[str, Any]:
                 "llmd_scheduler_http",
                 s.extauthz_port,
                 "http_protocol_options",
-                {"http_health_check": {"path": CHECK_HEALTH_PATH}},
+                {"http_health_check": {"path": EXTAUTHZ_HEALTH_PATH}},
             )
         )
     if s.round_robin_only:
