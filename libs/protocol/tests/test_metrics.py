@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmd.protocol import DecodeError
+from llmd.protocol import DecodeError, metrics
 from llmd.protocol.metrics import (
     CACHE_CONFIG_INFO,
     KV_CACHE_USAGE_PERC,
@@ -97,6 +97,41 @@ def test_escaped_label_values_timestamps_and_special_values() -> None:
     assert samples[0].value == float("inf")
     assert samples[1].value != samples[1].value
     assert samples[2].value == -1500.0
+
+
+def test_label_sets_seen_before_parse_the_same_and_stay_independent() -> None:
+    """Wanted lines remember their label sets (a scraper sees the same ones every scrape):
+    the second parse gives equal labels, as a fresh dict, including braces and escapes inside
+    values; malformed lines still raise after a good line with the same labels."""
+    page = (
+        f'{NUM_REQUESTS_RUNNING}{{engine="0",path="/a}}b",q="x\\"y"}} 3\n'
+        f'{CACHE_CONFIG_INFO}{{block_size="16",num_gpu_blocks="100"}} 1\n'
+    )
+    first = list(parse_samples(page, SNAPSHOT_METRICS))
+    first[0].labels["engine"] = "mutated by a caller"
+    again = list(parse_samples(page.replace("} 3", "} 4"), SNAPSHOT_METRICS))
+    by_name = {s.name: s for s in again}
+    assert by_name[NUM_REQUESTS_RUNNING].labels == {"engine": "0", "path": "/a}b", "q": 'x"y'}
+    assert by_name[NUM_REQUESTS_RUNNING].value == 4.0
+    assert by_name[CACHE_CONFIG_INFO].labels == {"block_size": "16", "num_gpu_blocks": "100"}
+    assert by_name[NUM_REQUESTS_RUNNING].labels is not first[0].labels
+    with pytest.raises(DecodeError):
+        list(parse_samples(f'{NUM_REQUESTS_RUNNING}{{engine="0",path="/a}}b",q="x\\"y"}}\n',
+                           SNAPSHOT_METRICS))  # fmt: skip
+
+
+def test_the_label_cache_is_bounded() -> None:
+    lines = [
+        f'{NUM_REQUESTS_RUNNING}{{engine="{i}"}} 1' for i in range(metrics.LABEL_CACHE_SIZE + 5)
+    ]
+    lines.append(
+        f'{NUM_REQUESTS_RUNNING}{{engine="{"x" * (metrics.LABEL_CACHE_MAX_CHARS + 1)}"}} 1'
+    )
+    samples = list(parse_samples("\n".join(lines), SNAPSHOT_METRICS))
+    assert len(samples) == len(lines)
+    assert 0 < len(metrics._label_cache) <= metrics.LABEL_CACHE_SIZE
+    assert all(len(key) <= metrics.LABEL_CACHE_MAX_CHARS for key in metrics._label_cache)
+    assert samples[-1].labels["engine"] == "x" * (metrics.LABEL_CACHE_MAX_CHARS + 1)
 
 
 def test_filtering_skips_unwanted_lines_even_when_malformed() -> None:

@@ -164,10 +164,51 @@ def test_the_scrape_reads_the_counters_about_once_a_second() -> None:
     assert (first.waiting, first.computed_tokens, first.prefill_seconds) == (2, 640.0, 0.5)
     state.note_scrape(now[0], first, now[0])
     now[0] += 0.05
+    page = page.replace("} 2", "} 3", 1)  # a new page (an unchanged one is not parsed again)
     second = parse(state.key, page)
-    assert second.waiting == 2
+    assert second.waiting == 3
     assert second.computed_tokens is None, "not again within the second"
     state.note_scrape(now[0], second, now[0])
     assert state.counters is first
     now[0] += 1.0
     assert parse(state.key, page).computed_tokens == 640.0
+
+
+def test_an_unchanged_page_is_not_parsed_again() -> None:
+    """An idle engine serves the same page scrape after scrape: its snapshot is reused (and
+    counted), unless the counters are due and the earlier parse did not read them."""
+    now = [100.0]
+    registry = CollectorRegistry()
+    ds = Datastore(registry, clock=lambda: now[0])
+    ds.use_datalayer(DataLayerSettings())
+    state = EndpointState(Endpoint("a", "10.0.0.1", 8000))
+    ds.endpoints[state.key] = state
+    page = "\n".join(
+        [
+            'vllm:num_requests_waiting{engine="0"} 2',
+            'vllm:prompt_tokens_by_source_total{engine="0",source="local_compute"} 640',
+        ]
+    )
+    parse = ds.scraper.parser
+
+    def unchanged() -> float:
+        return registry.get_sample_value("llmd_scheduler_metrics_pages_unchanged_total") or 0.0
+
+    first = parse(state.key, page)
+    assert first.computed_tokens == 640.0
+    now[0] += 0.05
+    assert parse(state.key, page) is first
+    assert unchanged() == 1.0
+    # a changed page is parsed (without the counters: not due yet)
+    busy = page.replace("} 2", "} 5", 1)
+    second = parse(state.key, busy)
+    assert (second.waiting, second.computed_tokens) == (5, None)
+    assert unchanged() == 1.0
+    # the same page again, but the counters are now due and were not read from it: parsed
+    now[0] += 1.0
+    third = parse(state.key, busy)
+    assert third is not second
+    assert (third.waiting, third.computed_tokens) == (5, 640.0)
+    now[0] += 0.05
+    assert parse(state.key, busy) is third
+    assert unchanged() == 2.0

@@ -142,11 +142,29 @@ def _parse_value(text: str, line: str) -> float:
         raise DecodeError(f"bad value {parts[0]!r} in {line[:120]!r}") from None
 
 
+LABEL_CACHE_SIZE: Final = 2048
+"""Label sets remembered by `_sample` (then it starts over): a scraper sees the same few label
+sets on every scrape of every engine, and only the values change."""
+LABEL_CACHE_MAX_CHARS: Final = 2048
+"""Longer label sets are parsed every time, so a hostile page cannot fill the memory."""
+_label_cache: dict[str, dict[str, str]] = {}
+
+
 def _sample(line: str, name: str) -> Sample:
     """One exposition line of metric `name` (the line starts with it)."""
     rest = line[len(name) :]
     if rest.startswith("{"):
+        # the label set ends at the line's last '}' (a value or timestamp never holds one)
+        close = line.rfind("}")
+        key = line[len(name) + 1 : close] if close > 0 else ""
+        cached = _label_cache.get(key) if key else None
+        if cached is not None:
+            return Sample(name, dict(cached), _parse_value(line[close + 1 :], line))
         labels, end = _parse_labels(line, len(name) + 1, line)
+        if key and end == close + 1 and len(key) <= LABEL_CACHE_MAX_CHARS:
+            if len(_label_cache) >= LABEL_CACHE_SIZE:
+                _label_cache.clear()
+            _label_cache[key] = dict(labels)
         return Sample(name, labels, _parse_value(line[end:], line))
     if not rest.strip():
         raise DecodeError(f"line without a value: {line[:120]!r}")

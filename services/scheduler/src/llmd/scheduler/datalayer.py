@@ -97,6 +97,12 @@ class Datastore:
             ["name"],
             registry=registry,
         ).labels(pool_name).set_function(self.stale_count)
+        self._pages_unchanged = Counter(
+            "llmd_scheduler_metrics_pages_unchanged",
+            "Scraped /metrics pages identical to the endpoint's previous one, whose snapshot was "
+            "reused instead of parsed again (an idle engine's usual scrape)",
+            registry=registry,
+        )
         self._extract_errors = Counter(
             "llm_d_epp_datalayer_extract_errors",
             "Scraped pages that could not be read (malformed, or an engine type without a "
@@ -135,8 +141,14 @@ class Datastore:
         counters = now - state.counters_at >= COUNTERS_INTERVAL_S
         if counters:
             state.counters_at = now
+        page = state.page
+        if page is not None and page[0] == text and (page[2] or not counters):
+            self._pages_unchanged.inc()
+            return page[1]  # the same page: the same snapshot (an idle engine's usual scrape)
         dialect = self.datalayer.dialect_for(state.endpoint.labels)
-        return parse_dialect_snapshot(text, dialect, counters=counters)
+        snapshot = parse_dialect_snapshot(text, dialect, counters=counters)
+        state.page = (text, snapshot, counters)
+        return snapshot
 
     def _over_fresh(
         self,

@@ -70,6 +70,7 @@ class EndpointState:
         "loaded_models",
         "metrics",
         "metrics_at",
+        "page",
         "unseen",
         "unseen_tokens",
     )
@@ -83,6 +84,9 @@ class EndpointState:
         """The last snapshot that carried the engine's counters (read about once a second)."""
         self.counters_at = -math.inf
         """When the counters were last asked for."""
+        self.page: tuple[str, EngineSnapshot, bool] | None = None
+        """The last `/metrics` page parsed, its snapshot, and whether the counters were read
+        from it: an unchanged page (an idle engine) is not parsed again."""
         self.last_error: str | None = None
         self.consecutive_failures = 0
         self.inflight_requests = 0
