@@ -22,11 +22,12 @@ import math
 import time
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
 from llmd.protocol.metrics import EngineSnapshot, parse_dialect_snapshot
 from llmd.runtime.discovery import Endpoint, EndpointSet
 from llmd.runtime.enginepool import EnginePoolScraper, fresh_or_all
+from llmd.runtime.fastmetrics import Counter, Gauge
 from llmd.scheduler.engines import DataLayerSettings
 from llmd.scheduler.framework import EndpointState
 

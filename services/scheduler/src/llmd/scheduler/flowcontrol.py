@@ -42,11 +42,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from pydantic import Field, field_validator
 
 from llmd.protocol import headers as hdr
 from llmd.runtime.config import StrictModel, parse_duration
+from llmd.runtime.fastmetrics import Counter, Gauge, Histogram
 from llmd.scheduler.framework import (
     EndpointState,
     Filter,

@@ -6,10 +6,11 @@ import importlib.metadata
 import os
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from llmd.runtime.fastmetrics import Counter, Gauge, Histogram
 from llmd.runtime.observability import LabelBudget
 
 _LATENCY_BUCKETS = (

@@ -43,10 +43,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 from pydantic import Field
 
 from llmd.protocol import headers as hdr
+from llmd.runtime.fastmetrics import Counter
 from llmd.runtime.observability import LabelBudget
 from llmd.scheduler.framework import (
     LLMRequest,

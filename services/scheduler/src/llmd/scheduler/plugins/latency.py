@@ -36,11 +36,12 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from pydantic import Field
 
 from llmd.protocol import headers as hdr
 from llmd.runtime.config import parse_duration
+from llmd.runtime.fastmetrics import Counter, Gauge, Histogram
 from llmd.scheduler.framework import (
     Admitter,
     DataProducer,

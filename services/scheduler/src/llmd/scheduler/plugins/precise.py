@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from pydantic import Field, model_validator
 
 from llmd.kvcache.api import IndexerClient, ObserveRequest, ScoreRequest
@@ -52,6 +52,7 @@ from llmd.kvcache.stack import (
 from llmd.kvcache.tokenization import TokenizerError
 from llmd.runtime.breaker import CircuitBreaker
 from llmd.runtime.config import Seconds
+from llmd.runtime.fastmetrics import Counter, Gauge, Histogram
 from llmd.scheduler.framework import (
     AsyncDataProducer,
     EndpointState,

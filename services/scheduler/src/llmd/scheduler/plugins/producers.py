@@ -6,10 +6,11 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from pydantic import Field, field_validator, model_validator
 
 from llmd.runtime.config import parse_duration
+from llmd.runtime.fastmetrics import Gauge, Histogram
 from llmd.scheduler.framework import (
     DataProducer,
     EndpointState,
