@@ -144,14 +144,20 @@ def test_a_configured_storage_weight_is_kept() -> None:
     }
 
 
+def one_endpoint(registry: CollectorRegistry, now: list[float]) -> tuple[Datastore, EndpointState]:
+    """A datastore on the clock `now[0]` with one endpoint and the default data layer."""
+    ds = Datastore(registry, clock=lambda: now[0])
+    ds.use_datalayer(DataLayerSettings())
+    state = EndpointState(Endpoint("a", "10.0.0.1", 8000))
+    ds.endpoints[state.key] = state
+    return ds, state
+
+
 def test_the_scrape_reads_the_counters_about_once_a_second() -> None:
     """Every scrape (50 ms) reads the gauges; the counters only when a second has passed, and
     the endpoint keeps the last snapshot that had them."""
     now = [100.0]
-    ds = Datastore(CollectorRegistry(), clock=lambda: now[0])
-    ds.use_datalayer(DataLayerSettings())
-    state = EndpointState(Endpoint("a", "10.0.0.1", 8000))
-    ds.endpoints[state.key] = state
+    ds, state = one_endpoint(CollectorRegistry(), now)
     page = "\n".join(
         [
             'vllm:num_requests_waiting{engine="0"} 2',
@@ -179,10 +185,7 @@ def test_an_unchanged_page_is_not_parsed_again() -> None:
     counted), unless the counters are due and the earlier parse did not read them."""
     now = [100.0]
     registry = CollectorRegistry()
-    ds = Datastore(registry, clock=lambda: now[0])
-    ds.use_datalayer(DataLayerSettings())
-    state = EndpointState(Endpoint("a", "10.0.0.1", 8000))
-    ds.endpoints[state.key] = state
+    ds, state = one_endpoint(registry, now)
     page = "\n".join(
         [
             'vllm:num_requests_waiting{engine="0"} 2',
