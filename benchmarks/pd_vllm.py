@@ -2,7 +2,10 @@
 UCX TCP), through Envoy, llmd-scheduler (llm-d's P/D config) and an llmd-sidecar process.
 
 For each NIXL progress-thread poll delay given (`--progress-delays`; 0 is NIXL 1.5.1 as shipped,
-whose progress thread polls without sleeping), the two engines are started and measured:
+whose progress thread polls without sleeping) and each setting of vLLM's shared-memory queue
+readers (`--shm`: `SPIN` seconds of spinning after a read with the harness's recheck,
+`SPIN:RECHECK_MS`, or `vllm`: vLLM 0.32 as shipped, 1 s spin and 5 s recheck), the two engines
+are started andmeasured:
 
 - idle CPU of each engine's processes (cores busy while no request is running);
 - `pd`: streamed completions of unique ~1.3k-token prompts through the gateway, disaggregated
@@ -15,7 +18,8 @@ whose progress thread polls without sleeping), the two engines are started and m
 
 Requests are sequential and the two paths alternate, so both see the same machine.
 
-Usage: uv run python benchmarks/pd_vllm.py [--requests 12] [--progress-delays 1000,0] [--out FILE]
+Usage: uv run python benchmarks/pd_vllm.py [--requests 12] [--progress-delays 1000,0]
+    [--shm 0.001,0.001:5000,vllm] [--out FILE]
 """
 
 from __future__ import annotations
@@ -41,7 +45,14 @@ from protocol_throughput import write_report
 from llmd.dev.gateway import Gateway
 from llmd.protocol import metrics as pm
 from llmd.vllm_cpu.install import ensure_vllm_env
-from llmd.vllm_cpu.server import VllmServer, free_port, nixl_server_spec, start_servers
+from llmd.vllm_cpu.server import (
+    SHM_RECHECK_MS,
+    SHM_SPIN_S,
+    VllmServer,
+    free_port,
+    nixl_server_spec,
+    start_servers,
+)
 from llmd.vllm_cpu.tiny_model import ensure_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,25 +131,34 @@ def sidecar_histograms(url: str) -> dict[str, tuple[float, float]]:
     return out
 
 
-def run_delay(delay_us: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_setting(
+    delay_us: int,
+    shm: tuple[float | None, int | None],
+    args: argparse.Namespace,
+    work: Path,
+) -> dict[str, Any]:
     env = ensure_vllm_env()
     model = ensure_tiny_model(env)
     specs = [
-        nixl_server_spec("prefill", model, "kv_producer", cpu_core=0, progress_delay_us=delay_us),
-        nixl_server_spec("decode", model, "kv_consumer", cpu_core=1, progress_delay_us=delay_us),
-    ]
+        nixl_server_spec(role, model, kv_role, cpu_core=core, progress_delay_us=delay_us,
+                         shm_spin_s=shm[0], shm_recheck_ms=shm[1])
+        for role, kv_role, core in (("prefill", "kv_producer", 0), ("decode", "kv_consumer", 1))
+    ]  # fmt: skip
     t0 = time.monotonic()
-    print(f"[pd-vllm] delay {delay_us} us: starting 2 vLLM NIXL engines", file=sys.stderr)
-    prefill, decode = start_servers(env, specs, work / f"vllm-{delay_us}")
+    spin = "vLLM's 1 s / 5 s" if shm[0] is None else f"{shm[0]:g} s / {shm[1]} ms"
+    print(f"[pd-vllm] NIXL delay {delay_us} us, queue spin/recheck {spin}: starting 2 vLLM NIXL "
+          "engines", file=sys.stderr)  # fmt: skip
+    tag = f"{delay_us}-{shm[0]}-{shm[1]}"
+    prefill, decode = start_servers(env, specs, work / f"vllm-{tag}")
     started_s = time.monotonic() - t0
     sidecar_metrics = free_port()
     gateway = None
     sidecar: subprocess.Popen[bytes] | None = None
     try:
         sidecar, sidecar_port = start_sidecar(
-            decode.port, work / f"sidecar-{delay_us}.log", sidecar_metrics
+            decode.port, work / f"sidecar-{tag}.log", sidecar_metrics
         )
-        endpoints = work / f"endpoints-{delay_us}.yaml"
+        endpoints = work / f"endpoints-{tag}.yaml"
         endpoints.write_text(yaml.safe_dump({"endpoints": [
             {"name": "prefill", "address": "127.0.0.1", "port": str(prefill.port),
              "labels": {"llm-d.ai/role": "prefill"}},
@@ -147,7 +167,7 @@ def run_delay(delay_us: int, args: argparse.Namespace, work: Path) -> dict[str, 
         ]}))  # fmt: skip
         config = work / "pd.yaml"
         config.write_text(CONFIG)
-        gateway = Gateway.start(endpoints, work / f"gw-{delay_us}", config_file=config)
+        gateway = Gateway.start(endpoints, work / f"gw-{tag}", config_file=config)
         idle = idle_cores([prefill, decode])
         print(f"[pd-vllm] idle cores used: {idle}", file=sys.stderr)
         xfer = (metric(decode.url, "vllm:nixl_xfer_time_seconds_sum"),
@@ -162,8 +182,8 @@ def run_delay(delay_us: int, args: argparse.Namespace, work: Path) -> dict[str, 
                                         "true_ttft": []}  # fmt: skip
         with httpx.Client(timeout=300) as client:
             for i in range(args.requests):
-                tag = f"{delay_us}-{i}-{time.time_ns()}"
-                prompt = f"request {tag}: " + "the quick brown fox jumps over the lazy dog " * 48
+                unique = f"{tag}-{i}-{time.time_ns()}"
+                prompt = f"request {unique}: " + "the quick brown fox jumps over the lazy dog " * 48
                 before = sidecar_histograms(sidecar_url)
                 ttft, e2e = stream(client, gateway.url, prompt, args.max_tokens)
                 after = sidecar_histograms(sidecar_url)
@@ -182,6 +202,8 @@ def run_delay(delay_us: int, args: argparse.Namespace, work: Path) -> dict[str, 
         pulled = metric(decode.url, "vllm:external_prefix_cache_hits_total") - pulled0
         return {
             "progress_delay_us": delay_us,
+            "shm_spin_s": shm[0] if shm[0] is not None else "vllm (1 s)",
+            "shm_recheck_ms": shm[1] if shm[1] is not None else "vllm (5000)",
             "engines_start_s": round(started_s, 1),
             "idle_cores_per_engine": idle,
             "requests": args.requests,
@@ -205,6 +227,14 @@ def run_delay(delay_us: int, args: argparse.Namespace, work: Path) -> dict[str, 
         decode.stop()
 
 
+def parse_shm(value: str) -> tuple[float | None, int | None]:
+    """`vllm`, `SPIN` or `SPIN:RECHECK_MS` as (spin seconds, recheck ms); None: vLLM's own."""
+    if value == "vllm":
+        return None, None
+    spin, _, recheck = value.partition(":")
+    return float(spin), int(recheck) if recheck else SHM_RECHECK_MS
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=12, help="requests per path")
@@ -214,14 +244,27 @@ def main(argv: list[str] | None = None) -> int:
         default="1000,0",
         help="NIXL progress-thread poll delays to run, microseconds (0: NIXL as shipped)",
     )
+    parser.add_argument(
+        "--shm",
+        default=f"{SHM_SPIN_S:g}",
+        help="settings of vLLM's shared-memory queue readers to run: SPIN seconds (with the "
+        f"harness's {SHM_RECHECK_MS} ms recheck), SPIN:RECHECK_MS, or 'vllm' (1 s, 5,000 ms)",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "reports" / "pd-vllm.json"))
     args = parser.parse_args(argv)
-    delays = [int(d) for d in args.progress_delays.split(",") if d.strip()]
+    try:
+        delays = [int(d) for d in args.progress_delays.split(",") if d.strip()]
+        settings = [parse_shm(v.strip()) for v in args.shm.split(",") if v.strip()]
+    except ValueError as exc:
+        parser.error(
+            f"--progress-delays takes whole microseconds, --shm SPIN[:RECHECK_MS] or 'vllm': {exc}"
+        )
     runs = []
     with tempfile.TemporaryDirectory(prefix="pd-vllm-") as tmp:
         for delay in delays:
-            runs.append(run_delay(delay, args, Path(tmp)))
-            print(json.dumps(runs[-1], indent=1), file=sys.stderr)
+            for shm in settings:
+                runs.append(run_setting(delay, shm, args, Path(tmp)))
+                print(json.dumps(runs[-1], indent=1), file=sys.stderr)
     command = "uv run python benchmarks/pd_vllm.py " + shlex.join(sys.argv[1:])
     write_report(args.out, "pd_vllm", command.strip(), runs=runs)
     return 0

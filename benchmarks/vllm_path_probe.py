@@ -9,10 +9,13 @@ no queueing and no routing imbalance enters the figure: what is left is the path
 front end, and this machine's noise.
 
 The servers run with niceness `--nice` (10), so that they do not starve the router processes
-that share this 2-core machine. Each round runs every target once on the same servers, with
-the prefix caches emptied before each target.
+that share this 2-core machine, and their shared-memory queue readers spin for `--shm-spin`
+after each read (the harness's 1 ms, with a 10 ms recheck; `vllm` keeps vLLM's own 1 s and
+5 s). Each round runs every target once on the same servers, with the prefix caches emptied
+before each target.
 
-Usage: uv run python benchmarks/vllm_path_probe.py [--requests 48] [--rounds 2] [--out FILE]
+Usage: uv run python benchmarks/vllm_path_probe.py [--requests 48] [--rounds 2] [--nice 10]
+    [--shm-spin 0.001|vllm] [--out FILE]
 """
 
 from __future__ import annotations
@@ -38,7 +41,13 @@ from llmd.dev.envoy import EnvoyProcess, EnvoySettings
 from llmd.dev.gateway import Gateway
 from llmd.runtime.discovery import StaticFileDiscovery
 from llmd.vllm_cpu.install import ensure_vllm_env
-from llmd.vllm_cpu.server import VllmServerSpec, free_port, start_servers
+from llmd.vllm_cpu.server import (
+    SHM_RECHECK_MS,
+    SHM_SPIN_S,
+    VllmServerSpec,
+    free_port,
+    start_servers,
+)
 from llmd.vllm_cpu.tiny_model import ensure_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,8 +97,18 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=48, help="requests per target and round")
     p.add_argument("--rounds", type=int, default=2, help="rounds over all targets (2)")
     p.add_argument("--nice", type=int, default=10, help="niceness of the vLLM servers (10)")
+    p.add_argument(
+        "--shm-spin",
+        default=str(SHM_SPIN_S),
+        help=f"spin of vLLM's shared-memory queue readers, seconds, or 'vllm' for vLLM's 1 s "
+        f"({SHM_SPIN_S:g})",
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks/reports/vllm-path-probe.json"))
     args = p.parse_args()
+    try:
+        spin = None if args.shm_spin == "vllm" else float(args.shm_spin)
+    except ValueError:
+        p.error(f"--shm-spin takes seconds or 'vllm', not {args.shm_spin!r}")
     work = Path(tempfile.mkdtemp(prefix="vllm-path-probe-"))
     print("preparing the vLLM CPU environment and tiny model...", flush=True)
     env = ensure_vllm_env()
@@ -100,6 +119,8 @@ def main() -> int:
             model_dir=model,
             cpu_core=i,
             nice=args.nice,
+            shm_spin_s=spin,
+            shm_recheck_ms=None if spin is None else SHM_RECHECK_MS,
             env={"VLLM_SERVER_DEV_MODE": "1"},
         )
         for i in range(2)

@@ -11,7 +11,7 @@ engine's own prefix hits (`remote_prefill_cached_tokens`), so a client sees the 
 aggregated request would have given it; the test checks that too.
 
 Both engines run NIXL's UCX progress thread, which NIXL 1.5.1 starts polling without sleeping;
-the harness gives it a poll delay (`llmd.vllm_cpu.nixl_site`), or two such engines take both of
+the harness gives it a poll delay (`llmd.vllm_cpu` engine_site), or two such engines take both of
 this machine's cores and every other process waits behind them.
 """
 

@@ -30,8 +30,14 @@ DEFAULT_BLOCK_SIZE = 32  # vLLM's CPU backend needs a multiple of 32
 DEFAULT_MAX_MODEL_LEN = 4096
 STARTUP_TIMEOUT_S = 420.0
 NIXL_PROGRESS_DELAY_US = 1000
-"""The poll delay given to NIXL's progress thread (see `nixl_site/sitecustomize.py`)."""
-NIXL_SITE = Path(__file__).parent / "nixl_site"
+"""The poll delay given to NIXL's progress thread (see `engine_site/sitecustomize.py`)."""
+SHM_SPIN_S = 0.001
+"""How long the readers of vLLM's shared-memory queues spin after a read before they sleep
+(vLLM: 1 s; see `engine_site/sitecustomize.py`)."""
+SHM_RECHECK_MS = 10
+"""How long a sleeping reader of those queues waits for a notify before it looks anyway (vLLM:
+5 s, its bound on a lost notify)."""
+ENGINE_SITE = Path(__file__).parent / "engine_site"
 
 
 _PORTS_FROM = 20000
@@ -103,6 +109,12 @@ class VllmServerSpec:
     nice: int = 0
     """Scheduling niceness of the server's processes (benchmarks raise it so that engines
     sharing cores with the router do not starve it, as they do not share in a cluster)."""
+    shm_spin_s: float | None = SHM_SPIN_S
+    """Spin time of vLLM's shared-memory queue readers after a read; None leaves vLLM's 1 s."""
+    shm_recheck_ms: int | None = SHM_RECHECK_MS
+    """A sleeping reader's wait for a notify before it looks anyway; None leaves vLLM's 5 s."""
+    nixl_progress_delay_us: int = 0
+    """Poll delay of NIXL's progress thread; 0 leaves NIXL's (a busy loop)."""
 
 
 @dataclass
@@ -177,6 +189,18 @@ class VllmServer:
         if self.spec.cpu_core is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(self.spec.cpu_core)
         env.setdefault("VLLM_LOGGING_LEVEL", "INFO")
+        site: dict[str, str] = {}
+        if self.spec.shm_spin_s is not None:
+            site["LLMD_VLLM_SHM_SPIN_S"] = repr(float(self.spec.shm_spin_s))
+        if self.spec.shm_recheck_ms is not None:
+            site["LLMD_VLLM_SHM_RECHECK_MS"] = str(self.spec.shm_recheck_ms)
+        if self.spec.nixl_progress_delay_us > 0:
+            site["LLMD_NIXL_PROGRESS_DELAY_US"] = str(self.spec.nixl_progress_delay_us)
+        if site:
+            site["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(ENGINE_SITE), env.get("PYTHONPATH", "")) if p
+            )
+            env.update(site)
         env.update(self.spec.env)
         return env
 
@@ -256,31 +280,32 @@ def nixl_server_spec(
     *,
     cpu_core: int | None = None,
     progress_delay_us: int = NIXL_PROGRESS_DELAY_US,
+    shm_spin_s: float | None = SHM_SPIN_S,
+    shm_recheck_ms: int | None = SHM_RECHECK_MS,
 ) -> VllmServerSpec:
     """A server with vLLM's NixlConnector in `role` (`kv_producer` for a prefill engine,
     `kv_consumer` for a decode engine): KV in CPU memory, moved by UCX over TCP, the NIXL side
     channel on loopback at a port of its own.
 
-    NIXL's progress thread gets a poll delay (`nixl_site`): as NIXL 1.5.1 starts it, it polls
+    NIXL's progress thread gets a poll delay (`engine_site`): as NIXL 1.5.1 starts it, it polls
     without sleeping and takes a whole core even when the engine is idle. `progress_delay_us`
-    0 leaves NIXL as it is."""
+    0 leaves NIXL as it is; `shm_spin_s` and `shm_recheck_ms` None leave vLLM's queue readers
+    as vLLM ships them (1 s spin, 5 s recheck)."""
     transfer = {"kv_connector": "NixlConnector", "kv_role": role, "kv_buffer_device": "cpu"}
     env = {
         "UCX_TLS": "tcp",
         "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
         "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
     }
-    if progress_delay_us > 0:
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(NIXL_SITE), os.environ.get("PYTHONPATH", "")) if p
-        )
-        env["LLMD_NIXL_PROGRESS_DELAY_US"] = str(progress_delay_us)
     return VllmServerSpec(
         pod=pod,
         model_dir=model_dir,
         cpu_core=cpu_core,
         extra_args=("--kv-transfer-config", json.dumps(transfer)),
         env=env,
+        shm_spin_s=shm_spin_s,
+        shm_recheck_ms=shm_recheck_ms,
+        nixl_progress_delay_us=progress_delay_us,
     )
 
 
