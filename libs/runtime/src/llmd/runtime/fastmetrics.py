@@ -21,36 +21,33 @@ against the plain classes).
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import prometheus_client
+from prometheus_client.metrics import MetricWrapperBase
 
 __all__ = ["Counter", "Gauge", "Histogram"]
 
-_C = TypeVar("_C", bound="Counter")
-_G = TypeVar("_G", bound="Gauge")
-_H = TypeVar("_H", bound="Histogram")
+_M = TypeVar("_M", bound="_KnownLabels")
 
 
-def _child(metric: object, values: tuple[object, ...]) -> Any:
-    """The child created earlier for exactly these label strings, or None."""
-    children = metric.__dict__.get("_metrics")
-    if children is None:
-        return None
-    try:
-        return children.get(values)
-    except TypeError:  # an unhashable label value: prometheus_client says what is wrong
-        return None
+class _KnownLabels(MetricWrapperBase):
+    """`labels()` in one dict lookup for a label set seen before; listed before the
+    prometheus_client class it speeds up, so that `super().labels` is that class's."""
 
-
-class Counter(prometheus_client.Counter):
-    def labels(self: _C, *labelvalues: object, **labelkwargs: object) -> _C:
+    def labels(self: _M, *labelvalues: object, **labelkwargs: object) -> _M:
         if labelvalues and not labelkwargs:
-            child = _child(self, labelvalues)
+            children = self.__dict__.get("_metrics")
+            try:
+                child = None if children is None else children.get(labelvalues)
+            except TypeError:  # an unhashable label value: prometheus_client says what is wrong
+                child = None
             if child is not None:
                 return child  # type: ignore[no-any-return]
         return super().labels(*labelvalues, **labelkwargs)
 
+
+class Counter(_KnownLabels, prometheus_client.Counter):
     def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
         value = self.__dict__.get("_value")
         if value is None or exemplar is not None or not amount >= 0:
@@ -59,23 +56,11 @@ class Counter(prometheus_client.Counter):
         value.inc(amount)
 
 
-class Gauge(prometheus_client.Gauge):
-    def labels(self: _G, *labelvalues: object, **labelkwargs: object) -> _G:
-        if labelvalues and not labelkwargs:
-            child = _child(self, labelvalues)
-            if child is not None:
-                return child  # type: ignore[no-any-return]
-        return super().labels(*labelvalues, **labelkwargs)
+class Gauge(_KnownLabels, prometheus_client.Gauge):
+    pass
 
 
-class Histogram(prometheus_client.Histogram):
-    def labels(self: _H, *labelvalues: object, **labelkwargs: object) -> _H:
-        if labelvalues and not labelkwargs:
-            child = _child(self, labelvalues)
-            if child is not None:
-                return child  # type: ignore[no-any-return]
-        return super().labels(*labelvalues, **labelkwargs)
-
+class Histogram(_KnownLabels, prometheus_client.Histogram):
     def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
         buckets = self.__dict__.get("_buckets")
         if buckets is None or exemplar is not None or amount != amount:
