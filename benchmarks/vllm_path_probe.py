@@ -15,7 +15,7 @@ after each read (the harness's 1 ms, with a 10 ms recheck; `vllm` keeps vLLM's o
 before each target.
 
 Usage: uv run python benchmarks/vllm_path_probe.py [--requests 48] [--rounds 2] [--nice 10]
-    [--shm-spin 0.001|vllm] [--out FILE]
+    [--shm-spin 0.001[:10]|vllm] [--out FILE]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pd_vllm import parse_shm
 from protocol_throughput import write_report
 
 from llmd.bench.cli import engine_means, engine_scrape
@@ -42,7 +43,6 @@ from llmd.dev.gateway import Gateway
 from llmd.runtime.discovery import StaticFileDiscovery
 from llmd.vllm_cpu.install import ensure_vllm_env
 from llmd.vllm_cpu.server import (
-    SHM_RECHECK_MS,
     SHM_SPIN_S,
     VllmServerSpec,
     free_port,
@@ -99,16 +99,16 @@ def main() -> int:
     p.add_argument("--nice", type=int, default=10, help="niceness of the vLLM servers (10)")
     p.add_argument(
         "--shm-spin",
-        default=str(SHM_SPIN_S),
-        help=f"spin of vLLM's shared-memory queue readers, seconds, or 'vllm' for vLLM's 1 s "
-        f"({SHM_SPIN_S:g})",
+        default=f"{SHM_SPIN_S:g}",
+        help="vLLM's shared-memory queue readers: SPIN seconds (with the harness's recheck), "
+        "SPIN:RECHECK_MS, or 'vllm' for vLLM's own 1 s spin and 5 s recheck",
     )
     p.add_argument("--out", default=str(ROOT / "benchmarks/reports/vllm-path-probe.json"))
     args = p.parse_args()
     try:
-        spin = None if args.shm_spin == "vllm" else float(args.shm_spin)
+        spin, recheck = parse_shm(args.shm_spin)
     except ValueError:
-        p.error(f"--shm-spin takes seconds or 'vllm', not {args.shm_spin!r}")
+        p.error(f"--shm-spin takes SPIN[:RECHECK_MS] or 'vllm', not {args.shm_spin!r}")
     work = Path(tempfile.mkdtemp(prefix="vllm-path-probe-"))
     print("preparing the vLLM CPU environment and tiny model...", flush=True)
     env = ensure_vllm_env()
@@ -120,7 +120,7 @@ def main() -> int:
             cpu_core=i,
             nice=args.nice,
             shm_spin_s=spin,
-            shm_recheck_ms=None if spin is None else SHM_RECHECK_MS,
+            shm_recheck_ms=recheck,
             env={"VLLM_SERVER_DEV_MODE": "1"},
         )
         for i in range(2)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -127,28 +128,30 @@ def _is_nixl_bindings(fullname: str) -> bool:
     return fullname.startswith("nixl_cu") and fullname.endswith("._bindings")
 
 
+def _setting(name: str, convert: Callable[[str], float], low: float, expect: str) -> float | None:
+    """The variable `name` converted and at least `low`; None when unset, or when it is not
+    `expect` (said on stderr)."""
+    raw = os.environ.get(name, "")
+    if not raw:
+        return None
+    try:
+        value = convert(raw)
+    except ValueError:
+        value = math.nan
+    if not value >= low:
+        _warn(f"{name}={raw!r} is not {expect}; the setting stays as shipped")
+        return None
+    return value
+
+
 def _install() -> None:
     shm_patches: list[Callable[[ModuleType], None]] = []
-    raw = os.environ.get(SHM_SPIN_ENV, "")
-    if raw:
-        try:
-            spin_s = float(raw)
-            if not spin_s >= 0:
-                raise ValueError(raw)
-        except ValueError:
-            _warn(f"{SHM_SPIN_ENV}={raw!r} is not a number of seconds >= 0; vLLM's 1 s stays")
-        else:
-            shm_patches.append(shm_spin_patch(spin_s))
-    raw = os.environ.get(SHM_RECHECK_ENV, "")
-    if raw:
-        try:
-            recheck_ms = int(raw)
-            if recheck_ms < 1:
-                raise ValueError(raw)
-        except ValueError:
-            _warn(f"{SHM_RECHECK_ENV}={raw!r} is not a whole number of milliseconds >= 1")
-        else:
-            shm_patches.append(shm_recheck_patch(recheck_ms))
+    spin_s = _setting(SHM_SPIN_ENV, float, 0, "a number of seconds >= 0")
+    if spin_s is not None:
+        shm_patches.append(shm_spin_patch(spin_s))
+    recheck_ms = _setting(SHM_RECHECK_ENV, int, 1, "a whole number of milliseconds >= 1")
+    if recheck_ms is not None:
+        shm_patches.append(shm_recheck_patch(int(recheck_ms)))
     if shm_patches:
 
         def patch_shm(module: ModuleType) -> None:
@@ -156,14 +159,9 @@ def _install() -> None:
                 patch(module)
 
         sys.meta_path.insert(0, _AfterImport(SHM_MODULE.__eq__, patch_shm))
-    raw = os.environ.get(NIXL_DELAY_ENV, "")
-    if raw:
-        try:
-            delay_us = int(raw)
-        except ValueError:
-            _warn(f"{NIXL_DELAY_ENV}={raw!r} is not a whole number of microseconds")
-        else:
-            sys.meta_path.insert(0, _AfterImport(_is_nixl_bindings, nixl_delay_patch(delay_us)))
+    delay_us = _setting(NIXL_DELAY_ENV, int, 0, "a whole number of microseconds >= 0")
+    if delay_us is not None:
+        sys.meta_path.insert(0, _AfterImport(_is_nixl_bindings, nixl_delay_patch(int(delay_us))))
 
 
 _install()
