@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from llmd.protocol import headers as hdr
+from llmd.protocol.metrics import EngineSnapshot
 from llmd.scheduler.extauthz import (
     CHECK_PREFIX,
     HEALTH_PATH,
@@ -166,3 +167,99 @@ async def test_non_ascii_header_values_are_read_as_utf8(server: CheckServer) -> 
     decision = next(iter(server.book._open.values()))[1]
     assert decision.request.fairness_id == "équipe"
     writer.close()
+
+
+async def test_checks_sent_back_to_back_are_answered_in_order(server: CheckServer) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", _port(server))
+    # three requests in one write: a check, a health probe, a check for an unknown path
+    writer.write(
+        _request("POST", CHECK_PREFIX + "/v1/completions", BODY)
+        + _request("GET", HEALTH_PATH)
+        + _request("POST", "/elsewhere", BODY)
+    )
+    answers = [await _read_answer(reader) for _ in range(3)]
+    assert [status for status, _, _ in answers] == [200, 200, 404]
+    assert hdr.DESTINATION_ENDPOINT in answers[0][1]
+    assert server.director.inflight == 1
+    writer.close()
+
+
+FLOW_CONFIG = """
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+featureGates: [flowControl]
+plugins:
+- type: queue-scorer
+"""
+
+
+def _saturate(srv: CheckServer, waiting: int) -> None:
+    ds = srv.director.datastore
+    now = ds.clock()
+    for e in ds.all():
+        e.note_scrape(now, EngineSnapshot(waiting=waiting, running=4, kv_cache_usage=0.0,
+                                          block_size=16, num_gpu_blocks=10_000), now)  # fmt: skip
+
+
+@pytest.fixture
+async def flow_server() -> AsyncIterator[CheckServer]:
+    d, _, _ = make_director(2, FLOW_CONFIG)
+    assert d.flow is not None
+    d.flow.tick_s = 0.001
+    d.flow.start()
+    srv = CheckServer(d, FeedbackBook(d), lambda: True, max_body_bytes=10_000)
+    await srv.start("127.0.0.1", 0)
+    yield srv
+    await srv.stop()
+    await d.flow.stop()
+
+
+async def test_a_queued_check_is_answered_when_admitted_and_the_next_one_follows(
+    flow_server: CheckServer,
+) -> None:
+    srv = flow_server
+    flow = srv.director.flow
+    assert flow is not None
+    _saturate(srv, waiting=10)
+    reader, writer = await asyncio.open_connection("127.0.0.1", _port(srv))
+    writer.write(_request("POST", CHECK_PREFIX + "/v1/completions", BODY)
+                 + _request("POST", CHECK_PREFIX + "/v1/completions", BODY))  # fmt: skip
+    for _ in range(100):
+        if flow.queued:
+            break
+        await asyncio.sleep(0.01)
+    assert flow.queued == 1  # the first waits in the queue; the second is not read yet
+    assert srv.director.inflight == 0
+    _saturate(srv, waiting=0)
+    flow.wake()
+    first = await asyncio.wait_for(_read_answer(reader), 2)
+    second = await asyncio.wait_for(_read_answer(reader), 2)
+    assert (first[0], second[0]) == (200, 200)
+    assert srv.director.inflight == 2
+    assert flow.outcomes["Dispatched"] == 2
+    writer.close()
+
+
+async def test_a_check_whose_connection_closes_while_queued_is_dropped_and_counted(
+    flow_server: CheckServer,
+) -> None:
+    srv = flow_server
+    flow = srv.director.flow
+    assert flow is not None
+    _saturate(srv, waiting=10)
+    _, writer = await asyncio.open_connection("127.0.0.1", _port(srv))
+    writer.write(_request("POST", CHECK_PREFIX + "/v1/completions", BODY))
+    for _ in range(100):
+        if flow.queued:
+            break
+        await asyncio.sleep(0.01)
+    assert flow.queued == 1
+    writer.close()  # Envoy gave up on the check
+    for _ in range(100):
+        if not flow.queued:
+            break
+        await asyncio.sleep(0.01)
+    assert flow.queued == 0
+    assert flow.outcomes.get("EvictedContextCancelled") == 1
+    assert srv.director.inflight == 0
+    assert srv.book.open == 0

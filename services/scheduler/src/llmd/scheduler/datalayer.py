@@ -183,15 +183,17 @@ class Datastore:
 
     def stale_count(self) -> int:
         now = self.clock()
-        return sum(1 for e in self.endpoints.values() if not e.fresh(now, self.stale_after_s))
+        stale_after = self.stale_after_s
+        return sum(1 for e in self.endpoints.values() if not e.fresh(now, stale_after))
 
     def candidates(self) -> list[EndpointState]:
         """Usable endpoints (fresh, not held out after a failure); else the fresh ones; else
         all of them: the pool never fails closed."""
         now = self.clock()
+        stale_after = self.stale_after_s
         eps = list(self.endpoints.values())
-        usable = [e for e in eps if e.usable(now, self.stale_after_s)]
-        return usable or fresh_or_all(eps, now, self.stale_after_s)
+        usable = [e for e in eps if e.usable(now, stale_after)]
+        return usable or fresh_or_all(eps, now, stale_after)
 
     def candidate_tiers(self) -> list[list[EndpointState]]:
         """Ever wider candidate sets, each a strict superset of the one before: the usable
@@ -200,7 +202,8 @@ class Datastore:
         profile whose only decode endpoint is stale while a prefill one is usable)."""
         now = self.clock()
         eps = list(self.endpoints.values())
-        fresh = [e for e in eps if e.fresh(now, self.stale_after_s)]
+        stale_after = self.stale_after_s
+        fresh = [e for e in eps if e.fresh(now, stale_after)]
         usable = [e for e in fresh if e.failed_until <= now]
         return widening((usable, fresh, eps))
 
