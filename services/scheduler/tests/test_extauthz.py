@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -193,6 +193,14 @@ plugins:
 """
 
 
+async def _until(condition: Callable[[], bool], seconds: float = 1.0) -> None:
+    """Poll `condition` every 10 ms for up to `seconds`; the caller asserts what it expects."""
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+
+
 def _saturate(srv: CheckServer, waiting: int) -> None:
     ds = srv.director.datastore
     now = ds.clock()
@@ -224,10 +232,7 @@ async def test_a_queued_check_is_answered_when_admitted_and_the_next_one_follows
     reader, writer = await asyncio.open_connection("127.0.0.1", _port(srv))
     writer.write(_request("POST", CHECK_PREFIX + "/v1/completions", BODY)
                  + _request("POST", CHECK_PREFIX + "/v1/completions", BODY))  # fmt: skip
-    for _ in range(100):
-        if flow.queued:
-            break
-        await asyncio.sleep(0.01)
+    await _until(lambda: flow.queued > 0)
     assert flow.queued == 1  # the first waits in the queue; the second is not read yet
     assert srv.director.inflight == 0
     _saturate(srv, waiting=0)
@@ -249,16 +254,10 @@ async def test_a_check_whose_connection_closes_while_queued_is_dropped_and_count
     _saturate(srv, waiting=10)
     _, writer = await asyncio.open_connection("127.0.0.1", _port(srv))
     writer.write(_request("POST", CHECK_PREFIX + "/v1/completions", BODY))
-    for _ in range(100):
-        if flow.queued:
-            break
-        await asyncio.sleep(0.01)
+    await _until(lambda: flow.queued > 0)
     assert flow.queued == 1
     writer.close()  # Envoy gave up on the check
-    for _ in range(100):
-        if not flow.queued:
-            break
-        await asyncio.sleep(0.01)
+    await _until(lambda: flow.queued == 0)
     assert flow.queued == 0
     assert flow.outcomes.get("EvictedContextCancelled") == 1
     assert srv.director.inflight == 0
