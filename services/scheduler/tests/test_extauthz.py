@@ -20,6 +20,7 @@ from llmd.scheduler.extauthz import (
     CheckServer,
 )
 from llmd.scheduler.feedback import FeedbackBook, GatewayReport
+from llmd.scheduler.flowcontrol import FlowController
 
 from .conftest import make_director
 
@@ -222,14 +223,22 @@ async def flow_server() -> AsyncIterator[CheckServer]:
     await d.flow.stop()
 
 
-async def test_a_queued_check_is_answered_when_admitted_and_the_next_one_follows(
-    flow_server: CheckServer,
-) -> None:
-    srv = flow_server
+async def _connect_saturated(
+    srv: CheckServer,
+) -> tuple[FlowController, asyncio.StreamReader, asyncio.StreamWriter]:
+    """Every endpoint reads as saturated (new checks queue); a connection to the check server."""
     flow = srv.director.flow
     assert flow is not None
     _saturate(srv, waiting=10)
     reader, writer = await asyncio.open_connection("127.0.0.1", _port(srv))
+    return flow, reader, writer
+
+
+async def test_a_queued_check_is_answered_when_admitted_and_the_next_one_follows(
+    flow_server: CheckServer,
+) -> None:
+    srv = flow_server
+    flow, reader, writer = await _connect_saturated(srv)
     writer.write(_request("POST", CHECK_PREFIX + "/v1/completions", BODY)
                  + _request("POST", CHECK_PREFIX + "/v1/completions", BODY))  # fmt: skip
     await _until(lambda: flow.queued > 0)
@@ -249,10 +258,7 @@ async def test_a_check_whose_connection_closes_while_queued_is_dropped_and_count
     flow_server: CheckServer,
 ) -> None:
     srv = flow_server
-    flow = srv.director.flow
-    assert flow is not None
-    _saturate(srv, waiting=10)
-    _, writer = await asyncio.open_connection("127.0.0.1", _port(srv))
+    flow, _, writer = await _connect_saturated(srv)
     writer.write(_request("POST", CHECK_PREFIX + "/v1/completions", BODY))
     await _until(lambda: flow.queued > 0)
     assert flow.queued == 1
