@@ -193,6 +193,25 @@ def test_inflight_returns_to_zero_after_everything(stack: Stack) -> None:
     assert all(e["inflight_requests"] == 0 for e in state["endpoints"])
 
 
+def test_engines_are_scraped_for_the_metrics_the_scheduler_reads_only(stack: Stack) -> None:
+    """Every simulated engine honours the name filter (as vLLM's /metrics/ mount does), so
+    after its first check each is scraped for the scheduler's samples only; the LoRA and queue
+    tests above route on what those filtered pages carried."""
+    text = stack.gateway.scheduler.metrics_text()
+    values = {
+        name: float(value)
+        for name, value in (
+            line.rsplit(" ", 1)
+            for line in text.splitlines()
+            if line.startswith("llmd_engine_scrape_filte")
+        )
+    }
+    engines = float(len(stack.fleet.engines))
+    assert values["llmd_engine_scrape_filtered_targets"] == engines
+    assert values['llmd_engine_scrape_filter_checks_total{outcome="filtered"}'] >= engines
+    assert 'llmd_engine_scrape_filter_checks_total{outcome="whole_page"}' not in values
+
+
 def test_empty_pool_is_503_with_dropped_reason(tmp_path: Path) -> None:
     from llmd.dev.gateway import Gateway
 

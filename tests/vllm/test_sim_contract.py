@@ -21,7 +21,14 @@ import pytest
 import zmq
 
 from llmd.protocol.kv_events import BlockStored, decode_batch
-from llmd.protocol.metrics import SNAPSHOT_METRICS
+from llmd.protocol.metrics import (
+    SNAPSHOT_METRICS,
+    VLLM,
+    dialect_sample_names,
+    parse_engine_snapshot,
+    sample_names,
+)
+from llmd.runtime.enginepool import filtered_path
 from llmd.vllm_cpu.install import VllmEnv
 from llmd.vllm_cpu.server import VllmServer, free_port, nixl_server_spec, start_servers
 
@@ -272,6 +279,25 @@ def test_metrics_have_vllm_names_types_and_labels(vllm_server: VllmServer, sim: 
     assert read_by_llmd <= set(simulated)
     covered = len(simulated) / len(real)
     assert covered > 0.8, f"the simulator exposes {len(simulated)} of vLLM's {len(real)} families"
+
+
+def test_the_metrics_name_filter_answers_alike(vllm_server: VllmServer, sim: SimProcess) -> None:
+    """The scheduler's filtered scrapes rest on this: `/metrics/?name[]=...` returns only the
+    asked-for samples, the plain `/metrics` route ignores the query, on vLLM as on the sim."""
+    u = urls(vllm_server, sim)
+    wanted = dialect_sample_names(VLLM)
+    path = filtered_path("/metrics", wanted)
+    for k in BOTH:
+        filtered = call(u[k], "GET", path)
+        assert filtered.status_code == 200, (k, filtered.text[:200])
+        got = sample_names(filtered.text)
+        whole = call(u[k], "GET", "/metrics")
+        assert got <= wanted, (k, sorted(got - wanted))
+        assert sample_names(whole.text) & wanted <= got, k
+        assert {"vllm:num_requests_waiting", "vllm:cache_config_info"} <= got, k
+        unfiltered = call(u[k], "GET", "/metrics?" + path.partition("?")[2])
+        assert "vllm:e2e_request_latency_seconds_count" in sample_names(unfiltered.text), k
+        assert parse_engine_snapshot(filtered.text) == parse_engine_snapshot(whole.text), k
 
 
 def _first_stored(url: str, events_endpoint: str, body: dict[str, Any], path: str) -> BlockStored:

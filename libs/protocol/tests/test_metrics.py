@@ -15,6 +15,7 @@ from llmd.protocol.metrics import (
     SNAPSHOT_METRICS,
     parse_engine_snapshot,
     parse_samples,
+    sample_names,
 )
 
 REAL_PAGE = (Path(__file__).parent / "data" / "vllm-0.32-metrics.txt").read_text()
@@ -153,3 +154,26 @@ def test_filtering_skips_unwanted_lines_even_when_malformed() -> None:
 def test_malformed_lines_raise_decode_error(line: str) -> None:
     with pytest.raises(DecodeError):
         parse_engine_snapshot(line)
+
+
+def test_sample_names_are_every_sample_lines_metric_name() -> None:
+    assert sample_names(REAL_PAGE) == {s.name for s in parse_samples(REAL_PAGE)}
+    assert sample_names('# HELP a x\na 1\nb{l="v"} 2\n\nc\t3\n') == {"a", "b", "c"}
+
+
+def test_dialect_sample_names_are_what_the_snapshot_reads() -> None:
+    names = metrics.dialect_sample_names(metrics.VLLM)
+    assert names >= SNAPSHOT_METRICS
+    assert names >= metrics.SNAPSHOT_COUNTERS
+    kept = "".join(
+        line + "\n"
+        for line in REAL_PAGE.splitlines()
+        if line and line[0] != "#" and line.split("{")[0].split(" ")[0] in names
+    )
+    assert parse_engine_snapshot(kept) == parse_engine_snapshot(REAL_PAGE)
+    assert metrics.dialect_sample_names(metrics.SGLANG) == {
+        "sglang:num_queue_reqs",
+        "sglang:num_running_reqs",
+        "sglang:token_usage",
+        "sglang:cache_config_info",
+    }

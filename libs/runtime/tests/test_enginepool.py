@@ -1,17 +1,20 @@
 """The engine-pool scraper: the pure staleness rule, and real scrapes of engines on loopback
-(one healthy, one answering 500, one gone), bounded targets and listener calls."""
+(one healthy, one answering 500, one gone), bounded targets and listener calls, and the name
+filter against real prometheus_client exposition (served as vLLM serves it, and not)."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from fastapi import FastAPI, Response
 from prometheus_client import CollectorRegistry
 
 from llmd.protocol.metrics import EngineSnapshot
-from llmd.runtime.enginepool import EnginePoolScraper, fresh_or_all, is_fresh
+from llmd.runtime.enginepool import EnginePoolScraper, filtered_path, fresh_or_all, is_fresh
 from llmd.runtime.lifecycle import http_server
 
 METRICS = """\
@@ -164,3 +167,102 @@ def test_a_large_pool_stretches_the_interval_to_the_scrape_budget() -> None:
     unbounded = EnginePoolScraper(interval_s=0.05)
     unbounded.set_targets([f"10.0.0.{i}:8000" for i in range(64)])
     assert unbounded.effective_interval_s == 0.05
+
+
+# --- name-filtered scrapes ---------------------------------------------------------------------
+
+WANTED = frozenset({"vllm:num_requests_waiting", "vllm:num_requests_running"})
+
+
+def vllm_like_app(mode: str, paths: list[str]) -> FastAPI:
+    """An engine serving a real prometheus_client registry. `vllm`: as vLLM mounts it (a plain
+    /metrics route that ignores the query, and prometheus_client's ASGI app on /metrics/...);
+    `plain`: /metrics only (/metrics/ is 404); `ignores`: /metrics/ serves the whole page."""
+    from prometheus_client import Gauge, Histogram, generate_latest, make_asgi_app
+    from starlette.requests import Request
+    from starlette.routing import Mount
+
+    registry = CollectorRegistry()
+    Gauge("vllm:num_requests_waiting", "w", registry=registry).set(3)
+    Gauge("vllm:num_requests_running", "r", registry=registry).set(5)
+    Histogram("vllm:e2e_request_latency_seconds", "e2e", registry=registry).observe(0.2)
+    app = FastAPI()
+
+    @app.middleware("http")
+    async def record(request: Request, call_next: Any) -> Any:
+        paths.append(request.url.path + ("?" + request.url.query if request.url.query else ""))
+        return await call_next(request)
+
+    @app.get("/metrics")
+    async def whole() -> Response:
+        return Response(generate_latest(registry), media_type="text/plain")
+
+    if mode == "vllm":
+        mount = Mount("/metrics", make_asgi_app(registry=registry))
+        mount.path_regex = re.compile("^/metrics(?P<path>.*)$")
+        app.routes.append(mount)
+    elif mode == "ignores":
+        app.add_api_route("/metrics/", whole, methods=["GET"])
+    return app
+
+
+async def _filtered(mode: str, port: int) -> tuple[list[str], CollectorRegistry, EngineSnapshot]:
+    paths: list[str] = []
+    server = http_server(vllm_like_app(mode, paths), "127.0.0.1", port)
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        await asyncio.sleep(0.01)
+    rec, registry = Recorder(), CollectorRegistry()
+    scraper = EnginePoolScraper(
+        interval_s=0.02, models_interval_s=0, registry=registry, listener=rec
+    )
+    scraper.wanted_names = lambda key: WANTED
+    key = f"127.0.0.1:{port}"
+    scraper.set_targets([key])
+    await scraper.start()
+    try:
+        for _ in range(200):
+            if len(paths) >= 6:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await scraper.stop()
+        server.should_exit = True
+        await task
+    return paths, registry, rec.snapshots[key]
+
+
+@pytest.mark.integration
+def test_an_engine_that_honours_the_name_filter_is_asked_for_the_wanted_metrics_only() -> None:
+    from llmd.vllm_cpu.server import free_port
+
+    paths, registry, snap = asyncio.run(_filtered("vllm", free_port()))
+    filtered = filtered_path("/metrics", WANTED)
+    assert filtered.startswith("/metrics/?name%5B%5D=vllm%3Anum_requests_running&")
+    # one check (the whole page, then the filtered one), then filtered scrapes only
+    assert paths[:2] == ["/metrics", filtered]
+    assert set(paths[2:]) == {filtered}
+    assert (snap.waiting, snap.running) == (3, 5)
+    assert registry.get_sample_value("llmd_engine_scrape_filtered_targets") == 1
+    assert (
+        registry.get_sample_value("llmd_engine_scrape_filter_checks_total", {"outcome": "filtered"})
+        == 1
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode", ["plain", "ignores"])
+def test_an_engine_without_the_name_filter_is_scraped_whole(mode: str) -> None:
+    from llmd.vllm_cpu.server import free_port
+
+    paths, registry, snap = asyncio.run(_filtered(mode, free_port()))
+    assert paths[:2] == ["/metrics", filtered_path("/metrics", WANTED)]
+    assert set(paths[2:]) == {"/metrics"}  # checked once, then whole pages
+    assert (snap.waiting, snap.running) == (3, 5)
+    assert registry.get_sample_value("llmd_engine_scrape_filtered_targets") == 0
+    assert (
+        registry.get_sample_value(
+            "llmd_engine_scrape_filter_checks_total", {"outcome": "whole_page"}
+        )
+        == 1
+    )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from llmd.protocol.metrics import parse_engine_snapshot, parse_samples
+from llmd.protocol.metrics import parse_engine_snapshot, parse_samples, sample_names
 from llmd.sim.config import SimServerConfig
 from llmd.sim.latency import PROFILES, LatencyModel, LatencyProfile, StepShape
-from llmd.sim.metrics import EngineMetrics, format_value, one_two_five
+from llmd.sim.metrics import EngineMetrics, format_value, one_two_five, restrict_page
 
 
 def test_step_time_is_overhead_plus_the_larger_of_weights_and_compute_plus_kv_reads() -> None:
@@ -91,3 +91,17 @@ def test_rendered_page_parses_into_the_snapshot_llmd_reads() -> None:
     assert ttft["0.02"] == 0
     assert ttft["0.04"] == 1
     assert ttft["+Inf"] == 1
+
+
+def test_a_restricted_page_keeps_the_named_samples_and_their_family_headers() -> None:
+    m = EngineMetrics("tiny", max_model_len=4096, cache_config={"block_size": "16"})
+    m.running, m.waiting = 3, 2
+    m.observe("vllm:time_to_first_token_seconds", 0.03)
+    wanted = {"vllm:num_requests_waiting", "vllm:time_to_first_token_seconds_count"}
+    page = restrict_page(m.render(), wanted)
+    assert sample_names(page) == wanted
+    assert "# TYPE vllm:num_requests_waiting gauge" in page
+    assert "# TYPE vllm:time_to_first_token_seconds histogram" in page
+    assert "vllm:num_requests_running" not in page  # no sample kept: no header either
+    assert parse_engine_snapshot(page).waiting == 2
+    assert restrict_page(m.render(), {"vllm:unknown"}) == ""

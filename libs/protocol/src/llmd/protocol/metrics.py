@@ -219,6 +219,20 @@ def parse_samples(text: str, wanted: Collection[str] | None = None) -> Iterator[
         yield Sample(name, labels, value)
 
 
+def sample_names(text: str) -> set[str]:
+    """The metric name of every sample line of an exposition (nothing else is parsed)."""
+    names = set()
+    for line in text.splitlines():
+        if line and line[0] != "#":
+            end = len(line)
+            for sep in "{ \t":
+                i = line.find(sep)
+                if 0 <= i < end:
+                    end = i
+            names.add(line[:end])
+    return names
+
+
 @dataclass(frozen=True, slots=True)
 class LoraInfo:
     """vLLM's `lora_requests_info`: adapters being served or waiting, and the slot limit."""
@@ -488,6 +502,14 @@ TRITON: Final = EngineDialect(
 )
 ENGINES: Final = {d.name: d for d in (VLLM, SGLANG, TRTLLM_SERVE, TRITON_TENSORRT_LLM, TRITON)}
 """The engine kinds llm-d's `defaultEngine` and `llm-d.ai/engine-type` label name."""
+
+
+def dialect_sample_names(dialect: EngineDialect) -> frozenset[str]:
+    """Every sample name `parse_dialect_snapshot` reads for `dialect` (with its counters): what a
+    scraper can ask an engine for instead of the whole page."""
+    if dialect is VLLM:
+        return _WITH_COUNTERS
+    return frozenset(spec.name for _, spec in dialect.specs())
 
 
 def parse_dialect_snapshot(

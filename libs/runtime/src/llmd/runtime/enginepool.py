@@ -16,6 +16,16 @@ HTTP is `scrapeclient.ScrapeClient`: a kept-alive HTTP/1.1 GET per engine and no
 because a scheduler scrapes every engine up to 20 times a second and a general client spends
 most of a scrape's CPU on itself (`benchmarks/scrape_cost.py`; `benchmarks/http_stacks.py` had
 already chosen aiohttp, 0.30 ms per GET, over httpx, 2.3 ms).
+
+**Name-filtered scrapes.** A vLLM page is ~50 KB, mostly histogram buckets no consumer reads,
+and rendering it costs the engine milliseconds. When the owner says which samples its parser
+reads (`wanted_names`), the scraper asks for only those with prometheus_client's own filter,
+`<metrics path>/?name[]=...` (vLLM serves it from the `/metrics` mount, whose trailing-slash
+route is prometheus_client's ASGI app; its plain `/metrics` route ignores the filter). Whether
+an engine honours it is checked, never assumed: the first scrape of an engine, and one every
+`FILTER_RECHECK_S`, fetches the whole page and the filtered one, and filters only if the
+filtered page holds nothing unasked and every asked-for sample the whole page has. Otherwise, or
+after any failed filtered scrape, the engine gets the whole page until the next check.
 """
 
 from __future__ import annotations
@@ -27,15 +37,35 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from llmd.protocol.errors import DecodeError
-from llmd.protocol.metrics import EngineSnapshot, parse_engine_snapshot
+from llmd.protocol.metrics import EngineSnapshot, parse_engine_snapshot, parse_samples, sample_names
 from llmd.runtime.scrapeclient import ScrapeClient, ScrapeError
 
 log = logging.getLogger(__name__)
+
+FILTER_RECHECK_S = 300.0
+"""How often an engine scraped with a name filter is checked against its whole page again."""
+
+
+def filtered_path(metrics_path: str, names: Iterable[str]) -> str:
+    """`metrics_path` asking for only `names` (prometheus_client's `name[]` query)."""
+    query = "&".join("name%5B%5D=" + quote(n, safe="") for n in sorted(names))
+    return metrics_path.rstrip("/") + "/?" + query
+
+
+@dataclass(slots=True)
+class _NameFilter:
+    """The outcome of checking whether one engine honours the name filter."""
+
+    names: frozenset[str]
+    path: str
+    """The filtered path, or "" when the engine gets the whole page."""
+    check_at: float
 
 
 def is_fresh(last_good_at: float, now: float, threshold_s: float) -> bool:
@@ -111,6 +141,10 @@ class EnginePoolScraper:
         self.parser = parser or (lambda key, text: parse_engine_snapshot(text))
         """`(engine key, page) -> snapshot`: vLLM's names unless the owner maps engine kinds."""
         self.metrics_path = metrics_path
+        self.wanted_names: Callable[[str], frozenset[str] | None] | None = None
+        """`engine key -> the sample names the parser reads`: each engine that honours
+        prometheus_client's name filter is asked for only those. None: whole pages."""
+        self._filters: dict[str, _NameFilter] = {}
         self.interval_s = max(0.01, interval_s)
         self.max_scrapes_per_s = max_scrapes_per_s
         self.models_interval_s = models_interval_s
@@ -136,6 +170,18 @@ class EnginePoolScraper:
         Gauge(
             "llmd_engine_scrape_targets", "Engines being scraped", registry=registry
         ).set_function(lambda: len(self.samples))
+        Gauge(
+            "llmd_engine_scrape_filtered_targets",
+            "Engines scraped for only the samples the parser reads (name[] filter honoured)",
+            registry=registry,
+        ).set_function(lambda: sum(1 for f in self._filters.values() if f.path))
+        self._filter_checks = Counter(
+            "llmd_engine_scrape_filter_checks",
+            "Checks of whether an engine honours the /metrics name filter, by outcome "
+            "(filtered, whole_page)",
+            ["outcome"],
+            registry=registry,
+        )
         Gauge(
             "llmd_engine_scrape_interval_seconds",
             "Seconds between two /metrics scrapes of one engine (the configured interval, "
@@ -169,6 +215,7 @@ class EnginePoolScraper:
         for key in list(self.samples):
             if key not in keep:
                 del self.samples[key]
+                self._filters.pop(key, None)
                 task = self._tasks.pop(key, None)
                 if task is not None:
                     task.cancel()
@@ -238,9 +285,16 @@ class EnginePoolScraper:
         """One `/metrics` scrape of `key` (also usable on demand)."""
         started = self.clock()
         try:
-            text = (await self._get(key, self.metrics_path)).decode("utf-8", "replace")
+            path, names = self._metrics_path_for(key, started)
+            if names is not None:
+                text = await self._check_filter(key, names, started)
+            else:
+                text = (await self._get(key, path)).decode("utf-8", "replace")
             snapshot = self.parser(key, text)
         except (ScrapeError, DecodeError, ValueError) as exc:
+            checked = self._filters.get(key)
+            if checked is not None:
+                checked.check_at = 0.0  # whatever failed, the next scrape checks the filter again
             self._failed(key, "metrics", f"{type(exc).__name__}: {exc}")
             return
         now = self.clock()
@@ -252,6 +306,42 @@ class EnginePoolScraper:
         self._scrapes.labels("metrics", "ok").inc()
         if self.listener is not None:
             self.listener.metrics(key, started, snapshot, now)
+
+    def _metrics_path_for(self, key: str, now: float) -> tuple[str, frozenset[str] | None]:
+        """The path of this scrape, and the wanted names when the name filter is due a check."""
+        names = self.wanted_names(key) if self.wanted_names is not None else None
+        if not names:
+            return self.metrics_path, None
+        checked = self._filters.get(key)
+        if checked is None or checked.names != names or now >= checked.check_at:
+            return self.metrics_path, names
+        return checked.path or self.metrics_path, None
+
+    async def _check_filter(self, key: str, names: frozenset[str], now: float) -> str:
+        """Fetch the whole page (returned, for this scrape) and the filtered one, and decide
+        whether `key` is scraped with the filter until the next check."""
+        whole = (await self._get(key, self.metrics_path)).decode("utf-8", "replace")
+        path = filtered_path(self.metrics_path, names)
+        why = ""
+        try:
+            page = (await self._get(key, path)).decode("utf-8", "replace")
+            got = sample_names(page)
+            needed = {s.name for s in parse_samples(whole, names)}
+            if not got <= names:
+                why = f"it ignores the filter ({len(got - names)} unasked metrics)"
+            elif not needed <= got:
+                why = f"the filtered page lacks {', '.join(sorted(needed - got))}"
+        except (ScrapeError, DecodeError, ValueError) as exc:
+            why = f"the filtered page failed: {type(exc).__name__}: {exc}"
+        before = self._filters.get(key)
+        self._filters[key] = _NameFilter(names, "" if why else path, now + FILTER_RECHECK_S)
+        self._filter_checks.labels("whole_page" if why else "filtered").inc()
+        if before is None or bool(before.path) != (not why):
+            if why:
+                log.info("scraping %s%s whole: %s", key, self.metrics_path, why)
+            else:
+                log.info("scraping %s for its %d wanted metrics only", key, len(names))
+        return whole
 
     async def scrape_models(self, key: str) -> None:
         try:

@@ -117,6 +117,12 @@ class SchedulerConfig(ServiceConfig, TLSServing):
         description="all endpoints together are scraped at most this often (the interval "
         "stretches for large pools: 64 endpoints at 200/s are scraped every 320 ms)",
     )
+    metrics_name_filter: bool = Field(
+        default=True,
+        description="scrape each engine for only the metrics the scheduler reads "
+        "(/metrics/?name[]=..., prometheus_client's filter, as vLLM serves it), once a whole "
+        "page has shown that the engine honours it (checked again every 5 min)",
+    )
     allow_experimental_plugins: bool = Field(default=False, description="allow Alpha plugins")
     activator_endpoint: str = Field(
         default="",
@@ -225,6 +231,7 @@ class SchedulerApp:
             registry=registry,
             refresh_interval_s=config.refresh_metrics_interval,
             max_scrapes_per_s=config.max_scrapes_per_second,
+            filter_scrapes=config.metrics_name_filter,
             pool_name=config.pool_name,
             allow_experimental=config.allow_experimental_plugins,
             tracer=provider.get_tracer("llmd.scheduler") if traced else None,

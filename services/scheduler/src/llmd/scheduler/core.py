@@ -60,6 +60,7 @@ def build_core(
     plugins: PluginRegistry | None = None,
     refresh_interval_s: float = 0.05,
     max_scrapes_per_s: float | None = None,
+    filter_scrapes: bool = True,
     pool_name: str = "llmd",
     allow_experimental: bool = False,
     clock: Callable[[], float] = time.monotonic,
@@ -77,6 +78,7 @@ def build_core(
         registry,
         refresh_interval_s=refresh_interval_s,
         max_scrapes_per_s=max_scrapes_per_s,
+        filter_scrapes=filter_scrapes,
         pool_name=pool_name,
         clock=clock,
     )

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry
 
-from llmd.protocol.metrics import EngineSnapshot, parse_dialect_snapshot
+from llmd.protocol.metrics import EngineSnapshot, dialect_sample_names, parse_dialect_snapshot
 from llmd.runtime.discovery import Endpoint, EndpointSet
 from llmd.runtime.enginepool import EnginePoolScraper, fresh_or_all
 from llmd.runtime.fastmetrics import Counter, Gauge
@@ -47,6 +47,7 @@ class Datastore:
         *,
         refresh_interval_s: float = 0.05,
         max_scrapes_per_s: float | None = None,
+        filter_scrapes: bool = True,
         staleness_s: float = 1.0,
         models_interval_s: float = 2.0,
         scrape_timeout_s: float = 1.0,
@@ -66,6 +67,8 @@ class Datastore:
             listener=self,
             clock=clock,
         )
+        if filter_scrapes:
+            self.scraper.wanted_names = self._wanted_names
         self._listeners: list[Callable[[set[str]], None]] = []
         self.pool_name = pool_name
         self._poll_errors = Counter(
@@ -132,6 +135,16 @@ class Datastore:
         self.datalayer = settings
         self.scraper.metrics_path = settings.metrics_path
         self.scraper.parser = self._parse
+
+    def _wanted_names(self, key: str) -> frozenset[str] | None:
+        """The samples `_parse` reads from `key`'s page (None until the endpoint is known)."""
+        state = self.endpoints.get(key)
+        if state is None:
+            return None
+        try:
+            return dialect_sample_names(self.datalayer.dialect_for(state.endpoint.labels))
+        except ValueError:  # an engine kind without a mapping: its parse reports that
+            return None
 
     def _parse(self, key: str, text: str) -> EngineSnapshot:
         state = self.endpoints.get(key)

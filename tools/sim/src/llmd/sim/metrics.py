@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from llmd.protocol import metrics as names
@@ -44,6 +44,25 @@ def format_value(v: float) -> str:
         mantissa = (s[0] + "." + s[1:dot] + s[dot + 1 :]).rstrip("0.")
         return f"{mantissa}e+0{dot - 1}"
     return s
+
+
+def restrict_page(page: str, wanted: Collection[str]) -> str:
+    """`page` with only the samples named in `wanted`, and the HELP/TYPE lines of the families
+    that keep one: what prometheus_client serves for `?name[]=...` (its restricted registry)."""
+    out: list[str] = []
+    header: list[str] = []
+    for line in page.splitlines():
+        if line.startswith("# HELP "):
+            header = [line]
+        elif line.startswith("#"):
+            header.append(line)
+        elif line:
+            end = min((i for i in (line.find("{"), line.find(" ")) if i >= 0), default=len(line))
+            if line[:end] in wanted:
+                out.extend(header)
+                header = []
+                out.append(line)
+    return "\n".join(out) + "\n" if out else ""
 
 
 def one_two_five(limit: int) -> tuple[float, ...]:

@@ -37,7 +37,7 @@ from llmd.sim import responses
 from llmd.sim.config import FaultConfig, SimServerConfig
 from llmd.sim.engine import Engine, EngineError, EngineSettings, LoraAdapter, SimClock, SimRequest
 from llmd.sim.latency import LatencyModel
-from llmd.sim.metrics import CONTENT_TYPE, EngineMetrics
+from llmd.sim.metrics import CONTENT_TYPE, EngineMetrics, restrict_page
 from llmd.sim.pd import InvalidTransferParamsError, SimNixlConnector, parse_decode_params
 from llmd.sim.storage import shared_tier
 from llmd.sim.tokenizer import ChatMessageIn, SimTokenizer, TokenizerError, default_tokenizer_dir
@@ -303,7 +303,10 @@ class SimServer:
         r.add_post("/v1/chat/completions", self.chat_completions)
         r.add_get("/v1/models", self.models)
         r.add_get("/health", self.health)
+        # vLLM's plain /metrics route ignores a query; its /metrics/ mount is prometheus_client's
+        # ASGI app, which honours `name[]` (the scheduler's filtered scrapes)
         r.add_get("/metrics", self.prometheus)
+        r.add_get("/metrics/", self.prometheus)
         r.add_get("/version", self.version)
         r.add_get("/load", self.load)
         r.add_post("/tokenize", self.tokenize)
@@ -363,6 +366,10 @@ class SimServer:
             if self.cfg.metrics_dialect == "sglang"
             else self.metrics.render()
         )
+        if request.path.endswith("/"):
+            wanted = request.query.getall("name[]", [])
+            if wanted:
+                page = restrict_page(page, frozenset(wanted))
         return web.Response(body=page.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def models(self, request: web.Request) -> web.Response:
