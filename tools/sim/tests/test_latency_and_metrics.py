@@ -105,3 +105,6 @@ def test_a_restricted_page_keeps_the_named_samples_and_their_family_headers() ->
     assert "vllm:num_requests_running" not in page  # no sample kept: no header either
     assert parse_engine_snapshot(page).waiting == 2
     assert restrict_page(m.render(), {"vllm:unknown"}) == ""
+    # rendering only the wanted families gives the same page as filtering the whole one
+    assert restrict_page(m.render(wanted), wanted) == page
+    assert len(m.render(wanted)) < len(m.render()) / 5

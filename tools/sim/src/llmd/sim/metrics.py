@@ -129,6 +129,8 @@ class EngineMetrics:
         self.nixl = nixl
         self.cache_config = cache_config
         self.created = time.time()
+        self._wanted: Collection[str] | None = None
+        """While a filtered page renders: the samples asked for."""
         # gauges
         self.running = 0
         self.waiting = 0
@@ -255,6 +257,8 @@ class EngineMetrics:
     def _counter(
         self, out: list[str], stem: str, help_text: str, rows: list[tuple[str, float]]
     ) -> None:
+        if self._skip(f"{stem}_total", f"{stem}_created"):
+            return
         out.append(f"# HELP {stem}_total {help_text}\n# TYPE {stem}_total counter\n")
         for labels, value in rows:
             out.append(f"{stem}_total{{{labels}}} {format_value(value)}\n")
@@ -264,6 +268,8 @@ class EngineMetrics:
             out.append(f"{stem}_created{{{labels}}} {created}\n")
 
     def _histogram(self, out: list[str], name: str, help_text: str, h: Histogram) -> None:
+        if self._skip(*(name + suffix for suffix in ("_bucket", "_count", "_sum", "_created"))):
+            return
         out.append(f"# HELP {name} {help_text}\n# TYPE {name} histogram\n")
         engine, model = 'engine="0"', f'model_name="{self.model_name}"'
         cumulative = 0
@@ -307,7 +313,20 @@ class EngineMetrics:
         out.append(f"sglang:cache_config_info{{{info}}} 1\n")
         return "".join(out)
 
-    def render(self) -> str:
+    def render(self, wanted: Collection[str] | None = None) -> str:
+        """The whole page, or (with `wanted`) only those samples, skipping the other families
+        instead of rendering them, as prometheus_client's restricted registry does."""
+        self._wanted = wanted
+        try:
+            return self._render()
+        finally:
+            self._wanted = None
+
+    def _skip(self, *sample_names: str) -> bool:
+        wanted = self._wanted
+        return wanted is not None and not any(n in wanted for n in sample_names)
+
+    def _render(self) -> str:
         b = self.base
         out: list[str] = []
         self._gauge(out, names.NUM_REQUESTS_RUNNING, self.GAUGES[0].help, [(b, self.running)])

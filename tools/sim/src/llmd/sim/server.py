@@ -361,15 +361,14 @@ class SimServer:
         if rate and self._fault_rng.random() < rate:
             return web.Response(status=500, text="simulated metrics outage (metrics_error_rate)")
         self.engine.refresh_gauges()
-        page = (
-            self.metrics.render_sglang()
-            if self.cfg.metrics_dialect == "sglang"
-            else self.metrics.render()
-        )
-        if request.path.endswith("/"):
-            wanted = request.query.getall("name[]", [])
-            if wanted:
-                page = restrict_page(page, frozenset(wanted))
+        asked = request.query.getall("name[]", []) if request.path.endswith("/") else []
+        wanted = frozenset(asked) if asked else None
+        if self.cfg.metrics_dialect == "sglang":
+            page = self.metrics.render_sglang()
+        else:
+            page = self.metrics.render(wanted)  # renders only the asked-for families
+        if wanted is not None:
+            page = restrict_page(page, wanted)
         return web.Response(body=page.encode(), headers={"Content-Type": CONTENT_TYPE})
 
     async def models(self, request: web.Request) -> web.Response:
