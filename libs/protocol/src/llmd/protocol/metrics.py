@@ -219,18 +219,19 @@ def parse_samples(text: str, wanted: Collection[str] | None = None) -> Iterator[
         yield Sample(name, labels, value)
 
 
+def sample_name(line: str) -> str:
+    """The metric name of one sample line: up to its labels or its value."""
+    end = len(line)
+    for sep in "{ \t":
+        i = line.find(sep)
+        if 0 <= i < end:
+            end = i
+    return line[:end]
+
+
 def sample_names(text: str) -> set[str]:
     """The metric name of every sample line of an exposition (nothing else is parsed)."""
-    names = set()
-    for line in text.splitlines():
-        if line and line[0] != "#":
-            end = len(line)
-            for sep in "{ \t":
-                i = line.find(sep)
-                if 0 <= i < end:
-                    end = i
-            names.add(line[:end])
-    return names
+    return {sample_name(line) for line in text.splitlines() if line and line[0] != "#"}
 
 
 @dataclass(frozen=True, slots=True)

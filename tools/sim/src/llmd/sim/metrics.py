@@ -56,12 +56,10 @@ def restrict_page(page: str, wanted: Collection[str]) -> str:
             header = [line]
         elif line.startswith("#"):
             header.append(line)
-        elif line:
-            end = min((i for i in (line.find("{"), line.find(" ")) if i >= 0), default=len(line))
-            if line[:end] in wanted:
-                out.extend(header)
-                header = []
-                out.append(line)
+        elif line and names.sample_name(line) in wanted:
+            out.extend(header)
+            header = []
+            out.append(line)
     return "\n".join(out) + "\n" if out else ""
 
 
