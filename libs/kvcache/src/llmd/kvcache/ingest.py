@@ -17,7 +17,6 @@ subscription and the index carry on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -50,6 +49,7 @@ from llmd.protocol.kv_events import (
     parse_topic,
     to_u64,
 )
+from llmd.runtime.tasks import cancel_tasks
 
 log = logging.getLogger(__name__)
 
@@ -328,13 +328,7 @@ class Ingestor:
         self.metrics.pool_queue_depth.set_function(lambda: sum(q.qsize() for q in self._queues))
 
     async def stop(self) -> None:
-        for _, task in list(self._subs.values()):
-            task.cancel()
-        for task in [*self._bound, *self._workers]:
-            task.cancel()
-        for task in [*(t for _, t in self._subs.values()), *self._bound, *self._workers]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_tasks(*(t for _, t in self._subs.values()), *self._bound, *self._workers)
         self._subs.clear()
         self._workers.clear()
         self._bound.clear()
@@ -366,9 +360,7 @@ class Ingestor:
         if got is None:
             return
         endpoint, task = got
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        await cancel_tasks(task)
         self.streams.pop(endpoint.pod + "|" + events, None)
         if clear and not any(e.pod == endpoint.pod for e, _ in self._subs.values()):
             await self._enqueue_clear(endpoint.pod, "pod left")

@@ -13,7 +13,6 @@ gap) and reset the sequence to 0 with an empty replay buffer (what a restarted e
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -24,6 +23,7 @@ import zmq
 import zmq.asyncio
 
 from llmd.protocol.kv_events import END_SEQ, EventBatch, KVEvent, encode_batch, encode_seq
+from llmd.runtime.tasks import cancel_tasks
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +97,8 @@ class KVEventPublisher:
         return f"tcp://{host}:{endpoint.removeprefix('tcp://*:')}"
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_tasks(self._task)
+        self._task = None
         for sock in (self._pub, self._replay):
             if sock is not None:
                 sock.close(linger=0)

@@ -12,7 +12,6 @@ loop in both services.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from llmd.kvcache.tokenization import (
     message_text,
 )
 from llmd.kvcache.valkey import ValkeyIndex
+from llmd.runtime.tasks import cancel_tasks
 
 log = logging.getLogger(__name__)
 
@@ -227,11 +227,8 @@ class KVCacheStack:
         return out
 
     async def stop(self) -> None:
-        if self._follow is not None:
-            self._follow.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follow
-            self._follow = None
+        await cancel_tasks(self._follow)
+        self._follow = None
         await self.ingestor.stop()
         await self.keys.close()
         if isinstance(self.index, ValkeyIndex):

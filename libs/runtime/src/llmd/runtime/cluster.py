@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 from llmd.protocol.metrics import parse_engine_snapshot
 from llmd.runtime.discovery import DRAIN_ANNOTATION, Endpoint, pod_endpoint
 from llmd.runtime.scrapeclient import ScrapeClient, ScrapeError
+from llmd.runtime.tasks import cancel_tasks
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
@@ -187,7 +188,7 @@ class KubernetesCluster:
         p = self._pool(pool)
         drain = self._drains.pop(pool, None)
         if drain is not None:
-            drain[2].cancel()
+            await cancel_tasks(drain[2])  # ended before the new target is patched
             await self._annotate(p, drain[1], drain=False)
         if self.drain_timeout_s <= 0:
             await self._patch_scale(p, replicas)
@@ -244,9 +245,9 @@ class KubernetesCluster:
                 del self._drains[pool]
 
     async def aclose(self) -> None:
-        for _, _, task in self._drains.values():
-            task.cancel()
+        tasks = [task for _, _, task in self._drains.values()]
         self._drains.clear()
+        await cancel_tasks(*tasks)
 
 
 class HttpCluster:

@@ -31,7 +31,6 @@ after any failed filtered scrape, the engine gets the whole page until the next 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +44,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from llmd.protocol.errors import DecodeError
 from llmd.protocol.metrics import EngineSnapshot, parse_engine_snapshot, parse_samples, sample_names
 from llmd.runtime.scrapeclient import ScrapeClient, ScrapeError
+from llmd.runtime.tasks import cancel_tasks
 
 log = logging.getLogger(__name__)
 
@@ -241,11 +241,7 @@ class EnginePoolScraper:
                 self._start(key)
 
     async def stop(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()
-        for task in self._tasks.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_tasks(*self._tasks.values())
         self._tasks.clear()
         for client in self._clients.values():
             await client.close()

@@ -28,6 +28,7 @@ from llmd.runtime.lifecycle import (
 )
 from llmd.runtime.proxy import ProxyTimeouts, StreamingProxy, error_response
 from llmd.runtime.service import ServiceConfig
+from llmd.runtime.tasks import cancel_tasks
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,7 @@ class ActivatorApp:
         log.info("%s", self.describe())
 
     async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
+        await cancel_tasks(self._watch)
         for server, _ in self._servers:
             server.should_exit = True
         if self._servers:

@@ -36,6 +36,7 @@ from starlette.responses import Response
 from llmd.runtime.cluster import Cluster, ClusterError
 from llmd.runtime.discovery import Endpoint
 from llmd.runtime.proxy import ProxyResult, StreamingProxy, error_response
+from llmd.runtime.tasks import cancel_tasks
 
 from .warm import Warmer
 
@@ -227,10 +228,8 @@ class Activator:
         self._task = asyncio.create_task(self.run(), name=f"activator-{self.s.pool}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_tasks(self._task)
+        self._task = None
         if self._probe is not None:
             await self._probe.close()
         if self.warmer is not None:

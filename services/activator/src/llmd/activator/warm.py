@@ -51,6 +51,7 @@ from llmd.runtime.config import (
     read_config_text,
 )
 from llmd.runtime.discovery import Endpoint
+from llmd.runtime.tasks import cancel_tasks
 
 log = logging.getLogger(__name__)
 
@@ -316,9 +317,6 @@ class Warmer:
         return out
 
     async def aclose(self) -> None:
-        for task in list(self._tasks.values()):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        await cancel_tasks(*self._tasks.values())
         if self._session is not None:
             await self._session.close()

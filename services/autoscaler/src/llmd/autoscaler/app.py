@@ -34,6 +34,7 @@ from llmd.runtime.config import ConfigError, ConfigIssue, Seconds, StrictModel
 from llmd.runtime.discovery import kube_api_client
 from llmd.runtime.lifecycle import Health, health_router, serve_http
 from llmd.runtime.service import ServiceConfig
+from llmd.runtime.tasks import cancel_tasks
 
 log = logging.getLogger(__name__)
 
@@ -318,9 +319,7 @@ class AutoscalerApp:
         log.info("%s", self.describe())
 
     async def stop(self) -> None:
-        for task in (self._watch, self._follow):
-            if task is not None:
-                task.cancel()
+        await cancel_tasks(self._watch, self._follow)
         await self.autoscaler.stop()
         for server, _ in self._servers:
             server.should_exit = True

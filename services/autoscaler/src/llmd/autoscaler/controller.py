@@ -24,7 +24,6 @@ activity, so the autoscaler never undoes a scale-from-zero before its first requ
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import math
@@ -53,6 +52,7 @@ from llmd.protocol.errors import DecodeError
 from llmd.protocol.metrics import REQUEST_SUCCESS, parse_engine_snapshot, parse_samples
 from llmd.runtime.cluster import Cluster, ClusterError
 from llmd.runtime.scrapeclient import ScrapeClient, ScrapeError
+from llmd.runtime.tasks import cancel_tasks
 
 log = logging.getLogger(__name__)
 
@@ -560,10 +560,8 @@ class Autoscaler:
         self._task = asyncio.create_task(self.run(), name="autoscaler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_tasks(self._task)
+        self._task = None
         for c in self._clients.values():
             await c.close()
         self._clients.clear()

@@ -28,6 +28,7 @@ from llmd.protocol.kv_events import MEDIUM_STORAGE, BlockRemoved, format_topic
 from llmd.runtime.config import ConfigError, ConfigIssue, Seconds
 from llmd.runtime.lifecycle import Health, health_router, serve_http
 from llmd.runtime.service import ServiceConfig, ServiceSpec, service_main
+from llmd.runtime.tasks import cancel_tasks
 
 log = logging.getLogger("llmd.fs_evictor")
 
@@ -269,8 +270,7 @@ class EvictorApp:
         self.metrics.events.inc(len(events))
 
     async def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.cancel()
+        await cancel_tasks(self._loop)
         for server, _ in self._servers:
             server.should_exit = True
         if self._servers:

@@ -25,7 +25,6 @@ gRPC: llm-d's `indexer.v1.IndexerService/GetPodScores` (see `proto.py`) and grpc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from typing import Any, Literal
@@ -59,6 +58,7 @@ from llmd.runtime.lifecycle import (
     serve_http,
 )
 from llmd.runtime.service import ServiceConfig
+from llmd.runtime.tasks import cancel_tasks
 from llmd.runtime.tls import TLSServing
 
 log = logging.getLogger(__name__)
@@ -461,11 +461,7 @@ class IndexerApp:
             await asyncio.wait([task for _, task in self._servers], timeout=3)
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        await cancel_tasks(*self._tasks)
         await self.stack.stop()
 
 

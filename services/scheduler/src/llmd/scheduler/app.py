@@ -13,7 +13,6 @@ HTTP debug  /debug/decisions /debug/explain /debug/plugins/state /debug/hot-prom
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import re
@@ -52,6 +51,7 @@ from llmd.runtime.lifecycle import (
     serve_http,
 )
 from llmd.runtime.service import ServiceConfig
+from llmd.runtime.tasks import cancel_tasks
 from llmd.runtime.tls import TLSServing
 from llmd.scheduler.config import load_config_file
 from llmd.scheduler.core import SchedulerCore, build_core
@@ -568,11 +568,7 @@ class SchedulerApp:
             http.should_exit = True
         if self._http_tasks:  # let them close their sockets: a restart can bind again at once
             await asyncio.wait(self._http_tasks, timeout=3)
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        await cancel_tasks(*self._tasks)
         try:
             await self.core.stop()
         except Exception:

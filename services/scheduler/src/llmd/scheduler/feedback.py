@@ -17,7 +17,6 @@ exactly once: with its entry, or without one after `timeout_s` (counted as `miss
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -33,6 +32,7 @@ from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 from llmd.protocol import headers as hdr
 from llmd.protocol.openai import PromptTokensDetails, Usage
+from llmd.runtime.tasks import cancel_tasks
 from llmd.scheduler.director import Decision, Director
 
 log = logging.getLogger(__name__)
@@ -226,11 +226,8 @@ class FeedbackBook:
             self._task = asyncio.create_task(self._sweeper(), name="feedback-sweeper")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_tasks(self._task)
+        self._task = None
         self.flush()
 
 

@@ -57,6 +57,7 @@ from llmd.runtime.lifecycle import (
 )
 from llmd.runtime.proxy import ProxyResult, ProxyTimeouts, StreamingProxy, forward_headers
 from llmd.runtime.service import ServiceConfig
+from llmd.runtime.tasks import cancel_tasks
 from llmd.runtime.tls import TLSFiles
 from llmd.sidecar.allowlist import POOL_VERSIONS, follow_pods, parse_pool, read_pool
 from llmd.sidecar.pd import (
@@ -741,8 +742,7 @@ class SidecarApp:
             self.tls.refresh(self.ssl_context)
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        await cancel_tasks(*self._tasks)
         for server, _ in self._servers:
             server.should_exit = True
         if self._servers:

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from llmd.protocol import headers as hdr
 from llmd.runtime.config import parse_duration
 from llmd.runtime.fastmetrics import Counter, Gauge, Histogram
+from llmd.runtime.tasks import cancel_tasks
 from llmd.scheduler.flowcontrol.policies import (
     Band,
     EvictionFilter,
@@ -463,11 +464,8 @@ class FlowController:
             self._task = asyncio.create_task(self._run(), name="flow-control-dispatcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_tasks(self._task)
+        self._task = None
         for band in self.bands.values():
             for flow in band.flows.values():
                 while flow.heap:

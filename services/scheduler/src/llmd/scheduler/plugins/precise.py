@@ -53,6 +53,7 @@ from llmd.kvcache.tokenization import TokenizerError
 from llmd.runtime.breaker import CircuitBreaker
 from llmd.runtime.config import Seconds
 from llmd.runtime.fastmetrics import Counter, Gauge, Histogram
+from llmd.runtime.tasks import cancel_tasks
 from llmd.scheduler.framework import (
     AsyncDataProducer,
     EndpointState,
@@ -277,8 +278,7 @@ class PreciseProducer(
         ]
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
+        await cancel_tasks(*self._tasks)
         if self.stack is not None:
             await self.stack.stop()
         else:
