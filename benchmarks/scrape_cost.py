@@ -1,7 +1,8 @@
 """What watching a pool costs the scheduler: its CPU per second, with no requests, while it
 scrapes N simulated engines, for the default scrape budget and for none (every engine every
 `--refresh-metrics-interval`, llm-d's behaviour), with and without the name filter (each engine
-asked for only the samples the scheduler reads, `--metrics-name-filter`, the default).
+asked for only the samples the scheduler reads, `--metrics-name-filter`, the default), and at
+each `--intervals` value of `--refresh-metrics-interval` (50ms, llm-d's, by default).
 
 For each pool size: llmd-sim serves N engines from one process; llmd-scheduler (a process, the
 default config) scrapes them; after a warm-up its user + system CPU is read from /proc over
@@ -9,7 +10,7 @@ default config) scrapes them; after a warm-up its user + system CPU is read from
 interval each engine was scraped at (the scheduler's own `llmd_engine_scrape_interval_seconds`).
 
 Usage: uv run python benchmarks/scrape_cost.py [--engines 4,16,64] [--seconds 5]
-       [--filters on,off] [--out FILE]
+       [--filters on,off] [--intervals 50ms,200ms,1s] [--out FILE]
 """
 
 from __future__ import annotations
@@ -49,9 +50,15 @@ def scrapes(sched: SchedulerProcess) -> tuple[float, float, float]:
 
 
 def measure(
-    fleet: SimFleetProcess, work: Path, budget: str, name_filter: str, seconds: float
+    fleet: SimFleetProcess,
+    work: Path,
+    budget: str,
+    name_filter: str,
+    seconds: float,
+    interval: str = "50ms",
 ) -> dict[str, Any]:
     args = ["--max-scrapes-per-second", budget] if budget != "default" else []
+    args += ["--refresh-metrics-interval", interval]
     args.append("--metrics-name-filter" if name_filter == "on" else "--no-metrics-name-filter")
     sched = SchedulerProcess.start(fleet.endpoints_file, work, extra_args=args)
     try:
@@ -61,7 +68,7 @@ def measure(
         c0, t0 = cpu_seconds([pid]), time.monotonic()
         time.sleep(seconds)
         c1, t1 = cpu_seconds([pid]), time.monotonic()
-        n1, interval, filtered = scrapes(sched)
+        n1, effective, filtered = scrapes(sched)
     finally:
         sched.stop()
     wall = t1 - t0
@@ -72,7 +79,8 @@ def measure(
         "budget_scrapes_per_s": budget,
         "name_filter": name_filter,
         "engines_filtered": int(filtered),
-        "scrape_interval_s": round(interval, 3),
+        "refresh_metrics_interval": interval,
+        "scrape_interval_s": round(effective, 3),
         "scrapes_per_s": round((n1 - n0) / wall, 1),
         "cpu_ms_per_s": round(cpu_ms_per_s, 1),
         "cpu_ms_per_engine_per_s": round(cpu_ms_per_s / engines, 2),
@@ -87,6 +95,9 @@ def main() -> int:
     p.add_argument(
         "--filters", default="on,off", help="name filter on/off, each case in this order"
     )
+    p.add_argument(
+        "--intervals", default="50ms", help="--refresh-metrics-interval values (comma list)"
+    )
     p.add_argument("--out", default=str(ROOT / "benchmarks/reports/scrape-cost.json"))
     args = p.parse_args()
     rows = []
@@ -94,23 +105,24 @@ def main() -> int:
         work = Path(tempfile.mkdtemp(prefix=f"scrape-{n}-"))
         fleet = SimFleetProcess.start(count=n, block_size=16, profile="instant", work=work)
         try:
-            for budget in args.budgets.split(","):
-                for name_filter in args.filters.split(","):
-                    row = measure(fleet, work, budget, name_filter, args.seconds)
-                    print(row, flush=True)
-                    rows.append(row)
+            for interval in args.intervals.split(","):
+                for budget in args.budgets.split(","):
+                    for name_filter in args.filters.split(","):
+                        row = measure(fleet, work, budget, name_filter, args.seconds, interval)
+                        print(row, flush=True)
+                        rows.append(row)
         finally:
             fleet.stop()
     lines = [
-        "| engines | scrape budget /s | name filter (engines using it) | interval per engine | "
-        "scrapes/s | scheduler CPU ms/s | per engine ms/s |",
-        "|---|---|---|---|---|---|---|",
+        "| engines | scrape budget /s | name filter (engines using it) | configured interval | "
+        "interval per engine | scrapes/s | scheduler CPU ms/s | per engine ms/s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         budget = "200 (default)" if r["budget_scrapes_per_s"] == "default" else "none"
         lines.append(
             f"| {r['engines']} | {budget} | {r['name_filter']} ({r['engines_filtered']}) | "
-            f"{r['scrape_interval_s'] * 1000:.0f} ms | "
+            f"{r['refresh_metrics_interval']} | {r['scrape_interval_s'] * 1000:.0f} ms | "
             f"{r['scrapes_per_s']} | {r['cpu_ms_per_s']} | {r['cpu_ms_per_engine_per_s']} |"
         )
     table = "\n".join(lines)
