@@ -32,6 +32,7 @@ import yaml
 from llmd.protocol.metrics import parse_engine_snapshot
 from llmd.runtime.cluster import ClusterError, PoolStatus, lookup_pool
 from llmd.runtime.discovery import Endpoint
+from llmd.runtime.tasks import cancel_tasks
 from llmd.vllm_cpu.install import VllmEnv
 from llmd.vllm_cpu.server import VllmServer, VllmServerSpec, free_port, new_server
 
@@ -339,10 +340,7 @@ class LocalCluster:
         """Stop every replica (no draining: the stack is going away)."""
         for p in self._pools.values():
             p.desired = 0
-            if p.task is not None:
-                p.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await p.task
+            await cancel_tasks(p.task)
             p.replicas = []
         # launches still in their threads, then every replica not stopped (draining ones too)
         await asyncio.gather(*self._launching, return_exceptions=True)

@@ -28,6 +28,7 @@ from typing import Any
 
 from llmd.protocol.hashing import ExtraKeys, event_hash, hash_function, none_hash
 from llmd.protocol.kv_events import MEDIUM_STORAGE, BlockRemoved, BlockStored
+from llmd.runtime.tasks import cancel_tasks
 from llmd.sim.kv_cache import BlockOwner, BlockPool, KVBlock
 from llmd.sim.latency import LatencyModel, StepShape
 from llmd.sim.metrics import EngineMetrics
@@ -228,13 +229,7 @@ class Engine:
         self._task = asyncio.create_task(self._loop(), name="sim-engine")
 
     async def stop(self) -> None:
-        for task in [self._task, *self._fetch_tasks]:
-            if task is not None:
-                task.cancel()
-        for task in [self._task, *self._fetch_tasks]:
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        await cancel_tasks(self._task, *self._fetch_tasks)
         self._task = None
 
     @property

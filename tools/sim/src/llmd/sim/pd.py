@@ -16,7 +16,6 @@ locally; the simulator does the same and counts it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import uuid
@@ -29,6 +28,7 @@ import zmq
 import zmq.asyncio
 
 from llmd.protocol.openai import NIXL_DECODE_REQUIRED
+from llmd.runtime.tasks import cancel_tasks
 from llmd.sim.engine import Engine, EngineError, RemotePrefill, SimRequest
 
 log = logging.getLogger(__name__)
@@ -125,10 +125,7 @@ class SimNixlConnector:
             self._tasks.append(asyncio.create_task(self._reap(), name="nixl-lease-reaper"))
 
     async def close(self) -> None:
-        for task in [*self._tasks, *self._reader_tasks.values()]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_tasks(*self._tasks, *self._reader_tasks.values())
         if self._router is not None:
             self._router.close(linger=0)
         for sock in self._peers.values():
