@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
-from llmd.runtime.lifecycle import Health, health_router
+from llmd.runtime.lifecycle import Health, ServiceRunner, health_router
 
 
 async def test_readiness_reports_failing_checks_and_draining() -> None:
@@ -86,3 +87,25 @@ def test_a_hook_past_the_deadline_makes_the_exit_code_non_zero(tmp_path: Path) -
     code, lines = run_and_signal(tmp_path, "--stuck")
     assert code == 1
     assert "closed server" not in lines  # the stuck hook used up the whole deadline
+
+
+async def test_a_cancelled_run_ends_its_main_task_and_its_own() -> None:
+    """Cancelling `run` itself (its caller is going away) ends the main task and the runner's
+    waiting task before the cancellation reaches the caller: nothing is left running."""
+    runner = ServiceRunner("svc", Health(), shutdown_timeout_s=1.0)
+    main_ended = asyncio.Event()
+
+    async def main(stop: asyncio.Event) -> None:
+        try:
+            await asyncio.Event().wait()  # never set: only cancellation ends it
+        finally:
+            main_ended.set()
+
+    before = asyncio.all_tasks()
+    run = asyncio.create_task(runner.run(main))
+    await asyncio.sleep(0.05)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert main_ended.is_set()
+    assert asyncio.all_tasks() - before == set()

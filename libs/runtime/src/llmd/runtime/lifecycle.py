@@ -26,6 +26,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Request, Response
 from prometheus_client import CollectorRegistry, Gauge
 
 from llmd.runtime.observability import render_metrics
+from llmd.runtime.tasks import cancel_tasks
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class ServiceRunner:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, f"signal {sig.name}")
         task = asyncio.create_task(main(self.stop), name=f"{self.name}-main")
-        stopper = asyncio.create_task(self.stop.wait())
+        stopper = asyncio.create_task(self.stop.wait(), name=f"{self.name}-stop-wait")
         failed = False
         try:
             done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -202,7 +203,9 @@ class ServiceRunner:
                     failed = True
             clean = await self._shutdown()
         finally:
-            stopper.cancel()
+            # normally both are done here; when `run` itself is cancelled they are not, and
+            # neither may outlive it (a main task that has finished was already reported)
+            await cancel_tasks(stopper, None if task.done() else task)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         self.health.alive = False
