@@ -102,6 +102,50 @@ async def test_unloaded_requests_pass_at_once() -> None:
         await director.flow.stop()
 
 
+async def test_requests_sent_since_the_scrape_fill_free_batch_slots_before_they_queue() -> None:
+    """Requests sent since the last scrape count as waiting only beyond the batch slots the
+    engine had free (the most it was seen running, minus what it ran at the scrape), so
+    admission is not capped at `queueDepthThreshold` per endpoint per scrape interval. While
+    an engine queues, every one of them counts, and the pool saturates before the next
+    scrape shows it."""
+    director, ds = setup()
+    flow = director.flow
+    assert flow is not None
+    load(ds, waiting=0, running=8)  # each engine is seen running 8 at once
+    await started(director)
+    try:
+        await asyncio.wait_for(director.admit(request(director)), 1)  # (learns the 8)
+        load(ds, waiting=0, running=2)  # a later scrape: 6 free slots each
+        # saturation per endpoint: (sent since the scrape - 6) / 5; 1.0 at 11 each
+        for _ in range(22):
+            req = request(director)
+            await asyncio.wait_for(director.admit(req), 1)
+            director.schedule(req, None)
+        assert flow.outcomes["Dispatched"] == 23
+        assert sum(len(e.unseen) for e in ds.all()) == 22  # the load scorers see them all
+        held = asyncio.create_task(director.admit(request(director)))
+        await asyncio.sleep(0.05)
+        assert not held.done()
+        assert flow.queued == 1
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+
+        load(ds, waiting=1, running=2)  # queueing engines: no free slots
+        for _ in range(8):  # (1 + 4) / 5 per endpoint afterwards: saturation 1.0
+            req = request(director)
+            await asyncio.wait_for(director.admit(req), 1)
+            director.schedule(req, None)
+        held = asyncio.create_task(director.admit(request(director)))
+        await asyncio.sleep(0.05)
+        assert not held.done()
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+    finally:
+        await flow.stop()
+
+
 async def test_higher_bands_go_first_when_the_pool_frees_up() -> None:
     director, ds = setup()
     load(ds, waiting=10)  # saturated: 10 / 5 = 2.0

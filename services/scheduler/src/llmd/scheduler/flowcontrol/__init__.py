@@ -27,6 +27,12 @@ beyond the largest batch it was ever seen running. `llm_d_epp_flow_control_stale
 counts those endpoints and the change is logged. `stalenessPolicy: saturated` restores llm-d's
 behaviour; `ignore` uses the last values.
 
+**Bursts between scrapes.** `utilization-detector` adds to an endpoint's scraped queue the
+requests sent since that scrape beyond the batch slots the endpoint had free (the largest batch
+it was seen running, minus its batch at the scrape; none while it was queueing), so a burst is
+held back before the next scrape shows it, and an idle pool is not capped at
+`queueDepthThreshold` requests per endpoint per scrape interval.
+
 The package: `spec.py` (the `flowControl:` keys), `policies.py` (detectors, usage limits,
 fairness, ordering and eviction plugins, each under llm-d's type name) and `controller.py`
 (`FlowController`, which admits, queues and dispatches, and `FlowMetrics`).

@@ -61,8 +61,28 @@ class UtilizationParams(PluginParams):
         return v
 
 
+def _queued(e: EndpointState, capacity: int) -> int:
+    """The requests waiting at an endpoint, as saturation sees them.
+
+    Its scraped queue, plus the requests sent since that scrape beyond the batch slots it had
+    free: `capacity` (the most requests it has been seen running) minus those it ran at the
+    scrape, and none while it was queueing. Counting every request sent since the scrape as
+    waiting, as the load scorers do (`EndpointState.waiting`), capped admission at about
+    `queueDepthThreshold` requests per endpoint per scrape interval (400 req/s for 4 endpoints
+    scraped every 50 ms) however idle the engines were. An endpoint never seen running has no
+    free slots here: until it shows its batch, every request sent since the scrape counts.
+    """
+    m = e.metrics
+    scraped = (m.waiting or 0) if m is not None else 0
+    running = (m.running or 0) if m is not None else 0
+    free = 0 if scraped else max(0, capacity - running)
+    return scraped + max(0, len(e.unseen) - free)
+
+
 class UtilizationDetector(SaturationDetector, Filter[UtilizationParams]):
-    """Per endpoint `max(waiting / queueDepthThreshold, kv / kvCacheUtilThreshold)`, pool = mean.
+    """Per endpoint `max(queued / queueDepthThreshold, kv / kvCacheUtilThreshold)`, pool = mean;
+    `queued` is the scraped queue plus the requests sent since the scrape that found no free
+    batch slot (`_queued`), `kv` includes their estimated blocks.
     As a profile filter it keeps endpoints below `threshold * (1 + headroom)` (all, if none)."""
 
     type_name = "utilization-detector"
@@ -95,7 +115,8 @@ class UtilizationDetector(SaturationDetector, Filter[UtilizationParams]):
         fresh = m is not None and now - e.metrics_at <= stale_after
         if fresh or p.staleness_policy == "ignore":
             kv = e.kv_usage if m is not None else 0.0
-            return max(e.waiting / p.queue_depth_threshold, kv / p.kv_cache_util_threshold), False
+            queued = _queued(e, self._peak_running.get(e.key, 0))
+            return max(queued / p.queue_depth_threshold, kv / p.kv_cache_util_threshold), False
         if p.staleness_policy == "saturated":
             return 1.0, True
         # never halt: the scheduler's own count of what it sent there
