@@ -89,9 +89,10 @@ bench-kvcache: setup ## KV index ingestion/lookup, and precise vs approximate vs
 bench-http: setup ## CPU per request of the HTTP client and server libraries (decides which one)
 	$(RUN) python benchmarks/http_stacks.py
 
-bench-gateway: setup ## the gateway's own cost per request beside the peers, scraping, tokenization
+bench-gateway: setup ## the gateway's own cost per request beside the peers, one scheduler's capacity, scraping, tokenization
 	$(RUN) python benchmarks/gateway_overhead.py --requests 300 --rounds 2
 	$(RUN) python benchmarks/gateway_overhead.py --rates 100,200,300,400,500 --targets envoy-rr,noop-extproc,noop-authz,llmd-lean,llmd-authz,sglang-cache-aware,vllm-router --prompt-words 100 --output-tokens 16 --out benchmarks/reports/gateway-rate-ladder.json
+	$(RUN) python benchmarks/scheduler_capacity.py
 	$(RUN) python benchmarks/scrape_cost.py
 	$(RUN) python benchmarks/tokenization_cache.py
 

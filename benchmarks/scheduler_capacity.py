@@ -18,12 +18,11 @@ Envoy's place and keeps everything else real:
 - **Engines**: `--engines` llmd-sim servers (profile `instant`) that the scheduler discovers
   and scrapes every 50 ms as usual; they get no requests.
 - **Config**: the scheduler's built-in default (the optimized baseline plus the overload
-  filter, flow control on), with one change: flow control judges saturation with
-  `concurrency-detector` (the scheduler's own in-flight count against `maxConcurrency`)
-  instead of `utilization-detector`. Engines that never run a request cannot show the batch
-  sizes that detector learns, so it would count every request sent since a scrape as queued
-  and cap admission at about 5 requests per endpoint per scrape interval; with real traffic
-  the engines show their batches (`tests` cover both). `--config` runs another config.
+  filter, flow control on with `utilization-detector`), or `--config`. The engines never run
+  a request, so flow control sees only what this scheduler has in flight: it learns how many
+  requests each endpoint holds with an empty queue at every scrape, and a rate that jumps
+  well past what it has seen is held at the gateway for a few scrape intervals (counted in
+  the report's `flow_control_admissions`).
 
 Per stage (`--stage-seconds` of Poisson arrivals at each offered rate): the rate sent and
 answered, check latency p50 / p99 (request written to answer read), errors by kind, the
@@ -64,7 +63,6 @@ from protocol_throughput import write_report
 from llmd.dev.gateway import SchedulerProcess
 from llmd.dev.sim_engines import SimFleetProcess
 from llmd.protocol import headers as hdr
-from llmd.scheduler.config import DEFAULT_CONFIG
 from llmd.vllm_cpu.server import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,17 +71,6 @@ FLUSH_S = 0.02
 CHECK_PATH = hdr.EXTAUTHZ_CHECK_PREFIX + "/v1/chat/completions"
 _TOKEN = hdr.EXTAUTHZ_TOKEN.encode()
 _DEST = hdr.DESTINATION_ENDPOINT.encode()
-
-
-def benchmark_config() -> str:
-    """The built-in default with flow control judging saturation by in-flight counts."""
-    plugins = "plugins:\n"
-    flow = "flowControl:\n"
-    assert plugins in DEFAULT_CONFIG
-    assert flow in DEFAULT_CONFIG
-    return DEFAULT_CONFIG.replace(plugins, plugins + "- type: concurrency-detector\n", 1).replace(
-        flow, flow + "  saturationDetector: {pluginRef: concurrency-detector}\n", 1
-    )
 
 
 class CheckConnection(asyncio.Protocol):
@@ -445,7 +432,7 @@ def main() -> int:
     p.add_argument("--engines", type=int, default=4, help="simulated engines (4)")
     p.add_argument("--prompt-words", type=int, default=600, help="system prompt words (600)")
     p.add_argument("--output-tokens", type=int, default=64, help="usage reported per request (64)")
-    p.add_argument("--config", help="an EndpointPickerConfig file (default: see above)")
+    p.add_argument("--config", help="an EndpointPickerConfig file (default: the built-in one)")
     p.add_argument("--scheduler-args", default="", help="extra llmd-scheduler flags")
     p.add_argument("--out", default=str(ROOT / "benchmarks/reports/scheduler-capacity.json"))
     args = p.parse_args()
@@ -455,9 +442,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="scheduler-capacity-"))
     fleet = SimFleetProcess.start(count=args.engines, block_size=16, profile="instant", work=work)
     authz_port = free_port()
-    config = Path(args.config) if args.config else work / "epp.yaml"
-    if not args.config:
-        config.write_text(benchmark_config())
+    config = Path(args.config) if args.config else None
     try:
         sched = SchedulerProcess.start(
             fleet.endpoints_file,

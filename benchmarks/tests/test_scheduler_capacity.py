@@ -1,4 +1,4 @@
-"""The scheduler-capacity benchmark's own pieces: its config and its reading of /metrics."""
+"""The scheduler-capacity benchmark's own pieces: its check requests and its reading of /metrics."""
 
 from __future__ import annotations
 
@@ -6,20 +6,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scheduler_capacity import benchmark_config, check_request, gauge_total
+from scheduler_capacity import check_request, gauge_total
 
 from llmd.protocol import headers as hdr
-from llmd.scheduler.core import build_core
-
-
-def test_the_config_is_the_default_with_in_flight_saturation() -> None:
-    core = build_core(benchmark_config())
-    flow = core.director.flow
-    assert flow is not None  # flow control stays on, as in the default
-    assert flow.detector.type_name == "concurrency-detector"
-    default = build_core(None)
-    ours = set(core.built.plugins) - {"concurrency-detector"}
-    assert ours == set(default.built.plugins) - {"utilization-detector"}
 
 
 def test_a_check_request_is_framed_as_envoy_sends_it() -> None:

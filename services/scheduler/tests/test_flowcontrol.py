@@ -4,6 +4,7 @@ clients leaving while queued, and dispatch that never halts on stale metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 
@@ -142,6 +143,43 @@ async def test_requests_sent_since_the_scrape_fill_free_batch_slots_before_they_
         held.cancel()
         with pytest.raises(asyncio.CancelledError):
             await held
+    finally:
+        await flow.stop()
+
+
+async def held_back(director: Director) -> bool:
+    """Whether one more request waits in flow control's queue (it is withdrawn after)."""
+    held = asyncio.create_task(director.admit(request(director)))
+    await asyncio.sleep(0.05)
+    waited = not held.done()
+    held.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await held
+    return waited
+
+
+async def test_a_cold_pool_learns_what_its_endpoints_hold_without_queueing() -> None:
+    """A pool never seen busy gets `queueDepthThreshold` requests per endpoint until a scrape;
+    a scrape that finds no queue while those are still in flight shows they were held, and
+    the next interval admits that many more on top (a slow start, not a fixed cap)."""
+    director, ds = setup()
+    flow = director.flow
+    assert flow is not None
+    load(ds, waiting=0, running=0)
+    await started(director)
+    try:
+        for _ in range(10):  # 5 per endpoint: saturation 1.0
+            req = request(director)
+            await asyncio.wait_for(director.admit(req), 1)
+            director.schedule(req, None)
+        assert await held_back(director)
+        load(ds, waiting=0, running=0)  # a scrape: no queue, the 10 still in flight
+        for _ in range(20):  # 5 held each, so (10 - 5) / 5 = 1.0 after 10 more each
+            req = request(director)
+            await asyncio.wait_for(director.admit(req), 1)
+            director.schedule(req, None)
+        assert await held_back(director)
+        assert flow.outcomes["Dispatched"] == 30
     finally:
         await flow.stop()
 

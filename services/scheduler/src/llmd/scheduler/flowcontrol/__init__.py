@@ -28,10 +28,11 @@ counts those endpoints and the change is logged. `stalenessPolicy: saturated` re
 behaviour; `ignore` uses the last values.
 
 **Bursts between scrapes.** `utilization-detector` adds to an endpoint's scraped queue the
-requests sent since that scrape beyond the batch slots the endpoint had free (the largest batch
-it was seen running, minus its batch at the scrape; none while it was queueing), so a burst is
-held back before the next scrape shows it, and an idle pool is not capped at
-`queueDepthThreshold` requests per endpoint per scrape interval.
+requests sent since that scrape beyond the batch slots the endpoint had free (the most requests
+it was seen holding with an empty queue, minus its batch at the scrape; none while it was
+queueing). A burst is held back before the next scrape shows it, and an idle pool is not capped
+at `queueDepthThreshold` requests per endpoint per scrape interval: each scrape that finds no
+queue raises what an endpoint is known to hold.
 
 The package: `spec.py` (the `flowControl:` keys), `policies.py` (detectors, usage limits,
 fairness, ordering and eviction plugins, each under llm-d's type name) and `controller.py`

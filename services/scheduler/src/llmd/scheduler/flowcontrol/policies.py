@@ -65,12 +65,13 @@ def _queued(e: EndpointState, capacity: int) -> int:
     """The requests waiting at an endpoint, as saturation sees them.
 
     Its scraped queue, plus the requests sent since that scrape beyond the batch slots it had
-    free: `capacity` (the most requests it has been seen running) minus those it ran at the
-    scrape, and none while it was queueing. Counting every request sent since the scrape as
-    waiting, as the load scorers do (`EndpointState.waiting`), capped admission at about
-    `queueDepthThreshold` requests per endpoint per scrape interval (400 req/s for 4 endpoints
-    scraped every 50 ms) however idle the engines were. An endpoint never seen running has no
-    free slots here: until it shows its batch, every request sent since the scrape counts.
+    free: `capacity` (the most requests it has been seen holding with an empty queue) minus
+    those it ran at the scrape, and none while it was queueing. Counting every request sent
+    since the scrape as waiting, as the load scorers do (`EndpointState.waiting`), capped
+    admission at about `queueDepthThreshold` requests per endpoint per scrape interval (400
+    req/s for 4 endpoints scraped every 50 ms) however idle the engines were. An endpoint
+    never seen holding anything has no free slots here, so a cold pool fills in steps: each
+    scrape that finds no queue shows a larger batch it absorbed.
     """
     m = e.metrics
     scraped = (m.waiting or 0) if m is not None else 0
@@ -99,6 +100,8 @@ class UtilizationDetector(SaturationDetector, Filter[UtilizationParams]):
         self.staleness_source: Callable[[], float] = lambda: 1.0
         """The scheduler's staleness threshold (it stretches with the scrape interval)."""
         self._peak_running: dict[str, int] = {}
+        self._absorbed: dict[str, int] = {}
+        """Per endpoint, the most requests it was seen holding while its queue was empty."""
 
     @property
     def staleness_s(self) -> float:
@@ -114,8 +117,14 @@ class UtilizationDetector(SaturationDetector, Filter[UtilizationParams]):
             self._peak_running[e.key] = m.running
         fresh = m is not None and now - e.metrics_at <= stale_after
         if fresh or p.staleness_policy == "ignore":
+            if m is not None and not m.waiting:
+                # no queue at the scrape: it held what it ran and what this scheduler had sent
+                # before the scrape and is still in flight (possibly finished, unreported)
+                held = max(m.running or 0, e.inflight_requests - len(e.unseen))
+                if held > self._absorbed.get(e.key, 0):
+                    self._absorbed[e.key] = held
             kv = e.kv_usage if m is not None else 0.0
-            queued = _queued(e, self._peak_running.get(e.key, 0))
+            queued = _queued(e, self._absorbed.get(e.key, 0))
             return max(queued / p.queue_depth_threshold, kv / p.kv_cache_util_threshold), False
         if p.staleness_policy == "saturated":
             return 1.0, True
@@ -146,9 +155,10 @@ class UtilizationDetector(SaturationDetector, Filter[UtilizationParams]):
         return kept or endpoints
 
     def endpoints_changed(self, live: set[str]) -> None:
-        for key in list(self._peak_running):
-            if key not in live:
-                del self._peak_running[key]
+        for seen in (self._peak_running, self._absorbed):
+            for key in list(seen):
+                if key not in live:
+                    del seen[key]
 
 
 class ConcurrencyParams(PluginParams):
