@@ -46,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,23 @@ class Target:
     """Process label -> pids whose CPU counts as the router's."""
     engine_urls: list[str] = field(default_factory=list)
     """Only for `direct`: the client spreads requests over these itself."""
+
+
+async def poisson_arrivals(rng: random.Random, rate: float, seconds: float) -> AsyncIterator[int]:
+    """Yield 0, 1, 2, ... at the arrival times of a Poisson process at `rate` per second,
+    for `seconds` from the first call (an open-loop load generator's clock)."""
+    t0 = time.perf_counter()
+    at = 0.0
+    i = 0
+    while True:
+        at += rng.expovariate(rate)
+        if at >= seconds:
+            return
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield i
+        i += 1
 
 
 def workload(n: int, words: int, seed: int = 0) -> list[list[dict[str, str]]]:
@@ -238,17 +255,8 @@ async def drive_rate(
     tasks: list[asyncio.Task[None]] = []
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         t0 = time.perf_counter()
-        at = 0.0
-        i = 0
-        while True:
-            at += rng.expovariate(rate)
-            if at >= seconds:
-                break
-            delay = t0 + at - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        async for i in poisson_arrivals(rng, rate, seconds):
             tasks.append(asyncio.create_task(one(session, i)))
-            i += 1
         sent_s = time.perf_counter() - t0
         await asyncio.gather(*tasks)
         wall = time.perf_counter() - t0

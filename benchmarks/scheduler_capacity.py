@@ -57,7 +57,7 @@ import grpc
 from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gateway_overhead import cpu_seconds, workload
+from gateway_overhead import cpu_seconds, poisson_arrivals, workload
 from protocol_throughput import write_report
 
 from llmd.dev.gateway import SchedulerProcess
@@ -282,17 +282,8 @@ async def run_stage(
     stage = Stage(rate)
     tasks: set[asyncio.Task[None]] = set()
     start = time.perf_counter()
-    at = 0.0
-    i = 0
-    while True:
-        at += rng.expovariate(rate)
-        if at >= seconds:
-            break
-        delay = start + at - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
+    async for i in poisson_arrivals(rng, rate, seconds):
         body, tokens = requests[i % len(requests)]
-        i += 1
         request = check_request(body, seed * 10**7 + i)
         task = asyncio.create_task(one(pool, log, stage, request, tokens, hold_s))
         tasks.add(task)
